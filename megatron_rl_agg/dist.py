@@ -1,0 +1,72 @@
+"""The only module that calls ``torch.distributed``.
+
+Every collective the plugin issues goes through one of the small wrappers below, so the number of
+collectives per optimizer step is easy to audit. ``group=None`` (or an uninitialised process group)
+means "this process is the whole world": every wrapper then returns its input unchanged and issues
+no collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen"]
+
+
+def _active(group) -> bool:
+    return group is not None and torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    """Number of ranks in ``group``; 1 when ``group`` is None or torch.distributed is not initialised."""
+    return torch_dist.get_world_size(group) if _active(group) else 1
+
+
+def rank(group=None) -> int:
+    """This process's rank inside ``group``; 0 when ``group`` is None."""
+    return torch_dist.get_rank(group) if _active(group) else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over ``group`` (one all-reduce). Returns a new tensor; the input is untouched."""
+    if not _active(group) or world_size(group) == 1:
+        return tensor
+    out = tensor.clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise max of ``tensor`` over ``group`` (one all-reduce)."""
+    if not _active(group) or world_size(group) == 1:
+        return tensor
+    out = tensor.clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def all_gather_varlen(rows: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` in rank order (two collectives).
+
+    Args:
+        rows: ``[n_r, k]`` on rank r; ``n_r`` may differ between ranks (and may be 0), ``k`` and the
+            dtype must agree.
+
+    Returns:
+        ``[sum_r n_r, k]``, rank 0's rows first. One all-gather exchanges the row counts, a second
+        exchanges the rows padded to the longest rank.
+    """
+    if not _active(group) or world_size(group) == 1:
+        return rows
+    size = world_size(group)
+    n_local = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(n_local) for _ in range(size)]
+    torch_dist.all_gather(counts, n_local, group=group)
+    counts_list = [int(c.item()) for c in counts]
+    n_max = max(counts_list)
+    padded = rows.new_zeros((n_max,) + tuple(rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    torch_dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts_list)], dim=0)
