@@ -1,0 +1,46 @@
+"""The math modules never touch torch.distributed or Megatron: collectives live in dist.py, Megatron glue
+in the megatron_* modules and model.py. Checked on the source (AST), so a stray import cannot hide."""
+
+import ast
+import pathlib
+
+import pytest
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "megatron_rl_agg"
+PURE = ["aggregation.py", "advantages.py", "losses.py", "metrics.py", "config.py"]
+
+
+def distributed_or_megatron_uses(path: pathlib.Path) -> set[str]:
+    """Imports of megatron / torch.distributed / the plugin's Megatron glue, and torch.distributed.X
+    attribute accesses, found in the module's code (docstrings and comments do not count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        mods = []
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and node.attr == "distributed" \
+                and isinstance(node.value, ast.Name) and node.value.id == "torch":
+            found.add("torch.distributed (attribute)")
+        found.update(m for m in mods if m == "megatron" or m.startswith(("megatron.", "torch.distributed",
+                                                                          "megatron_rl_agg.megatron"))
+                     or m == "megatron_rl_agg.model")
+    return found
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_pure_module_imports(name):
+    path = PKG / name
+    assert path.exists(), f"{name} is part of the package layout"
+    assert not distributed_or_megatron_uses(path)
+
+
+def test_only_dist_calls_torch_distributed():
+    """Outside the Megatron glue (megatron_*.py, model.py, packing.py, audit.py, trainer/), only dist.py may
+    use torch.distributed."""
+    glue = {"dist.py", "model.py", "packing.py", "audit.py"}
+    offenders = {p.name: sorted(u) for p in PKG.rglob("*.py")
+                 if p.name not in glue and not p.name.startswith("megatron_") and "trainer" not in p.parts
+                 and any("torch.distributed" in u for u in distributed_or_megatron_uses(p))}
+    assert not offenders
