@@ -1,0 +1,461 @@
+"""Outcome-reward advantages normalized over the real prompt groups, exact across data-parallel ranks.
+
+Notation (one optimizer step, all DP ranks together):
+
+* ``r_i``  scalar reward of row ``i``; ``v_i`` in {0, 1}: row ``i`` enters the statistics (valid).
+* ``g(i)`` the prompt group of row ``i``; ``V_g`` the valid rows of group ``g``, ``n_g = |V_g|``;
+  ``V`` all valid rows of the batch, ``N = |V|``.
+* level ``group``: ``mean_g = sum_{j in V_g} r_j / n_g``, ``M2_g = sum_{j in V_g} (r_j - mean_g)^2``,
+  ``std_g = sqrt(M2_g / (n_g - 1))`` (``/ n_g`` when ``unbiased=False``). Level ``batch``: the same over
+  ``V``. The std of a level is always the spread of the raw rewards around that level's own mean, whatever
+  ``mean_level`` is (so group mean / batch std is ``(r_i - mean_g) / (std_batch + eps)``, LitePPO).
+
+Advantage of a valid row (``mu``/``n_mu``: mean and count at ``mean_level``; ``sigma`` std at ``std_level``):
+
+==============  ==============================  =====================================================
+mean_level      numerator ``a_i``               with ``leave_one_out`` (baseline = other valid rows)
+==============  ==============================  =====================================================
+group / batch   ``r_i - mu``                    ``r_i - (n_mu mu - r_i) / (n_mu - 1)``
+                                                ``= n_mu / (n_mu - 1) * (r_i - mu)``
+none            ``r_i``                         (error: there is no baseline to leave out)
+==============  ==============================  =====================================================
+
+``A_i = a_i / (sigma + eps)``, or ``A_i = a_i`` when ``std_level="none"``. With ``leave_one_out`` only the
+baseline changes: ``sigma`` is still the std of *all* the valid rows of the level, row ``i`` included.
+
+``A_i = 0`` (never NaN, never ``x / eps``) when any of these holds:
+
+1. row ``i`` is not valid (or, in :func:`compute_step_advantages`, its group was dropped);
+2. a level is ``group`` and ``n_{g(i)} < 2``: one sample has no peer to be compared with;
+3. a level is ``batch`` and ``N < 2``;
+4. ``std_level`` is not ``none`` and ``sigma == 0`` exactly (every valid reward of the level is equal):
+   there is no spread to scale by, and ``a_i / eps`` would only amplify rounding or a constant offset.
+
+With ``mean_level = std_level = "none"`` the advantage is the raw reward of the valid rows (no statistics,
+so rules 2-4 do not apply).
+
+Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean, M2)`` and ONE
+:func:`megatron_rl_agg.dist.all_gather_varlen` (two collectives, whatever the number of groups) gives every
+rank every bucket; buckets of a group that continues on the next rank are merged with Chan's pairwise
+formula, so each group's statistics cover all its rows on all ranks. All the validation of ids and
+rewards that depends on other ranks' data happens after the gather, identically on every rank, so a bad
+batch raises the same error everywhere instead of leaving some ranks waiting in a collective.
+
+This module never calls ``torch.distributed`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+
+from megatron_rl_agg import dist
+
+if TYPE_CHECKING:  # the config is read by attribute only; importing it here would couple the two modules
+    from megatron_rl_agg.config import AdvantageConfig
+
+__all__ = ["NORM_LEVELS", "normalize_advantages", "compute_step_advantages"]
+
+NORM_LEVELS = ("group", "batch", "none")
+_OVERLONG_POLICIES = ("keep", "zero_advantage", "mask")
+
+# Columns of the per-(rank, group) bucket table exchanged between ranks. Everything is int64 so that a
+# single all-gather carries both exact integer ids/counts and float64 statistics: the float columns are
+# the IEEE bit patterns (Tensor.view(torch.int64)), which a gather copies without touching.
+_RANK, _ID, _ROWS, _NSTAT, _USABLE, _TRUNC, _NBAD, _REF, _MEAN, _M2 = range(10)
+_NCOLS = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def normalize_advantages(
+    rewards: torch.Tensor,
+    *,
+    group_sizes: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
+    mean_level: str = "group",
+    std_level: str = "group",
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    leave_one_out: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Normalize scalar rewards into advantages over the real prompt groups (see the module docstring).
+
+    Args:
+        rewards: ``[B]`` float, this rank's rows. Rows of ``valid=False`` may hold any value (NaN
+            included): they are never read.
+        group_sizes: ints summing to ``B``, the sizes of consecutive groups (single process only).
+        group_ids: ``[B]`` int, the prompt group of each row. Rows of one group are contiguous within a
+            rank; a group may continue from the end of one rank's rows to the start of the next rank's.
+        valid: ``[B]`` bool, rows that enter the statistics; the others get advantage 0. Default all.
+        mean_level, std_level: ``"group"``, ``"batch"`` or ``"none"`` each.
+        eps: added to the std, ``>= 0``.
+        unbiased: std with ``n - 1`` (default) or ``n`` in the denominator.
+        leave_one_out: baseline = mean of the other valid rows of the level (RLOO).
+        process_group: the data-parallel group the rows are spread over; None = this process holds the
+            whole batch. Every rank of the group must call this function (one all-gather).
+
+    Returns:
+        ``[B]`` advantages in the dtype of ``rewards``. Statistics are computed in float64.
+    """
+    rewards, seg_ids, seg_inv, valid = _prepare(
+        rewards, group_sizes, group_ids, valid, mean_level, std_level, eps, leave_one_out, process_group)
+    zeros = torch.zeros_like(valid)
+    adv, _, _ = _normalize_core(rewards, seg_ids, seg_inv, valid, usable=valid, truncated=zeros,
+                                mean_level=mean_level, std_level=std_level, eps=eps, unbiased=unbiased,
+                                leave_one_out=leave_one_out, min_valid=0, process_group=process_group)
+    return adv
+
+
+def compute_step_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    truncated: Optional[torch.Tensor],
+    sample_valid: Optional[torch.Tensor] = None,
+    cfg: "AdvantageConfig",
+    process_group=None,
+    expected_group_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The trainer's advantage step: overlong policy, group dropping and normalization in one gather.
+
+    Args:
+        rewards: ``[B]`` float, this rank's rows.
+        group_ids: ``[B]`` int, as in :func:`normalize_advantages` (groups may straddle ranks).
+        truncated: ``[B]`` bool, rows that ended without EOS (None: no row was truncated).
+        sample_valid: ``[B]`` bool, False for failed samples (no usable reward); default all True.
+        cfg: an :class:`~megatron_rl_agg.config.AdvantageConfig`; its fields ``adv_estimator``,
+            ``mean_level``, ``std_level``, ``leave_one_out``, ``eps``, ``unbiased_std``,
+            ``overlong_policy`` and ``min_valid_group_size`` are used.
+        process_group: the data-parallel group; None = single process.
+        expected_group_size: samples drawn per prompt (``n``); when given, a group is partial if it has
+            fewer usable rows than this, otherwise fewer than the largest group of the step.
+
+    Policies. A row is *stat-valid* when ``sample_valid`` and not excluded by ``overlong_policy``:
+
+    * ``keep``: truncated rows are ordinary rows.
+    * ``zero_advantage``: truncated rows are left out of the statistics and get advantage 0, but stay
+      in the loss (``loss_row_mask`` True) so their tokens still count in the loss denominators.
+    * ``mask``: truncated rows are left out of the statistics and of the loss.
+
+    A group with fewer than ``min_valid_group_size`` stat-valid rows (counted over all ranks) is
+    dropped: it enters no statistic (batch level included), its rows get advantage 0 and
+    ``loss_row_mask`` False. With the default 1, this drops exactly the groups with no stat-valid row.
+
+    Returns:
+        ``(advantages [B], loss_row_mask [B] bool, stats)``. ``loss_row_mask`` = ``sample_valid`` and
+        group kept and not (truncated under ``mask``). ``stats`` (global over ranks, Python ints):
+        ``num_groups``, ``num_partial_groups``, ``num_dropped_groups``, ``num_truncated`` (rows flagged
+        truncated), ``num_rows``, ``num_stat_rows`` (rows that entered the statistics).
+    """
+    mean_level, std_level, leave_one_out = _levels_from_cfg(cfg)
+    policy = getattr(cfg, "overlong_policy")
+    if policy not in _OVERLONG_POLICIES:
+        raise ValueError(f"overlong_policy must be one of {', '.join(_OVERLONG_POLICIES)}; got {policy!r}")
+    min_valid = getattr(cfg, "min_valid_group_size")
+    if isinstance(min_valid, bool) or not isinstance(min_valid, int) or min_valid < 1:
+        raise ValueError(f"min_valid_group_size must be an int >= 1, got {min_valid!r}")
+    if expected_group_size is not None and (isinstance(expected_group_size, bool)
+                                            or not isinstance(expected_group_size, int)
+                                            or expected_group_size < 1):
+        raise ValueError(f"expected_group_size must be an int >= 1 or None, got {expected_group_size!r}")
+    if group_ids is None:
+        raise ValueError("compute_step_advantages needs group_ids ([B] int64): groups are never inferred")
+
+    n_rows = rewards.shape[0] if isinstance(rewards, torch.Tensor) and rewards.dim() == 1 else None
+    truncated = _bool_rows(truncated, n_rows, "truncated", default=False, like=rewards)
+    sample_valid = _bool_rows(sample_valid, n_rows, "sample_valid", default=True, like=rewards)
+    stat_valid = sample_valid if policy == "keep" else sample_valid & ~truncated
+
+    rewards, seg_ids, seg_inv, stat_valid = _prepare(
+        rewards, None, group_ids, stat_valid, mean_level, std_level, cfg.eps, leave_one_out, process_group)
+    adv, kept_row, stats = _normalize_core(
+        rewards, seg_ids, seg_inv, stat_valid, usable=sample_valid, truncated=truncated,
+        mean_level=mean_level, std_level=std_level, eps=cfg.eps, unbiased=bool(cfg.unbiased_std),
+        leave_one_out=leave_one_out, min_valid=min_valid, process_group=process_group,
+        expected_group_size=expected_group_size)
+    loss_row_mask = sample_valid & kept_row
+    if policy == "mask":
+        loss_row_mask = loss_row_mask & ~truncated
+    return adv, loss_row_mask, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def _levels_from_cfg(cfg) -> tuple[str, str, bool]:
+    # AdvantageConfig.__post_init__ fills mean/std levels and leave_one_out from the estimator; an object
+    # built some other way may still hold None, so derive them here the same way.
+    defaults = {"grpo": ("group", "group", False), "rloo": ("group", "none", True),
+                "dr_grpo": ("group", "none", False)}
+    est = getattr(cfg, "adv_estimator")
+    if est not in defaults:
+        raise ValueError(f"adv_estimator must be one of {', '.join(defaults)}; got {est!r}")
+    mean_d, std_d, loo_d = defaults[est]
+    mean_level = mean_d if cfg.mean_level is None else cfg.mean_level
+    std_level = std_d if cfg.std_level is None else cfg.std_level
+    loo = getattr(cfg, "leave_one_out", None)
+    return mean_level, std_level, loo_d if loo is None else bool(loo)
+
+
+def _bool_rows(mask, n_rows, name, *, default: bool, like) -> torch.Tensor:
+    if mask is None:
+        if n_rows is None:  # rewards itself is malformed; _prepare reports it
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.full((n_rows,), default, dtype=torch.bool, device=like.device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor of shape [B]; got "
+                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if n_rows is not None and tuple(mask.shape) != (n_rows,):
+        raise ValueError(f"{name} must have shape [B] = [{n_rows}] like rewards; got {list(mask.shape)}")
+    return mask.to(like.device)
+
+
+def _prepare(rewards, group_sizes, group_ids, valid, mean_level, std_level, eps, leave_one_out,
+             process_group):
+    """Check every argument; return float64 rewards, local segment ids ``[S]``, row->segment ``[B]``
+    and the bool valid mask."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        desc = (f"{rewards.dtype} tensor of shape {list(rewards.shape)}" if isinstance(rewards, torch.Tensor)
+                else type(rewards).__name__)
+        raise ValueError(f"rewards must be a 1-D floating tensor [B]; got {desc}")
+    n_rows = rewards.shape[0]
+    for name, level in (("mean_level", mean_level), ("std_level", std_level)):
+        if level not in NORM_LEVELS:
+            raise ValueError(f"{name} must be one of {', '.join(NORM_LEVELS)}; got {level!r}")
+    if leave_one_out and mean_level == "none":
+        raise ValueError("leave_one_out=True needs a baseline: mean_level must be 'group' or 'batch', "
+                         "got 'none'")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    valid = _bool_rows(valid, n_rows, "valid", default=True, like=rewards)
+    if group_sizes is not None and group_ids is not None:
+        raise ValueError("pass either group_sizes or group_ids, not both")
+    device = rewards.device
+
+    if group_sizes is not None:
+        if dist.world_size(process_group) > 1:
+            raise ValueError("group_sizes describes the groups of one process; with a process_group of "
+                             f"{dist.world_size(process_group)} ranks pass group_ids (groups may straddle "
+                             "ranks)")
+        sizes = _as_sizes(group_sizes)
+        bad = [(k, s) for k, s in enumerate(sizes.tolist()) if s <= 0]
+        if bad:
+            raise ValueError(f"group_sizes must all be >= 1; got (index, size) {bad[:10]}")
+        if int(sizes.sum()) != n_rows:
+            raise ValueError(f"group_sizes sum to {int(sizes.sum())} but rewards has B = {n_rows} rows")
+        seg_ids = torch.arange(sizes.numel(), dtype=torch.int64, device=device)
+        seg_inv = torch.repeat_interleave(seg_ids, sizes.to(device))
+        return rewards, seg_ids, seg_inv, valid
+
+    if group_ids is not None:
+        if not isinstance(group_ids, torch.Tensor) or group_ids.dtype in (torch.bool,) \
+                or group_ids.is_floating_point() or group_ids.is_complex():
+            raise ValueError("group_ids must be an integer tensor [B]; got "
+                             f"{group_ids.dtype if isinstance(group_ids, torch.Tensor) else type(group_ids)}")
+        if tuple(group_ids.shape) != (n_rows,):
+            raise ValueError(f"group_ids must have shape [B] = [{n_rows}] like rewards; got "
+                             f"{list(group_ids.shape)}")
+        # unique_consecutive gives one segment per run of equal ids. A group split into two runs on one
+        # rank yields two segments with the same id, which the post-gather check reports on every rank.
+        seg_ids, seg_inv = torch.unique_consecutive(group_ids.to(device=device, dtype=torch.int64),
+                                                    return_inverse=True)
+        return rewards, seg_ids, seg_inv, valid
+
+    if "group" in (mean_level, std_level):
+        raise ValueError(f"mean_level={mean_level!r}, std_level={std_level!r} needs the real groups: pass "
+                         "group_sizes or group_ids (there is no fixed-stride fallback)")
+    # Batch-only levels: one bucket per rank, all with the same id so that they merge into one "group".
+    seg_ids = torch.zeros(1 if n_rows else 0, dtype=torch.int64, device=device)
+    return rewards, seg_ids, torch.zeros(n_rows, dtype=torch.int64, device=device), valid
+
+
+def _as_sizes(group_sizes) -> torch.Tensor:
+    if isinstance(group_sizes, torch.Tensor):
+        if group_sizes.dim() != 1 or group_sizes.is_floating_point() or group_sizes.dtype == torch.bool:
+            raise ValueError(f"group_sizes must be a 1-D integer tensor or a sequence of ints; got "
+                             f"{group_sizes.dtype} of shape {list(group_sizes.shape)}")
+        return group_sizes.to("cpu", torch.int64)
+    values = list(group_sizes)
+    bad = [(k, v) for k, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ValueError(f"group_sizes must be ints; got (index, value) {bad[:10]}")
+    return torch.tensor(values, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Computation
+# ----------------------------------------------------------------------------------------------
+
+def _segment_moments(values, ok, inv, n_seg):
+    """Per-segment ``(n, ref, mean, M2)`` of ``values[ok]`` in float64, without sum-of-squares cancellation.
+
+    ``ref`` is the largest value of the segment; the mean is ``ref + sum(x - ref) / n`` (shifted data), so
+    a segment whose values are all equal gets ``mean == value`` and ``M2 == 0`` bit-exactly, and a large
+    common offset cancels in ``x - ref`` before anything is summed. ``M2`` is the centered second pass.
+    """
+    f64 = torch.float64
+    n = torch.zeros(n_seg, dtype=torch.int64, device=values.device).index_add_(0, inv, ok.long())
+    masked = torch.where(ok, values, torch.full_like(values, -math.inf))
+    ref = torch.full((n_seg,), -math.inf, dtype=f64, device=values.device)
+    ref.scatter_reduce_(0, inv, masked, reduce="amax", include_self=True)
+    ref = torch.where(n > 0, ref, torch.zeros_like(ref))
+    shifted = torch.where(ok, values - ref[inv], torch.zeros_like(values))
+    mean = ref + torch.zeros(n_seg, dtype=f64, device=values.device).index_add_(0, inv, shifted) \
+        / n.clamp(min=1).to(f64)
+    dev = torch.where(ok, values - mean[inv], torch.zeros_like(values))
+    m2 = torch.zeros(n_seg, dtype=f64, device=values.device).index_add_(0, inv, dev * dev)
+    return n, ref, mean, m2
+
+
+def _merge_moments(n_b, ref_b, mean_b, m2_b, idx, n_out):
+    """Chan's parallel merge of bucket moments ``(n_b, mean_b, M2_b)`` into ``n_out`` groups by ``idx``.
+
+    ``mean = ref + sum_b n_b (mean_b - ref) / n`` and ``M2 = sum_b [M2_b + n_b (mean_b - mean)^2]``: the
+    exact identity ``sum_{x in g}(x - mean)^2 = sum_b sum_{x in b}(x - mean_b)^2 + n_b (mean_b - mean)^2``,
+    with only centered (small) terms squared.
+    """
+    f64 = torch.float64
+    dev = n_b.device
+    n = torch.zeros(n_out, dtype=torch.int64, device=dev).index_add_(0, idx, n_b)
+    ref = torch.full((n_out,), -math.inf, dtype=f64, device=dev)
+    ref.scatter_reduce_(0, idx, torch.where(n_b > 0, ref_b, torch.full_like(ref_b, -math.inf)),
+                        reduce="amax", include_self=True)
+    ref = torch.where(n > 0, ref, torch.zeros_like(ref))
+    nf = n_b.to(f64)
+    mean = ref + torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, nf * (mean_b - ref[idx])) \
+        / n.clamp(min=1).to(f64)
+    between = nf * (mean_b - mean[idx]) ** 2
+    m2 = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, m2_b + between)
+    return n, ref, mean, m2
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int64)
+
+
+def _from_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.float64)
+
+
+def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated, mean_level, std_level,
+                    eps, unbiased, leave_one_out, min_valid, process_group, expected_group_size=None):
+    """One gather, then everything else replicated on every rank. Returns ``(adv, kept_row, stats)``."""
+    f64 = torch.float64
+    device = rewards.device
+    r = rewards.detach().to(f64)
+    n_seg = seg_ids.numel()
+    my_rank = dist.rank(process_group)
+
+    finite = torch.isfinite(r)
+    bad_row = stat_valid & ~finite
+    ok = stat_valid & finite
+    n_stat, ref, mean, m2 = _segment_moments(torch.where(ok, r, torch.zeros_like(r)), ok, seg_inv, n_seg)
+
+    def seg_count(mask):
+        return torch.zeros(n_seg, dtype=torch.int64, device=device).index_add_(0, seg_inv, mask.long())
+
+    table = torch.stack([
+        torch.full((n_seg,), my_rank, dtype=torch.int64, device=device),
+        seg_ids,
+        seg_count(torch.ones_like(stat_valid)),
+        seg_count(stat_valid),
+        seg_count(usable),
+        seg_count(truncated),
+        seg_count(bad_row),
+        _as_bits(ref), _as_bits(mean), _as_bits(m2),
+    ], dim=1) if n_seg else torch.zeros((0, _NCOLS), dtype=torch.int64, device=device)
+
+    table = dist.all_gather_varlen(table, process_group)  # [sum_r S_r, _NCOLS], rank order
+
+    # ---- checks that need every rank's data: identical outcome on every rank ---------------------
+    bad_ranks = table[table[:, _NBAD] > 0, _RANK].unique().tolist()
+    if bad_ranks:
+        here = torch.nonzero(bad_row).flatten().tolist()
+        where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
+        raise ValueError(f"rewards must be finite on valid rows: non-finite values on rank(s) {bad_ranks}"
+                         f"{where_here}. Mark failed samples invalid instead of passing NaN/inf.")
+    gid = table[:, _ID]
+    n_buckets = gid.numel()
+    starts = torch.ones(n_buckets, dtype=torch.bool, device=device)
+    if n_buckets > 1:
+        starts[1:] = gid[1:] != gid[:-1]
+    g_idx = torch.cumsum(starts.long(), 0) - 1  # bucket -> global group (groups in order of appearance)
+    first_ids = gid[starts]
+    n_groups = first_ids.numel()
+    if torch.unique(first_ids).numel() != n_groups:
+        uniq, counts = torch.unique(first_ids, return_counts=True)
+        dup = uniq[counts > 1][:10].tolist()
+        ranks = sorted(set(table[torch.isin(gid, uniq[counts > 1]), _RANK].tolist()))
+        raise ValueError(
+            f"group_ids must be contiguous: each group's rows must be adjacent within a rank, and a group "
+            f"may only continue from the end of one rank's rows to the start of the next rank's. Group "
+            f"id(s) {dup} occur in separated runs (on rank(s) {ranks}).")
+
+    # ---- per-group statistics over all ranks ----------------------------------------------------
+    n_g, ref_g, mean_g, m2_g = _merge_moments(table[:, _NSTAT], _from_bits(table[:, _REF]),
+                                              _from_bits(table[:, _MEAN]), _from_bits(table[:, _M2]),
+                                              g_idx, n_groups)
+    kept_g = n_g >= min_valid
+    zero_idx = torch.zeros(n_groups, dtype=torch.int64, device=device)
+    n_b, _, mean_b, m2_b = _merge_moments(torch.where(kept_g, n_g, torch.zeros_like(n_g)), ref_g, mean_g,
+                                          torch.where(kept_g, m2_g, torch.zeros_like(m2_g)), zero_idx, 1)
+
+    # ---- this rank's rows -------------------------------------------------------------------------
+    offset = int((table[:, _RANK] < my_rank).sum()) if n_buckets else 0
+    row_g = g_idx[offset + seg_inv] if seg_inv.numel() else seg_inv
+    kept_row = kept_g[row_g]
+    adv = _advantage_rows(r, ok & kept_row, row_g, n_g, mean_g, m2_g, n_b[0] if n_groups else n_b.sum(),
+                          mean_b.reshape(()), m2_b.reshape(()), mean_level=mean_level, std_level=std_level,
+                          eps=eps, unbiased=unbiased, leave_one_out=leave_one_out)
+
+    usable_g = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(0, g_idx, table[:, _USABLE])
+    if expected_group_size is not None:
+        reference = expected_group_size
+    else:
+        reference = int(usable_g.max()) if n_groups else 0
+    stats = {
+        "num_groups": n_groups,
+        "num_partial_groups": int((usable_g < reference).sum()),
+        "num_dropped_groups": int((~kept_g).sum()),
+        "num_truncated": int(table[:, _TRUNC].sum()),
+        "num_rows": int(table[:, _ROWS].sum()),
+        "num_stat_rows": int(n_g[kept_g].sum()),
+    }
+    return adv.to(rewards.dtype), kept_row, stats
+
+
+def _advantage_rows(r, ok, row_g, n_g, mean_g, m2_g, n_batch, mean_batch, m2_batch, *, mean_level,
+                    std_level, eps, unbiased, leave_one_out):
+    """Apply the formula of the module docstring to this rank's rows (float64)."""
+    f64 = torch.float64
+    ddof = 1 if unbiased else 0
+    zero = ~ok
+    levels = (mean_level, std_level)
+    if "group" in levels:
+        zero = zero | (n_g[row_g] < 2)
+    if "batch" in levels:
+        zero = zero | (n_batch < 2)
+
+    if mean_level == "none":
+        num = r
+    else:
+        mu, cnt = (mean_g[row_g], n_g[row_g]) if mean_level == "group" else (mean_batch, n_batch)
+        num = r - mu
+        if leave_one_out:
+            # r - (n mu - r)/(n - 1) = n/(n - 1) (r - mu): the centered form keeps offsets out of the sums.
+            cntf = cnt.to(f64)
+            num = num * cntf / (cntf - 1).clamp(min=1)
+    if std_level != "none":
+        m2, cnt = (m2_g[row_g], n_g[row_g]) if std_level == "group" else (m2_batch, n_batch)
+        sigma = torch.sqrt(m2 / (cnt - ddof).clamp(min=1).to(f64))
+        zero = zero | (sigma == 0)
+        num = num / (sigma + eps)
+    return torch.where(zero, torch.zeros_like(num), num)
