@@ -1,0 +1,388 @@
+"""Sequence packing (THD format) for the loss path.
+
+A padded micro-batch holds ``B`` rows of width ``S``; row ``b`` has ``len_b`` real tokens at columns
+``0 .. len_b - 1`` (right padding). Packing concatenates the real tokens of every row into one
+sequence of ``T = sum_b len_b`` tokens (plus an optional filler segment, see ``pad_to_multiple_of``)
+and describes the row boundaries with ``cu_seqlens = [0, len_0, len_0 + len_1, ..., T]``, which is what
+Megatron's ``PackedSeqParams(qkv_format="thd")`` carries to the attention.
+
+Why packed and padded runs give the same loss and gradients:
+
+- attention is block-diagonal causal over ``cu_seqlens`` (token i of row b sees exactly the tokens
+  0..i of row b, as in the padded causal layout, where a real token never sees padding);
+- positions restart at 0 in every row (``position_ids`` for learned embeddings; RoPE restarts per
+  ``cu_seqlens`` segment inside Megatron's THD rotary path);
+- every per-token tensor of the loss path (labels, loss mask, the aggregation weights ``w`` of
+  ``aggregation.token_weights``, old/reference log-probs, advantages) is moved with the same gather,
+  so ``sum(w * values)`` sums the same products; padding positions carry ``w = 0`` in the padded
+  layout and simply do not exist in the packed one.
+
+Public API:
+
+- ``lengths_from_mask(mask[B,S]) -> [B]``: row lengths of a right-padded attention mask.
+- ``PackedLayout`` / ``make_layout(lengths[B], row_width, pad_to_multiple_of=1)``.
+- ``pack(x[B,S,...], layout) -> [1,T,...]`` and ``unpack(x[1,T,...], layout) -> [B,S,...]``
+  (differentiable, used to compare per-token log-probs with the padded layout).
+- ``pack_micro_batch(batch, lengths, ...) -> (packed_batch, layout)``: packs every ``[B,S,...]`` tensor
+  of a micro-batch dict, adds ``position_ids`` and ``packed_seq_params``.
+- ``packed_seq_params(layout) -> PackedSeqParams``.
+- ``PackedDotProductAttention``: Megatron's local ``DotProductAttention`` plus a THD path.
+- ``packed_local_layer_spec(**kwargs)``: ``get_gpt_layer_local_spec`` with that attention.
+- ``add_sequence_packing_args(parser)``: the ``--sequence-packing`` trainer flags.
+
+With Transformer Engine (GPU) use TE's own THD path instead: build the model with
+``get_gpt_layer_with_transformer_engine_spec()`` and pass the same ``packed_seq_params``;
+``TEDotProductAttention`` consumes ``cu_seqlens_q/kv`` and ``max_seqlen_q/kv`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.utils import attention_mask_func
+
+__all__ = [
+    "PackedLayout",
+    "lengths_from_mask",
+    "make_layout",
+    "pack",
+    "unpack",
+    "pack_micro_batch",
+    "packed_seq_params",
+    "block_causal_mask",
+    "PackedDotProductAttention",
+    "packed_local_layer_spec",
+    "add_sequence_packing_args",
+]
+
+# Per-token tensors that must be zero on padding columns: a nonzero value there would count in the
+# padded loss but be dropped by packing, so the two layouts would silently disagree.
+ZERO_ON_PADDING = ("loss_mask", "weights")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each row's tokens sit inside the packed sequence.
+
+    Attributes:
+        lengths: ``[B]`` int64, real tokens per row (each >= 1).
+        row_width: ``S``, the padded width rows are unpacked to.
+        index: ``[sum len]`` int64; packed position p holds padded element ``index[p]`` of the
+            flattened ``[B*S]`` rows, i.e. ``index[p] = b * S + j`` for column j of row b.
+        cu_seqlens: ``[n_seg + 1]`` int32, segment boundaries; ``n_seg = B``, plus one filler
+            segment when the pack was padded to a multiple.
+        max_seqlen: longest segment (rows and filler), the ``max_seqlen_q/kv`` of THD attention.
+        total_length: ``T = cu_seqlens[-1]``, packed length including the filler.
+    """
+
+    lengths: Tensor
+    row_width: int
+    index: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    total_length: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def num_real_tokens(self) -> int:
+        return int(self.index.numel())
+
+
+def lengths_from_mask(mask: Tensor) -> Tensor:
+    """Row lengths of a right-padded ``[B, S]`` attention mask (1 = real token).
+
+    Returns ``[B]`` int64 ``len_b = sum_j mask[b, j]``. Raises ValueError if a row is not a prefix of
+    ones followed by zeros (left padding or holes cannot be packed by dropping the tail).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, S], got shape {tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    lengths = m.sum(dim=1).to(torch.int64)
+    cols = torch.arange(m.shape[1], device=m.device)
+    prefix = cols.unsqueeze(0) < lengths.unsqueeze(1)
+    bad = (prefix != m).any(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"mask rows {rows} are not right-padded (ones then zeros); cannot pack them")
+    return lengths
+
+
+def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1) -> PackedLayout:
+    """Build the packed layout of rows with ``lengths[B]`` real tokens in a ``[B, row_width]`` batch.
+
+    ``pad_to_multiple_of`` > 1 appends a filler segment so that ``T`` is a multiple of it (needed by
+    sequence parallelism, where T must divide by the TP size). The filler is its own ``cu_seqlens``
+    segment, so it attends only to itself, and ``pack`` fills it with zeros (loss mask and weights 0).
+    """
+    if not isinstance(row_width, int) or row_width < 1:
+        raise ValueError(f"row_width must be a positive int, got {row_width!r}")
+    if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+    lengths = torch.as_tensor(lengths).to(torch.int64)
+    if lengths.dim() != 1 or lengths.numel() == 0:
+        raise ValueError(f"lengths must be a non-empty [B] tensor, got shape {tuple(lengths.shape)}")
+    bad = (lengths < 1) | (lengths > row_width)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"row lengths must lie in [1, {row_width}]; rows {rows} have lengths "
+            f"{lengths[bad].tolist()}"
+        )
+    n_real = int(lengths.sum())
+    total = -(-n_real // pad_to_multiple_of) * pad_to_multiple_of
+    seg = lengths if total == n_real else torch.cat([lengths, lengths.new_tensor([total - n_real])])
+    cu_seqlens = torch.zeros(seg.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu_seqlens[1:] = torch.cumsum(seg, 0)
+    starts = cu_seqlens[:-1][: lengths.numel()].to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    # column of packed token p inside its row = p - start of its row
+    cols = torch.arange(n_real, device=lengths.device) - torch.repeat_interleave(starts, lengths)
+    return PackedLayout(
+        lengths=lengths,
+        row_width=row_width,
+        index=rows * row_width + cols,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(seg.max()),
+        total_length=total,
+    )
+
+
+def pack(x: Tensor, layout: PackedLayout) -> Tensor:
+    """Gather the real tokens of ``x[B, S, ...]`` into ``[1, T, ...]`` (filler positions are 0)."""
+    b, s = layout.num_rows, layout.row_width
+    if tuple(x.shape[:2]) != (b, s):
+        raise ValueError(f"expected a [{b}, {s}, ...] tensor to pack, got shape {tuple(x.shape)}")
+    rest = tuple(x.shape[2:])
+    out = x.reshape((b * s,) + rest).index_select(0, layout.index.to(x.device))
+    n_fill = layout.total_length - layout.num_real_tokens
+    if n_fill:
+        out = torch.cat([out, out.new_zeros((n_fill,) + rest)], dim=0)
+    return out.unsqueeze(0)
+
+
+def unpack(x: Tensor, layout: PackedLayout, fill: float = 0.0) -> Tensor:
+    """Scatter a packed ``[1, T, ...]`` tensor back to ``[B, S, ...]``.
+
+    Padding columns get ``fill``; filler tokens are dropped. Differentiable in ``x`` (index_copy).
+    """
+    if x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != layout.total_length:
+        raise ValueError(
+            f"expected a packed [1, {layout.total_length}, ...] tensor, got shape {tuple(x.shape)}"
+        )
+    flat = x[0]
+    rest = tuple(flat.shape[1:])
+    b, s = layout.num_rows, layout.row_width
+    out = flat.new_full((b * s,) + rest, fill)
+    out = out.index_copy(0, layout.index.to(flat.device), flat[: layout.num_real_tokens])
+    return out.reshape((b, s) + rest)
+
+
+def packed_seq_params(layout: PackedLayout) -> PackedSeqParams:
+    """Megatron ``PackedSeqParams`` for self-attention over ``layout`` (q and kv share boundaries)."""
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=layout.cu_seqlens,
+        cu_seqlens_kv=layout.cu_seqlens,
+        max_seqlen_q=layout.max_seqlen,
+        max_seqlen_kv=layout.max_seqlen,
+    )
+
+
+def pack_micro_batch(
+    batch: Mapping[str, object],
+    lengths: Tensor,
+    *,
+    pad_to_multiple_of: int = 1,
+    row_keys: Optional[Sequence[str]] = None,
+) -> Tuple[Dict[str, object], PackedLayout]:
+    """Pack one padded micro-batch into a single THD sequence.
+
+    Args:
+        batch: micro-batch dict. Every tensor whose first two dims are ``[B, S]`` (``S`` taken from
+            ``batch["tokens"]``) is packed to ``[1, T, ...]``; other entries are copied unchanged.
+            ``loss_mask`` and ``weights`` (when present) must be zero on padding columns.
+        lengths: ``[B]`` real tokens per row (see ``lengths_from_mask``).
+        pad_to_multiple_of: see ``make_layout``.
+        row_keys: restrict packing to these keys (default: every ``[B, S, ...]`` tensor).
+
+    Returns:
+        ``(packed, layout)``; ``packed`` additionally holds ``position_ids`` ``[1, T]`` (restarting
+        at 0 in every row and in the filler), ``packed_seq_params`` and ``attention_mask=None``
+        (the block-diagonal causal mask is implied by ``cu_seqlens``).
+    """
+    tokens = batch.get("tokens")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError("batch['tokens'] must be a [B, S] tensor to pack a micro-batch")
+    b, s = tokens.shape
+    layout = make_layout(torch.as_tensor(lengths, device=tokens.device), s,
+                         pad_to_multiple_of=pad_to_multiple_of)
+    if layout.num_rows != b:
+        raise ValueError(f"got {layout.num_rows} lengths for {b} rows")
+    padding = torch.arange(s, device=tokens.device).unsqueeze(0) >= layout.lengths.unsqueeze(1)
+    keys = list(row_keys) if row_keys is not None else [
+        k for k, v in batch.items() if isinstance(v, Tensor) and tuple(v.shape[:2]) == (b, s)
+    ]
+    packed: Dict[str, object] = dict(batch)
+    for key in keys:
+        value = batch[key]
+        if key in ZERO_ON_PADDING and bool((value.reshape(b, s, -1)[padding] != 0).any()):
+            rows = padding.logical_and(value.reshape(b, s, -1).ne(0).any(-1)).any(1)
+            raise ValueError(
+                f"batch[{key!r}] is nonzero beyond the row length in rows "
+                f"{rows.nonzero().flatten().tolist()}; packing would drop those entries"
+            )
+        packed[key] = pack(value, layout)
+    cu = layout.cu_seqlens.to(torch.int64)
+    seg_len = cu[1:] - cu[:-1]
+    positions = torch.arange(layout.total_length, device=tokens.device)
+    packed["position_ids"] = (positions - torch.repeat_interleave(cu[:-1], seg_len)).unsqueeze(0)
+    packed["attention_mask"] = None
+    packed["packed_seq_params"] = packed_seq_params(layout)
+    return packed, layout
+
+
+def block_causal_mask(cu_seqlens: Tensor, total_length: int) -> Tensor:
+    """``[T, T]`` bool mask, True where attention is FORBIDDEN (Megatron's mask convention).
+
+    Query i may attend key j iff both lie in the same ``cu_seqlens`` segment and ``j <= i``.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    if int(cu[-1]) != total_length:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed sequence has {total_length}"
+                         " tokens")
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
+    pos = torch.arange(total_length, device=cu.device)
+    allowed = (seg.unsqueeze(1) == seg.unsqueeze(0)) & (pos.unsqueeze(0) <= pos.unsqueeze(1))
+    return ~allowed
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """Megatron's local ``DotProductAttention`` extended with the THD (packed) format.
+
+    Without ``packed_seq_params`` it is exactly the parent class. With ``qkv_format == "thd"``:
+
+    - query ``[T, np, hn]``, key/value ``[T, ng, hn]`` (the b=1 dim already squeezed by ``Attention``);
+    - scores ``[np, T, T] = softmax_scale * q k^T``, masked with ``block_causal_mask(cu_seqlens)``,
+      softmax (same scaling/fp32 rules as the parent), dropout, then ``context = P v``;
+    - returns ``[T, np * hn]`` (``Attention`` reshapes it to ``[T, 1, hp]``).
+
+    The mask is dense, so memory is ``np * T^2`` per layer (the padded layout needs ``B * np * S^2``):
+    this is the CPU/reference path; on GPU use Transformer Engine's THD kernels.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        sm = self.scale_mask_softmax
+        # A separate softmax with an explicit-mask type: with attn_mask_type=causal the fused GPU
+        # kernel would apply its own upper-triangular mask and ignore the block-diagonal one.
+        self.packed_scale_mask_softmax = FusedScaleMaskSoftmax(
+            input_in_fp16=sm.input_in_fp16,
+            input_in_bf16=sm.input_in_bf16,
+            attn_mask_type=AttnMaskType.padding,
+            scaled_masked_softmax_fusion=sm.scaled_masked_softmax_fusion,
+            mask_func=attention_mask_func,
+            softmax_in_fp32=sm.softmax_in_fp32,
+            scale=sm.scale,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias)
+        self._check_packed(packed_seq_params, attention_mask, attention_bias, query)
+        t = query.shape[0]
+        rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if rep > 1:  # grouped-query attention: share each kv head with `rep` query heads
+            key = key.repeat_interleave(rep, dim=1)
+            value = value.repeat_interleave(rep, dim=1)
+        q = query.transpose(0, 1)  # [np, T, hn]
+        k = key.transpose(0, 1)  # [np, T, hn]
+        v = value.transpose(0, 1)  # [np, T, hn]
+        scores = torch.bmm(q, k.transpose(1, 2)) * self.softmax_scale  # [np, T, T]
+        mask = block_causal_mask(packed_seq_params.cu_seqlens_q, t).view(1, 1, t, t)
+        probs = self.packed_scale_mask_softmax(scores.unsqueeze(0), mask, self.softmax_offset)
+        if not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = self.attention_dropout(probs)
+        else:
+            probs = self.attention_dropout(probs)
+        context = torch.bmm(probs[0].to(v.dtype), v)  # [np, T, hn]
+        return context.transpose(0, 1).reshape(t, self.hidden_size_per_partition)
+
+    def _check_packed(self, params, attention_mask, attention_bias, query):
+        if params.qkv_format != "thd":
+            raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {params.qkv_format!r}")
+        cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+        if cu_q is None or cu_kv is None or not torch.equal(cu_q, cu_kv):
+            raise ValueError("packed self-attention needs cu_seqlens_q == cu_seqlens_kv (both set)")
+        for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            padded = getattr(params, name)
+            if padded is not None and not torch.equal(padded, cu_q):
+                raise ValueError(f"{name} != cu_seqlens_q is not supported by the local THD path")
+        if attention_mask is not None:
+            raise ValueError("packed (thd) attention takes attention_mask=None; the mask comes "
+                             "from cu_seqlens")
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by PackedDotProductAttention")
+        if self.scale_mask_softmax.window_size is not None:
+            raise ValueError(f"sliding-window attention (window_size="
+                             f"{self.scale_mask_softmax.window_size}) is not supported with packing")
+        if query.dim() != 3:
+            raise ValueError(f"thd query must be [T, heads, head_dim], got shape {tuple(query.shape)}")
+
+
+def packed_local_layer_spec(**local_spec_kwargs) -> ModuleSpec:
+    """``get_gpt_layer_local_spec(**kwargs)`` with ``PackedDotProductAttention`` as core attention.
+
+    Pass the result as ``transformer_layer_spec`` of ``GPTModel`` (or ``layer_spec=`` of
+    ``model.build_model``). Multi-latent attention is not covered.
+    """
+    if local_spec_kwargs.get("multi_latent_attention"):
+        raise ValueError("packed_local_layer_spec does not support multi_latent_attention=True")
+    spec = copy.deepcopy(get_gpt_layer_local_spec(**local_spec_kwargs))
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = PackedDotProductAttention
+    return spec
+
+
+def add_sequence_packing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--sequence-packing`` and ``--pack-pad-to-multiple-of`` (Megatron extra_args_provider)."""
+    group = parser.add_argument_group("sequence packing")
+    group.add_argument(
+        "--sequence-packing", action="store_true",
+        help="Pack the rows of each micro-batch into one THD sequence (no padding tokens). Loss "
+             "and gradients equal the padded run. Needs a THD-capable attention: the local "
+             "PackedDotProductAttention spec, or Transformer Engine's spec on GPU. With pipeline "
+             "parallelism also set variable_seq_lengths (packed length varies per micro-batch).",
+    )
+    group.add_argument(
+        "--pack-pad-to-multiple-of", type=int, default=1,
+        help="Pad each packed sequence with a filler segment to a multiple of this many tokens "
+             "(e.g. the TP size under sequence parallelism). Default 1 (no filler).",
+    )
+    return parser

@@ -1,0 +1,143 @@
+"""Single-process tests of sequence packing: layout arithmetic, pack/unpack, the block-diagonal mask,
+and the packed attention against a brute-force per-row attention."""
+
+import argparse
+
+import pytest
+import torch
+
+from megatron_rl_agg import aggregation
+from megatron_rl_agg.packing import (
+    add_sequence_packing_args,
+    block_causal_mask,
+    lengths_from_mask,
+    make_layout,
+    pack,
+    pack_micro_batch,
+    packed_seq_params,
+    unpack,
+)
+
+
+def _padded_batch(lengths, width, seed=0):
+    """Random right-padded micro-batch with loss tokens only inside each row."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    real = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    tokens = torch.randint(1, 50, (b, width), generator=g) * real
+    loss_mask = (torch.rand(b, width, generator=g) < 0.7).float() * real
+    return {
+        "tokens": tokens,
+        "labels": torch.randint(1, 50, (b, width), generator=g) * real,
+        "loss_mask": loss_mask,
+        "advantages": torch.randn(b, width, generator=g, dtype=torch.float64) * real,
+    }
+
+
+def test_layout_hand_example():
+    # rows of 2, 3 and 1 tokens in width 4: cu_seqlens = [0, 2, 5, 6], row 1 starts at packed 2.
+    lay = make_layout(torch.tensor([2, 3, 1]), 4)
+    assert lay.cu_seqlens.tolist() == [0, 2, 5, 6]
+    assert lay.cu_seqlens.dtype == torch.int32
+    # padded flat index b*4 + j: row0 -> 0,1; row1 -> 4,5,6; row2 -> 8
+    assert lay.index.tolist() == [0, 1, 4, 5, 6, 8]
+    assert (lay.max_seqlen, lay.total_length) == (3, 6)
+
+
+def test_layout_filler_segment():
+    # 6 real tokens padded to a multiple of 4 -> T = 8 with a filler segment of 2.
+    lay = make_layout(torch.tensor([2, 3, 1]), 4, pad_to_multiple_of=4)
+    assert lay.cu_seqlens.tolist() == [0, 2, 5, 6, 8]
+    assert (lay.total_length, lay.num_real_tokens, lay.num_rows) == (8, 6, 3)
+    x = torch.arange(1, 13).reshape(3, 4)
+    assert pack(x, lay).tolist() == [[1, 2, 5, 6, 7, 9, 0, 0]]
+
+
+def test_pack_unpack_roundtrip_and_gradient():
+    lengths = [5, 1, 7, 3]
+    lay = make_layout(torch.tensor(lengths), 7, pad_to_multiple_of=3)
+    x = torch.randn(4, 7, 2, requires_grad=True)
+    real = (torch.arange(7).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).unsqueeze(-1)
+    back = unpack(pack(x, lay), lay, fill=-1.0)
+    torch.testing.assert_close(back, torch.where(real, x, torch.full_like(x, -1.0)), rtol=0, atol=0)
+    back.sum().backward()
+    # padding entries never reach the packed tensor, so their gradient is exactly 0
+    torch.testing.assert_close(x.grad, real.expand_as(x).float(), rtol=0, atol=0)
+
+
+def test_position_ids_restart_per_row_and_filler():
+    batch = _padded_batch([3, 1, 2], 4)
+    packed, _ = pack_micro_batch(batch, torch.tensor([3, 1, 2]), pad_to_multiple_of=4)
+    # T = 6 -> 8: rows [0,1,2], [0], [0,1], filler [0,1]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 1]]
+    assert packed["attention_mask"] is None
+    params = packed["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 8]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 3
+    assert packed["loss_mask"][0, 6:].sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "prompt_mean", "token_sum"])
+def test_packed_weights_give_the_same_weighted_sum(mode):
+    """The per-row aggregation weights, packed, give the same sum(w * values) as the padded layout."""
+    lengths = [6, 2, 5, 3]
+    batch = _padded_batch(lengths, 6, seed=1)
+    batch["weights"] = aggregation.token_weights(batch["loss_mask"], mode, group_sizes=[2, 2])
+    values = torch.randn(4, 6, dtype=torch.float64)
+    padded = (batch["weights"] * values).sum()
+    reference = aggregation.aggregate(values, batch["loss_mask"], mode, group_sizes=[2, 2])
+    packed, lay = pack_micro_batch(batch, torch.tensor(lengths), pad_to_multiple_of=4)
+    packed_sum = (packed["weights"] * pack(values, lay)).sum()
+    torch.testing.assert_close(packed_sum, padded, rtol=1e-12, atol=0)
+    # the reference keeps the float32 mask's precision (1/|o_i| rounded in float32)
+    torch.testing.assert_close(packed_sum, reference, rtol=1e-6, atol=0)
+    assert packed["advantages"].dtype == torch.float64
+
+
+def test_lengths_from_mask_and_its_errors():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    assert lengths_from_mask(mask).tolist() == [2, 3, 1]
+    with pytest.raises(ValueError, match=r"rows \[1\] are not right-padded"):
+        lengths_from_mask(torch.tensor([[1, 0, 0], [0, 1, 1]]))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"rows \[1\] have lengths \[0\]"):
+        make_layout(torch.tensor([2, 0]), 4)
+    with pytest.raises(ValueError, match=r"must lie in \[1, 4\]"):
+        make_layout(torch.tensor([5]), 4)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int, got 0"):
+        make_layout(torch.tensor([1]), 4, pad_to_multiple_of=0)
+    lay = make_layout(torch.tensor([2, 1]), 3)
+    with pytest.raises(ValueError, match=r"expected a \[2, 3, \.\.\.\] tensor"):
+        pack(torch.zeros(2, 4), lay)
+    with pytest.raises(ValueError, match=r"expected a packed \[1, 3, \.\.\.\] tensor"):
+        unpack(torch.zeros(1, 4), lay)
+    batch = _padded_batch([2, 1], 3)
+    batch["loss_mask"][1, 2] = 1.0  # a loss token beyond row 1's length
+    with pytest.raises(ValueError, match=r"batch\['loss_mask'\] is nonzero beyond the row length in rows \[1\]"):
+        pack_micro_batch(batch, torch.tensor([2, 1]))
+
+
+def test_block_causal_mask_matches_brute_force():
+    cu = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+    forbidden = block_causal_mask(cu, 7)
+    seg = [0, 0, 0, 1, 2, 2, 2]
+    for i in range(7):
+        for j in range(7):
+            assert bool(forbidden[i, j]) == (not (seg[i] == seg[j] and j <= i)), (i, j)
+    with pytest.raises(ValueError, match="cu_seqlens ends at 7 but the packed sequence has 8 tokens"):
+        block_causal_mask(cu, 8)
+
+
+def test_packed_seq_params_shares_boundaries():
+    lay = make_layout(torch.tensor([4, 2]), 4)
+    p = packed_seq_params(lay)
+    assert p.cu_seqlens_q is p.cu_seqlens_kv and p.cu_seqlens_q.tolist() == [0, 4, 6]
+
+
+def test_sequence_packing_flags():
+    parser = add_sequence_packing_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--sequence-packing", "--pack-pad-to-multiple-of", "2"])
+    assert args.sequence_packing is True and args.pack_pad_to_multiple_of == 2
+    assert parser.parse_args([]).sequence_packing is False
