@@ -1,0 +1,147 @@
+"""Rows of one mini-batch as tensors, their split over data-parallel ranks, and masked padding rows.
+
+Layout of one row of ``S = --seq-length`` positions (next-token prediction, so the model sees the row
+shifted by one)::
+
+    full   = prompt + response                         len(full) <= S + 1
+    tokens = full[:-1]  padded with 0 to S             model input
+    labels = full[1:]   padded with 0 to S             token predicted at each position
+    loss_mask[t] = 1  for  len(prompt) - 1 <= t < len(full) - 1      (the response tokens)
+
+A padding row has ``loss_mask == 0`` everywhere, reward and advantage 0 and its own group id, so it adds
+nothing to any count, weight, loss or gradient: a step padded to a multiple of ``DP x micro-batch size``
+computes exactly what the unpadded rows compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_rl_agg.trainer.rollouts import Sample
+
+__all__ = ["RowBatch", "build_rows", "shard_bounds", "padded_local_rows", "shard_and_pad"]
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """``R`` rows of one mini-batch (global, or one rank's share)."""
+
+    tokens: torch.Tensor
+    """``[R, S]`` int64 model input."""
+    labels: torch.Tensor
+    """``[R, S]`` int64 next tokens."""
+    loss_mask: torch.Tensor
+    """``[R, S]`` float32 0/1, 1 on response tokens."""
+    group_ids: torch.Tensor
+    """``[R]`` int64 prompt-group ids, global within the mini-batch (rows of a group contiguous)."""
+    rewards: torch.Tensor
+    """``[R]`` float64 scalar rewards."""
+    truncated: torch.Tensor
+    """``[R]`` bool, True when generation hit the length limit (finish_reason ``"length"``)."""
+    old_logprobs: Optional[torch.Tensor] = None
+    """``[R, S]`` float32 behaviour log-probs aligned with ``labels`` (0 off the mask), or None."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, start: int, end: int) -> "RowBatch":
+        """Rows ``start:end`` (views)."""
+        return replace(self, **{f.name: _slice(getattr(self, f.name), start, end) for f in fields(self)})
+
+
+def _slice(t: Optional[torch.Tensor], start: int, end: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[start:end]
+
+
+def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[int]) -> RowBatch:
+    """Pack ``samples`` into a :class:`RowBatch` (layout in the module docstring).
+
+    ``old_logprobs`` is filled only when every sample carries log-probs; a mini-batch that mixes rows
+    with and without them is rejected (the two halves would use different old policies).
+
+    Raises:
+        ValueError: a row longer than ``seq_length + 1`` tokens, or mixed log-prob presence.
+    """
+    num = len(samples)
+    with_lp = [s.logprobs is not None for s in samples]
+    if any(with_lp) and not all(with_lp):
+        first = samples[with_lp.index(False)]
+        raise ValueError(f"{first.source}: row without 'logprobs' in a mini-batch whose other rows have "
+                         "them; give log-probs for every row of a file or for none")
+    tokens = torch.zeros(num, seq_length, dtype=torch.int64)
+    labels = torch.zeros(num, seq_length, dtype=torch.int64)
+    mask = torch.zeros(num, seq_length, dtype=torch.float32)
+    old_lp = torch.zeros(num, seq_length, dtype=torch.float32) if all(with_lp) and num else None
+    for i, s in enumerate(samples):
+        full = list(s.prompt) + list(s.response)
+        if len(full) > seq_length + 1:
+            raise ValueError(f"{s.source or 'row ' + str(i)}: prompt + response = {len(full)} tokens exceed "
+                             f"--seq-length {seq_length} + 1; raise --seq-length")
+        tokens[i, : len(full) - 1] = torch.tensor(full[:-1], dtype=torch.int64)
+        labels[i, : len(full) - 1] = torch.tensor(full[1:], dtype=torch.int64)
+        lo, hi = len(s.prompt) - 1, len(full) - 1
+        mask[i, lo:hi] = 1.0
+        if old_lp is not None:
+            old_lp[i, lo:hi] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return RowBatch(
+        tokens=tokens, labels=labels, loss_mask=mask,
+        group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
+        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
+        truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
+        old_logprobs=old_lp)
+
+
+def shard_bounds(num_rows: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
+    """Row range ``[start, end)`` of data-parallel rank ``dp_rank``: contiguous, sizes differ by <= 1.
+
+    The first ``num_rows % dp_size`` ranks take one extra row. A prompt group may straddle two ranks;
+    the aggregation weights handle that through the global group ids.
+    """
+    base, extra = divmod(num_rows, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return start, start + base + (1 if dp_rank < extra else 0)
+
+
+def padded_local_rows(num_rows: int, dp_size: int, micro_batch_size: int) -> int:
+    """Rows every rank holds after padding: its largest share rounded up to a whole micro-batch.
+
+    Every rank runs the same number of micro-batches, ``padded_local_rows / micro_batch_size``.
+    """
+    largest = -(-num_rows // dp_size)
+    return max(1, -(-largest // micro_batch_size)) * micro_batch_size
+
+
+def _pad(t: Optional[torch.Tensor], total: int, fill) -> Optional[torch.Tensor]:
+    if t is None or t.shape[0] == total:
+        return t
+    pad = torch.full((total - t.shape[0],) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+    return torch.cat([t, pad], dim=0)
+
+
+def shard_and_pad(batch: RowBatch, advantages: torch.Tensor, dp_size: int, dp_rank: int,
+                  micro_batch_size: int) -> tuple[RowBatch, torch.Tensor]:
+    """This rank's rows of a global mini-batch, padded with fully masked rows to a whole micro-batch.
+
+    Args:
+        batch: the global mini-batch (every rank holds all of it).
+        advantages: ``[R]`` per-row advantages of the global batch.
+
+    Returns:
+        ``(local_batch, local_advantages)`` with :func:`padded_local_rows` rows; padding rows carry the
+        fresh group id ``max(group_ids) + 1 + dp_rank`` (never shared with a real group, so they stay
+        out of every group count) and advantage 0.
+    """
+    start, end = shard_bounds(batch.num_rows, dp_size, dp_rank)
+    total = padded_local_rows(batch.num_rows, dp_size, micro_batch_size)
+    local = batch.rows(start, end)
+    pad_gid = int(batch.group_ids.max().item()) + 1 + dp_rank if batch.num_rows else dp_rank
+    padded = RowBatch(
+        tokens=_pad(local.tokens, total, 0), labels=_pad(local.labels, total, 0),
+        loss_mask=_pad(local.loss_mask, total, 0.0), group_ids=_pad(local.group_ids, total, pad_gid),
+        rewards=_pad(local.rewards, total, 0.0), truncated=_pad(local.truncated, total, False),
+        old_logprobs=_pad(local.old_logprobs, total, 0.0))
+    return padded, _pad(advantages[start:end], total, 0.0)

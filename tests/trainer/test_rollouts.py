@@ -1,0 +1,84 @@
+"""Offline rollout reader: accepted format, line-numbered errors, group contiguity, mini-batch plan."""
+
+import json
+
+import pytest
+
+from megatron_rl_agg.trainer import rollouts
+from megatron_rl_agg.trainer.rollouts import RolloutFormatError
+
+
+def _row(pid="a", prompt=(1, 2), response=(3, 4), reward=1.0, finish="stop", **extra):
+    return {"prompt_id": pid, "prompt": list(prompt), "response": list(response), "reward": reward,
+            "finish_reason": finish, **extra}
+
+
+def _write(tmp_path, rows, raw_lines=()):
+    path = tmp_path / "r.jsonl"
+    lines = [json.dumps(r) for r in rows] + list(raw_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_reads_rows_groups_and_logprobs(tmp_path):
+    path = _write(tmp_path, [_row("a"), _row("a", finish="length"), _row(7, logprobs=[-0.5, 0.0]),
+                             _row("b", response=())])
+    samples = rollouts.read_rollouts(path, vocab_size=8)
+    assert [s.prompt_id for s in samples] == ["a", "a", 7, "b"]
+    assert [s.truncated for s in samples] == [False, True, False, False]
+    assert samples[2].logprobs == (-0.5, 0.0) and samples[0].logprobs is None
+    assert samples[3].response == ()
+    assert samples[1].source.endswith("r.jsonl:2")
+    assert rollouts.group_spans(samples) == [(0, 2), (2, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"prompt_id": "a"}), "missing keys"),
+    (json.dumps(_row(respone=[1])), r"unknown keys \['respone'\]"),
+    (json.dumps(_row(pid=True)), "'prompt_id' must be a str or an int"),
+    (json.dumps(_row(prompt=[])), "'prompt' must not be empty"),
+    (json.dumps(_row(response=[1, "x"])), "'response' must be a list of ints"),
+    (json.dumps(_row(response=[1, 9])), r"outside \[0, 8\)"),
+    (json.dumps(_row(reward="1")), "'reward' must be a finite number"),
+    ('{"prompt_id": "a", "prompt": [1], "response": [2], "reward": NaN, "finish_reason": "stop"}',
+     "'reward' must be a finite number"),
+    (json.dumps(_row(finish="eos")), "'finish_reason' must be one of"),
+    (json.dumps(_row(logprobs=[-0.1])), "'logprobs' has 1 entries for 2 response tokens"),
+    (json.dumps(_row(logprobs=[-0.1, 0.3])), "'logprobs' must be a list of finite numbers <= 0"),
+])
+def test_bad_line_names_file_and_line(tmp_path, bad, message):
+    path = _write(tmp_path, [_row(), _row()], raw_lines=["", bad])
+    with pytest.raises(RolloutFormatError, match=message) as info:
+        rollouts.read_rollouts(path, vocab_size=8)
+    assert "r.jsonl:4:" in str(info.value)          # line 4: two rows, a blank line, then the bad one
+
+
+def test_python_literals_are_not_evaluated(tmp_path):
+    # json only: a pickle/eval payload is just an invalid line, never executed.
+    path = _write(tmp_path, [], raw_lines=["__import__('os').system('echo pwned')"])
+    with pytest.raises(RolloutFormatError, match="r.jsonl:1: invalid JSON"):
+        rollouts.read_rollouts(path)
+
+
+def test_group_must_be_contiguous(tmp_path):
+    path = _write(tmp_path, [_row("a"), _row("b"), _row("a")])
+    expected = r"r.jsonl:3: prompt_id 'a' reappears after another group \(first group at .*r.jsonl:1\)"
+    with pytest.raises(RolloutFormatError, match=expected):
+        rollouts.read_rollouts(path)
+
+
+def test_empty_file(tmp_path):
+    path = _write(tmp_path, [], raw_lines=["", "  "])
+    with pytest.raises(RolloutFormatError, match="no samples"):
+        rollouts.read_rollouts(path)
+
+
+def test_plan_minibatches_packs_whole_groups():
+    # groups of 3, 2, 4, 1, 1 rows with at most 5 rows per mini-batch:
+    # [3 + 2] | [4 + 1] | [1]
+    spans = [(0, 3), (3, 5), (5, 9), (9, 10), (10, 11)]
+    assert rollouts.plan_minibatches(spans, 5) == [(0, 5), (5, 10), (10, 11)]
+    with pytest.raises(ValueError, match="group of 4 rows .* --global-batch-size 3"):
+        rollouts.plan_minibatches(spans, 3)

@@ -1,0 +1,62 @@
+"""The counting task: prompts, target and the partial-credit reward, with the arithmetic written out."""
+
+import pytest
+import torch
+
+from megatron_rl_agg.trainer import task
+from megatron_rl_agg.trainer.task import BOS, EOS, CountingTask, len_token
+
+
+def test_target_counts_on_modulo_ten():
+    # s = 8, n = 3: 9, 0, 1 then EOS
+    assert task.target_response([BOS, 4, len_token(3), 8]) == [9, 0, 1, EOS]
+
+
+@pytest.mark.parametrize("response, expected", [
+    ([9, 0, 1, EOS], 0.8 * 3 / 3 + 0.2),      # exact: all digits and the stop
+    ([9, 0, 1, 2, EOS], 0.8),                  # all digits, stopped one late -> no stop credit
+    ([9, 0, 1, 2, 3, 4], 0.8),                 # truncated, digits right
+    ([9, 5, 1, EOS], 0.8 * 2 / 3),             # middle digit wrong
+    ([9, EOS], 0.8 * 1 / 3),                   # stopped early after one right digit
+    ([EOS], 0.0),
+    ([], 0.0),
+    ([3, 9, 0], 0.0),                          # shifted by one: position-wise no match
+])
+def test_reward_partial_credit(response, expected):
+    assert task.reward([BOS, len_token(3), 8], response) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", [[len_token(2), 3], [BOS, 3], [BOS, len_token(2), EOS],
+                                 [BOS, EOS, len_token(2), 3], [BOS, 5, 3]])
+def test_malformed_prompt_is_rejected(bad):
+    with pytest.raises(ValueError, match="not a counting-task prompt"):
+        task.reward(bad, [1])
+
+
+def test_sampled_prompts_are_valid_deterministic_and_varied():
+    spec = CountingTask(min_count=2, max_count=5, max_distractors=2)
+    a = spec.sample_prompts(200, torch.Generator().manual_seed(3))
+    b = spec.sample_prompts(200, torch.Generator().manual_seed(3))
+    assert a == b
+    counts = {task.parse_prompt(p)[1] for p in a}
+    assert counts == {2, 3, 4, 5}
+    assert {len(p) for p in a} == {3, 4, 5}                        # 0..2 distractors
+    assert max(max(p) for p in a) < spec.min_vocab_size
+    assert all(task.reward(p, task.target_response(p)) == pytest.approx(1.0) for p in a)
+
+
+def test_random_policy_scores_near_digit_credit_over_vocab():
+    # A uniform policy over V tokens matches each target digit with prob 1/V: E[reward] ~ 0.8 / V
+    # (the stop credit needs n + 1 exact tokens, probability V^-(n+1), negligible).
+    spec, vocab = CountingTask(), 32
+    g = torch.Generator().manual_seed(0)
+    prompts = spec.sample_prompts(4000, g)
+    rewards = [task.reward(p, torch.randint(0, vocab, (8,), generator=g).tolist()) for p in prompts]
+    assert sum(rewards) / len(rewards) == pytest.approx(0.8 / vocab, rel=0.25)
+
+
+def test_vocab_and_config_checks():
+    with pytest.raises(ValueError, match="min_count <= max_count"):
+        CountingTask(min_count=4, max_count=3)
+    with pytest.raises(ValueError, match="--vocab-size 16 is too small"):
+        CountingTask(max_count=5).check_vocab(16)
