@@ -1,0 +1,258 @@
+"""Run real Megatron-Core on CPU with the gloo backend, and set up its parallel state.
+
+Megatron-Core assumes CUDA in a handful of kinds of call sites even when the model is built with
+``use_cpu_initialization=True``. :func:`enable_cpu_mode` redirects exactly those kinds of calls to
+the CPU, and only in a process where ``torch.cuda.is_available()`` is False: there every redirected
+call would otherwise raise ``AssertionError: Torch not compiled with CUDA enabled``, so no working
+code path can change meaning. With CUDA present it does nothing.
+
+The redirects are plain function wrappers installed once per process (a ``TorchFunctionMode``
+would also work but costs more per call and is thread-local). Each one is documented where it is
+installed, and ``docs/megatron_cpu.md`` lists them with the settings CPU runs need.
+
+The rest of the module wraps Megatron's process-group setup so a test or an audit run can build
+several layouts in one process: :func:`initialize_distributed` (reads the torchrun environment),
+:func:`initialize_model_parallel` (parallel_state + RNG seeding) and :func:`destroy_model_parallel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "enable_cpu_mode",
+    "cpu_mode_enabled",
+    "device",
+    "initialize_distributed",
+    "initialize_model_parallel",
+    "destroy_model_parallel",
+]
+
+_CPU_MODE = False
+
+# Tensor factories that Megatron calls with a literal device="cuda" (or torch.device("cuda")):
+# torch.zeros / torch.tensor in schedules.py (total_num_tokens), optimizer.py (loss scale),
+# clip_grads.py (norm buffers), utils.local_multi_tensor_l2_norm; torch.ones in
+# transformer/utils.py (causal mask); the *_like and random ones in less common paths.
+_FACTORIES = (
+    "tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like",
+)
+
+
+def cpu_mode_enabled() -> bool:
+    """True once :func:`enable_cpu_mode` has installed the CPU redirects in this process."""
+    return _CPU_MODE
+
+
+def device() -> torch.device:
+    """The device tensors for the model live on: the current CUDA device, or the CPU in CPU mode."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def enable_cpu_mode() -> bool:
+    """Redirect Megatron-Core's CUDA call sites to the CPU; idempotent.
+
+    No-op (returns False) when CUDA is available. Otherwise installs, once per process:
+
+    1. ``torch.cuda.current_device()`` -> ``"cpu"``;
+    2. ``torch.cuda.synchronize()`` -> no-op;
+    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``;
+    4. ``Tensor.cuda()`` -> the tensor itself;
+    5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
+    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
+
+    Returns True when CPU mode is (now) active.
+    """
+    global _CPU_MODE
+    if torch.cuda.is_available():
+        return False
+    if _CPU_MODE:
+        return True
+    _redirect_current_device()
+    _redirect_synchronize()
+    _redirect_factories()
+    _redirect_tensor_cuda()
+    _redirect_tensor_type()
+    _install_cpu_rng_tracker()
+    _CPU_MODE = True
+    return True
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, str):
+        return dev == "cuda" or dev.startswith("cuda:")
+    return isinstance(dev, torch.device) and dev.type == "cuda"
+
+
+def _redirect_current_device() -> None:
+    # p2p_communication.py (shape and receive buffers), param_and_grad_buffer.py (the DDP grad
+    # buffer), tensor_parallel/layers.py + mappings.py (TP gather buffers), gpt_model.py and the
+    # rotary embedding all pass device=torch.cuda.current_device() to tensor factories or .to().
+    # Returning "cpu" puts those tensors where the model lives.
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _redirect_synchronize() -> None:
+    # p2p_communication.py calls torch.cuda.synchronize() after batch_isend_irecv to guard against
+    # a race between CUDA streams. CPU kernels are synchronous and every gloo request is waited on
+    # before its buffer is read, so there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _redirect_factories() -> None:
+    # Literal device="cuda" in Megatron's tensor factories (see _FACTORIES). The wrapper only
+    # rewrites the device keyword; positional arguments and every other keyword pass through.
+    for name in _FACTORIES:
+        original = getattr(torch, name)
+
+        @functools.wraps(original)
+        def factory(*args, __original=original, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and _is_cuda_device(dev):
+                kwargs["device"] = "cpu"
+            return __original(*args, **kwargs)
+
+        setattr(torch, name, factory)
+
+
+def _redirect_tensor_cuda() -> None:
+    # language_module.py (tied embeddings under pipeline parallelism) moves the duplicated output
+    # weight with weight.data.cuda() before all-reducing it over the embedding group; the tensor is
+    # already on the only device there is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def _redirect_tensor_type() -> None:
+    # optimizer/clip_grads.py asserts param.grad.type() == "torch.cuda.FloatTensor", and the
+    # mixed-precision optimizer dispatches on "torch.cuda.{Half,BFloat16,Float}Tensor". Report the
+    # CUDA name for CPU tensors in the no-argument form; conversions (t.type(dtype)) are untouched.
+    original = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+
+
+def _install_cpu_rng_tracker() -> None:
+    # tensor_parallel/random.py keeps named CUDA generator states ("model-parallel-rng" for dropout
+    # inside TP regions, "data-parallel-rng", "expert-parallel-rng") and forks into them with
+    # torch.cuda.get_rng_state / set_state. On CPU the named states are CPU generator states and a
+    # fork swaps the CPU default generator. The module-level state getters used by activation
+    # recomputation are redirected to the CPU generator as well.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """Megatron's RNG state tracker with every named state a CPU generator state."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise ValueError(f"RNG seed {seed} already exists in the tracker")
+            if name in self.states_:
+                raise ValueError(f"RNG state {name!r} already exists in the tracker")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise ValueError(f"RNG state {name!r} was never added; added: {sorted(self.states_)}")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    mp_random.initialize_rng_tracker(force_reset=True)
+
+
+def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
+    """Initialise the default process group from the torchrun environment.
+
+    Reads ``RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT`` via ``env://``). Without
+    them the process is a world of one and a single-rank group on a free local port is created,
+    so Megatron's parallel_state (which requires torch.distributed) works in a plain ``python``
+    run. Backend: nccl with CUDA (binding ``LOCAL_RANK``'s device), gloo in CPU mode.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        enable_cpu_mode()
+        backend = "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        torch_dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        store = torch_dist.HashStore()
+        torch_dist.init_process_group(backend=backend, store=store, rank=0, world_size=1,
+                                      timeout=timeout)
+    return torch_dist.get_rank(), torch_dist.get_world_size()
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234,
+                              cp: int = 1) -> None:
+    """Create Megatron's model-parallel groups and seed the RNG tracker.
+
+    The data-parallel size is ``world_size / (tp * pp * cp)``. Any previous model-parallel state is
+    destroyed first, so one process can run several layouts in sequence.
+
+    Args:
+        tp, pp, cp: tensor, pipeline and context parallel sizes.
+        vpp: virtual pipeline stages per pipeline rank (interleaved schedule), or None.
+        seed: base seed; Megatron derives the TP-rank dropout seed from it
+            (``seed + 2718 + tp_rank``) and seeds the default generator with ``seed``.
+    """
+    import torch.distributed as torch_dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    world = torch_dist.get_world_size()
+    if world % (tp * pp * cp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; choose sizes whose "
+            f"product divides {world}"
+        )
+    if vpp is not None and (vpp < 2 or pp < 2):
+        raise ValueError(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=None otherwise")
+    destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+    )
+    torch.manual_seed(seed)
+    mp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel groups (safe to call when none exist)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

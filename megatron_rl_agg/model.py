@@ -1,0 +1,526 @@
+"""Build a Megatron-Core GPT model at any TP/PP/VPP/DP layout, with layout-independent weights.
+
+Typical use (every rank, after :func:`megatron_compat.initialize_distributed`)::
+
+    layout = parse_layout("pp2,vpp2,m4")
+    initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=1)
+    chunks = build_model(spec)                 # one DDP-wrapped GPTModel per virtual stage
+    init_weights(chunks, seed=1)               # same full weights at every layout
+    optimizer = build_optimizer(chunks, lr=1e-5)
+    for c in chunks: c.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=..., model=chunks, num_microbatches=layout.num_microbatches, ...)
+    grads = gather_full_grads(chunks)          # {global key: full fp32 gradient} on every rank
+
+The global key of a parameter is its Megatron dist-checkpointing key; transformer layers are stacked
+along a leading layer axis, so ``grads["decoder.layers.mlp.linear_fc1.weight"]`` is
+``[num_layers, ffn, hidden]`` whatever the layout. That makes gradients and weights from different
+layouts directly comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Callable
+
+import torch
+
+from megatron_rl_agg import megatron_compat
+
+__all__ = [
+    "Layout",
+    "parse_layout",
+    "GPTSpec",
+    "get_transformer_config",
+    "default_layer_spec",
+    "build_model",
+    "unwrap",
+    "init_weights",
+    "build_optimizer",
+    "gather_full_grads",
+    "gather_full_params",
+]
+
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "m": "num_microbatches"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Layout:
+    """A parallel layout and micro-batch count for one forward-backward over a mini-batch."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B), or None."""
+    dp: int = 1
+    """Data-parallel size."""
+    num_microbatches: int = 1
+    """Micro-batches per data-parallel rank and optimizer step."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp", "num_microbatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise ValueError(f"Layout vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the layout needs: ``tp * pp * dp``."""
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        parts = [f"tp{self.tp}", f"pp{self.pp}"]
+        if self.vpp is not None:
+            parts.append(f"vpp{self.vpp}")
+        parts += [f"dp{self.dp}", f"m{self.num_microbatches}"]
+        return ",".join(parts)
+
+
+def parse_layout(text: str) -> Layout:
+    """Parse ``"dp2,m2"``, ``"tp2"``, ``"pp2,vpp2,m4"`` ... into a :class:`Layout`.
+
+    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``dp``, ``m`` (micro-batches),
+    each at most once, case-insensitive; omitted keys take the :class:`Layout` defaults.
+    """
+    values = {}
+    for item in text.strip().lower().split(","):
+        item = item.strip()
+        match = re.fullmatch(r"([a-z]+)(\d+)", item)
+        if match is None or match.group(1) not in _LAYOUT_KEYS:
+            raise ValueError(
+                f"bad layout item {item!r} in {text!r}: expected <key><int> with key one of "
+                f"{sorted(_LAYOUT_KEYS)}, e.g. 'tp2,pp2,vpp2,dp1,m4'"
+            )
+        field = _LAYOUT_KEYS[match.group(1)]
+        if field in values:
+            raise ValueError(f"layout {text!r} sets {match.group(1)!r} twice")
+        values[field] = int(match.group(2))
+    return Layout(**values)
+
+
+@dataclasses.dataclass(kw_only=True)
+class GPTSpec:
+    """Architecture of a small GPT built with Megatron-Core's ``GPTModel``."""
+
+    num_layers: int
+    """Transformer layers in the whole model (split over pp * vpp stages)."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Attention heads (split over TP ranks)."""
+    vocab_size: int
+    """Vocabulary size; must be divisible by the TP size (no padding is added here)."""
+    max_seq_length: int
+    """Longest sequence the position embedding supports."""
+    ffn_hidden_size: int | None = None
+    """MLP width; None means 4 * hidden_size."""
+    num_query_groups: int | None = None
+    """Grouped-query attention groups; None means multi-head attention."""
+    bf16: bool = False
+    """bf16 parameters and activations (fp32 main gradients and optimizer state)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output layer weight."""
+    position_embedding_type: str = "rope"
+    """"rope" or "learned_absolute"."""
+    normalization: str = "LayerNorm"
+    """"LayerNorm" or "RMSNorm"."""
+    swiglu: bool = False
+    """Gated SiLU MLP instead of GELU."""
+    add_bias_linear: bool = True
+    """Biases in the linear layers."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP; 0 keeps runs deterministic."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+    variable_seq_lengths: bool = False
+    """Let micro-batches of one forward-backward differ in padded length (pipeline stages then
+    exchange shapes before every activation)."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTSpec.{name}={getattr(self, name)} must be >= 1")
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            raise ValueError(
+                f"GPTSpec.position_embedding_type={self.position_embedding_type!r}; valid: "
+                f"'rope', 'learned_absolute'"
+            )
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"GPTSpec.normalization={self.normalization!r}; valid: 'LayerNorm', 'RMSNorm'")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def _parallel_sizes() -> tuple[int, int, int | None]:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "Megatron model-parallel state is not initialised; call "
+            "megatron_compat.initialize_model_parallel(tp, pp, vpp) first"
+        )
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    )
+
+
+def get_transformer_config(spec: GPTSpec, **overrides):
+    """A ``TransformerConfig`` for ``spec`` at the current parallel_state layout.
+
+    Settings that matter beyond the architecture:
+
+    - ``pipeline_dtype`` = the parameter dtype (p2p receive buffers need it).
+    - ``batch_p2p_comm=False`` under VPP: the interleaved schedule with batched isend/irecv gave
+      silently wrong gradients (NVIDIA/Megatron-LM#1450); separate sends/receives are correct.
+    - ``use_cpu_initialization`` in CPU mode (the GPU init path forks the CUDA RNG per TP rank).
+    - ``moe_token_dispatcher_type="alltoall"`` with ``variable_seq_lengths`` (the default
+      "allgather" dispatcher rejects variable lengths even in a dense model).
+    - ``sequence_parallel=False``: not supported by the local (non-TE) layer spec.
+
+    The training hooks (``no_sync_func``, ``finalize_model_grads_func``, ``grad_scale_func``) are
+    attached by :func:`build_model` and :func:`build_optimizer`, which own the objects they call.
+
+    Args:
+        spec: architecture.
+        **overrides: extra ``TransformerConfig`` fields (e.g. ``calculate_per_token_loss=True``).
+    """
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    tp, pp, vpp = _parallel_sizes()
+    if spec.vocab_size % tp != 0:
+        raise ValueError(f"GPTSpec.vocab_size={spec.vocab_size} is not divisible by tp={tp}")
+    stages = pp * (vpp or 1)
+    if spec.num_layers % stages != 0:
+        raise ValueError(
+            f"GPTSpec.num_layers={spec.num_layers} is not divisible by pp*vpp={stages}; "
+            f"each virtual stage needs the same number of layers"
+        )
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=False,
+        use_cpu_initialization=megatron_compat.cpu_mode_enabled(),
+        params_dtype=spec.params_dtype,
+        pipeline_dtype=spec.params_dtype,
+        bf16=spec.bf16,
+        batch_p2p_comm=vpp is None,
+        variable_seq_lengths=spec.variable_seq_lengths,
+        hidden_dropout=spec.hidden_dropout,
+        attention_dropout=spec.attention_dropout,
+        init_method_std=spec.init_method_std,
+        normalization=spec.normalization,
+        add_bias_linear=spec.add_bias_linear,
+        gated_linear_unit=spec.swiglu,
+        activation_func=F.silu if spec.swiglu else F.gelu,
+    )
+    if spec.variable_seq_lengths:
+        kwargs["moe_token_dispatcher_type"] = "alltoall"
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def default_layer_spec(spec: GPTSpec):
+    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
+
+
+def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_config=None,
+                **config_overrides) -> list:
+    """Build this rank's model chunks, one per virtual pipeline stage.
+
+    Mirrors Megatron-LM's ``get_model`` + ``setup_model_and_optimizer``: chunk ``i`` is a
+    ``GPTModel(vp_stage=i)`` whose ``pre_process``/``post_process`` say whether it holds the
+    embedding / output layer; each chunk is wrapped in Megatron DDP (gradient averaging over DP,
+    the default; buckets only on chunk 0 as Megatron-LM does) and the shared config gets
+    ``no_sync_func`` (one per chunk) and ``finalize_model_grads_func`` so the schedules from
+    ``get_forward_backward_func()`` accumulate micro-batches and reduce gradients once per step.
+
+    Weights come from Megatron's own init; call :func:`init_weights` for layout-independent ones.
+
+    Args:
+        spec: architecture.
+        wrap_ddp: wrap each chunk in Megatron DDP (needed for ``finalize_model_grads`` and the
+            optimizer). False returns bare ``GPTModel`` chunks and attaches no hooks.
+        layer_spec: a ``ModuleSpec`` for the transformer layer (e.g. a THD-capable attention
+            spec); default :func:`default_layer_spec`.
+        ddp_config: a ``DistributedDataParallelConfig``; default: fp32 gradient reduction, no
+            overlap, no distributed optimizer.
+        **config_overrides: forwarded to :func:`get_transformer_config`.
+
+    Returns:
+        ``list`` of chunks (length ``vpp`` or 1), in virtual-stage order.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+
+    config = get_transformer_config(spec, **config_overrides)
+    layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp is not None else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=spec.tie_embeddings,
+            position_embedding_type=spec.position_embedding_type,
+            vp_stage=vp_stage,
+        )
+        for param in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    if not wrap_ddp:
+        return chunks
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    chunks = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                disable_bucketing=index > 0)
+        for index, model in enumerate(chunks)
+    ]
+    no_sync = [chunk.no_sync for chunk in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return chunks
+
+
+def unwrap(chunk):
+    """The ``GPTModel`` inside a (possibly DDP-wrapped) chunk."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _flat_sharded_tensors(model):
+    """Every ``ShardedTensor`` of ``model.sharded_state_dict()``, factories built into their parts."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = []
+    stack = [model.sharded_state_dict()]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, ShardedTensorFactory):
+            stack.append(item.build())
+        elif isinstance(item, ShardedTensor):
+            out.append(item)
+    return out
+
+
+def _param_shards(chunks):
+    """``(param, ShardedTensor)`` pairs for every parameter view in the chunks' sharded state.
+
+    A ShardedTensor's ``data`` is a parameter or a view of one (the gated MLP's fc1 is split into
+    its two halves); each is matched to the parameter sharing its storage. Raises if a parameter
+    is not covered exactly once, so an unknown sharding scheme cannot go unnoticed.
+    """
+    pairs = []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        named = list(model.named_parameters())
+        covered = {id(p): 0 for _, p in named}
+        for sh in _flat_sharded_tensors(model):
+            if sh.data is None or sh.flattened_range is not None:
+                continue
+            param = _owning_param(sh.data, named)
+            if param is None:
+                continue
+            covered[id(param)] += sh.data.numel()
+            pairs.append((param, sh))
+        bad = [name for name, p in named if covered[id(p)] != p.numel()]
+        if bad:
+            raise RuntimeError(f"sharded_state_dict does not cover these parameters exactly once: {bad}")
+    return pairs
+
+
+def _owning_param(view: torch.Tensor, named: list):
+    """The parameter whose memory contains ``view`` (parameters may share one flat buffer)."""
+    start = view.data_ptr()
+    storage = view.untyped_storage().data_ptr()
+    for _, param in named:
+        begin = param.data_ptr()
+        end = begin + param.numel() * param.element_size()
+        if param.untyped_storage().data_ptr() == storage and begin <= start < end:
+            return param
+    return None
+
+
+def _stable_seed(seed: int, key: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _full_init(key: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int) -> torch.Tensor:
+    """Deterministic full (unsharded) fp32 value for one global key: Megatron's default init.
+
+    Biases 0, norm weights 1, other weights N(0, std); the residual output projections
+    (attention ``linear_proj``, MLP ``linear_fc2``) use std / sqrt(2 * num_layers) like Megatron's
+    ``scaled_init_method_normal``.
+    """
+    name = key.rsplit(".", 1)[-1]
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if "norm" in key:
+        return torch.ones(shape)
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / (2.0 * num_layers) ** 0.5
+    gen = torch.Generator().manual_seed(_stable_seed(seed, key))
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(chunks: list, seed: int) -> None:
+    """Overwrite every parameter with a value that depends on ``(seed, global key)`` only.
+
+    For each parameter shard the full tensor of its global key is generated (per layer for
+    stacked layer keys, so a pipeline stage only generates its own layers) and the local slice
+    (``ShardedTensor.global_slice()``) is copied in. Tied embedding copies share a key and so get
+    equal values. Call before :func:`build_optimizer` (mixed-precision optimizers copy the
+    parameters into fp32 main weights when built).
+    """
+    config = unwrap(chunks[0]).config
+    for param, sh in _param_shards(chunks):
+        prepend = sh.prepend_axis_num
+        layer_index = tuple(sh.global_offset[:prepend])
+        key = sh.key if not prepend else f"{sh.key}{list(layer_index)}"
+        full = _full_init(key, tuple(sh.global_shape[prepend:]), seed, config.init_method_std,
+                          config.num_layers)
+        local = full[sh.global_slice()[prepend:]]
+        sh.data.copy_(local.reshape(sh.data.shape))
+
+
+def build_optimizer(chunks: list, lr: float, *, weight_decay: float = 0.0, clip_grad: float = 1.0,
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
+                    use_distributed_optimizer: bool = False, **config_overrides):
+    """Megatron's optimizer (``get_megatron_optimizer``, Adam) over DDP-wrapped chunks.
+
+    Gradient clipping by global norm ``clip_grad`` (0 disables). bf16 models get fp32 main weights.
+    Sets ``config.grad_scale_func = optimizer.scale_loss`` as Megatron-LM does (the scale is 1
+    without fp16 loss scaling). ``use_distributed_optimizer`` must match the DDP config.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model_config = unwrap(chunks[0]).config
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        clip_grad=clip_grad,
+        bf16=model_config.bf16,
+        params_dtype=model_config.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+        **config_overrides,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    model_config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _gather_full(chunks: list, read: Callable, check_replicas: bool) -> dict[str, torch.Tensor]:
+    import torch.distributed as torch_dist
+
+    local = []
+    for param, sh in _param_shards(chunks):
+        if not check_replicas and any(r != 0 for r in _as_tuple(sh.replica_id)):
+            continue
+        value = read(param, sh)
+        local.append((sh.key, tuple(sh.global_shape), sh.global_slice(), value.float().cpu().clone()))
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        gathered = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    full, written = {}, {}
+    for key, shape, index, value in (entry for rank_entries in gathered for entry in rank_entries):
+        if key not in full:
+            full[key] = torch.zeros(shape)
+            written[key] = torch.zeros(shape, dtype=torch.bool)
+        target, seen = full[key][index], written[key][index]
+        if check_replicas and seen.any():
+            # A replica (DP copy, TP-duplicated norm, tied embedding copy) must hold the same value.
+            prev = target[seen]
+            diff = (prev - value.reshape(target.shape)[seen]).abs().max().item()
+            scale = max(prev.abs().max().item(), 1e-30)
+            if diff > 1e-6 * scale:
+                raise RuntimeError(f"replicas of {key!r} disagree: max abs diff {diff:.3e} (scale {scale:.3e})")
+        full[key][index] = value.reshape(target.shape)
+        written[key][index] = True
+    missing = [key for key, seen in written.items() if not bool(seen.all())]
+    if missing:
+        raise RuntimeError(f"no rank holds part of these tensors: {missing}")
+    return full
+
+
+def _as_tuple(replica_id) -> tuple:
+    return tuple(replica_id) if isinstance(replica_id, (tuple, list)) else (replica_id,)
+
+
+def _local_grad_view(param, sh) -> torch.Tensor:
+    """The gradient entries matching ``sh.data`` (a view of ``param``)."""
+    grad = getattr(param, "main_grad", None)
+    if grad is None:
+        grad = param.grad
+    if grad is None:
+        return torch.zeros(sh.data.shape)
+    offset = sh.data.storage_offset() - param.storage_offset()
+    return grad.as_strided(sh.data.shape, sh.data.stride(), grad.storage_offset() + offset)
+
+
+def gather_full_grads(chunks: list, *, check_replicas: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 gradient, keyed by global key, on every rank.
+
+    Reads the DDP ``main_grad`` buffers (``param.grad`` for unwrapped chunks), so call it after the
+    schedule has run ``finalize_model_grads`` (DP all-reduce, tied-embedding sync) and before the
+    optimizer step. One ``all_gather_object`` over the world; a test/audit utility, not a hot path.
+
+    Args:
+        check_replicas: gather every replica and raise if copies of one element disagree by more
+            than 1e-6 relative (DP replicas, TP-duplicated norms, the tied output-layer copy);
+            False gathers main replicas only.
+    """
+    return _gather_full(chunks, _local_grad_view, check_replicas)
+
+
+def gather_full_params(chunks: list, *, check_replicas: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter's full value (as fp32), keyed by global key, on every rank."""
+    return _gather_full(chunks, lambda param, sh: sh.data, check_replicas)
