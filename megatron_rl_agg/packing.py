@@ -20,6 +20,7 @@ Why packed and padded runs give the same loss and gradients:
 Public API:
 
 - ``lengths_from_mask(mask[B,S]) -> [B]``: row lengths of a right-padded attention mask.
+- ``lengths_from_loss_mask(loss_mask[B,S]) -> [B]``: lengths trimmed after the last loss token.
 - ``PackedLayout`` / ``make_layout(lengths[B], row_width, pad_to_multiple_of=1)``.
 - ``pack(x[B,S,...], layout) -> [1,T,...]`` and ``unpack(x[1,T,...], layout) -> [B,S,...]``
   (differentiable, used to compare per-token log-probs with the padded layout).
@@ -57,6 +58,7 @@ from megatron.core.transformer.utils import attention_mask_func
 __all__ = [
     "PackedLayout",
     "lengths_from_mask",
+    "lengths_from_loss_mask",
     "make_layout",
     "pack",
     "unpack",
@@ -121,6 +123,20 @@ def lengths_from_mask(mask: Tensor) -> Tensor:
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(f"mask rows {rows} are not right-padded (ones then zeros); cannot pack them")
     return lengths
+
+
+def lengths_from_loss_mask(loss_mask: Tensor) -> Tensor:
+    """Shortest row lengths that keep every loss token: ``len_b = max(1, last j with m[b, j] != 0) + 1``.
+
+    Exact for the loss path even when the real rows are longer: attention is causal, so tokens after a
+    row's last loss token never influence a loss token's log-prob, and they carry zero weight. An
+    all-masked row (e.g. a DP padding row) keeps one token. Returns ``[B]`` int64.
+    """
+    if loss_mask.dim() != 2:
+        raise ValueError(f"loss_mask must be [B, S], got shape {tuple(loss_mask.shape)}")
+    cols = torch.arange(1, loss_mask.shape[1] + 1, device=loss_mask.device)
+    # (j + 1) on loss tokens, 0 elsewhere; the row max is the last loss position + 1
+    return (loss_mask.ne(0) * cols).amax(dim=1).clamp(min=1).to(torch.int64)
 
 
 def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1) -> PackedLayout:

@@ -10,6 +10,7 @@ from megatron_rl_agg import aggregation
 from megatron_rl_agg.packing import (
     add_sequence_packing_args,
     block_causal_mask,
+    lengths_from_loss_mask,
     lengths_from_mask,
     make_layout,
     pack,
@@ -99,6 +100,12 @@ def test_lengths_from_mask_and_its_errors():
     assert lengths_from_mask(mask).tolist() == [2, 3, 1]
     with pytest.raises(ValueError, match=r"rows \[1\] are not right-padded"):
         lengths_from_mask(torch.tensor([[1, 0, 0], [0, 1, 1]]))
+
+
+def test_lengths_from_loss_mask():
+    # last loss token at column 2 -> 3; none -> 1 (a padding row keeps one token); column 3 -> 4
+    m = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1.0]])
+    assert lengths_from_loss_mask(m).tolist() == [3, 1, 4]
 
 
 def test_bad_inputs_raise_clear_errors():
