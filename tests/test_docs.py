@@ -1,0 +1,91 @@
+"""Every ```python block of docs/*.md and README.md runs.
+
+Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
+(so a block cannot lean on an earlier one). Blocks whose info string is ```python torchrun need several
+processes: they run under torchrun with 2 processes (gloo) in a slow test. Other fences (bash, text, ...)
+are not executed.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+def python_blocks(path: pathlib.Path) -> list[tuple[int, str, str]]:
+    """``(line, info, code)`` of every fenced block whose info string starts with ``python``."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    out = []
+    for match in FENCE.finditer(text):
+        info = match.group(1).strip()
+        if info.split()[:1] == ["python"]:
+            out.append((text.count("\n", 0, match.start()) + 1, info, match.group(2)))
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# Runs every block of one document, each in a fresh namespace, and reports the failures as JSON lines.
+RUNNER = textwrap.dedent("""
+    import json, sys, traceback
+    blocks = json.load(open(sys.argv[1]))
+    failed = []
+    for line, code in blocks:
+        try:
+            exec(compile(code, f"<block at line {line}>", "exec"), {"__name__": "__main__"})
+        except BaseException:
+            failed.append((line, traceback.format_exc()))
+    print(json.dumps(failed))
+""")
+
+
+PLAIN = [(p, [(line, code) for line, info, code in python_blocks(p) if info == "python"]) for p in DOCS]
+TORCHRUN = [(p, line, code) for p in DOCS for line, info, code in python_blocks(p) if info == "python torchrun"]
+
+
+def test_info_strings_are_known():
+    """A typo such as ```python-torchrun would otherwise skip a block silently."""
+    bad = [(p.name, line, info) for p in DOCS for line, info, _ in python_blocks(p)
+           if info not in ("python", "python torchrun")]
+    assert not bad, f"unknown python info strings (use 'python' or 'python torchrun'): {bad}"
+
+
+def test_docs_have_examples():
+    """The concepts page is executable documentation; losing all its blocks would make this file vacuous."""
+    assert len(python_blocks(ROOT / "docs" / "concepts.md")) >= 2
+
+
+@pytest.mark.parametrize("path,blocks", [pytest.param(p, b, id=p.name) for p, b in PLAIN if b])
+def test_python_blocks_run(path, blocks, tmp_path):
+    spec = tmp_path / "blocks.json"
+    spec.write_text(json.dumps(blocks))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = "\n".join(f"{path.name}:{line}\n{tb}" for line, tb in failed)
+    assert not failed, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,line,code", [pytest.param(p, n, c, id=f"{p.name}:{n}") for p, n, c in TORCHRUN])
+def test_torchrun_blocks_run(path, line, code, tmp_path):
+    script = tmp_path / f"block_{line}.py"
+    script.write_text(code)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           str(script)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{path.name}:{line} failed under torchrun:\n{proc.stderr[-6000:]}"
