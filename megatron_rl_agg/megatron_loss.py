@@ -1,0 +1,401 @@
+"""The Megatron-Core loss function: exact RL loss aggregation under any TP / PP / DP layout.
+
+Use (one optimizer step on one mini-batch)::
+
+    micro_batches = prepare_microbatches(batch, loss_config, micro_batch_size,
+                                         dp_group=parallel_state.get_data_parallel_group())
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+        num_microbatches=len(micro_batches), seq_length=S, micro_batch_size=micro_batch_size,
+        forward_only=False)
+    metrics = reduce_metrics(reports, parallel_state.get_data_parallel_group())
+
+The gradient-scale contract (derivation; see also docs/megatron_integration.md)
+------------------------------------------------------------------------------
+Megatron's schedule (``forward_step_calc_loss``) takes the 2-tuple ``(loss, report)`` our loss function
+returns, multiplies ``loss`` by the context-parallel size (1 here, CP > 1 is refused) and divides it by
+``M``, the number of micro-batches; Megatron DDP then averages the gradients over the ``D`` DP ranks.
+So, for parameters ``theta``, the gradient the optimizer sees is
+
+    g = (1 / D) * sum_{ranks r} (1 / M) * sum_{micro-batches k} grad loss_{r,k}          (1)
+
+Policy term. :func:`prepare_microbatches` computes once per mini-batch the global per-token weights
+``w`` of the chosen mode (``aggregation.token_weights``: the counts are summed over the DP group), so
+that ``sum_{r,k} sum_t w_t * pg_t`` IS the aggregated objective ``J`` of the whole mini-batch. The loss
+function returns ``loss_{r,k} = M * D * sum_t w_t * pg_t``; put into (1) the ``M * D`` cancels and
+
+    g = sum_{r,k} grad(sum_t w_t * pg_t) = grad J                                         (2)
+
+exactly, whatever ``M``, ``D``, the micro-batch size, TP or PP (TP ranks hold replicas of the same loss;
+under PP the loss lives on the last stage and its gradient reaches the other stages through the
+pipeline, each stage's DDP averaging over its own ``D`` ranks).
+
+KL and entropy terms. By default (``kl_aggregation = entropy_aggregation = "microbatch_mean"``) each is
+the plain token mean of its micro-batch and is NOT multiplied: (1) averages it over micro-batches and
+ranks, so ``kl_coef`` and ``entropy_coef`` keep their usual meaning (a coefficient on a mean KL /
+entropy per token) and the size of their gradient does not grow with ``M`` or ``D``. The same is true of
+every other loss that reaches Megatron's averaging unscaled (e.g. MoE auxiliary losses). When
+``kl_aggregation`` / ``entropy_aggregation`` names a mode, that term gets global weights of the mode and
+the same ``M * D`` factor, i.e. exact global aggregation like the policy term.
+
+``token_mean_legacy`` is Megatron's own behaviour: the micro-batch token mean, unscaled, so (1) makes it
+a mean of micro-batch means (which depends on how the mini-batch is split).
+
+Refused: ``TransformerConfig.calculate_per_token_loss=True`` (DDP would sum instead of average and
+finalize_model_grads would divide by a token count our 2-tuple never reports, silently rescaling every
+term) and context parallelism (each CP rank would see a slice of every sequence, which the per-row and
+per-group weights here do not model).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.utils import get_model_config
+
+from megatron_rl_agg import dist
+from megatron_rl_agg.aggregation import microbatch_mean_weights, token_weights
+from megatron_rl_agg.config import MICROBATCH_MEAN, LossConfig
+from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
+
+__all__ = [
+    "LEGACY_MODE",
+    "check_megatron_setup",
+    "vocab_parallel_logprobs",
+    "vocab_parallel_entropy",
+    "prepare_microbatches",
+    "loss_func",
+    "make_loss_func",
+    "forward_step",
+]
+
+LEGACY_MODE = "token_mean_legacy"
+
+# Per-row tensors of a mini-batch that are sliced into micro-batches (None-valued keys are kept None).
+_ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
+             "ref_logprobs", "attention_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals
+# ----------------------------------------------------------------------------------------------
+
+def check_megatron_setup(model_config: Any) -> None:
+    """Raise ValueError for the Megatron settings this loss cannot scale exactly.
+
+    Args:
+        model_config: the model's ``TransformerConfig`` (``megatron.core.utils.get_model_config(model)``).
+    """
+    if getattr(model_config, "calculate_per_token_loss", False):
+        raise ValueError(
+            "calculate_per_token_loss=True is not supported by megatron_rl_agg's loss function: with it "
+            "Megatron DDP sums gradients over DP ranks instead of averaging and finalize_model_grads divides "
+            "by a token count that a 2-tuple loss never reports, so every term would be silently rescaled. "
+            "The policy term is already an exact global aggregate; set calculate_per_token_loss=False "
+            "(Megatron-LM: drop --calculate-per-token-loss).")
+    cp_size = max(int(getattr(model_config, "context_parallel_size", 1) or 1),
+                  parallel_state.get_context_parallel_world_size()
+                  if parallel_state.model_parallel_is_initialized() else 1)
+    if cp_size > 1:
+        raise ValueError(
+            f"context_parallel_size={cp_size} is not supported by megatron_rl_agg's loss function: each CP "
+            "rank holds a slice of every sequence, so per-row and per-group counts and the loss would need "
+            "CP reductions this loss does not do. Use context_parallel_size=1 (trade CP for TP or DP).")
+
+
+# ----------------------------------------------------------------------------------------------
+# vocab-parallel log-probs and entropy (never gather the full logits)
+# ----------------------------------------------------------------------------------------------
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p(label)`` from vocab-parallel logits.
+
+    Args:
+        logits: ``[b, s, V / tp]``, this TP rank's vocab shard (Megatron's ``parallel_output`` layout).
+            NOTE: Megatron's vocab-parallel cross entropy normalizes the tensor IN PLACE; pass a clone if
+            the logits are needed afterwards (compute :func:`vocab_parallel_entropy` first, it does not
+            keep the logits tensor itself for backward).
+        labels: ``[b, s]`` int64 global vocab ids.
+
+    Returns:
+        ``[b, s]`` float32 log-probs (``-vocab_parallel_cross_entropy``), identical on every TP rank,
+        differentiable w.r.t. this rank's shard.
+    """
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the TP-split vocabulary.
+
+    With ``z`` the full logits and any constant ``c`` per token (here the global max, for stability):
+    ``e_v = exp(z_v - c)``, ``S = sum_v e_v``, ``T = sum_v e_v (z_v - c)``, and
+
+        H = -sum_v p_v log p_v = -sum_v (e_v / S) (z_v - c - log S) = log S - T / S.
+
+    Each TP rank sums over its shard and ``S``, ``T`` are completed with
+    ``reduce_from_tensor_model_parallel_region`` (forward all-reduce, backward identity: every TP rank
+    computes the same downstream loss, so each shard's gradient is exactly its slice of the full
+    gradient). ``c`` needs no gradient (``H`` does not depend on it) and is an all-reduce(max).
+
+    Args:
+        logits: ``[b, s, V / tp]`` this rank's shard.
+
+    Returns:
+        ``[b, s]`` float32 entropies, identical on every TP rank.
+    """
+    z = logits.float()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    with torch.no_grad():
+        shift = dist.all_reduce_max(z.max(dim=-1, keepdim=True).values, tp_group)
+    centered = z - shift                                           # [b, s, V/tp], new tensor
+    e = centered.exp()
+    total = reduce_from_tensor_model_parallel_region(e.sum(dim=-1), tp_group)            # S
+    weighted = reduce_from_tensor_model_parallel_region((e * centered).sum(dim=-1), tp_group)  # T
+    return total.log() - weighted / total
+
+
+# ----------------------------------------------------------------------------------------------
+# mini-batch -> micro-batches (all global quantities computed here, once)
+# ----------------------------------------------------------------------------------------------
+
+def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig) -> tuple[int, int]:
+    for key in ("tokens", "labels", "loss_mask", "advantages"):
+        if batch.get(key) is None:
+            raise ValueError(f"batch is missing {key!r}; required: tokens, labels, loss_mask, advantages")
+    n_rows, seq = batch["tokens"].shape
+    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs"):
+        t = batch.get(key)
+        if t is not None and tuple(t.shape) != (n_rows, seq):
+            raise ValueError(f"batch[{key!r}] must be [B, S] = [{n_rows}, {seq}], got {tuple(t.shape)}")
+    adv = batch["advantages"]
+    if tuple(adv.shape) not in ((n_rows,), (n_rows, seq)):
+        raise ValueError(f"batch['advantages'] must be [B] or [B, S] with B={n_rows}, S={seq}; "
+                         f"got {tuple(adv.shape)}")
+    if loss_config.kl_coef > 0 and batch.get("ref_logprobs") is None:
+        raise ValueError(f"kl_coef={loss_config.kl_coef} needs batch['ref_logprobs'] ([B, S] log-probs of "
+                         "the labels under the reference policy); set kl_coef=0 to train without KL")
+    if loss_config.needs_groups and batch.get("group_ids") is None:
+        raise ValueError("prompt_mean aggregation needs batch['group_ids'] ([B] int64 prompt-group ids, the "
+                         "same id on every DP rank for rows of one prompt)")
+    return n_rows, seq
+
+
+def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Optional[torch.Tensor]:
+    if t is None or t.shape[0] == n_rows:
+        return t
+    pad = t.new_full((n_rows - t.shape[0],) + tuple(t.shape[1:]), fill)
+    return torch.cat([t, pad], dim=0)
+
+
+def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
+                         micro_batch_size: int, dp_group=None) -> list[dict]:
+    """Split this DP rank's share of one mini-batch into micro-batches carrying exact global weights.
+
+    Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
+    all-reduce(max) of the micro-batch count plus the ``token_weights`` counts of each distinct mode in
+    use; none per micro-batch).
+
+    Args:
+        batch: this rank's rows:
+            ``tokens [B, S]`` int64 inputs; ``position_ids [B, S]`` (default ``arange(S)``);
+            ``labels [B, S]`` next-token targets; ``loss_mask [B, S]`` 0/1 aligned with ``labels``;
+            ``advantages [B]`` or ``[B, S]``; ``old_logprobs [B, S]`` behaviour log-probs of ``labels``
+            (optional: None means on-policy, ratio 1 with the detached current log-probs);
+            ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
+            prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
+            model, sliced by rows when its first dim is ``B``).
+        loss_config: the loss settings.
+        micro_batch_size: rows per micro-batch.
+        dp_group: the data-parallel group whose ranks together hold the mini-batch (None: single process).
+
+    Returns:
+        ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
+        padded with fully masked rows, which change nothing). Each holds the sliced row tensors plus
+        ``pg_weights``, ``kl_weights``, ``entropy_weights`` (``[b, S]`` float64), ``num_microbatches``
+        (``M``), ``dp_size`` and ``loss_config``. Pass ``num_microbatches=M`` to Megatron's schedule.
+    """
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    n_rows, seq = _check_batch(batch, loss_config)
+    dp_size = dist.world_size(dp_group)
+    device = batch["tokens"].device
+
+    # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
+    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size)], dtype=torch.int64, device=device)
+    num_mb = int(dist.all_reduce_max(n_local, dp_group).item())
+    padded = num_mb * micro_batch_size
+
+    # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
+    # with zero weight, so they touch no count and need no group id.
+    mask = batch["loss_mask"]
+    cache: dict[str, torch.Tensor] = {}
+
+    def weights_for(mode: str) -> Optional[torch.Tensor]:
+        if mode in (MICROBATCH_MEAN, LEGACY_MODE):
+            return None  # per micro-batch, below
+        if mode not in cache:
+            w = token_weights(mask, mode, group_ids=batch.get("group_ids"),
+                              max_response_length=loss_config.max_response_length,
+                              process_group=dp_group, dtype=torch.float64)
+            cache[mode] = _pad_rows(w, padded)
+        return cache[mode]
+
+    global_w = {"pg_weights": weights_for(loss_config.loss_aggregation),
+                "kl_weights": weights_for(loss_config.kl_aggregation) if loss_config.kl_coef > 0 else None,
+                "entropy_weights": weights_for(loss_config.entropy_aggregation)}
+
+    rows = {k: batch.get(k) for k in _ROW_KEYS}
+    if rows["position_ids"] is None:
+        rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
+    attn = rows.pop("attention_mask")
+    rows = {k: _pad_rows(v, padded) for k, v in rows.items()}
+
+    micro_batches = []
+    for k in range(num_mb):
+        sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
+        mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
+        mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == n_rows else attn
+        local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
+        for key, w in global_w.items():
+            mb[key] = w[sl] if w is not None else local_mean
+        mb.update(num_microbatches=num_mb, dp_size=dp_size, loss_config=loss_config)
+        micro_batches.append(mb)
+    return micro_batches
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss function Megatron calls on the last pipeline stage
+# ----------------------------------------------------------------------------------------------
+
+def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (weights * values.to(weights.dtype)).sum()
+
+
+def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
+
+
+def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], loss_config: LossConfig
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RL loss of one micro-batch in Megatron's 2-tuple form ``(loss, report)``.
+
+    Args:
+        output_tensor: ``[b, S, V / tp]`` vocab-parallel logits of the last pipeline stage.
+        micro_batch: one dict from :func:`prepare_microbatches`.
+        loss_config: the loss settings (also the ``microbatch_mean`` vs global choice of KL / entropy).
+
+    Returns:
+        ``loss`` (0-d float32), scaled as derived in the module docstring:
+        ``M * D * (sum w_pg * pg + kl_coef * sum w_kl * kl - entropy_coef * sum w_H * H)`` for the
+        globally weighted terms, plus the unscaled micro-batch means of ``microbatch_mean`` terms; and
+        ``report`` with unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.metrics`):
+        ``policy_loss/sum``, ``kl_loss/sum``, ``entropy_loss/sum`` and ``loss/sum`` (each micro-batch's
+        share of the objective the gradient is of, so their totals over micro-batches and DP ranks are
+        that objective's terms), and ``(sum, count)`` token means ``kl/mean``, ``entropy/mean``,
+        ``clip_frac/mean``, ``dual_clip_frac/mean``, ``ppo_kl/mean`` plus ``num_tokens/sum``.
+    """
+    labels = micro_batch["labels"]
+    mask = micro_batch["loss_mask"].to(torch.bool)
+    n_tokens = mask.sum()
+    scale = micro_batch["num_microbatches"] * micro_batch["dp_size"]   # M * D of equation (2)
+
+    # Entropy before log-probs: the vocab-parallel cross entropy rewrites the logits in place.
+    if loss_config.entropy_coef > 0:
+        entropy = vocab_parallel_entropy(output_tensor)
+    else:
+        with torch.no_grad():
+            entropy = vocab_parallel_entropy(output_tensor)
+    logp = vocab_parallel_logprobs(output_tensor, labels)             # [b, S] float32
+
+    # Masked positions are replaced by harmless constants BEFORE the nonlinear terms (ratio 1, A = 0,
+    # ref = logp): a weight of 0 alone would still let an inf/NaN there poison the backward (0 * inf).
+    current = logp.detach()
+    old = micro_batch.get("old_logprobs")
+    old = current if old is None else torch.where(mask, old.to(current.dtype), current)
+    adv = micro_batch["advantages"]
+    adv = torch.where(mask, (adv.unsqueeze(-1) if adv.dim() == 1 else adv).to(current.dtype), 0.0)
+    pg, clipped, dual_clipped = ppo_clipped_surrogate(
+        logp, old, adv, clip_eps_low=loss_config.clip_eps_low, clip_eps_high=loss_config.clip_eps_high,
+        dual_clip_c=loss_config.dual_clip_c)
+    pg = torch.where(mask, pg, 0.0)
+
+    legacy = loss_config.loss_aggregation == LEGACY_MODE
+    pg_local = _weighted_sum(micro_batch["pg_weights"], pg)
+    # Legacy: Megatron's own averaging (1) is the objective; its per-micro-batch share is pg_local / (M D).
+    pg_share = pg_local / scale if legacy else pg_local
+    loss = pg_local if legacy else pg_local * scale
+    objective = pg_share.detach()
+    report = {"policy_loss/sum": pg_share.detach()}
+
+    terms = [("entropy", loss_config.entropy_aggregation, -loss_config.entropy_coef, entropy)]
+    if loss_config.kl_coef > 0:
+        ref = torch.where(mask, micro_batch["ref_logprobs"].to(current.dtype), current)
+        kl = torch.where(mask, kl_estimate(logp, ref, loss_config.kl_estimator), 0.0)
+        terms.append(("kl", loss_config.kl_aggregation, loss_config.kl_coef, kl))
+    for name, mode, coef, values in terms:
+        values = torch.where(mask, values, 0.0)
+        local = _weighted_sum(micro_batch[f"{name}_weights"], values)
+        global_mode = mode != MICROBATCH_MEAN
+        if coef != 0:
+            loss = loss + coef * (local * scale if global_mode else local)
+        share = (local if global_mode else local / scale).detach()
+        report[f"{name}_loss/sum"] = share
+        report[f"{name}/mean"] = _pair(values.sum(), n_tokens)
+        objective = objective + coef * share
+
+    report["loss/sum"] = objective
+    report["clip_frac/mean"] = _pair(clipped[mask].sum(), n_tokens)
+    if loss_config.dual_clip_c is not None:
+        report["dual_clip_frac/mean"] = _pair(dual_clipped[mask].sum(), n_tokens)
+    report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
+    report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
+    return loss.to(torch.float32), report
+
+
+def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Optional[LossConfig] = None
+                   ) -> functools.partial:
+    """The loss function for one micro-batch, as Megatron's schedule expects it from ``forward_step``.
+
+    Checks the setup (raises for ``calculate_per_token_loss`` or context parallelism, see
+    :func:`check_megatron_setup`, and for a ``dp_size`` that is not the model's data-parallel size,
+    which would silently mis-scale the gradient), then binds :func:`loss_func` with ``functools.partial``.
+
+    Args:
+        micro_batch: one dict from :func:`prepare_microbatches`.
+        model: the (DDP-wrapped) model chunk; its ``TransformerConfig`` is checked.
+        loss_config: defaults to the one ``prepare_microbatches`` stored in the micro-batch.
+
+    Returns:
+        ``partial(loss_func, micro_batch=..., loss_config=...)``: call it with the model output.
+    """
+    check_megatron_setup(get_model_config(model))
+    if parallel_state.model_parallel_is_initialized():
+        model_dp = parallel_state.get_data_parallel_world_size()
+        if micro_batch["dp_size"] != model_dp:
+            raise ValueError(
+                f"micro-batches were prepared for dp_size={micro_batch['dp_size']} but the model's data-"
+                f"parallel size is {model_dp}: pass dp_group=parallel_state.get_data_parallel_group() to "
+                "prepare_microbatches")
+    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
+    return functools.partial(loss_func, micro_batch=micro_batch, loss_config=cfg)
+
+
+def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: Any):
+    """``forward_step_func`` for ``get_forward_backward_func()``: one micro-batch through a GPT model.
+
+    Reads the next micro-batch of :func:`prepare_microbatches` and runs
+    ``model(tokens, position_ids, attention_mask)`` (vocab-parallel logits on the last stage, hidden
+    states elsewhere; Megatron calls the loss function only on the last stage).
+
+    Returns:
+        ``(output_tensor, make_loss_func(micro_batch, model))``.
+    """
+    micro_batch = next(data_iterator)
+    output = model(micro_batch["tokens"], micro_batch["position_ids"], micro_batch.get("attention_mask"))
+    return output, make_loss_func(micro_batch, model)

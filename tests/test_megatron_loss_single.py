@@ -1,0 +1,310 @@
+"""The Megatron loss function in one process (world of one, real parallel_state and Megatron kernels).
+
+The loss function is driven the way Megatron's schedule drives it (every micro-batch's loss divided by
+the number of micro-batches M and summed) and its gradient w.r.t. the logits is compared with the
+gradient of an independent brute-force objective written from the mode definitions
+(``aggregation.aggregate`` on the whole mini-batch, full-vocabulary log-softmax). Multi-process layouts
+(TP, PP, DP) are covered by tests/megatron/test_loss_invariance.py.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from megatron_rl_agg import losses, megatron_compat
+from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
+from megatron_rl_agg.config import TERM_AGGREGATIONS, LossConfig
+from megatron_rl_agg.metrics import average_over_minibatches, reduce_metrics
+
+B, S, V = 7, 6, 11
+GROUP_SIZES = [3, 2, 2]       # with micro_batch_size 3 the last group straddles micro-batches 1 and 2
+ROW_TOKENS = [5, 2, 0, 4, 1, 3, 5]  # unequal lengths and one fully masked row
+HORIZON = 6
+
+
+@pytest.fixture(scope="module")
+def megatron_loss():
+    megatron_compat.initialize_distributed()
+    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    from megatron_rl_agg import megatron_loss as module
+    yield module
+    megatron_compat.destroy_model_parallel()
+
+
+def make_batch(seed=0, row_tokens=ROW_TOKENS):
+    g = torch.Generator().manual_seed(seed)
+    n = len(row_tokens)
+    mask = torch.zeros(n, S)
+    for i, k in enumerate(row_tokens):
+        mask[i, S - 1 - k: S - 1] = 1     # response tokens end one before the padded width
+    logits = torch.randn(n, S, V, generator=g)
+    labels = torch.randint(0, V, (n, S), generator=g)
+    # Behaviour / reference log-probs near the current ones, so ratios spread over roughly [0.6, 1.7]
+    # and both clip bounds are hit.
+    cur = losses.logprobs_from_logits(logits, labels)
+    batch = dict(
+        tokens=torch.randint(0, V, (n, S), generator=g),
+        labels=labels,
+        loss_mask=mask,
+        advantages=torch.randn(n, generator=g),
+        old_logprobs=cur + 0.3 * torch.randn(n, S, generator=g),
+        ref_logprobs=cur + 0.5 * torch.randn(n, S, generator=g),
+        group_ids=torch.repeat_interleave(torch.arange(len(GROUP_SIZES)), torch.tensor(GROUP_SIZES))
+        if n == B else torch.zeros(n, dtype=torch.int64),
+    )
+    return logits, batch
+
+
+def run_schedule(module, logits, batch, cfg, micro_batch_size):
+    """What Megatron's schedule does with 2-tuples at D = 1: sum over micro-batches of loss / M."""
+    logits = logits.clone().requires_grad_(True)
+    mbs = module.prepare_microbatches(batch, cfg, micro_batch_size)
+    total, reports = 0.0, []
+    for k, mb in enumerate(mbs):
+        rows = logits[k * micro_batch_size: (k + 1) * micro_batch_size]
+        pad = micro_batch_size - rows.shape[0]
+        if pad:
+            rows = torch.cat([rows, torch.zeros(pad, S, V)])
+        # The model's output is a fresh tensor; the vocab-parallel cross entropy rewrites it in place.
+        loss, report = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)
+        total = total + loss / len(mbs)
+        reports.append(report)
+    total.backward()
+    return logits.grad, reduce_metrics(reports), len(mbs)
+
+
+def reference(logits, batch, cfg, micro_batch_size):
+    """Brute-force objective (terms and total) of the whole mini-batch, straight from the definitions."""
+    logits = logits.clone().requires_grad_(True)
+    mask = batch["loss_mask"]
+    logp = losses.logprobs_from_logits(logits, batch["labels"])
+    pg, clipped, _ = losses.ppo_clipped_surrogate(
+        logp, batch["old_logprobs"], batch["advantages"], clip_eps_low=cfg.clip_eps_low,
+        clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c)
+    kl = losses.kl_estimate(logp, batch["ref_logprobs"], cfg.kl_estimator)
+    ent = losses.entropy_from_logits(logits)
+
+    def agg(values, mode):
+        # microbatch_mean = the mean over micro-batches of each one's token mean = the legacy mode.
+        mode = "token_mean_legacy" if mode == "microbatch_mean" else mode
+        return aggregate(values, mask, mode, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
+                         micro_batch_size=micro_batch_size)
+
+    terms = {"policy_loss/sum": agg(pg, cfg.loss_aggregation),
+             "kl_loss/sum": agg(kl, cfg.kl_aggregation),
+             "entropy_loss/sum": agg(ent, cfg.entropy_aggregation)}
+    total = terms["policy_loss/sum"] + cfg.kl_coef * terms["kl_loss/sum"] \
+        - cfg.entropy_coef * terms["entropy_loss/sum"]
+    total.backward()
+    m = mask.bool()
+    means = {"kl/mean": kl[m].mean(), "entropy/mean": ent[m].mean(), "clip_frac/mean": clipped[m].double().mean()}
+    values = {k: float(v.detach()) for k, v in {**terms, **means, "loss/sum": total}.items()}
+    return logits.grad, values
+
+
+def config(mode, **kw):
+    return LossConfig(loss_aggregation=mode, max_response_length=HORIZON, clip_eps_low=0.2,
+                      clip_eps_high=0.28, **kw)
+
+
+CASES = [config(m, kl_coef=0.1, entropy_coef=0.01) for m in LOSS_AGGREGATIONS] + [
+    config("seq_mean_token_mean", kl_coef=0.2, kl_estimator="k1", kl_aggregation="token_mean",
+           entropy_coef=0.05, entropy_aggregation="prompt_mean", dual_clip_c=2.0),
+    config("prompt_mean", kl_coef=0.3, kl_estimator="k2", kl_aggregation="seq_mean_token_sum_norm",
+           entropy_coef=0.05, entropy_aggregation="token_sum"),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.loss_aggregation}-{c.kl_aggregation}-"
+                                                     f"{c.entropy_aggregation}")
+@pytest.mark.parametrize("micro_batch_size", [7, 3, 2])
+def test_schedule_gradient_and_metrics_equal_reference(megatron_loss, cfg, micro_batch_size):
+    logits, batch = make_batch()
+    grad, metrics, num_mb = run_schedule(megatron_loss, logits, batch, cfg, micro_batch_size)
+    ref_grad, ref = reference(logits, batch, cfg, micro_batch_size)
+    assert num_mb == -(-B // micro_batch_size)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert ref_grad.abs().max() > 1e-3
+    for name, value in ref.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert metrics["num_tokens/sum"] == sum(ROW_TOKENS)
+
+
+def test_policy_gradient_independent_of_micro_batch_size(megatron_loss):
+    # Checked directly as well: grad at M = 1 equals grad at M = 4, except for the legacy mode, whose
+    # objective is a mean of micro-batch means (two rows per micro-batch: 7, 4, 4 and 5 tokens here).
+    logits, batch = make_batch()
+    for mode in LOSS_AGGREGATIONS:
+        cfg = config(mode)
+        g1 = run_schedule(megatron_loss, logits, batch, cfg, 7)[0]
+        g4 = run_schedule(megatron_loss, logits, batch, cfg, 2)[0]
+        rel = ((g1 - g4).abs().max() / g1.abs().max()).item()
+        assert (rel > 1e-3) if mode == "token_mean_legacy" else (rel < 1e-6), (mode, rel)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_and_entropy_gradient_does_not_grow_with_micro_batches(megatron_loss, estimator):
+    # Every row has 3 loss tokens, so micro-batches of equal size have equal token counts and the mean of
+    # micro-batch token means is the global token mean: the gradient must not depend on M at all.
+    logits, batch = make_batch(seed=1, row_tokens=[3] * 8)
+    batch["advantages"] = torch.zeros(8)
+    cfg = LossConfig(kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.05)
+    grads = [run_schedule(megatron_loss, logits, batch, cfg, mbs)[0] for mbs in (8, 2)]
+    assert grads[0].abs().max() > 1e-4
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+
+
+def test_padding_rows_change_nothing(megatron_loss):
+    logits, batch = make_batch()
+    cfg = config("seq_mean_token_mean", kl_coef=0.1)
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 4)
+    assert len(mbs) == 2 and mbs[1]["tokens"].shape[0] == 4
+    assert mbs[1]["loss_mask"][3].sum() == 0 and mbs[1]["pg_weights"][3].abs().sum() == 0
+    assert sum(float(mb["pg_weights"].sum()) for mb in mbs) == pytest.approx(1.0)
+
+
+def test_on_policy_without_old_logprobs_is_ratio_one(megatron_loss):
+    # old_logprobs=None: r = 1, pg = -A per token, d pg / d logp = -A (vanilla policy gradient).
+    logits, batch = make_batch()
+    batch["old_logprobs"] = None
+    cfg = config("token_mean")
+    grad, metrics, _ = run_schedule(megatron_loss, logits, batch, cfg, 3)
+    mask = batch["loss_mask"]
+    expected = -(batch["advantages"].unsqueeze(1) * mask).sum() / mask.sum()
+    assert metrics["policy_loss/sum"] == pytest.approx(float(expected), rel=1e-6)
+    assert metrics["clip_frac/mean"] == 0.0 and metrics["ppo_kl/mean"] == 0.0
+    lp = logits.clone().requires_grad_(True)
+    logp = losses.logprobs_from_logits(lp, batch["labels"])
+    (-(batch["advantages"].unsqueeze(1) * mask * logp).sum() / mask.sum()).backward()
+    torch.testing.assert_close(grad, lp.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_vocab_parallel_terms_equal_full_vocab_reference_at_tp1(megatron_loss):
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(2, 5, V, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    u, w = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    ent = megatron_loss.vocab_parallel_entropy(logits * 1.0)
+    lp = megatron_loss.vocab_parallel_logprobs(logits * 1.0, labels)
+    ((u * lp).sum() + (w * ent).sum()).backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_ent = losses.entropy_from_logits(ref_logits)
+    ref_lp = losses.logprobs_from_logits(ref_logits, labels)
+    ((u * ref_lp).sum() + (w * ref_ent).sum()).backward()
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals and input errors
+# ----------------------------------------------------------------------------------------------
+
+def tiny_model(**overrides):
+    from megatron_rl_agg.model import GPTSpec, build_model, init_weights
+    chunks = build_model(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=V,
+                                 max_seq_length=S), **overrides)
+    init_weights(chunks, seed=0)
+    return chunks
+
+
+def test_calculate_per_token_loss_is_refused(megatron_loss):
+    (model,) = tiny_model(calculate_per_token_loss=True)
+    _, batch = make_batch()
+    mbs = megatron_loss.prepare_microbatches(batch, config("token_mean"), 7)
+    with pytest.raises(ValueError, match=r"calculate_per_token_loss=True is not supported.*set "
+                                         r"calculate_per_token_loss=False"):
+        megatron_loss.forward_step(iter(mbs), model)
+
+
+def test_context_parallel_is_refused(megatron_loss):
+    from megatron_rl_agg.model import GPTSpec, get_transformer_config
+    cfg = get_transformer_config(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2,
+                                         vocab_size=V, max_seq_length=S), context_parallel_size=2)
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 is not supported.*context_parallel_size=1"):
+        megatron_loss.check_megatron_setup(cfg)
+
+
+def test_forward_step_runs_a_real_model(megatron_loss):
+    (model,) = tiny_model()
+    _, batch = make_batch()
+    batch["tokens"] = batch["tokens"] % V
+    mb = megatron_loss.prepare_microbatches(batch, config("token_mean", kl_coef=0.1), 7)[0]
+    output, bound = megatron_loss.forward_step(iter([mb]), model)
+    assert isinstance(bound, functools.partial) and bound.func is megatron_loss.loss_func
+    assert output.shape == (B, S, V)
+    loss, report = bound(output)
+    assert loss.dim() == 0 and torch.isfinite(loss) and "policy_loss/sum" in report
+
+
+def test_dp_size_mismatch_is_refused(megatron_loss):
+    (model,) = tiny_model()
+    _, batch = make_batch()
+    mb = megatron_loss.prepare_microbatches(batch, config("token_mean"), 7)[0]
+    mb["dp_size"] = 2   # as if prepared over a DP group of 2 while the model has DP = 1
+    with pytest.raises(ValueError, match="dp_size=2 but the model's data-parallel size is 1"):
+        megatron_loss.make_loss_func(mb, model)
+
+
+def test_missing_inputs_are_named(megatron_loss):
+    _, batch = make_batch()
+    with pytest.raises(ValueError, match="kl_coef=0.1 needs batch\\['ref_logprobs'\\]"):
+        megatron_loss.prepare_microbatches({**batch, "ref_logprobs": None}, config("token_mean", kl_coef=0.1), 3)
+    with pytest.raises(ValueError, match="needs batch\\['group_ids'\\]"):
+        megatron_loss.prepare_microbatches({**batch, "group_ids": None}, config("prompt_mean"), 3)
+    with pytest.raises(ValueError, match="missing 'advantages'"):
+        megatron_loss.prepare_microbatches({**batch, "advantages": None}, config("token_mean"), 3)
+    with pytest.raises(ValueError, match=r"advantages'\] must be \[B\] or \[B, S\]"):
+        megatron_loss.prepare_microbatches({**batch, "advantages": torch.zeros(3)}, config("token_mean"), 3)
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive int"):
+        megatron_loss.prepare_microbatches(batch, config("token_mean"), 0)
+
+
+@pytest.mark.parametrize("field", ["kl_aggregation", "entropy_aggregation"])
+def test_bad_term_aggregation_lists_valid_choices(field):
+    with pytest.raises(ValueError) as err:
+        LossConfig(**{field: "token_meen"})
+    message = str(err.value)
+    assert "token_meen" in message and field in message
+    for choice in TERM_AGGREGATIONS:
+        assert choice in message
+    assert "microbatch_mean" in TERM_AGGREGATIONS and "token_mean_legacy" not in TERM_AGGREGATIONS
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics reduction (single process; the DP all-reduce is exercised by the torchrun test)
+# ----------------------------------------------------------------------------------------------
+
+def test_reduce_metrics_by_suffix():
+    reports = [
+        {"a/sum": torch.tensor(1.5), "b/mean": torch.tensor([3.0, 2.0]), "c/max": torch.tensor(4.0),
+         "d/min": torch.tensor(-1.0)},
+        {"a/sum": torch.tensor(2.5), "b/mean": torch.tensor([5.0, 6.0]), "c/max": torch.tensor(7.0),
+         "d/min": torch.tensor(2.0)},
+    ]
+    out = reduce_metrics(reports)
+    # a: 1.5 + 2.5 = 4; b: (3 + 5) / (2 + 6) = 1 (a mean of micro-batch means would be (1.5 + 0.83) / 2)
+    assert out == {"a/sum": 4.0, "b/mean": 1.0, "c/max": 7.0, "d/min": -1.0}
+
+
+def test_reduce_metrics_empty_mean_is_zero_not_nan():
+    assert reduce_metrics([{"x/mean": torch.tensor([0.0, 0.0])}]) == {"x/mean": 0.0}
+    assert reduce_metrics([]) == {}
+
+
+def test_reduce_metrics_errors():
+    with pytest.raises(ValueError, match=r"'loss' must end in one of /sum, /mean, /max, /min"):
+        reduce_metrics([{"loss": torch.tensor(1.0)}])
+    with pytest.raises(ValueError, match=r"must be a tensor of shape \(2,\)"):
+        reduce_metrics([{"x/mean": torch.tensor(1.0)}])
+    with pytest.raises(ValueError, match="report 1 has names"):
+        reduce_metrics([{"x/sum": torch.tensor(1.0)}, {"y/sum": torch.tensor(1.0)}])
+
+
+def test_average_over_minibatches():
+    out = average_over_minibatches([{"a/sum": 1.0, "b/max": 3.0, "c/min": 0.0, "d/mean": 2.0},
+                                    {"a/sum": 3.0, "b/max": 1.0, "c/min": -2.0, "d/mean": 4.0}])
+    assert out == {"a/sum": 2.0, "b/max": 3.0, "c/min": -2.0, "d/mean": 3.0}
+    with pytest.raises(ValueError, match="mini-batch 1 has metrics"):
+        average_over_minibatches([{"a/sum": 1.0}, {"b/sum": 1.0}])
