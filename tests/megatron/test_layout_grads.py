@@ -1,0 +1,89 @@
+"""Real Megatron-Core (GPTModel, DDP, schedules, optimizer) on CPU/gloo: the full gradient of a global
+token-mean loss after one forward-backward is the same at every TP/PP/VPP/DP/micro-batch layout.
+
+The worker (``worker_layout_grads.py``) documents the loss and the scale factors. The reference is
+the one-process, one-micro-batch run; every other layout must match it to 1e-5 relative per tensor
+(``max|g - g_ref| / max|g_ref|``), which holds only if the loss scaling cancels the schedule's
+``/num_microbatches`` and DDP's ``/dp`` and if the layout-independent init gives every layout the
+same full weights. A per-micro-batch token mean (the legacy objective) is run as a negative control:
+with unequal row lengths it must give a clearly different gradient.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
+TOL = 1e-5
+# One process: the reference, micro-batching, a repeat of the reference, the negative control.
+SINGLE = ["dp1,m1", "dp1,m4", "dp1,m1", "dp1,m4:mbmean"]
+TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4"]
+FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2"]
+
+
+def _load(directory, items):
+    """``[(item, result)]`` in launch order (an item may repeat)."""
+    return [(item, load_result(directory, f"{index:02d}-{item}")) for index, item in enumerate(items)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layout_grads_1")
+    run_torchrun(WORKER, 1, [out, *SINGLE], timeout=300)
+    return _load(out, SINGLE)
+
+
+@pytest.fixture(scope="module")
+def reference(single):
+    item, result = single[0]
+    assert item == "dp1,m1"
+    return result
+
+
+def _assert_matches_reference(results, ref):
+    for item, res in results:
+        rel, key = max_rel_diff(res["grads"], ref["grads"])
+        assert rel <= TOL, f"{item}: gradient of {key} differs from dp1,m1 by {rel:.3e} relative"
+        assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=TOL), item
+        assert res["loss"] == pytest.approx(ref["loss"], rel=TOL), item
+        for key, value in ref["params"].items():
+            assert torch.equal(res["params"][key], value), f"{item}: initial weights of {key} differ"
+
+
+def test_single_process_microbatching_and_determinism(single, reference):
+    # Every tensor, the tied embedding included, receives a gradient.
+    assert "embedding.word_embeddings.weight" in reference["grads"]
+    assert all(g.abs().max() > 0 for g in reference["grads"].values())
+    _assert_matches_reference([single[1]], reference)
+    # Running the same layout twice in one process is bit-identical.
+    item, repeat = single[2]
+    assert item == "dp1,m1"
+    assert all(torch.equal(repeat["grads"][k], g) for k, g in reference["grads"].items())
+
+
+def test_microbatch_mean_negative_control(single, reference):
+    """The per-micro-batch token mean weights rows of short micro-batches more: a different gradient."""
+    item, control = single[3]
+    assert item == "dp1,m4:mbmean"
+    rel, _ = max_rel_diff(control["grads"], reference["grads"])
+    assert rel > 1e-2
+
+
+def test_two_process_layouts(reference, tmp_path):
+    run_torchrun(WORKER, 2, [tmp_path, *TWO], timeout=300)
+    _assert_matches_reference(_load(tmp_path, TWO), reference)
+
+
+def test_four_process_layouts(reference, tmp_path):
+    run_torchrun(WORKER, 4, [tmp_path, *FOUR], timeout=400)
+    _assert_matches_reference(_load(tmp_path, FOUR), reference)
