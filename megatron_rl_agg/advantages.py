@@ -34,7 +34,7 @@ baseline changes: ``sigma`` is still the std of *all* the valid rows of the leve
 With ``mean_level = std_level = "none"`` the advantage is the raw reward of the valid rows (no statistics,
 so rules 2-4 do not apply).
 
-Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean, M2)`` and ONE
+Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean - ref, M2)`` and ONE
 :func:`megatron_rl_agg.dist.all_gather_varlen` (two collectives, whatever the number of groups) gives every
 rank every bucket; buckets of a group that continues on the next rank are merged with Chan's pairwise
 formula, so each group's statistics cover all its rows on all ranks. All the validation of ids and
@@ -64,8 +64,7 @@ _OVERLONG_POLICIES = ("keep", "zero_advantage", "mask")
 # Columns of the per-(rank, group) bucket table exchanged between ranks. Everything is int64 so that a
 # single all-gather carries both exact integer ids/counts and float64 statistics: the float columns are
 # the IEEE bit patterns (Tensor.view(torch.int64)), which a gather copies without touching.
-_RANK, _ID, _ROWS, _NSTAT, _USABLE, _TRUNC, _NBAD, _REF, _MEAN, _M2 = range(10)
-_NCOLS = 10
+_RANK, _ID, _ROWS, _NSTAT, _USABLE, _TRUNC, _NBAD, _REF, _DELTA, _M2 = range(10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,32 +294,35 @@ def _as_sizes(group_sizes) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def _segment_moments(values, ok, inv, n_seg):
-    """Per-segment ``(n, ref, mean, M2)`` of ``values[ok]`` in float64, without sum-of-squares cancellation.
+    """Per-segment ``(n, ref, delta, M2)`` of ``values[ok]`` in float64, without sum-of-squares cancellation.
 
-    ``ref`` is the largest value of the segment; the mean is ``ref + sum(x - ref) / n`` (shifted data), so
-    a segment whose values are all equal gets ``mean == value`` and ``M2 == 0`` bit-exactly, and a large
-    common offset cancels in ``x - ref`` before anything is summed. ``M2`` is the centered second pass.
+    ``ref`` is the largest value of the segment and ``delta = mean - ref = sum(x - ref) / n`` (shifted
+    data): a common offset cancels exactly in ``x - ref`` before anything is summed, the mean is never
+    rounded to the offset's precision, and a segment whose values are all equal gets ``delta == 0`` and
+    ``M2 == 0`` bit-exactly. ``M2 = sum((x - ref) - delta)^2`` is the centered second pass.
     """
     f64 = torch.float64
-    n = torch.zeros(n_seg, dtype=torch.int64, device=values.device).index_add_(0, inv, ok.long())
-    masked = torch.where(ok, values, torch.full_like(values, -math.inf))
-    ref = torch.full((n_seg,), -math.inf, dtype=f64, device=values.device)
-    ref.scatter_reduce_(0, inv, masked, reduce="amax", include_self=True)
+    dev = values.device
+    n = torch.zeros(n_seg, dtype=torch.int64, device=dev).index_add_(0, inv, ok.long())
+    ref = torch.full((n_seg,), -math.inf, dtype=f64, device=dev)
+    ref.scatter_reduce_(0, inv, torch.where(ok, values, torch.full_like(values, -math.inf)), reduce="amax",
+                        include_self=True)
     ref = torch.where(n > 0, ref, torch.zeros_like(ref))
     shifted = torch.where(ok, values - ref[inv], torch.zeros_like(values))
-    mean = ref + torch.zeros(n_seg, dtype=f64, device=values.device).index_add_(0, inv, shifted) \
-        / n.clamp(min=1).to(f64)
-    dev = torch.where(ok, values - mean[inv], torch.zeros_like(values))
-    m2 = torch.zeros(n_seg, dtype=f64, device=values.device).index_add_(0, inv, dev * dev)
-    return n, ref, mean, m2
+    delta = torch.zeros(n_seg, dtype=f64, device=dev).index_add_(0, inv, shifted) / n.clamp(min=1).to(f64)
+    centered = torch.where(ok, shifted - delta[inv], torch.zeros_like(values))
+    m2 = torch.zeros(n_seg, dtype=f64, device=dev).index_add_(0, inv, centered * centered)
+    return n, ref, delta, m2
 
 
-def _merge_moments(n_b, ref_b, mean_b, m2_b, idx, n_out):
-    """Chan's parallel merge of bucket moments ``(n_b, mean_b, M2_b)`` into ``n_out`` groups by ``idx``.
+def _merge_moments(n_b, ref_b, delta_b, m2_b, idx, n_out):
+    """Chan's parallel merge of bucket moments into ``n_out`` groups by ``idx`` (same ``(n, ref, delta, M2)``
+    form as :func:`_segment_moments`).
 
-    ``mean = ref + sum_b n_b (mean_b - ref) / n`` and ``M2 = sum_b [M2_b + n_b (mean_b - mean)^2]``: the
-    exact identity ``sum_{x in g}(x - mean)^2 = sum_b sum_{x in b}(x - mean_b)^2 + n_b (mean_b - mean)^2``,
-    with only centered (small) terms squared.
+    With ``ref`` the largest bucket ``ref`` of the group and ``s_b = (ref_b - ref) + delta_b`` the bucket
+    mean relative to it: ``delta = sum_b n_b s_b / n`` and ``M2 = sum_b [M2_b + n_b (s_b - delta)^2]``, the
+    exact identity ``sum_{x in g}(x - mean)^2 = sum_b [sum_{x in b}(x - mean_b)^2 + n_b (mean_b - mean)^2]``
+    with only centered (small) quantities squared.
     """
     f64 = torch.float64
     dev = n_b.device
@@ -330,11 +332,11 @@ def _merge_moments(n_b, ref_b, mean_b, m2_b, idx, n_out):
                         reduce="amax", include_self=True)
     ref = torch.where(n > 0, ref, torch.zeros_like(ref))
     nf = n_b.to(f64)
-    mean = ref + torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, nf * (mean_b - ref[idx])) \
-        / n.clamp(min=1).to(f64)
-    between = nf * (mean_b - mean[idx]) ** 2
-    m2 = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, m2_b + between)
-    return n, ref, mean, m2
+    # empty buckets (n_b = 0) carry ref_b = delta_b = M2_b = 0 and add nothing below
+    s_b = torch.where(n_b > 0, (ref_b - ref[idx]) + delta_b, torch.zeros_like(delta_b))
+    delta = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, nf * s_b) / n.clamp(min=1).to(f64)
+    m2 = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, m2_b + nf * (s_b - delta[idx]) ** 2)
+    return n, ref, delta, m2
 
 
 def _as_bits(x: torch.Tensor) -> torch.Tensor:
@@ -348,16 +350,14 @@ def _from_bits(x: torch.Tensor) -> torch.Tensor:
 def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated, mean_level, std_level,
                     eps, unbiased, leave_one_out, min_valid, process_group, expected_group_size=None):
     """One gather, then everything else replicated on every rank. Returns ``(adv, kept_row, stats)``."""
-    f64 = torch.float64
     device = rewards.device
-    r = rewards.detach().to(f64)
+    r = rewards.detach().to(torch.float64)
     n_seg = seg_ids.numel()
     my_rank = dist.rank(process_group)
 
-    finite = torch.isfinite(r)
-    bad_row = stat_valid & ~finite
-    ok = stat_valid & finite
-    n_stat, ref, mean, m2 = _segment_moments(torch.where(ok, r, torch.zeros_like(r)), ok, seg_inv, n_seg)
+    bad_row = stat_valid & ~torch.isfinite(r)
+    ok = stat_valid & ~bad_row
+    n_stat, ref, delta, m2 = _segment_moments(torch.where(ok, r, torch.zeros_like(r)), ok, seg_inv, n_seg)
 
     def seg_count(mask):
         return torch.zeros(n_seg, dtype=torch.int64, device=device).index_add_(0, seg_inv, mask.long())
@@ -366,16 +366,15 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
         torch.full((n_seg,), my_rank, dtype=torch.int64, device=device),
         seg_ids,
         seg_count(torch.ones_like(stat_valid)),
-        seg_count(stat_valid),
+        n_stat,
         seg_count(usable),
         seg_count(truncated),
         seg_count(bad_row),
-        _as_bits(ref), _as_bits(mean), _as_bits(m2),
-    ], dim=1) if n_seg else torch.zeros((0, _NCOLS), dtype=torch.int64, device=device)
+        _as_bits(ref), _as_bits(delta), _as_bits(m2),
+    ], dim=1)
+    table = dist.all_gather_varlen(table, process_group)  # [sum_r S_r, 10], rank order
 
-    table = dist.all_gather_varlen(table, process_group)  # [sum_r S_r, _NCOLS], rank order
-
-    # ---- checks that need every rank's data: identical outcome on every rank ---------------------
+    # ---- checks that need every rank's data: the same outcome on every rank ----------------------
     bad_ranks = table[table[:, _NBAD] > 0, _RANK].unique().tolist()
     if bad_ranks:
         here = torch.nonzero(bad_row).flatten().tolist()
@@ -385,35 +384,36 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
     gid = table[:, _ID]
     n_buckets = gid.numel()
     starts = torch.ones(n_buckets, dtype=torch.bool, device=device)
-    if n_buckets > 1:
-        starts[1:] = gid[1:] != gid[:-1]
-    g_idx = torch.cumsum(starts.long(), 0) - 1  # bucket -> global group (groups in order of appearance)
+    starts[1:] = gid[1:] != gid[:-1]
+    g_idx = torch.cumsum(starts.long(), 0) - 1  # bucket -> global group, groups in order of appearance
     first_ids = gid[starts]
     n_groups = first_ids.numel()
-    if torch.unique(first_ids).numel() != n_groups:
-        uniq, counts = torch.unique(first_ids, return_counts=True)
-        dup = uniq[counts > 1][:10].tolist()
-        ranks = sorted(set(table[torch.isin(gid, uniq[counts > 1]), _RANK].tolist()))
+    uniq, counts = torch.unique(first_ids, return_counts=True)
+    if uniq.numel() != n_groups:
+        dup = uniq[counts > 1]
+        ranks = sorted(set(table[torch.isin(gid, dup), _RANK].tolist()))
         raise ValueError(
-            f"group_ids must be contiguous: each group's rows must be adjacent within a rank, and a group "
-            f"may only continue from the end of one rank's rows to the start of the next rank's. Group "
-            f"id(s) {dup} occur in separated runs (on rank(s) {ranks}).")
+            "group_ids must be contiguous: each group's rows must be adjacent within a rank, and a group may "
+            "only continue from the end of one rank's rows to the start of the next rank's. Group id(s) "
+            f"{dup[:10].tolist()} occur in separated runs (on rank(s) {ranks}).")
 
-    # ---- per-group statistics over all ranks ----------------------------------------------------
-    n_g, ref_g, mean_g, m2_g = _merge_moments(table[:, _NSTAT], _from_bits(table[:, _REF]),
-                                              _from_bits(table[:, _MEAN]), _from_bits(table[:, _M2]),
-                                              g_idx, n_groups)
+    # ---- statistics over all ranks: per group, then over the kept groups (batch level) ------------
+    n_g, ref_g, delta_g, m2_g = _merge_moments(table[:, _NSTAT], _from_bits(table[:, _REF]),
+                                               _from_bits(table[:, _DELTA]), _from_bits(table[:, _M2]),
+                                               g_idx, n_groups)
     kept_g = n_g >= min_valid
-    zero_idx = torch.zeros(n_groups, dtype=torch.int64, device=device)
-    n_b, _, mean_b, m2_b = _merge_moments(torch.where(kept_g, n_g, torch.zeros_like(n_g)), ref_g, mean_g,
-                                          torch.where(kept_g, m2_g, torch.zeros_like(m2_g)), zero_idx, 1)
+    n_kept = torch.where(kept_g, n_g, torch.zeros_like(n_g))
+    n_bt, ref_bt, delta_bt, m2_bt = _merge_moments(
+        n_kept, ref_g, delta_g, torch.where(kept_g, m2_g, torch.zeros_like(m2_g)),
+        torch.zeros(n_groups, dtype=torch.int64, device=device), 1)
 
     # ---- this rank's rows -------------------------------------------------------------------------
-    offset = int((table[:, _RANK] < my_rank).sum()) if n_buckets else 0
-    row_g = g_idx[offset + seg_inv] if seg_inv.numel() else seg_inv
+    offset = int((table[:, _RANK] < my_rank).sum())
+    row_g = g_idx[offset + seg_inv]
     kept_row = kept_g[row_g]
-    adv = _advantage_rows(r, ok & kept_row, row_g, n_g, mean_g, m2_g, n_b[0] if n_groups else n_b.sum(),
-                          mean_b.reshape(()), m2_b.reshape(()), mean_level=mean_level, std_level=std_level,
+    group = (n_g[row_g], ref_g[row_g], delta_g[row_g], m2_g[row_g])
+    batch = (n_bt[0], ref_bt[0], delta_bt[0], m2_bt[0])
+    adv = _advantage_rows(r, ok & kept_row, group, batch, mean_level=mean_level, std_level=std_level,
                           eps=eps, unbiased=unbiased, leave_one_out=leave_one_out)
 
     usable_g = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(0, g_idx, table[:, _USABLE])
@@ -427,35 +427,32 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
         "num_dropped_groups": int((~kept_g).sum()),
         "num_truncated": int(table[:, _TRUNC].sum()),
         "num_rows": int(table[:, _ROWS].sum()),
-        "num_stat_rows": int(n_g[kept_g].sum()),
+        "num_stat_rows": int(n_kept.sum()),
     }
     return adv.to(rewards.dtype), kept_row, stats
 
 
-def _advantage_rows(r, ok, row_g, n_g, mean_g, m2_g, n_batch, mean_batch, m2_batch, *, mean_level,
-                    std_level, eps, unbiased, leave_one_out):
-    """Apply the formula of the module docstring to this rank's rows (float64)."""
-    f64 = torch.float64
-    ddof = 1 if unbiased else 0
-    zero = ~ok
-    levels = (mean_level, std_level)
-    if "group" in levels:
-        zero = zero | (n_g[row_g] < 2)
-    if "batch" in levels:
-        zero = zero | (n_batch < 2)
+def _advantage_rows(r, ok, group, batch, *, mean_level, std_level, eps, unbiased, leave_one_out):
+    """The formula of the module docstring on this rank's rows (float64).
 
+    ``group`` holds per-row ``(n, ref, delta, M2)`` of the row's group, ``batch`` the 0-d batch ones.
+    """
+    levels = {"group": group, "batch": batch}
+    zero = ~ok
+    for level in {mean_level, std_level} - {"none"}:
+        zero = zero | (levels[level][0] < 2)
     if mean_level == "none":
         num = r
     else:
-        mu, cnt = (mean_g[row_g], n_g[row_g]) if mean_level == "group" else (mean_batch, n_batch)
-        num = r - mu
+        cnt, ref, delta, _ = levels[mean_level]
+        num = (r - ref) - delta  # r - mean with the offset cancelled first
         if leave_one_out:
-            # r - (n mu - r)/(n - 1) = n/(n - 1) (r - mu): the centered form keeps offsets out of the sums.
-            cntf = cnt.to(f64)
+            # r - (n mean - r)/(n - 1) = n/(n - 1) (r - mean): centered, so offsets stay out of the sums.
+            cntf = cnt.to(torch.float64)
             num = num * cntf / (cntf - 1).clamp(min=1)
     if std_level != "none":
-        m2, cnt = (m2_g[row_g], n_g[row_g]) if std_level == "group" else (m2_batch, n_batch)
-        sigma = torch.sqrt(m2 / (cnt - ddof).clamp(min=1).to(f64))
+        cnt, _, _, m2 = levels[std_level]
+        sigma = torch.sqrt(m2 / (cnt - (1 if unbiased else 0)).clamp(min=1).to(torch.float64))
         zero = zero | (sigma == 0)
         num = num / (sigma + eps)
     return torch.where(zero, torch.zeros_like(num), num)
