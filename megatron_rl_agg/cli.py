@@ -1,0 +1,45 @@
+"""Command line of megatron_rl_agg (console script ``megatron-rl-agg``).
+
+    megatron-rl-agg check-invariance                              # default layouts, every mode
+    megatron-rl-agg check-invariance --layouts "m4 dp2,m2 tp2" --modes token_mean prompt_mean
+    megatron-rl-agg check-invariance --inject-bug local_token_count   # self-test: must print FAIL rows
+    torchrun --nproc-per-node 2 -m megatron_rl_agg.cli check-invariance --layouts "dp2,m2 pp2vpp2m4"
+
+Outside torchrun the command re-launches itself under torchrun, once per process count its layouts need;
+under torchrun with world size W it runs the layouts that need exactly W processes. See docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_rl_agg.audit import add_audit_args
+
+    parser = argparse.ArgumentParser(prog="megatron-rl-agg", description="megatron_rl_agg tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    audit = commands.add_parser(
+        "check-invariance", help="compare gradients across parallel layouts with a single-process reference",
+        description="One forward-backward of a real Megatron-Core GPT model per layout and mode; prints the "
+                    "max relative gradient difference against a single-process reference and PASS/FAIL. "
+                    "Exit status 0: all PASS, 1: any FAIL, 2: bad arguments or nothing ran.")
+    add_audit_args(audit)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-invariance":
+        from megatron_rl_agg.audit import check_invariance
+
+        return check_invariance(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())
