@@ -25,7 +25,9 @@ Public API:
 - ``pack(x[B,S,...], layout) -> [1,T,...]`` and ``unpack(x[1,T,...], layout) -> [B,S,...]``
   (differentiable, used to compare per-token log-probs with the padded layout).
 - ``pack_micro_batch(batch, lengths, ...) -> (packed_batch, layout)``: packs every ``[B,S,...]`` tensor
-  of a micro-batch dict, adds ``position_ids`` and ``packed_seq_params``.
+  (and per-row ``[B]`` value) of a micro-batch dict, adds ``position_ids`` and ``packed_seq_params``.
+- ``pack_microbatches(micro_batches)`` and ``packed_forward_step(data_iterator, model)``: the packed
+  loss path on top of ``megatron_loss.prepare_microbatches`` / ``make_loss_func`` (unchanged).
 - ``packed_seq_params(layout) -> PackedSeqParams``.
 - ``PackedDotProductAttention``: Megatron's local ``DotProductAttention`` plus a THD path.
 - ``packed_local_layer_spec(**kwargs)``: ``get_gpt_layer_local_spec`` with that attention.
@@ -63,17 +65,14 @@ __all__ = [
     "pack",
     "unpack",
     "pack_micro_batch",
+    "pack_microbatches",
+    "packed_forward_step",
     "packed_seq_params",
     "block_causal_mask",
     "PackedDotProductAttention",
     "packed_local_layer_spec",
     "add_sequence_packing_args",
 ]
-
-# Per-token tensors that must be zero on padding columns: a nonzero value there would count in the
-# padded loss but be dropped by packing, so the two layouts would silently disagree.
-ZERO_ON_PADDING = ("loss_mask", "weights")
-
 
 @dataclass(frozen=True)
 class PackedLayout:
@@ -220,57 +219,111 @@ def packed_seq_params(layout: PackedLayout) -> PackedSeqParams:
     )
 
 
+def _must_be_zero_on_padding(key: str) -> bool:
+    # loss_mask and every aggregation weight (weights, pg_weights, kl_weights, entropy_weights, ...)
+    return key == "loss_mask" or key.endswith("weights")
+
+
 def pack_micro_batch(
     batch: Mapping[str, object],
     lengths: Tensor,
     *,
     pad_to_multiple_of: int = 1,
-    row_keys: Optional[Sequence[str]] = None,
 ) -> Tuple[Dict[str, object], PackedLayout]:
     """Pack one padded micro-batch into a single THD sequence.
 
     Args:
-        batch: micro-batch dict. Every tensor whose first two dims are ``[B, S]`` (``S`` taken from
-            ``batch["tokens"]``) is packed to ``[1, T, ...]``; other entries are copied unchanged.
-            ``loss_mask`` and ``weights`` (when present) must be zero on padding columns.
-        lengths: ``[B]`` real tokens per row (see ``lengths_from_mask``).
+        batch: micro-batch dict (e.g. one entry of ``megatron_loss.prepare_microbatches``), with
+            ``tokens [B, S]``. Every tensor shaped ``[B, S, ...]`` is packed to ``[1, T, ...]``; every
+            1-D tensor of length ``B`` is a per-row value (e.g. ``advantages [B]``) and is broadcast to
+            its row's tokens first, so it stays attached to the right row; other entries are copied
+            unchanged. ``loss_mask`` and every ``*weights`` tensor must be zero on padding columns.
+            ``attention_mask`` must be None (packed attention is causal within each row).
+        lengths: ``[B]`` real tokens per row (``lengths_from_loss_mask`` or ``lengths_from_mask``).
         pad_to_multiple_of: see ``make_layout``.
-        row_keys: restrict packing to these keys (default: every ``[B, S, ...]`` tensor).
 
     Returns:
-        ``(packed, layout)``; ``packed`` additionally holds ``position_ids`` ``[1, T]`` (restarting
-        at 0 in every row and in the filler), ``packed_seq_params`` and ``attention_mask=None``
-        (the block-diagonal causal mask is implied by ``cu_seqlens``).
+        ``(packed, layout)``. ``packed["position_ids"]`` is the packed ``batch["position_ids"]`` when
+        given, else ``0 .. len_b - 1`` per row (filler: 0); ``packed["attention_mask"]`` is None,
+        ``packed["packed_seq_params"]`` the THD parameters and ``packed["packed_layout"]`` the layout
+        (for ``unpack``).
     """
     tokens = batch.get("tokens")
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError("batch['tokens'] must be a [B, S] tensor to pack a micro-batch")
+    if batch.get("attention_mask") is not None:
+        raise ValueError("pack_micro_batch needs attention_mask=None: packed attention is causal within "
+                         "each row by construction (cu_seqlens); a custom mask cannot be packed")
     b, s = tokens.shape
     layout = make_layout(torch.as_tensor(lengths, device=tokens.device), s,
                          pad_to_multiple_of=pad_to_multiple_of)
     if layout.num_rows != b:
         raise ValueError(f"got {layout.num_rows} lengths for {b} rows")
     padding = torch.arange(s, device=tokens.device).unsqueeze(0) >= layout.lengths.unsqueeze(1)
-    keys = list(row_keys) if row_keys is not None else [
-        k for k, v in batch.items() if isinstance(v, Tensor) and tuple(v.shape[:2]) == (b, s)
-    ]
     packed: Dict[str, object] = dict(batch)
-    for key in keys:
-        value = batch[key]
-        if key in ZERO_ON_PADDING and bool((value.reshape(b, s, -1)[padding] != 0).any()):
-            rows = padding.logical_and(value.reshape(b, s, -1).ne(0).any(-1)).any(1)
-            raise ValueError(
-                f"batch[{key!r}] is nonzero beyond the row length in rows "
-                f"{rows.nonzero().flatten().tolist()}; packing would drop those entries"
-            )
+    for key, value in batch.items():
+        if not isinstance(value, Tensor):
+            continue
+        if value.dim() == 1 and value.shape[0] == b:
+            value = value.unsqueeze(1).expand(b, s)  # per-row value -> every token of its row
+        elif tuple(value.shape[:2]) != (b, s):
+            continue
+        if _must_be_zero_on_padding(key):
+            off = value.reshape(b, s, -1).ne(0).any(-1) & padding
+            if bool(off.any()):
+                raise ValueError(
+                    f"batch[{key!r}] is nonzero beyond the row length in rows "
+                    f"{off.any(1).nonzero().flatten().tolist()}; packing would drop those entries"
+                )
         packed[key] = pack(value, layout)
-    cu = layout.cu_seqlens.to(torch.int64)
-    seg_len = cu[1:] - cu[:-1]
-    positions = torch.arange(layout.total_length, device=tokens.device)
-    packed["position_ids"] = (positions - torch.repeat_interleave(cu[:-1], seg_len)).unsqueeze(0)
+    if batch.get("position_ids") is None:
+        pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        packed["position_ids"] = pack(pos, layout)
     packed["attention_mask"] = None
     packed["packed_seq_params"] = packed_seq_params(layout)
+    packed["packed_layout"] = layout
     return packed, layout
+
+
+def pack_microbatches(micro_batches: Sequence[Mapping[str, object]], *, pad_to_multiple_of: int = 1
+                      ) -> list:
+    """Pack every micro-batch of ``megatron_loss.prepare_microbatches`` (one THD sequence each).
+
+    Row lengths are ``lengths_from_loss_mask``: each row is cut after its last loss token, which
+    changes no loss term (see there). The per-token weights computed for the whole mini-batch move
+    with their tokens, so the loss function needs no change. Run the result with
+    ``packed_forward_step``.
+    """
+    return [pack_micro_batch(mb, lengths_from_loss_mask(mb["loss_mask"]),
+                             pad_to_multiple_of=pad_to_multiple_of)[0] for mb in micro_batches]
+
+
+def packed_forward_step(data_iterator, model):
+    """``forward_step_func`` for packed micro-batches (``pack_microbatches``).
+
+    Same as ``megatron_loss.forward_step`` but hands ``packed_seq_params`` to the model (GPTModel
+    passes it down to every attention layer and to the THD RoPE path); the loss function is
+    ``megatron_loss.make_loss_func`` unchanged, applied to ``[1, T]`` per-token tensors.
+
+    Under pipeline parallelism the packed length differs between micro-batches, so the stages must
+    exchange shapes: the model config needs ``variable_seq_lengths=True`` (checked here).
+    """
+    from megatron.core.utils import get_model_config
+
+    from megatron_rl_agg.megatron_loss import make_loss_func
+
+    micro_batch = next(data_iterator)
+    params = micro_batch.get("packed_seq_params")
+    if params is None:
+        raise ValueError("packed_forward_step got a micro-batch without 'packed_seq_params'; build it "
+                         "with pack_microbatches / pack_micro_batch")
+    config = get_model_config(model)
+    if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
+        raise ValueError("sequence packing with pipeline_model_parallel_size="
+                         f"{config.pipeline_model_parallel_size} needs variable_seq_lengths=True (packed "
+                         "micro-batches differ in length, so stages must exchange activation shapes)")
+    output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params)
+    return output, make_loss_func(micro_batch, model)
 
 
 def block_causal_mask(cu_seqlens: Tensor, total_length: int) -> Tensor:

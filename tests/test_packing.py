@@ -69,8 +69,8 @@ def test_pack_unpack_roundtrip_and_gradient():
 def test_position_ids_restart_per_row_and_filler():
     batch = _padded_batch([3, 1, 2], 4)
     packed, _ = pack_micro_batch(batch, torch.tensor([3, 1, 2]), pad_to_multiple_of=4)
-    # T = 6 -> 8: rows [0,1,2], [0], [0,1], filler [0,1]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 1]]
+    # T = 6 -> 8: rows [0,1,2], [0], [0,1], filler [0,0]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 0]]
     assert packed["attention_mask"] is None
     params = packed["packed_seq_params"]
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 8]
@@ -93,6 +93,16 @@ def test_packed_weights_give_the_same_weighted_sum(mode):
     # the reference keeps the float32 mask's precision (1/|o_i| rounded in float32)
     torch.testing.assert_close(packed_sum, reference, rtol=1e-6, atol=0)
     assert packed["advantages"].dtype == torch.float64
+
+
+def test_per_row_values_follow_their_row():
+    # advantages [B] = [10, 20, 30]: every packed token of row b carries row b's value
+    batch = _padded_batch([2, 3, 1], 3)
+    batch["advantages"] = torch.tensor([10.0, 20.0, 30.0])
+    packed, _ = pack_micro_batch(batch, torch.tensor([2, 3, 1]))
+    assert packed["advantages"].tolist() == [[10.0, 10.0, 20.0, 20.0, 20.0, 30.0]]
+    assert packed["tokens"].tolist() == [batch["tokens"][0, :2].tolist() + batch["tokens"][1].tolist()
+                                         + batch["tokens"][2, :1].tolist()]
 
 
 def test_lengths_from_mask_and_its_errors():
@@ -123,6 +133,14 @@ def test_bad_inputs_raise_clear_errors():
     batch = _padded_batch([2, 1], 3)
     batch["loss_mask"][1, 2] = 1.0  # a loss token beyond row 1's length
     with pytest.raises(ValueError, match=r"batch\['loss_mask'\] is nonzero beyond the row length in rows \[1\]"):
+        pack_micro_batch(batch, torch.tensor([2, 1]))
+    batch = _padded_batch([2, 1], 3)
+    batch["pg_weights"] = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"batch\['pg_weights'\] is nonzero beyond the row length in rows \[0, 1\]"):
+        pack_micro_batch(batch, torch.tensor([2, 1]))
+    batch = _padded_batch([2, 1], 3)
+    batch["attention_mask"] = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs attention_mask=None"):
         pack_micro_batch(batch, torch.tensor([2, 1]))
 
 
@@ -238,3 +256,49 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
     assert spec.submodules.self_attention.submodules.core_attention is PackedDotProductAttention
     with pytest.raises(ValueError, match="multi_latent_attention"):
         packed_local_layer_spec(multi_latent_attention=True)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "prompt_mean"])
+def test_packed_loss_func_equals_padded(megatron_single_rank, mode):
+    """megatron_loss.loss_func, unchanged, on packed micro-batches: same loss, report and logit grads."""
+    from megatron_rl_agg.config import LossConfig
+    from megatron_rl_agg.megatron_loss import loss_func, prepare_microbatches
+    from megatron_rl_agg.packing import pack_microbatches
+
+    g = torch.Generator().manual_seed(11)
+    n, width, vocab = 6, 8, 16
+    lengths = torch.tensor([8, 3, 6, 1, 5, 8])
+    real = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    loss_mask = (real & (torch.arange(width) >= 1)).float()
+    loss_mask[3] = 0.0  # a fully masked row
+    loss_mask[4, 4] = 0.0  # a hole; the row's last loss token is at column 3
+    batch = {
+        "tokens": torch.randint(1, vocab, (n, width), generator=g) * real,
+        "labels": torch.randint(1, vocab, (n, width), generator=g) * real,
+        "loss_mask": loss_mask,
+        "advantages": torch.randn(n, generator=g, dtype=torch.float64),  # per row: broadcast by packing
+        "old_logprobs": -torch.rand(n, width, generator=g) * loss_mask,
+        "ref_logprobs": -torch.rand(n, width, generator=g) * loss_mask,
+        "group_ids": torch.tensor([0, 0, 1, 1, 2, 2]),
+    }
+    cfg = LossConfig(loss_aggregation=mode, kl_coef=0.1, entropy_coef=0.01, kl_aggregation=mode)
+    padded = prepare_microbatches(batch, cfg, micro_batch_size=3)
+    packed = pack_microbatches(padded, pad_to_multiple_of=4)
+    logits = torch.randn(n, width, vocab, generator=g)
+    for k, (mb, pmb) in enumerate(zip(padded, packed)):
+        rows = logits[3 * k:3 * k + 3]
+        a = rows.clone().requires_grad_(True)
+        b = pack(rows, pmb["packed_layout"]).requires_grad_(True)
+        loss_a, report_a = loss_func(a.clone(), micro_batch=mb, loss_config=cfg)
+        loss_b, report_b = loss_func(b.clone(), micro_batch=pmb, loss_config=cfg)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+        assert report_a.keys() == report_b.keys()
+        for key in report_a:
+            torch.testing.assert_close(report_b[key], report_a[key], rtol=1e-6, atol=1e-12, msg=key)
+        loss_a.backward()
+        loss_b.backward()
+        # logit gradients: equal on the kept tokens, exactly 0 on the trimmed tail of the padded rows
+        kept = torch.arange(width).unsqueeze(0) < pmb["packed_layout"].lengths.unsqueeze(1)
+        back = unpack(b.grad, pmb["packed_layout"])
+        torch.testing.assert_close(back, a.grad * kept.unsqueeze(-1), rtol=1e-6, atol=1e-9)
+        assert torch.all(a.grad[~kept] == 0)
