@@ -1,0 +1,133 @@
+"""The plugin's loss function on real Megatron-Core (GPTModel fp32 with tied embeddings, Megatron DDP,
+the real schedules, gloo on CPU): the full gradient of every non-legacy aggregation mode after one
+forward-backward is the same at (DP1, M1), (DP1, M4), (DP2, M2), (TP2), (PP2, M4) and (PP2, VPP2, M4).
+
+The global mini-batch (see ``worker_loss_invariance.py``) has unequal row lengths, a fully masked row and
+prompt groups split across micro-batches and across DP ranks. Two launches cover every layout: one
+process (``dp1,m1``, ``dp1,m4``) and two processes (the rest). Differences are
+``max|g - g_ref| / max|g_ref|`` per parameter tensor (``torchrun_utils.max_rel_diff``), against the
+one-process, one-micro-batch run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WORKER_PATH = pathlib.Path(__file__).with_name("worker_loss_invariance.py")
+_spec = importlib.util.spec_from_file_location("worker_loss_invariance", WORKER_PATH)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+TOL = 1e-5
+EXACT = [m for m in worker.MODES if m != "token_mean_legacy"] + ["global_kl_entropy"]
+REF_LAYOUT = "dp1,m1"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both launches; ``{nproc: (out_dir, wall seconds)}``."""
+    out = {}
+    for nproc in (1, 2):
+        directory = tmp_path_factory.mktemp(f"loss_invariance_{nproc}")
+        start = time.perf_counter()
+        stdout = run_torchrun(WORKER_PATH, nproc, [directory], timeout=400)
+        out[nproc] = (directory, time.perf_counter() - start)
+        print(f"\nworker_loss_invariance nproc={nproc}: {out[nproc][1]:.1f} s wall\n{stdout}")
+    return out
+
+
+def layouts(tag="pg"):
+    table = worker.LAYOUTS if tag == "pg" else worker.KL_LAYOUTS
+    return [(nproc, text, mbs) for nproc in (1, 2) for text, mbs in table[nproc]]
+
+
+def result(runs, nproc, tag, layout, config):
+    return load_result(runs[nproc][0], f"{tag}-{layout}-{config}")
+
+
+@pytest.mark.parametrize("config", EXACT)
+def test_gradient_equal_at_every_layout(runs, config):
+    ref = result(runs, 1, "pg", REF_LAYOUT, config)
+    # Every tensor (tied embedding included) gets a gradient, so a layout that dropped one would show.
+    assert all(g.abs().max() > 0 for g in ref["grads"].values())
+    for nproc, layout, _ in layouts():
+        rel, key = max_rel_diff(result(runs, nproc, "pg", layout, config)["grads"], ref["grads"])
+        assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
+
+
+@pytest.mark.parametrize("config", worker.MODES + ["global_kl_entropy"])
+def test_reported_policy_loss_is_the_whole_batch_aggregate(runs, config):
+    """policy_loss/sum, reduced over micro-batches and DP ranks, equals aggregate() of the whole batch
+    (full-vocabulary log-probs from one forward pass); for the legacy mode at the layout's micro-batch
+    size, the objective that mode actually optimizes."""
+    ref = load_result(runs[1][0], "reference")
+    for nproc, layout, mbs in layouts():
+        metrics = result(runs, nproc, "pg", layout, config)["metrics"]
+        expected = ref[f"{config}/mbs{mbs}/policy"]
+        assert metrics["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, config)
+        assert metrics["num_tokens/sum"] == sum(worker.ROW_TOKENS)
+
+
+def test_global_kl_and_entropy_terms_are_exact(runs):
+    ref = load_result(runs[1][0], "reference")
+    for nproc, layout, _ in layouts():
+        metrics = result(runs, nproc, "pg", layout, "global_kl_entropy")["metrics"]
+        assert metrics["kl_loss/sum"] == pytest.approx(ref["kl_token_mean"], rel=TOL), layout
+        assert metrics["entropy_loss/sum"] == pytest.approx(ref["entropy_token_mean"], rel=TOL), layout
+        # kl/mean and entropy/mean are true token means whatever the aggregation mode.
+        assert metrics["kl/mean"] == pytest.approx(ref["kl_token_mean"], rel=TOL), layout
+        assert metrics["entropy/mean"] == pytest.approx(ref["entropy_token_mean"], rel=TOL), layout
+
+
+def test_both_clip_branches_are_exercised(runs):
+    metrics = result(runs, 1, "pg", REF_LAYOUT, "token_mean")["metrics"]
+    assert metrics["clip_frac/mean"] > 0.05 and metrics["dual_clip_frac/mean"] > 0
+
+
+def test_legacy_differs_where_microbatch_token_counts_differ(runs):
+    ref = result(runs, 1, "pg", REF_LAYOUT, "token_mean_legacy")
+    # One micro-batch on one DP rank: the legacy mean is the global token mean.
+    rel_tm, _ = max_rel_diff(ref["grads"], result(runs, 1, "pg", REF_LAYOUT, "token_mean")["grads"])
+    assert rel_tm <= TOL
+    for nproc, layout, mbs in layouts():
+        rel, _ = max_rel_diff(result(runs, nproc, "pg", layout, "token_mean_legacy")["grads"], ref["grads"])
+        if mbs == 8:      # tp2: still one micro-batch of all rows
+            assert rel <= TOL, layout
+        else:             # two rows per micro-batch: 11, 6, 12, 11 loss tokens
+            assert rel > 1e-3, (layout, rel)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_and_entropy_gradient_does_not_grow_with_micro_batches(runs, estimator):
+    """Default micro-batch-mean KL and entropy (advantages 0, so no policy gradient): with micro-batches of
+    equal token counts the gradient at M = 4 and at DP2 x M2 equals the one at M = 1; a term multiplied by
+    the micro-batch count (or not averaged over DP) would be 4x (2x) larger."""
+    ref = result(runs, 1, "kl", REF_LAYOUT, f"kl_{estimator}")
+    assert max(g.abs().max() for g in ref["grads"].values()) > 1e-4
+    for nproc, layout, _ in layouts("kl"):
+        rel, key = max_rel_diff(result(runs, nproc, "kl", layout, f"kl_{estimator}")["grads"], ref["grads"])
+        assert rel <= TOL, f"{estimator} at {layout}: {key} differs by {rel:.3e}"
+
+
+def test_tp2_vocab_parallel_logprobs_and_entropy(runs):
+    per_rank = load_result(runs[2][0], "tp2_vocab_parallel")["per_rank"]
+    for r in per_rank:
+        assert r["logprob_max_abs_diff"] < 1e-5 and r["entropy_max_abs_diff"] < 1e-5
+        assert r["grad_max_abs_diff"] <= TOL * r["grad_scale"]
+        assert r["labels_on_other_rank"] > 0    # some labels live in the other rank's vocab shard
+
+
+def test_context_parallel_refused_at_runtime(runs):
+    message = load_result(runs[2][0], "cp2_refusal")["message"]
+    assert message is not None and "context_parallel_size=2 is not supported" in message

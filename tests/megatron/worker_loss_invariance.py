@@ -1,0 +1,249 @@
+"""torchrun worker: the plugin's RL loss function on a real Megatron GPT at several layouts.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 1 tests/megatron/worker_loss_invariance.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/megatron/worker_loss_invariance.py OUT
+
+The process count picks the work (all of it in one launch, re-initialising Megatron's model-parallel
+state between layouts):
+
+* 1 process: layouts ``dp1,m1`` and ``dp1,m4``; the whole-batch reference objective (full-vocabulary
+  log-softmax on the logits of one forward pass, aggregated with ``aggregation.aggregate``); the
+  KL/entropy micro-batch checks (``dp1,m1`` vs ``dp1,m4`` on a batch of equal row lengths).
+* 2 processes: layouts ``dp2,m2``, ``tp2``, ``pp2,m4``, ``pp2,vpp2,m4`` and the KL/entropy check at
+  ``dp2,m2``; the TP2 vocab-parallel log-prob/entropy check against the full-logit reference; the
+  context-parallel refusal.
+
+For every layout and loss configuration it prepares the rank's share of the SAME global mini-batch with
+``prepare_microbatches``, runs one forward-backward through ``get_forward_backward_func()`` with the
+plugin's ``forward_step`` (Megatron DDP, tied embeddings, fp32), reduces the reports with
+``reduce_metrics`` and gathers the full gradient. Rank 0 saves ``{"grads", "metrics"}`` per
+``(layout, config)`` with ``torchrun_utils.save_result``; the pytest side compares them.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+
+import torch
+import torch.distributed as torch_dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from torchrun_utils import save_result  # noqa: E402
+
+from megatron_rl_agg import losses, megatron_compat  # noqa: E402
+from megatron_rl_agg.aggregation import aggregate  # noqa: E402
+from megatron_rl_agg.config import LossConfig  # noqa: E402
+from megatron_rl_agg.model import GPTSpec, build_model, init_weights, parse_layout, unwrap  # noqa: E402
+
+SEED = 4321
+SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_seq_length=12,
+               ffn_hidden_size=64, tie_embeddings=True)
+SEQ = 12
+PROMPT = 2
+# Loss tokens per row: unequal, row 3 fully masked. Position t predicts token t + 1, so a row's loss
+# tokens are positions PROMPT - 1 .. PROMPT - 2 + n.
+ROW_TOKENS = [9, 2, 6, 0, 8, 4, 10, 1]
+# Prompt groups (sizes 2, 3, 2, 1): group 1 = rows 2, 3, 4 straddles the DP ranks at DP2 (rows 0-3 on
+# rank 0) and micro-batches 1/2 at two rows per micro-batch; group 2 = rows 5, 6 straddles
+# micro-batches 2/3; row 3 (masked) sits inside group 1.
+GROUP_IDS = [0, 0, 1, 1, 1, 2, 2, 3]
+GROUP_SIZES = [2, 3, 2, 1]
+HORIZON = 11
+EQUAL_TOKENS = [4] * 8      # KL/entropy check: equal micro-batches have equal token counts
+
+PG = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=1.5, max_response_length=HORIZON)
+MODES = ["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
+         "prompt_mean", "token_mean_legacy"]
+CONFIGS = {mode: LossConfig(loss_aggregation=mode, **PG) for mode in MODES}
+# KL and entropy with exact global aggregation (token_mean) next to a seq-mean policy term.
+CONFIGS["global_kl_entropy"] = LossConfig(loss_aggregation="seq_mean_token_mean", kl_coef=0.1,
+                                          kl_estimator="k3", kl_aggregation="token_mean", entropy_coef=0.05,
+                                          entropy_aggregation="token_mean", **PG)
+# KL and entropy with the default micro-batch mean, policy term switched off (advantages 0).
+KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coef=0.05, **PG)
+              for est in ("k1", "k2", "k3")}
+
+LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)],
+           2: [("dp2,m2", 2), ("tp2", 8), ("pp2,m4", 2), ("pp2,vpp2,m4", 2)]}
+KL_LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)], 2: [("dp2,m2", 2)]}
+
+
+def make_batch(row_tokens, seed=SEED):
+    """The whole mini-batch (identical on every rank); the policy is near uniform at init (logp ~ -ln V),
+    so behaviour/reference log-probs of -ln V + noise give ratios on both sides of the clip band."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(row_tokens)
+    tokens = torch.randint(1, SPEC.vocab_size, (n, SEQ + 1), generator=gen)
+    t = torch.arange(SEQ + 1)[None, :]
+    lengths = torch.tensor(row_tokens)[:, None] + PROMPT
+    tokens[t >= lengths] = 0                                  # right padding
+    pos = torch.arange(SEQ)[None, :]
+    mask = ((pos >= PROMPT - 1) & (pos < lengths - 1)).float()
+    base = -math.log(SPEC.vocab_size)
+    return dict(
+        tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
+        position_ids=pos.expand(n, SEQ).contiguous(),
+        advantages=torch.randn(n, generator=gen),
+        old_logprobs=base + 0.4 * torch.randn(n, SEQ, generator=gen),
+        ref_logprobs=base + 0.3 * torch.randn(n, SEQ, generator=gen),
+        group_ids=torch.tensor(GROUP_IDS if n == len(GROUP_IDS) else [0] * n),
+    )
+
+
+def rank_share(batch, dp_rank, dp_size):
+    n = batch["tokens"].shape[0] // dp_size
+    return {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in batch.items()}
+
+
+def run_config(chunks, batch, cfg, mbs, dp_group):
+    """One forward-backward of ``cfg`` on the rank's share; returns (full grads, reduced metrics)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.metrics import reduce_metrics
+    from megatron_rl_agg.model import gather_full_grads
+
+    share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
+    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group)
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    iterator = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterator, model=chunks,
+        num_microbatches=len(micro_batches), seq_length=SEQ, micro_batch_size=mbs, forward_only=False)
+    grads = gather_full_grads(chunks)
+    # Reports exist on the last pipeline stage only; reduce them over its DP group there.
+    metrics = reduce_metrics(reports, dp_group) if parallel_state.is_pipeline_last_stage() else {}
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, metrics)
+    return grads, next(m for m in gathered if m)
+
+
+def dist_size(group):
+    return torch_dist.get_world_size(group)
+
+
+def run_layouts(out_dir, layouts, configs, batch, tag):
+    from megatron.core import parallel_state
+
+    for layout_text, mbs in layouts:
+        start = time.perf_counter()
+        layout = parse_layout(layout_text)
+        megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
+        chunks = build_model(SPEC)
+        init_weights(chunks, seed=SEED)
+        dp_group = parallel_state.get_data_parallel_group()
+        for name, cfg in configs.items():
+            grads, metrics = run_config(chunks, batch, cfg, mbs, dp_group)
+            if torch_dist.get_rank() == 0:
+                save_result(out_dir, f"{tag}-{layout_text}-{name}",
+                            {"grads": grads, "metrics": metrics, "micro_batch_size": mbs})
+        megatron_compat.destroy_model_parallel()
+        if torch_dist.get_rank() == 0:
+            print(f"{tag} {layout_text}: {len(configs)} configs in {time.perf_counter() - start:.2f} s",
+                  flush=True)
+
+
+def reference_objectives(out_dir, batch):
+    """Whole-batch objectives from one forward pass of the full model and full-vocabulary math."""
+    megatron_compat.initialize_model_parallel(1, 1, seed=SEED)
+    (chunk,) = build_model(SPEC)
+    init_weights([chunk], seed=SEED)
+    with torch.no_grad():
+        logits = unwrap(chunk)(batch["tokens"], batch["position_ids"], None).double()
+    megatron_compat.destroy_model_parallel()
+    mask = batch["loss_mask"]
+    logp = losses.logprobs_from_logits(logits, batch["labels"])
+    ent = losses.entropy_from_logits(logits)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        pg = losses.ppo_clipped_surrogate(logp, batch["old_logprobs"].double(), batch["advantages"],
+                                          clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                          dual_clip_c=cfg.dual_clip_c)[0]
+        for mbs in (8, 2):   # the legacy objective depends on the micro-batch size
+            out[f"{name}/mbs{mbs}/policy"] = float(aggregate(
+                pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
+                micro_batch_size=mbs))
+    kl = losses.kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
+    out["kl_token_mean"] = float(aggregate(kl, mask, "token_mean"))
+    out["entropy_token_mean"] = float(aggregate(ent, mask, "token_mean"))
+    save_result(out_dir, "reference", out)
+
+
+def tp2_vocab_parallel_check(out_dir):
+    """Vocab-parallel log-probs/entropy and their gradients vs the full-logit reference at TP2."""
+    from megatron.core import parallel_state
+
+    from megatron_rl_agg.megatron_loss import vocab_parallel_entropy, vocab_parallel_logprobs
+
+    megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
+    gen = torch.Generator().manual_seed(7)
+    v = SPEC.vocab_size
+    full = 4 * torch.randn(3, 5, v, generator=gen)
+    labels = torch.randint(0, v, (3, 5), generator=gen)
+    u, w = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    part = v // 2
+    shard = full[..., rank * part:(rank + 1) * part].clone().requires_grad_(True)
+    ent = vocab_parallel_entropy(shard * 1.0)
+    lp = vocab_parallel_logprobs(shard * 1.0, labels)   # rewrites its (fresh) input in place
+    ((u * lp).sum() + (w * ent).sum()).backward()
+    ref = full.clone().requires_grad_(True)
+    ref_ent, ref_lp = losses.entropy_from_logits(ref), losses.logprobs_from_logits(ref, labels)
+    ((u * ref_lp).sum() + (w * ref_ent).sum()).backward()
+    result = {
+        "logprob_max_abs_diff": (lp - ref_lp).abs().max().item(),
+        "entropy_max_abs_diff": (ent - ref_ent).abs().max().item(),
+        "grad_max_abs_diff": (shard.grad - ref.grad[..., rank * part:(rank + 1) * part]).abs().max().item(),
+        "grad_scale": ref.grad.abs().max().item(),
+        "labels_on_other_rank": int(((labels // part) != rank).sum()),
+    }
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, result)
+    megatron_compat.destroy_model_parallel()
+    if torch_dist.get_rank() == 0:
+        save_result(out_dir, "tp2_vocab_parallel", {"per_rank": gathered})
+
+
+def cp2_refusal(out_dir):
+    from megatron_rl_agg.megatron_loss import check_megatron_setup
+    from megatron_rl_agg.model import get_transformer_config
+
+    megatron_compat.initialize_model_parallel(cp=2, seed=SEED)
+    try:
+        check_megatron_setup(get_transformer_config(SPEC))
+        message = None
+    except ValueError as err:
+        message = str(err)
+    megatron_compat.destroy_model_parallel()
+    if torch_dist.get_rank() == 0:
+        save_result(out_dir, "cp2_refusal", {"message": message})
+
+
+def main(out_dir):
+    megatron_compat.initialize_distributed()
+    world = torch_dist.get_world_size()
+    start = time.perf_counter()
+    batch = make_batch(ROW_TOKENS)
+    run_layouts(out_dir, LAYOUTS[world], CONFIGS, batch, "pg")
+    kl_batch = make_batch(EQUAL_TOKENS, seed=SEED + 1)
+    kl_batch["advantages"] = torch.zeros(len(EQUAL_TOKENS))
+    run_layouts(out_dir, KL_LAYOUTS[world], KL_CONFIGS, kl_batch, "kl")
+    if world == 1:
+        reference_objectives(out_dir, batch)
+    else:
+        tp2_vocab_parallel_check(out_dir)
+        cp2_refusal(out_dir)
+    torch_dist.barrier()
+    if torch_dist.get_rank() == 0:
+        print(f"total {time.perf_counter() - start:.2f} s", flush=True)
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
