@@ -1,0 +1,203 @@
+"""The invariance audit (``megatron-rl-agg check-invariance``).
+
+Fast tests: the layout grammar, argument validation, the relative-difference measure, the table and the
+exit status, and the audit's mini-batch. Slow tests run the command end to end on real Megatron-Core
+(torchrun, 2 processes, gloo): a clean run passes everywhere, and each injected bug produces FAIL exactly
+in the layouts it can affect.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_rl_agg.audit import (AUDIT_BUGS, exit_status, format_table, layout_name, make_batch,
+                                   parse_layouts, relative_grad_diff)
+from megatron_rl_agg.cli import build_parser, main
+from megatron_rl_agg.model import Layout
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------
+# layout grammar
+# ----------------------------------------------------------------------------------------------
+
+def test_compact_comma_and_plus_spellings_agree():
+    expected = Layout(pp=2, vpp=2, num_microbatches=4)
+    for text in ("pp2vpp2m4", "pp2,vpp2,m4", "pp2+vpp2+m4", "PP2,VPP2+m4", "m4pp2vpp2"):
+        assert parse_layouts(text) == [expected], text
+
+
+def test_layout_separators_and_duplicates():
+    got = parse_layouts(["dp2,m4 tp2;pp2vpp2m2", "  tp2  "])
+    assert got == [Layout(dp=2, num_microbatches=4), Layout(tp=2), Layout(pp=2, vpp=2, num_microbatches=2)]
+    assert [lay.world_size for lay in got] == [2, 2, 2]
+    assert parse_layouts("dp2,tp2,pp2")[0].world_size == 8
+
+
+def test_issue_comma_list_is_rejected_with_a_hint():
+    # "dp2,m4,tp2,pp2,pp2vpp2" is ONE layout in this grammar and sets pp twice.
+    with pytest.raises(ValueError, match=r"sets pp more than once.*separate them with spaces or ';'"):
+        parse_layouts("dp2,m4,tp2,pp2,pp2vpp2")
+
+
+@pytest.mark.parametrize("text,match", [("cp2", "context parallelism"), ("dp2,x3", "bad layout"),
+                                        ("tp", "bad layout"), ("vpp2", "vpp"), ("dp0", "dp=0"), (" ; ", "no layout")])
+def test_bad_layouts(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_layouts(text)
+
+
+@pytest.mark.parametrize("text", ["m1", "m4", "dp2,m2", "tp2", "pp2,vpp2,m4", "dp2,tp2,pp2,m8"])
+def test_layout_name_round_trips(text):
+    (layout,) = parse_layouts(text)
+    assert layout_name(layout) == text
+    assert parse_layouts(layout_name(layout)) == [layout]
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments: rejected before any process starts (exit status 2)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layouts", "dp2,m3"], "not divisible by dp*m = 6"),
+    (["--layouts", "pp2,vpp2,m3", "--batch-size", "12"], "multiple of pp = 2"),
+    (["--layouts", "pp4"], "not divisible by pp*vpp = 4"),
+    (["--layouts", "tp3"], "divisible by tp = 3"),
+    (["--modes", "token_avg"], "unknown loss aggregation 'token_avg'"),
+    (["--kl-aggregation", "token_mean_legacy"], "--kl-aggregation must be one of"),
+    (["--inject-bug", "kl_times_microbatches", "--kl-coef", "0"], "needs --kl-coef > 0"),
+    (["--tolerance", "0"], "--tolerance must be > 0"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    extra = ["--num-layers", "6"] if argv[:2] == ["--layouts", "pp4"] else []
+    assert main(["check-invariance", *argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inject_bug_choices_are_the_documented_ones(capsys):
+    assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["check-invariance", "--inject-bug", "off_by_one"])
+    assert "kl_times_microbatches" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# measure, table, exit status
+# ----------------------------------------------------------------------------------------------
+
+def test_relative_grad_diff_by_hand():
+    ref = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5]), "z": torch.zeros(2)}
+    got = {"a": torch.tensor([1.0, -2.2]), "b": torch.tensor([0.5]), "z": torch.zeros(2)}
+    # a: max|diff| 0.2 over max|ref| 2 -> 0.1; b and z: 0.
+    assert relative_grad_diff(got, ref) == (pytest.approx(0.1), "a")
+    # An all-zero reference tensor is measured against the model's largest entry (2): 0.5 / 2.
+    got["z"] = torch.tensor([0.0, 0.5])
+    assert relative_grad_diff(got, ref) == (pytest.approx(0.25), "z")
+    got["b"] = torch.tensor([float("nan")])
+    assert relative_grad_diff(got, ref)[0] == float("inf")
+    with pytest.raises(KeyError, match="only in reference"):
+        relative_grad_diff({"a": ref["a"]}, ref)
+
+
+def _result(mode, layout, rel, status):
+    return {"mode": mode, "layout": layout, "rel_diff": rel, "worst_param": "w", "status": status}
+
+
+def test_table_and_exit_status():
+    results = [_result("token_mean", "m4", 1e-7, "PASS"), _result("token_mean", "dp2,m2", 0.3, "FAIL"),
+               _result("prompt_mean", "m4", 2e-7, "PASS")]
+    table = format_table(results, ["m4", "dp2,m2"], ["token_mean", "prompt_mean"], 1e-4, "local_token_count")
+    assert "SELF-TEST" in table and "2 PASS, 1 FAIL" in table
+    assert "FAIL token_mean @ dp2,m2: 3.000e-01 at w" in table
+    row = next(line for line in table.splitlines() if line.startswith("prompt_mean"))
+    assert "2.0e-07 PASS" in row and row.rstrip().endswith("-")      # not run at dp2,m2
+    assert exit_status(results) == 1
+    assert exit_status(results[::2]) == 0
+    assert exit_status([]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the audit's mini-batch exercises every count
+# ----------------------------------------------------------------------------------------------
+
+def test_default_batch_exercises_the_counts():
+    args = build_parser().parse_args(["check-invariance"])
+    batch = make_batch(batch_size=args.batch_size, seq_length=args.seq_length, vocab_size=args.vocab_size,
+                       seed=args.seed)
+    mask, gid = batch["loss_mask"], batch["group_ids"]
+    rows = mask.sum(1)
+    assert (rows == 0).any(), "a fully masked row"
+    dead_groups = [g for g in gid.unique() if rows[gid == g].sum() == 0]
+    live_groups_with_dead_row = [g for g in gid.unique() if (rows[gid == g] == 0).any() and rows[gid == g].sum()]
+    assert dead_groups and live_groups_with_dead_row
+    B = args.batch_size
+    # A group continues across every dp2 / dp4 rank boundary (and the m2 / m4 micro-batch boundaries of
+    # the default layouts), so prompt_mean must merge a group's counts across ranks.
+    for cut in (B // 4, B // 2, 3 * B // 4):
+        assert gid[cut - 1] == gid[cut], cut
+    # Halves and quarters hold different token counts (a mean of means would differ from the mean).
+    assert rows[: B // 2].sum() != rows[B // 2:].sum()
+    assert len({int(rows[i:i + B // 4].sum()) for i in range(0, B, B // 4)}) > 1
+    assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
+    assert sum(batch["group_sizes"]) == B
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on real Megatron-Core (2 processes)
+# ----------------------------------------------------------------------------------------------
+
+GLOBAL_COUNT_MODES = {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
+                      "prompt_mean"}
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
+def _audit(tmp_path, argv, *, torchrun_nproc=None):
+    """Run the command (through torchrun when ``torchrun_nproc``); return (exit status, stdout, results)."""
+    out = tmp_path / "audit.json"
+    cli = ["-m", "megatron_rl_agg.cli", "check-invariance", *argv, "--json", str(out)]
+    if torchrun_nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={torchrun_nproc}", *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.exists(), f"no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = json.loads(out.read_text())["results"]
+    return proc.returncode, proc.stdout, {(r["mode"], r["layout"]): r["status"] for r in results}
+
+
+@pytest.mark.slow
+def test_clean_run_passes_everywhere(tmp_path):
+    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 tp2,m2 pp2vpp2m4"])
+    assert set(status.values()) == {"PASS"} and len(status) == 7 * 3, stdout
+    assert code == 0
+    assert "21 PASS, 0 FAIL" in stdout
+
+
+@pytest.mark.slow
+def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
+    # Launched by torchrun directly; tp2 has one micro-batch, where "times M" is the identity.
+    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 tp2", "--inject-bug", "kl_times_microbatches"],
+                                  torchrun_nproc=2)
+    assert code != 0
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m, _ in status}
+    assert all(status[(m, "tp2")] == "PASS" for m, _ in status)
+
+
+@pytest.mark.slow
+def test_injected_local_count_fails_where_dp_gt_1(tmp_path):
+    # token_sum has no count and token_mean_legacy uses micro-batch counts only: both stay PASS.
+    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 pp2,m2", "--inject-bug", "local_token_count"])
+    assert code == 1
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m in GLOBAL_COUNT_MODES}
+    assert "FAIL token_mean @ dp2,m2" in stdout and "SELF-TEST" in stdout
