@@ -1,0 +1,190 @@
+"""torchrun worker: packed (THD) vs padded micro-batches through a real Megatron GPT and the real loss.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/megatron/worker_packing.py OUT_DIR tp2 pp2:abs
+
+Each item is a layout (``megatron_rl_agg.model.parse_layout``, using every process) with an optional
+``:abs`` suffix for learned absolute position embeddings (default RoPE). For each item the worker
+builds the model once with ``packed_local_layer_spec`` (whose attention runs Megatron's own code for
+padded input and the block-diagonal THD path for packed input), initialises the weights
+layout-independently, and for each aggregation mode in ``MODES`` runs one forward-backward with
+
+- padded: ``megatron_loss.prepare_microbatches`` + ``megatron_loss.forward_step``;
+- packed: the same micro-batches through ``packing.pack_microbatches`` + ``packing.packed_forward_step``.
+
+Both use the unchanged ``megatron_loss.loss_func`` (PPO surrogate, k3 KL to a reference, entropy
+bonus). The rank on the last pipeline stage with TP rank 0 saves, per item and mode, the full
+gradients of both runs (``gather_full_grads``), the reported objective (sum of ``loss/sum``) and
+the per-token log-probs of the labels (packed ones scattered back to ``[B, S]`` and a bool ``kept``
+mask of the positions packing keeps), as ``OUT_DIR/<index>-<item>.pt``. For the first mode it also
+runs a negative control (``grads_control``): the packs with a single ``cu_seqlens`` segment.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import torch
+import torch.distributed as torch_dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from torchrun_utils import save_result  # noqa: E402
+
+from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.config import LossConfig  # noqa: E402
+from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches  # noqa: E402
+from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs  # noqa: E402
+from megatron_rl_agg.model import GPTSpec, build_model, gather_full_grads, init_weights  # noqa: E402
+from megatron_rl_agg.model import parse_layout  # noqa: E402
+from megatron_rl_agg.packing import pack_microbatches, packed_forward_step  # noqa: E402
+from megatron_rl_agg.packing import packed_local_layer_spec, unpack  # noqa: E402
+
+SEED = 4321
+MODES = ("token_mean", "seq_mean_token_mean")
+SEQ_LEN = 16
+# Real tokens per row (prompt 3 + response); row 5 has no response (fully masked), rows differ in
+# length so that packing moves every row but the first.
+ROW_LENGTHS = [16, 5, 11, 7, 13, 3, 9, 16]
+PROMPT_LEN = 3
+MICRO_BATCH_SIZE = 4  # -> 2 micro-batches
+
+
+def make_spec(position_embedding_type: str, pp: int) -> GPTSpec:
+    # GQA (4 heads, 2 groups) exercises the kv-head repeat of the packed attention, also at TP2.
+    return GPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                   vocab_size=64, max_seq_length=SEQ_LEN, ffn_hidden_size=64,
+                   position_embedding_type=position_embedding_type, variable_seq_lengths=pp > 1)
+
+
+def make_batch() -> dict:
+    """The whole mini-batch, identical on every rank (rows ``[8, 16]``, 4 prompt groups of 2)."""
+    gen = torch.Generator().manual_seed(SEED)
+    n = len(ROW_LENGTHS)
+    cols = torch.arange(SEQ_LEN).unsqueeze(0)
+    lengths = torch.tensor(ROW_LENGTHS).unsqueeze(1)
+    real = cols < lengths
+    full = torch.randint(1, 64, (n, SEQ_LEN + 1), generator=gen)
+    tokens = full[:, :-1] * real
+    labels = full[:, 1:] * real
+    # position t predicts token t+1: response tokens are the labels at PROMPT_LEN-1 .. len-2
+    loss_mask = ((cols >= PROMPT_LEN - 1) & (cols < lengths - 1)).float()
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "advantages": torch.randn(n, generator=gen, dtype=torch.float64),
+        # behaviour log-probs near the current ones (ratio near 1, some tokens clipped)
+        "old_logprobs": (-4.2 + 0.3 * torch.randn(n, SEQ_LEN, generator=gen)) * loss_mask,
+        "ref_logprobs": (-4.2 + 0.3 * torch.randn(n, SEQ_LEN, generator=gen)) * loss_mask,
+        "group_ids": torch.arange(n) // 2,
+    }
+
+
+def single_segment(params):
+    """``params`` with the whole pack as one causal segment (no block-diagonal mask)."""
+    import dataclasses
+
+    total = int(params.cu_seqlens_q[-1])
+    cu = torch.tensor([0, total], dtype=torch.int32)
+    return dataclasses.replace(params, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=total,
+                               max_seqlen_kv=total)
+
+
+def capture_logprobs(step, store: list):
+    """Wrap a forward step so the loss function also records ``log p(label)`` as ``[b, S]``."""
+
+    def wrapped_step(data_iterator, model):
+        output, loss_fn = step(data_iterator, model)
+        micro_batch = loss_fn.keywords["micro_batch"]
+
+        def recording_loss(output_tensor):
+            with torch.no_grad():  # vocab_parallel_logprobs rewrites its input: pass a copy
+                logp = vocab_parallel_logprobs(output_tensor.detach().clone(), micro_batch["labels"])
+            layout = micro_batch.get("packed_layout")
+            store.append(logp if layout is None else unpack(logp, layout))
+            return loss_fn(output_tensor)
+
+        return output, recording_loss
+
+    return wrapped_step
+
+
+def run_once(chunks, micro_batches, step) -> tuple[dict, float, torch.Tensor]:
+    """One forward-backward; returns (full grads, reported objective, log-probs [B, S] or empty)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    logps: list = []
+    reports = get_forward_backward_func()(
+        forward_step_func=capture_logprobs(step, logps), data_iterator=iter(micro_batches),
+        model=chunks, num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=False)
+    objective = sum(float(r["loss/sum"]) for r in reports) if reports else 0.0
+    logp = torch.cat(logps) if logps else torch.empty(0)
+    return gather_full_grads(chunks), objective, logp
+
+
+def run_item(item: str, index: int, out_dir: str) -> str:
+    from megatron.core import parallel_state
+
+    layout_text, _, variant = item.partition(":")
+    if variant not in ("", "abs"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'abs'")
+    layout = parse_layout(layout_text)
+    if layout.world_size != torch_dist.get_world_size() or layout.dp != 1:
+        raise ValueError(f"layout {layout_text!r} must be dp1 and use all {torch_dist.get_world_size()} "
+                         "processes")
+    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, seed=SEED)
+    spec = make_spec("learned_absolute" if variant == "abs" else "rope", layout.pp)
+    chunks = build_model(spec, layer_spec=packed_local_layer_spec(normalization=spec.normalization))
+    init_weights(chunks, seed=SEED)
+    batch = make_batch()
+    result = {}
+    for mode in MODES:
+        cfg = LossConfig(loss_aggregation=mode, kl_coef=0.05, entropy_coef=0.01)
+        padded = prepare_microbatches(batch, cfg, MICRO_BATCH_SIZE,
+                                      dp_group=parallel_state.get_data_parallel_group())
+        packed = pack_microbatches(padded)
+        grads_pad, obj_pad, logp_pad = run_once(chunks, padded, forward_step)
+        grads_pack, obj_pack, logp_pack = run_once(chunks, packed, packed_forward_step)
+        kept = torch.cat([
+            torch.arange(SEQ_LEN).unsqueeze(0) < mb["packed_layout"].lengths.unsqueeze(1) for mb in packed
+        ])
+        if mode == MODES[0]:
+            # Negative control: the same packs with ONE cu_seqlens segment, so rows attend to the
+            # rows packed before them; the gradient must then differ clearly from the padded one.
+            leaky = [dict(mb, packed_seq_params=single_segment(mb["packed_seq_params"])) for mb in packed]
+            grads_control, _, _ = run_once(chunks, leaky, packed_forward_step)
+        result[mode] = {"grads_padded": grads_pad, "grads_packed": grads_pack,
+                        "objective_padded": obj_pad, "objective_packed": obj_pack,
+                        "logp_padded": logp_pad, "logp_packed": logp_pack, "kept": kept,
+                        "packed_lengths": [mb["tokens"].shape[1] for mb in packed]}
+    result[MODES[0]]["grads_control"] = grads_control
+    owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    if owner:
+        save_result(out_dir, f"{index:02d}-{item}", result)
+    megatron_compat.destroy_model_parallel()
+    mode = MODES[0]
+    return f"{item}: {mode} objective padded {result[mode]['objective_padded']:.8f} " \
+           f"packed {result[mode]['objective_packed']:.8f}" if owner else ""
+
+
+def main(argv):
+    out_dir, items = argv[0], argv[1:]
+    megatron_compat.initialize_distributed()
+    for index, item in enumerate(items):
+        start = time.perf_counter()
+        line = run_item(item, index, out_dir)
+        if line:
+            print(f"{line} ({time.perf_counter() - start:.2f} s)", flush=True)
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
