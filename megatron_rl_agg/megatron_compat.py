@@ -114,11 +114,11 @@ def _redirect_factories() -> None:
         original = getattr(torch, name)
 
         @functools.wraps(original)
-        def factory(*args, __original=original, **kwargs):
+        def factory(*args, _original=original, **kwargs):
             dev = kwargs.get("device")
             if dev is not None and _is_cuda_device(dev):
                 kwargs["device"] = "cpu"
-            return __original(*args, **kwargs)
+            return _original(*args, **kwargs)
 
         setattr(torch, name, factory)
 
@@ -231,6 +231,9 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
+    enable_cpu_mode()  # the RNG tracker must be the CPU one before Megatron seeds it
+    if not torch_dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised; call initialize_distributed() first")
     world = torch_dist.get_world_size()
     if world % (tp * pp * cp) != 0:
         raise ValueError(

@@ -8,7 +8,8 @@ Typical use (every rank, after :func:`megatron_compat.initialize_distributed`)::
     init_weights(chunks, seed=1)               # same full weights at every layout
     optimizer = build_optimizer(chunks, lr=1e-5)
     for c in chunks: c.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=..., model=chunks, num_microbatches=layout.num_microbatches, ...)
+    get_forward_backward_func()(forward_step_func=..., model=chunks,
+                                num_microbatches=layout.num_microbatches, ...)
     grads = gather_full_grads(chunks)          # {global key: full fp32 gradient} on every rank
 
 The global key of a parameter is its Megatron dist-checkpointing key; transformer layers are stacked
@@ -216,7 +217,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=False,
-        use_cpu_initialization=megatron_compat.cpu_mode_enabled(),
+        use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=spec.params_dtype,
         pipeline_dtype=spec.params_dtype,
         bf16=spec.bf16,
@@ -281,6 +282,7 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
 
+    megatron_compat.enable_cpu_mode()
     config = get_transformer_config(spec, **config_overrides)
     layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
     vpp = config.virtual_pipeline_model_parallel_size
@@ -387,21 +389,23 @@ def _stable_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _full_init(key: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int) -> torch.Tensor:
-    """Deterministic full (unsharded) fp32 value for one global key: Megatron's default init.
+def _full_init(key: str, layer: tuple[int, ...], shape: tuple[int, ...], seed: int, std: float,
+               num_layers: int) -> torch.Tensor:
+    """Deterministic full (unsharded) fp32 value of global key ``key`` at stacked-layer index ``layer``.
 
-    Biases 0, norm weights 1, other weights N(0, std); the residual output projections
-    (attention ``linear_proj``, MLP ``linear_fc2``) use std / sqrt(2 * num_layers) like Megatron's
-    ``scaled_init_method_normal``.
+    Megatron's default init: biases 0, norm weights 1, other weights N(0, std), where the residual
+    output projections (attention ``linear_proj``, MLP ``linear_fc2``) use std / sqrt(2 * num_layers)
+    like ``scaled_init_method_normal``. The random stream is seeded from ``(seed, key, layer)`` only.
     """
-    name = key.rsplit(".", 1)[-1]
-    if name.endswith("bias"):
+    if key.endswith("bias"):
         return torch.zeros(shape)
-    if "norm" in key:
+    parts = key.split(".")
+    name, module = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if "norm" in name or "norm" in module:  # final_layernorm.weight, linear_qkv.layer_norm_weight
         return torch.ones(shape)
     if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / (2.0 * num_layers) ** 0.5
-    gen = torch.Generator().manual_seed(_stable_seed(seed, key))
+    gen = torch.Generator().manual_seed(_stable_seed(seed, f"{key}{list(layer)}"))
     return torch.randn(shape, generator=gen) * std
 
 
@@ -416,12 +420,10 @@ def init_weights(chunks: list, seed: int) -> None:
     parameters into fp32 main weights when built).
     """
     config = unwrap(chunks[0]).config
-    for param, sh in _param_shards(chunks):
+    for _, sh in _param_shards(chunks):
         prepend = sh.prepend_axis_num
-        layer_index = tuple(sh.global_offset[:prepend])
-        key = sh.key if not prepend else f"{sh.key}{list(layer_index)}"
-        full = _full_init(key, tuple(sh.global_shape[prepend:]), seed, config.init_method_std,
-                          config.num_layers)
+        full = _full_init(sh.key, tuple(sh.global_offset[:prepend]), tuple(sh.global_shape[prepend:]),
+                          seed, config.init_method_std, config.num_layers)
         local = full[sh.global_slice()[prepend:]]
         sh.data.copy_(local.reshape(sh.data.shape))
 
@@ -482,7 +484,8 @@ def _gather_full(chunks: list, read: Callable, check_replicas: bool) -> dict[str
             diff = (prev - value.reshape(target.shape)[seen]).abs().max().item()
             scale = max(prev.abs().max().item(), 1e-30)
             if diff > 1e-6 * scale:
-                raise RuntimeError(f"replicas of {key!r} disagree: max abs diff {diff:.3e} (scale {scale:.3e})")
+                raise RuntimeError(
+                    f"replicas of {key!r} disagree: max abs diff {diff:.3e} (scale {scale:.3e})")
         full[key][index] = value.reshape(target.shape)
         written[key][index] = True
     missing = [key for key, seen in written.items() if not bool(seen.all())]

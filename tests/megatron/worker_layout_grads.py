@@ -7,7 +7,8 @@ Each layout string (see ``megatron_rl_agg.model.parse_layout``) must use every p
 (tp * pp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
 (the legacy objective), used as a negative control. For each item, in order, the worker
 
-1. (re)initialises Megatron's model-parallel state and builds the chunks (tied embeddings);
+1. (re)initialises Megatron's model-parallel state and builds the chunks (tied embeddings, gated
+   MLP, grouped-query attention);
 2. initialises the weights layout-independently (``init_weights``);
 3. runs a forward-only pass that checks the logits contract: ``[b, s, vocab / tp]`` on the last
    stage, and a cross entropy from the TP-gathered logits equal to Megatron's vocab-parallel one;
@@ -45,8 +46,9 @@ from megatron_rl_agg.model import (  # noqa: E402
 )
 
 SEED = 1234
-SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_seq_length=16,
-               ffn_hidden_size=64, tie_embeddings=True)
+# Gated MLP and grouped-query attention: their fused TP-sharded weights are the hardest to slice.
+SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
+               max_seq_length=16, ffn_hidden_size=64, swiglu=True, tie_embeddings=True)
 # Tokens per row including a 2-token prompt; row 3 has no response token, so no loss token.
 ROW_LENGTHS = [12, 5, 9, 2, 11, 7, 12, 4]
 PROMPT_LEN = 2
@@ -151,20 +153,20 @@ def run_item(item: str, index: int, out_dir: str) -> str:
         batches = [(x, y, m / n_tokens.clamp(min=1), scale) for x, y, m in mbs_rows]
 
     fwd_bwd = get_forward_backward_func()
-    n_chunks = len(chunks)
-    common = dict(model=chunks, num_microbatches=layout.num_microbatches, seq_length=SEQ_LEN,
-                  micro_batch_size=mbs)
-    # Interleaved PP expects one iterator per model chunk; each walks all micro-batches.
-    fwd_bwd(forward_step_func=logits_forward_step, forward_only=True,
-            data_iterator=[iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches),
-            **common)
+
+    def run_schedule(step_func, forward_only):
+        # Interleaved PP expects one iterator per model chunk; each walks all micro-batches.
+        data = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+        return fwd_bwd(forward_step_func=step_func, data_iterator=data, model=chunks,
+                       num_microbatches=layout.num_microbatches, seq_length=SEQ_LEN,
+                       micro_batch_size=mbs, forward_only=forward_only)
+
+    run_schedule(logits_forward_step, forward_only=True)
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = fwd_bwd(forward_step_func=ce_forward_step, forward_only=False,
-                      data_iterator=[iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches),
-                      **common)
+    reports = run_schedule(ce_forward_step, forward_only=False)
     grads = gather_full_grads(chunks)
     params = gather_full_params(chunks)
     _, grad_norm, _ = optimizer.step()
