@@ -103,12 +103,11 @@ def normalize_advantages(
     Returns:
         ``[B]`` advantages in the dtype of ``rewards``. Statistics are computed in float64.
     """
-    rewards, seg_ids, seg_inv, valid = _prepare(
+    rewards, seg, valid = _prepare(
         rewards, group_sizes, group_ids, valid, mean_level, std_level, eps, leave_one_out, process_group)
-    zeros = torch.zeros_like(valid)
-    adv, _, _ = _normalize_core(rewards, seg_ids, seg_inv, valid, usable=valid, truncated=zeros,
-                                mean_level=mean_level, std_level=std_level, eps=eps, unbiased=unbiased,
-                                leave_one_out=leave_one_out, min_valid=0, process_group=process_group)
+    adv, _, _ = _normalize_core(rewards, seg, valid, usable=None, truncated=None, mean_level=mean_level,
+                                std_level=std_level, eps=eps, unbiased=unbiased, leave_one_out=leave_one_out,
+                                min_valid=0, process_group=process_group)
     return adv
 
 
@@ -172,10 +171,10 @@ def compute_step_advantages(
     sample_valid = _bool_rows(sample_valid, n_rows, "sample_valid", default=True, like=rewards)
     stat_valid = sample_valid if policy == "keep" else sample_valid & ~truncated
 
-    rewards, seg_ids, seg_inv, stat_valid = _prepare(
+    rewards, seg, stat_valid = _prepare(
         rewards, None, group_ids, stat_valid, mean_level, std_level, cfg.eps, leave_one_out, process_group)
     adv, kept_row, stats = _normalize_core(
-        rewards, seg_ids, seg_inv, stat_valid, usable=sample_valid, truncated=truncated,
+        rewards, seg, stat_valid, usable=sample_valid, truncated=truncated,
         mean_level=mean_level, std_level=std_level, eps=cfg.eps, unbiased=bool(cfg.unbiased_std),
         leave_one_out=leave_one_out, min_valid=min_valid, process_group=process_group,
         expected_group_size=expected_group_size)
@@ -219,8 +218,8 @@ def _bool_rows(mask, n_rows, name, *, default: bool, like) -> torch.Tensor:
 
 def _prepare(rewards, group_sizes, group_ids, valid, mean_level, std_level, eps, leave_one_out,
              process_group):
-    """Check every argument; return float64 rewards, local segment ids ``[S]``, row->segment ``[B]``
-    and the bool valid mask."""
+    """Check every argument. Returns ``(rewards, (seg_ids [S], row->segment [B], segment lengths [S]),
+    valid [B] bool)``: a segment is a run of consecutive rows of one group on this rank."""
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         desc = (f"{rewards.dtype} tensor of shape {list(rewards.shape)}" if isinstance(rewards, torch.Tensor)
                 else type(rewards).__name__)
@@ -245,14 +244,15 @@ def _prepare(rewards, group_sizes, group_ids, valid, mean_level, std_level, eps,
                              f"{dist.world_size(process_group)} ranks pass group_ids (groups may straddle "
                              "ranks)")
         sizes = _as_sizes(group_sizes)
-        bad = [(k, s) for k, s in enumerate(sizes.tolist()) if s <= 0]
-        if bad:
-            raise ValueError(f"group_sizes must all be >= 1; got (index, size) {bad[:10]}")
+        if (sizes <= 0).any():
+            bad = torch.nonzero(sizes <= 0).flatten()[:10].tolist()
+            raise ValueError(f"group_sizes must all be >= 1; got (index, size) "
+                             f"{[(k, int(sizes[k])) for k in bad]}")
         if int(sizes.sum()) != n_rows:
             raise ValueError(f"group_sizes sum to {int(sizes.sum())} but rewards has B = {n_rows} rows")
+        sizes = sizes.to(device)
         seg_ids = torch.arange(sizes.numel(), dtype=torch.int64, device=device)
-        seg_inv = torch.repeat_interleave(seg_ids, sizes.to(device))
-        return rewards, seg_ids, seg_inv, valid
+        return rewards, (seg_ids, torch.repeat_interleave(seg_ids, sizes), sizes), valid
 
     if group_ids is not None:
         if not isinstance(group_ids, torch.Tensor) or group_ids.dtype in (torch.bool,) \
@@ -264,16 +264,19 @@ def _prepare(rewards, group_sizes, group_ids, valid, mean_level, std_level, eps,
                              f"{list(group_ids.shape)}")
         # unique_consecutive gives one segment per run of equal ids. A group split into two runs on one
         # rank yields two segments with the same id, which the post-gather check reports on every rank.
-        seg_ids, seg_inv = torch.unique_consecutive(group_ids.to(device=device, dtype=torch.int64),
-                                                    return_inverse=True)
-        return rewards, seg_ids, seg_inv, valid
+        seg = torch.unique_consecutive(group_ids.to(device=device, dtype=torch.int64), return_inverse=True,
+                                       return_counts=True)
+        return rewards, seg, valid
 
     if "group" in (mean_level, std_level):
         raise ValueError(f"mean_level={mean_level!r}, std_level={std_level!r} needs the real groups: pass "
                          "group_sizes or group_ids (there is no fixed-stride fallback)")
     # Batch-only levels: one bucket per rank, all with the same id so that they merge into one "group".
-    seg_ids = torch.zeros(1 if n_rows else 0, dtype=torch.int64, device=device)
-    return rewards, seg_ids, torch.zeros(n_rows, dtype=torch.int64, device=device), valid
+    n_seg = 1 if n_rows else 0
+    seg = (torch.zeros(n_seg, dtype=torch.int64, device=device),
+           torch.zeros(n_rows, dtype=torch.int64, device=device),
+           torch.full((n_seg,), n_rows, dtype=torch.int64, device=device))
+    return rewards, seg, valid
 
 
 def _as_sizes(group_sizes) -> torch.Tensor:
@@ -283,41 +286,46 @@ def _as_sizes(group_sizes) -> torch.Tensor:
                              f"{group_sizes.dtype} of shape {list(group_sizes.shape)}")
         return group_sizes.to("cpu", torch.int64)
     values = list(group_sizes)
-    bad = [(k, v) for k, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, int)]
-    if bad:
+    try:
+        sizes = torch.tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        sizes = None
+    if sizes is None or sizes.dim() != 1 or sizes.dtype != torch.int64:  # floats, bools, nested, objects
+        bad = [(k, v) for k, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, int)]
         raise ValueError(f"group_sizes must be ints; got (index, value) {bad[:10]}")
-    return torch.tensor(values, dtype=torch.int64)
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------
 # Computation
 # ----------------------------------------------------------------------------------------------
 
-def _segment_moments(values, ok, inv, n_seg):
-    """Per-segment ``(n, ref, delta, M2)`` of ``values[ok]`` in float64, without sum-of-squares cancellation.
+def _segment_moments(r, ok, inv, lengths):
+    """Per-segment ``(n, ref, delta, M2)`` of ``r[ok]`` in float64, without sum-of-squares cancellation.
 
-    ``ref`` is the largest value of the segment and ``delta = mean - ref = sum(x - ref) / n`` (shifted
-    data): a common offset cancels exactly in ``x - ref`` before anything is summed, the mean is never
-    rounded to the offset's precision, and a segment whose values are all equal gets ``delta == 0`` and
-    ``M2 == 0`` bit-exactly. ``M2 = sum((x - ref) - delta)^2`` is the centered second pass.
+    Segments are runs of consecutive rows (``lengths``; ``inv`` maps rows to segments). ``ref`` is the
+    largest valid value of the segment and ``delta = mean - ref = sum(x - ref) / n`` (shifted data): a
+    common offset cancels exactly in ``x - ref`` before anything is summed, the mean is never rounded to
+    the offset's precision, and a segment whose values are all equal gets ``delta == 0`` and ``M2 == 0``
+    bit-exactly. ``M2 = sum((x - ref) - delta)^2`` is the centered second pass.
     """
     f64 = torch.float64
-    dev = values.device
-    n = torch.zeros(n_seg, dtype=torch.int64, device=dev).index_add_(0, inv, ok.long())
-    ref = torch.full((n_seg,), -math.inf, dtype=f64, device=dev)
-    ref.scatter_reduce_(0, inv, torch.where(ok, values, torch.full_like(values, -math.inf)), reduce="amax",
-                        include_self=True)
-    ref = torch.where(n > 0, ref, torch.zeros_like(ref))
-    shifted = torch.where(ok, values - ref[inv], torch.zeros_like(values))
-    delta = torch.zeros(n_seg, dtype=f64, device=dev).index_add_(0, inv, shifted) / n.clamp(min=1).to(f64)
-    centered = torch.where(ok, shifted - delta[inv], torch.zeros_like(values))
-    m2 = torch.zeros(n_seg, dtype=f64, device=dev).index_add_(0, inv, centered * centered)
-    return n, ref, delta, m2
+    n_seg = lengths.numel()
+    okf = ok.to(f64)
+    n = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, okf)
+    # segment_reduce needs every segment non-empty (true: a segment is a run of >= 1 rows)
+    ref = torch.segment_reduce(torch.where(ok, r, -math.inf), "max", lengths=lengths) if n_seg         else r.new_zeros(0)
+    ref = torch.where(n > 0, ref, 0.0)
+    shifted = torch.where(ok, r - ref.index_select(0, inv), 0.0)
+    delta = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, shifted) / n.clamp(min=1)
+    centered = shifted.sub_(delta.index_select(0, inv)).mul_(okf)  # in place: 1M-row temporaries add up
+    m2 = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, centered.mul_(centered))
+    return n.round().long(), ref, delta, m2
 
 
 def _merge_moments(n_b, ref_b, delta_b, m2_b, idx, n_out):
     """Chan's parallel merge of bucket moments into ``n_out`` groups by ``idx`` (same ``(n, ref, delta, M2)``
-    form as :func:`_segment_moments`).
+    form as :func:`_segment_moments`; the buckets of one group need not be adjacent).
 
     With ``ref`` the largest bucket ``ref`` of the group and ``s_b = (ref_b - ref) + delta_b`` the bucket
     mean relative to it: ``delta = sum_b n_b s_b / n`` and ``M2 = sum_b [M2_b + n_b (s_b - delta)^2]``, the
@@ -328,12 +336,11 @@ def _merge_moments(n_b, ref_b, delta_b, m2_b, idx, n_out):
     dev = n_b.device
     n = torch.zeros(n_out, dtype=torch.int64, device=dev).index_add_(0, idx, n_b)
     ref = torch.full((n_out,), -math.inf, dtype=f64, device=dev)
-    ref.scatter_reduce_(0, idx, torch.where(n_b > 0, ref_b, torch.full_like(ref_b, -math.inf)),
-                        reduce="amax", include_self=True)
-    ref = torch.where(n > 0, ref, torch.zeros_like(ref))
+    ref.scatter_reduce_(0, idx, torch.where(n_b > 0, ref_b, -math.inf), reduce="amax", include_self=True)
+    ref = torch.where(n > 0, ref, 0.0)
     nf = n_b.to(f64)
     # empty buckets (n_b = 0) carry ref_b = delta_b = M2_b = 0 and add nothing below
-    s_b = torch.where(n_b > 0, (ref_b - ref[idx]) + delta_b, torch.zeros_like(delta_b))
+    s_b = torch.where(n_b > 0, (ref_b - ref[idx]) + delta_b, 0.0)
     delta = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, nf * s_b) / n.clamp(min=1).to(f64)
     m2 = torch.zeros(n_out, dtype=f64, device=dev).index_add_(0, idx, m2_b + nf * (s_b - delta[idx]) ** 2)
     return n, ref, delta, m2
@@ -347,27 +354,37 @@ def _from_bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.float64)
 
 
-def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated, mean_level, std_level,
-                    eps, unbiased, leave_one_out, min_valid, process_group, expected_group_size=None):
-    """One gather, then everything else replicated on every rank. Returns ``(adv, kept_row, stats)``."""
+def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, std_level, eps, unbiased,
+                    leave_one_out, min_valid, process_group, expected_group_size=None):
+    """One gather, then everything else replicated on every rank. Returns ``(adv, kept_row, stats)``.
+
+    ``usable``/``truncated`` (``[B]`` bool or None) only feed the step statistics; None counts
+    ``stat_valid`` rows as usable and no row as truncated.
+    """
+    seg_ids, seg_inv, lengths = seg
     device = rewards.device
     r = rewards.detach().to(torch.float64)
     n_seg = seg_ids.numel()
     my_rank = dist.rank(process_group)
 
-    bad_row = stat_valid & ~torch.isfinite(r)
-    ok = stat_valid & ~bad_row
-    n_stat, ref, delta, m2 = _segment_moments(torch.where(ok, r, torch.zeros_like(r)), ok, seg_inv, n_seg)
+    # A non-finite reward on a valid row is an error. One reduction detects it; only then is it located.
+    bad_row = None
+    if not torch.isfinite(torch.where(stat_valid, r, 0.0).sum()):
+        bad_row = stat_valid & ~torch.isfinite(r)
+    ok = stat_valid if bad_row is None else stat_valid & ~bad_row
+    n_stat, ref, delta, m2 = _segment_moments(r, ok, seg_inv, lengths)
 
     def seg_count(mask):
+        if mask is None:
+            return torch.zeros(n_seg, dtype=torch.int64, device=device)
         return torch.zeros(n_seg, dtype=torch.int64, device=device).index_add_(0, seg_inv, mask.long())
 
     table = torch.stack([
         torch.full((n_seg,), my_rank, dtype=torch.int64, device=device),
         seg_ids,
-        seg_count(torch.ones_like(stat_valid)),
+        lengths,
         n_stat,
-        seg_count(usable),
+        n_stat if usable is None else seg_count(usable),
         seg_count(truncated),
         seg_count(bad_row),
         _as_bits(ref), _as_bits(delta), _as_bits(m2),
@@ -377,7 +394,7 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
     # ---- checks that need every rank's data: the same outcome on every rank ----------------------
     bad_ranks = table[table[:, _NBAD] > 0, _RANK].unique().tolist()
     if bad_ranks:
-        here = torch.nonzero(bad_row).flatten().tolist()
+        here = [] if bad_row is None else torch.nonzero(bad_row).flatten().tolist()
         where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
         raise ValueError(f"rewards must be finite on valid rows: non-finite values on rank(s) {bad_ranks}"
                          f"{where_here}. Mark failed samples invalid instead of passing NaN/inf.")
@@ -402,19 +419,26 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
                                                _from_bits(table[:, _DELTA]), _from_bits(table[:, _M2]),
                                                g_idx, n_groups)
     kept_g = n_g >= min_valid
-    n_kept = torch.where(kept_g, n_g, torch.zeros_like(n_g))
-    n_bt, ref_bt, delta_bt, m2_bt = _merge_moments(
-        n_kept, ref_g, delta_g, torch.where(kept_g, m2_g, torch.zeros_like(m2_g)),
-        torch.zeros(n_groups, dtype=torch.int64, device=device), 1)
+    n_kept = torch.where(kept_g, n_g, 0)
+    batch = _merge_moments(n_kept, ref_g, delta_g, torch.where(kept_g, m2_g, 0.0),
+                           torch.zeros(n_groups, dtype=torch.int64, device=device), 1)
+    center_ref, center_delta, mult = _group_coefficients(
+        (n_g, ref_g, delta_g, m2_g), kept_g, batch, mean_level=mean_level, std_level=std_level, eps=eps,
+        unbiased=unbiased, leave_one_out=leave_one_out)
 
-    # ---- this rank's rows -------------------------------------------------------------------------
+    # ---- this rank's rows: A = ((r - ref) - delta) * mult, per-group coefficients ----------------
     offset = int((table[:, _RANK] < my_rank).sum())
-    row_g = g_idx[offset + seg_inv]
-    kept_row = kept_g[row_g]
-    group = (n_g[row_g], ref_g[row_g], delta_g[row_g], m2_g[row_g])
-    batch = (n_bt[0], ref_bt[0], delta_bt[0], m2_bt[0])
-    adv = _advantage_rows(r, ok & kept_row, group, batch, mean_level=mean_level, std_level=std_level,
-                          eps=eps, unbiased=unbiased, leave_one_out=leave_one_out)
+    seg_g = g_idx[offset:offset + n_seg]  # this rank's buckets are contiguous in the gathered table
+    row_mult = mult.index_select(0, seg_g).index_select(0, seg_inv)
+    if mean_level == "none":
+        adv = r * row_mult
+    else:
+        if mean_level == "group":
+            center_ref = center_ref.index_select(0, seg_g).index_select(0, seg_inv)
+            center_delta = center_delta.index_select(0, seg_g).index_select(0, seg_inv)
+        adv = (r - center_ref).sub_(center_delta).mul_(row_mult)  # offset cancelled before the small delta
+    adv = adv.masked_fill_(~ok, 0.0)  # invalid rows: 0, whatever they hold (NaN * 0 would be NaN)
+    kept_row = kept_g.index_select(0, seg_g).index_select(0, seg_inv)
 
     usable_g = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(0, g_idx, table[:, _USABLE])
     if expected_group_size is not None:
@@ -432,27 +456,27 @@ def _normalize_core(rewards, seg_ids, seg_inv, stat_valid, *, usable, truncated,
     return adv.to(rewards.dtype), kept_row, stats
 
 
-def _advantage_rows(r, ok, group, batch, *, mean_level, std_level, eps, unbiased, leave_one_out):
-    """The formula of the module docstring on this rank's rows (float64).
-
-    ``group`` holds per-row ``(n, ref, delta, M2)`` of the row's group, ``batch`` the 0-d batch ones.
-    """
-    levels = {"group": group, "batch": batch}
-    zero = ~ok
+def _group_coefficients(group, kept_g, batch, *, mean_level, std_level, eps, unbiased, leave_one_out):
+    """Per-group ``(ref, delta, mult)`` with ``A_i = ((r_i - ref) - delta) * mult`` for the valid rows of the
+    group (``ref``/``delta`` are 0-d at mean_level batch and unused at none), i.e. the formula of the module
+    docstring with ``mult = [n/(n-1) if leave_one_out] / (sigma + eps)``, and ``mult = 0`` where a rule
+    gives 0 (dropped group, < 2 valid rows at a used level, zero spread)."""
+    f64 = torch.float64
+    levels = {"group": group, "batch": tuple(t[0] for t in batch)}
+    zero = ~kept_g
     for level in {mean_level, std_level} - {"none"}:
         zero = zero | (levels[level][0] < 2)
-    if mean_level == "none":
-        num = r
-    else:
+    mult = torch.ones_like(group[1])
+    ref = delta = None
+    if mean_level != "none":
         cnt, ref, delta, _ = levels[mean_level]
-        num = (r - ref) - delta  # r - mean with the offset cancelled first
         if leave_one_out:
             # r - (n mean - r)/(n - 1) = n/(n - 1) (r - mean): centered, so offsets stay out of the sums.
-            cntf = cnt.to(torch.float64)
-            num = num * cntf / (cntf - 1).clamp(min=1)
+            cntf = cnt.to(f64)
+            mult = mult * (cntf / (cntf - 1).clamp(min=1))
     if std_level != "none":
         cnt, _, _, m2 = levels[std_level]
-        sigma = torch.sqrt(m2 / (cnt - (1 if unbiased else 0)).clamp(min=1).to(torch.float64))
+        sigma = torch.sqrt(m2 / (cnt - (1 if unbiased else 0)).clamp(min=1).to(f64))
         zero = zero | (sigma == 0)
-        num = num / (sigma + eps)
-    return torch.where(zero, torch.zeros_like(num), num)
+        mult = mult / (sigma + eps)
+    return ref, delta, torch.where(zero, 0.0, mult)
