@@ -1,8 +1,8 @@
 """Throughput of group advantage normalization: the vectorized segment reductions of
 ``megatron_rl_agg.advantages.normalize_advantages`` against a per-group Python loop.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py                 # 1,000,000 rows, 250,000 groups
-    OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py --loop-groups 0 # loop over every group
+    OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py          # 1,000,000 rows, 250,000 groups
+    OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py --loop-groups 0   # loops over every group
 
 The batch has ``--groups`` groups of random (partial) sizes >= 1 that sum to ``--rows``: each group gets one
 row, the remaining rows fall into uniformly drawn groups (sizes ~ 1 + Poisson(rows/groups - 1)), and ~10%

@@ -41,6 +41,12 @@ formula, so each group's statistics cover all its rows on all ranks. All the val
 rewards that depends on other ranks' data happens after the gather, identically on every rank, so a bad
 batch raises the same error everywhere instead of leaving some ranks waiting in a collective.
 
+Numerics: float64 throughout; per bucket the mean is kept as ``ref + delta`` (``ref`` the largest valid
+reward, ``delta`` the mean of ``r - ref``) and ``M2`` is a centered second pass, so a large common offset
+cancels before any sum and never enters a square, and equal rewards give ``sigma == 0`` bit-exactly
+(rule 4). All reductions are vectorized segment reductions (``unique_consecutive``, ``index_add_``,
+``segment_reduce``, ``scatter_reduce_``): no Python loop over groups or rows.
+
 This module never calls ``torch.distributed`` itself.
 """
 
@@ -152,11 +158,13 @@ def compute_step_advantages(
         ``num_groups``, ``num_partial_groups``, ``num_dropped_groups``, ``num_truncated`` (rows flagged
         truncated), ``num_rows``, ``num_stat_rows`` (rows that entered the statistics).
     """
-    mean_level, std_level, leave_one_out = _levels_from_cfg(cfg)
-    policy = getattr(cfg, "overlong_policy")
+    # AdvantageConfig.__post_init__ has already turned adv_estimator into explicit levels and
+    # leave_one_out (explicit settings override the estimator's); _prepare validates them.
+    mean_level, std_level, leave_one_out = cfg.mean_level, cfg.std_level, bool(cfg.leave_one_out)
+    policy = cfg.overlong_policy
     if policy not in _OVERLONG_POLICIES:
         raise ValueError(f"overlong_policy must be one of {', '.join(_OVERLONG_POLICIES)}; got {policy!r}")
-    min_valid = getattr(cfg, "min_valid_group_size")
+    min_valid = cfg.min_valid_group_size
     if isinstance(min_valid, bool) or not isinstance(min_valid, int) or min_valid < 1:
         raise ValueError(f"min_valid_group_size must be an int >= 1, got {min_valid!r}")
     if expected_group_size is not None and (isinstance(expected_group_size, bool)
@@ -166,7 +174,7 @@ def compute_step_advantages(
     if group_ids is None:
         raise ValueError("compute_step_advantages needs group_ids ([B] int64): groups are never inferred")
 
-    n_rows = rewards.shape[0] if isinstance(rewards, torch.Tensor) and rewards.dim() == 1 else None
+    n_rows = _check_rewards(rewards)
     truncated = _bool_rows(truncated, n_rows, "truncated", default=False, like=rewards)
     sample_valid = _bool_rows(sample_valid, n_rows, "sample_valid", default=True, like=rewards)
     stat_valid = sample_valid if policy == "keep" else sample_valid & ~truncated
@@ -188,30 +196,21 @@ def compute_step_advantages(
 # Validation
 # ----------------------------------------------------------------------------------------------
 
-def _levels_from_cfg(cfg) -> tuple[str, str, bool]:
-    # AdvantageConfig.__post_init__ fills mean/std levels and leave_one_out from the estimator; an object
-    # built some other way may still hold None, so derive them here the same way.
-    defaults = {"grpo": ("group", "group", False), "rloo": ("group", "none", True),
-                "dr_grpo": ("group", "none", False)}
-    est = getattr(cfg, "adv_estimator")
-    if est not in defaults:
-        raise ValueError(f"adv_estimator must be one of {', '.join(defaults)}; got {est!r}")
-    mean_d, std_d, loo_d = defaults[est]
-    mean_level = mean_d if cfg.mean_level is None else cfg.mean_level
-    std_level = std_d if cfg.std_level is None else cfg.std_level
-    loo = getattr(cfg, "leave_one_out", None)
-    return mean_level, std_level, loo_d if loo is None else bool(loo)
+def _check_rewards(rewards) -> int:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        desc = (f"{rewards.dtype} tensor of shape {list(rewards.shape)}" if isinstance(rewards, torch.Tensor)
+                else type(rewards).__name__)
+        raise ValueError(f"rewards must be a 1-D floating tensor [B]; got {desc}")
+    return rewards.shape[0]
 
 
 def _bool_rows(mask, n_rows, name, *, default: bool, like) -> torch.Tensor:
     if mask is None:
-        if n_rows is None:  # rewards itself is malformed; _prepare reports it
-            return torch.zeros(0, dtype=torch.bool)
         return torch.full((n_rows,), default, dtype=torch.bool, device=like.device)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor of shape [B]; got "
                          f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if n_rows is not None and tuple(mask.shape) != (n_rows,):
+    if tuple(mask.shape) != (n_rows,):
         raise ValueError(f"{name} must have shape [B] = [{n_rows}] like rewards; got {list(mask.shape)}")
     return mask.to(like.device)
 
@@ -220,11 +219,7 @@ def _prepare(rewards, group_sizes, group_ids, valid, mean_level, std_level, eps,
              process_group):
     """Check every argument. Returns ``(rewards, (seg_ids [S], row->segment [B], segment lengths [S]),
     valid [B] bool)``: a segment is a run of consecutive rows of one group on this rank."""
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
-        desc = (f"{rewards.dtype} tensor of shape {list(rewards.shape)}" if isinstance(rewards, torch.Tensor)
-                else type(rewards).__name__)
-        raise ValueError(f"rewards must be a 1-D floating tensor [B]; got {desc}")
-    n_rows = rewards.shape[0]
+    n_rows = _check_rewards(rewards)
     for name, level in (("mean_level", mean_level), ("std_level", std_level)):
         if level not in NORM_LEVELS:
             raise ValueError(f"{name} must be one of {', '.join(NORM_LEVELS)}; got {level!r}")
@@ -314,7 +309,10 @@ def _segment_moments(r, ok, inv, lengths):
     okf = ok.to(f64)
     n = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, okf)
     # segment_reduce needs every segment non-empty (true: a segment is a run of >= 1 rows)
-    ref = torch.segment_reduce(torch.where(ok, r, -math.inf), "max", lengths=lengths) if n_seg         else r.new_zeros(0)
+    if n_seg:
+        ref = torch.segment_reduce(torch.where(ok, r, -math.inf), "max", lengths=lengths)
+    else:
+        ref = r.new_zeros(0)
     ref = torch.where(n > 0, ref, 0.0)
     shifted = torch.where(ok, r - ref.index_select(0, inv), 0.0)
     delta = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, shifted) / n.clamp(min=1)

@@ -147,7 +147,8 @@ def run_cases(group, label):
                                               sample_valid=share["sample_valid"], cfg=cfg,
                                               process_group=group, expected_group_size=8)
             gathers_per_call.add(tuple(sorted(counter.counts.items())))
-            worst = max(worst, check_close(f"{label} case {ci} {est}/{policy}/{min_valid}", got[0], want[0][a:b]))
+            name = f"{label} case {ci} {est}/{policy}/{min_valid}"
+            worst = max(worst, check_close(name, got[0], want[0][a:b]))
             if not torch.equal(got[1], want[1][a:b]):
                 raise AssertionError(f"{label} case {ci} {est}/{policy}: loss_row_mask differs")
             if got[2] != want[2]:
@@ -201,7 +202,8 @@ def main():
         check_errors_everywhere(group, label)
         worst, checks = max(worst, w), checks + c
     torch_dist.barrier()
-    print(f"OK rank {torch_dist.get_rank()}/{world}: {checks} comparisons, max |diff| {worst:.3e}", flush=True)
+    print(f"OK rank {torch_dist.get_rank()}/{world}: {checks} comparisons, max |diff| {worst:.3e}",
+          flush=True)
     torch_dist.destroy_process_group()
 
 
