@@ -459,71 +459,108 @@ def build_optimizer(chunks: list, lr: float, *, weight_decay: float = 0.0, clip_
 
 
 def _gather_full(chunks: list, read: Callable, check_replicas: bool) -> dict[str, torch.Tensor]:
+    """All-gather ``read(param, shard) -> (value, valid)`` over the world and assemble full tensors.
+
+    ``valid`` (bool, shard-shaped, or None for all) marks the elements this rank holds correctly.
+    Every element must be valid on at least one rank; where several ranks hold it (DP replicas,
+    TP-duplicated norms, the tied output-layer copy) the copies must agree if ``check_replicas``.
+    """
     import torch.distributed as torch_dist
 
     local = []
     for param, sh in _param_shards(chunks):
-        if not check_replicas and any(r != 0 for r in _as_tuple(sh.replica_id)):
-            continue
-        value = read(param, sh)
-        local.append((sh.key, tuple(sh.global_shape), sh.global_slice(), value.float().cpu().clone()))
+        value, valid = read(param, sh)
+        if valid is None:
+            valid = torch.ones(value.shape, dtype=torch.bool)
+        if bool(valid.any()):
+            local.append((sh.key, tuple(sh.global_shape), sh.global_slice(),
+                          value.detach().float().cpu().clone(), valid.cpu().clone()))
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         gathered = [None] * torch_dist.get_world_size()
         torch_dist.all_gather_object(gathered, local)
     else:
         gathered = [local]
     full, written = {}, {}
-    for key, shape, index, value in (entry for rank_entries in gathered for entry in rank_entries):
+    for key, shape, index, value, valid in (entry for rank_entries in gathered for entry in rank_entries):
         if key not in full:
             full[key] = torch.zeros(shape)
             written[key] = torch.zeros(shape, dtype=torch.bool)
         target, seen = full[key][index], written[key][index]
-        if check_replicas and seen.any():
-            # A replica (DP copy, TP-duplicated norm, tied embedding copy) must hold the same value.
-            prev = target[seen]
-            diff = (prev - value.reshape(target.shape)[seen]).abs().max().item()
+        value, valid = value.reshape(target.shape), valid.reshape(target.shape)
+        both = seen & valid
+        if check_replicas and bool(both.any()):
+            prev = target[both]
+            diff = (prev - value[both]).abs().max().item()
             scale = max(prev.abs().max().item(), 1e-30)
             if diff > 1e-6 * scale:
                 raise RuntimeError(
                     f"replicas of {key!r} disagree: max abs diff {diff:.3e} (scale {scale:.3e})")
-        full[key][index] = value.reshape(target.shape)
-        written[key][index] = True
+        target[valid] = value[valid]
+        seen[valid] = True
     missing = [key for key, seen in written.items() if not bool(seen.all())]
     if missing:
         raise RuntimeError(f"no rank holds part of these tensors: {missing}")
     return full
 
 
-def _as_tuple(replica_id) -> tuple:
-    return tuple(replica_id) if isinstance(replica_id, (tuple, list)) else (replica_id,)
+def _view_like(tensor: torch.Tensor, param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` (shaped and laid out like ``param``) that ``view`` is of ``param``."""
+    offset = view.storage_offset() - param.storage_offset()
+    return tensor.as_strided(view.shape, view.stride(), tensor.storage_offset() + offset)
 
 
-def _local_grad_view(param, sh) -> torch.Tensor:
-    """The gradient entries matching ``sh.data`` (a view of ``param``)."""
-    grad = getattr(param, "main_grad", None)
-    if grad is None:
-        grad = param.grad
-    if grad is None:
-        return torch.zeros(sh.data.shape)
-    offset = sh.data.storage_offset() - param.storage_offset()
-    return grad.as_strided(sh.data.shape, sh.data.stride(), grad.storage_offset() + offset)
+def _reduced_grad_masks(chunks: list) -> dict[int, torch.Tensor]:
+    """Per parameter (by id), which ``main_grad`` elements hold the DP-reduced gradient.
+
+    Only needed with the distributed optimizer: its reduce-scatter leaves each DP rank the reduced
+    values of one contiguous shard of every bucket (``shard_buffer``), the rest stays local.
+    """
+    masks = {}
+    for chunk in chunks:
+        groups = getattr(chunk, "bucket_groups", []) + getattr(chunk, "expert_parallel_bucket_groups", [])
+        for group in groups:
+            if not group.ddp_config.use_distributed_optimizer:
+                continue
+            size = group.intra_distributed_optimizer_instance_size
+            rank = group.intra_distributed_optimizer_instance_rank
+            for bucket in group.buckets:
+                shard = bucket.grad_data.numel() // size
+                lo, hi = rank * shard, (rank + 1) * shard
+                for param in bucket.params_list:
+                    # main_grad is a view of the bucket's grad_data (params are padded apart).
+                    start = param.main_grad.storage_offset() - bucket.grad_data.storage_offset()
+                    mask = torch.zeros(param.numel(), dtype=torch.bool)
+                    mask[max(lo - start, 0):max(min(hi - start, param.numel()), 0)] = True
+                    masks[id(param)] = mask.view(param.shape)
+    return masks
 
 
 def gather_full_grads(chunks: list, *, check_replicas: bool = True) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 gradient, keyed by global key, on every rank.
 
     Reads the DDP ``main_grad`` buffers (``param.grad`` for unwrapped chunks), so call it after the
-    schedule has run ``finalize_model_grads`` (DP all-reduce, tied-embedding sync) and before the
-    optimizer step. One ``all_gather_object`` over the world; a test/audit utility, not a hot path.
+    schedule has run ``finalize_model_grads`` (DP all-reduce or, with the distributed optimizer,
+    reduce-scatter; tied-embedding sync) and before the optimizer step. With the distributed
+    optimizer each element is taken from the DP rank whose shard holds it reduced. One
+    ``all_gather_object`` over the world; a test/audit utility, not a hot path.
 
     Args:
-        check_replicas: gather every replica and raise if copies of one element disagree by more
-            than 1e-6 relative (DP replicas, TP-duplicated norms, the tied output-layer copy);
-            False gathers main replicas only.
+        check_replicas: raise if copies of one element held by several ranks (DP replicas,
+            TP-duplicated norms, the tied output-layer copy) differ by more than 1e-6 relative.
     """
-    return _gather_full(chunks, _local_grad_view, check_replicas)
+    masks = _reduced_grad_masks(chunks)
+
+    def read(param, sh):
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is None:
+            return torch.zeros(sh.data.shape), None
+        mask = masks.get(id(param))
+        return _view_like(grad, param, sh.data), None if mask is None else _view_like(mask, param, sh.data)
+
+    return _gather_full(chunks, read, check_replicas)
 
 
 def gather_full_params(chunks: list, *, check_replicas: bool = True) -> dict[str, torch.Tensor]:
     """Every parameter's full value (as fp32), keyed by global key, on every rank."""
-    return _gather_full(chunks, lambda param, sh: sh.data, check_replicas)
+    return _gather_full(chunks, lambda param, sh: (sh.data, None), check_replicas)

@@ -27,7 +27,7 @@ WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
 TOL = 1e-5
 # One process: the reference, micro-batching, a repeat of the reference, the negative control.
 SINGLE = ["dp1,m1", "dp1,m4", "dp1,m1", "dp1,m4:mbmean"]
-TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4"]
+TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4", "dp2,m2:distopt"]
 FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2"]
 
 

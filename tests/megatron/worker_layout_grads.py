@@ -5,7 +5,8 @@
 
 Each layout string (see ``megatron_rl_agg.model.parse_layout``) must use every process
 (tp * pp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
-(the legacy objective), used as a negative control. For each item, in order, the worker
+(the legacy objective), used as a negative control; ``:distopt`` uses Megatron's distributed
+optimizer with overlapped gradient reduce-scatter. For each item, in order, the worker
 
 1. (re)initialises Megatron's model-parallel state and builds the chunks (tied embeddings, gated
    MLP, grouped-query attention);
@@ -124,19 +125,23 @@ def logits_forward_step(data_iterator, model):
 
 def run_item(item: str, index: int, out_dir: str) -> str:
     from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     layout_text, _, variant = item.partition(":")
-    if variant not in ("", "mbmean"):
-        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'mbmean'")
+    if variant not in ("", "mbmean", "distopt"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'mbmean', 'distopt'")
     layout = parse_layout(layout_text)
     world = torch_dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"layout {layout_text!r} needs {layout.world_size} processes, got {world}")
     megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
-    chunks = build_model(SPEC)
+    distopt = variant == "distopt"
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt,
+                                               overlap_grad_reduce=distopt)
+    chunks = build_model(SPEC, ddp_config=ddp_config)
     init_weights(chunks, seed=SEED)
-    optimizer = build_optimizer(chunks, lr=1e-3, clip_grad=0.05)
+    optimizer = build_optimizer(chunks, lr=1e-3, clip_grad=0.05, use_distributed_optimizer=distopt)
 
     dp_group = parallel_state.get_data_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
