@@ -8,9 +8,9 @@ shifted by one)::
     labels = full[1:]   padded with 0 to S             token predicted at each position
     loss_mask[t] = 1  for  len(prompt) - 1 <= t < len(full) - 1      (the response tokens)
 
-A padding row has ``loss_mask == 0`` everywhere, reward and advantage 0 and its own group id, so it adds
-nothing to any count, weight, loss or gradient: a step padded to a multiple of ``DP x micro-batch size``
-computes exactly what the unpadded rows compute.
+A padding row has ``loss_mask == 0`` everywhere, reward and advantage 0 and a reserved negative group id,
+so it adds nothing to any count, weight, loss or gradient: a step padded so that every DP rank runs the
+same number of whole micro-batches computes exactly what the unpadded rows compute.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from megatron_rl_agg.trainer.rollouts import Sample
 
-__all__ = ["RowBatch", "build_rows", "shard_bounds", "padded_local_rows", "shard_and_pad"]
+__all__ = ["RowBatch", "build_rows", "shard_bounds", "pad_group_id", "pad_rows"]
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,6 @@ def shard_bounds(num_rows: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
     return start, start + base + (1 if dp_rank < extra else 0)
 
 
-def padded_local_rows(num_rows: int, dp_size: int, micro_batch_size: int) -> int:
-    """Rows every rank holds after padding: its largest share rounded up to a whole micro-batch.
-
-    Every rank runs the same number of micro-batches, ``padded_local_rows / micro_batch_size``.
-    """
-    largest = -(-num_rows // dp_size)
-    return max(1, -(-largest // micro_batch_size)) * micro_batch_size
-
-
 def _pad(t: Optional[torch.Tensor], total: int, fill) -> Optional[torch.Tensor]:
     if t is None or t.shape[0] == total:
         return t
@@ -122,26 +113,24 @@ def _pad(t: Optional[torch.Tensor], total: int, fill) -> Optional[torch.Tensor]:
     return torch.cat([t, pad], dim=0)
 
 
-def shard_and_pad(batch: RowBatch, advantages: torch.Tensor, dp_size: int, dp_rank: int,
-                  micro_batch_size: int) -> tuple[RowBatch, torch.Tensor]:
-    """This rank's rows of a global mini-batch, padded with fully masked rows to a whole micro-batch.
+def pad_group_id(dp_rank: int) -> int:
+    """Group id of the padding rows of ``dp_rank``: negative ids are reserved for padding, so they never
+    collide with a real group, and each rank's own id keeps every group contiguous."""
+    return -1 - dp_rank
 
-    Args:
-        batch: the global mini-batch (every rank holds all of it).
-        advantages: ``[R]`` per-row advantages of the global batch.
 
-    Returns:
-        ``(local_batch, local_advantages)`` with :func:`padded_local_rows` rows; padding rows carry the
-        fresh group id ``max(group_ids) + 1 + dp_rank`` (never shared with a real group, so they stay
-        out of every group count) and advantage 0.
+def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
+             ) -> tuple[RowBatch, torch.Tensor]:
+    """``batch`` (this rank's rows) padded with fully masked rows to ``total`` rows.
+
+    Padding rows have ``loss_mask = 0``, reward and advantage 0 and group id :func:`pad_group_id`, so
+    they enter no count, weight, loss or gradient.
     """
-    start, end = shard_bounds(batch.num_rows, dp_size, dp_rank)
-    total = padded_local_rows(batch.num_rows, dp_size, micro_batch_size)
-    local = batch.rows(start, end)
-    pad_gid = int(batch.group_ids.max().item()) + 1 + dp_rank if batch.num_rows else dp_rank
+    if total < batch.num_rows:
+        raise ValueError(f"cannot pad {batch.num_rows} rows down to {total}")
     padded = RowBatch(
-        tokens=_pad(local.tokens, total, 0), labels=_pad(local.labels, total, 0),
-        loss_mask=_pad(local.loss_mask, total, 0.0), group_ids=_pad(local.group_ids, total, pad_gid),
-        rewards=_pad(local.rewards, total, 0.0), truncated=_pad(local.truncated, total, False),
-        old_logprobs=_pad(local.old_logprobs, total, 0.0))
-    return padded, _pad(advantages[start:end], total, 0.0)
+        tokens=_pad(batch.tokens, total, 0), labels=_pad(batch.labels, total, 0),
+        loss_mask=_pad(batch.loss_mask, total, 0.0), group_ids=_pad(batch.group_ids, total, pad_group_id(dp_rank)),
+        rewards=_pad(batch.rewards, total, 0.0), truncated=_pad(batch.truncated, total, False),
+        old_logprobs=_pad(batch.old_logprobs, total, 0.0))
+    return padded, _pad(advantages, total, 0.0)

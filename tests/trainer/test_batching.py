@@ -43,22 +43,16 @@ def test_shards_cover_rows_once_and_differ_by_at_most_one(rows, dp):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_padded_local_rows():
-    # 10 rows, dp 2 -> 5 per rank -> 3 micro-batches of 2 -> 6 rows each (1 padding row per rank)
-    assert batching.padded_local_rows(10, 2, 2) == 6
-    assert batching.padded_local_rows(8, 2, 2) == 4
-    assert batching.padded_local_rows(11, 2, 1) == 6
-    assert batching.padded_local_rows(0, 2, 3) == 3
-
-
-def test_shard_and_pad_adds_masked_rows_with_fresh_group():
-    samples = [_s([1], [2, 3], float(i), pid=i // 2) for i in range(5)]
-    batch = batching.build_rows(samples, 4, [i // 2 for i in range(5)])     # groups 0 0 1 1 2
-    adv = torch.arange(5, dtype=torch.float64) + 1
-    local, local_adv = batching.shard_and_pad(batch, adv, dp_size=2, dp_rank=1, micro_batch_size=2)
-    # rank 1 gets rows 3, 4 (rank 0 takes the extra row 0..2), padded to 4 rows
-    assert local.num_rows == 4
-    assert local.group_ids.tolist() == [1, 2, 4, 4]          # padding id = max(2) + 1 + dp_rank
-    assert local.rewards.tolist() == [3.0, 4.0, 0.0, 0.0]
-    assert local_adv.tolist() == [4.0, 5.0, 0.0, 0.0]
-    assert local.loss_mask[2:].sum() == 0 and local.loss_mask[:2].sum() == 4
+def test_pad_rows_adds_masked_rows_with_reserved_group():
+    samples = [_s([1], [2, 3], float(i), pid=i // 2) for i in range(3)]
+    batch = batching.build_rows(samples, 4, [5, 5, 6])
+    adv = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    local, local_adv = batching.pad_rows(batch, adv, total=6, dp_rank=1)
+    assert local.num_rows == 6
+    assert local.group_ids.tolist() == [5, 5, 6, -2, -2, -2]        # -1 - dp_rank
+    assert local.rewards.tolist() == [0.0, 1.0, 2.0, 0.0, 0.0, 0.0]
+    assert local_adv.tolist() == [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
+    assert local.loss_mask[3:].sum() == 0 and local.loss_mask[:3].sum() == 6
+    assert batching.pad_rows(batch, adv, total=3, dp_rank=0)[0].num_rows == 3
+    with pytest.raises(ValueError, match="cannot pad 3 rows down to 2"):
+        batching.pad_rows(batch, adv, total=2, dp_rank=0)

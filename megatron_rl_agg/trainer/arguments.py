@@ -1,0 +1,217 @@
+"""Command line of the GRPO trainer: Megatron-LM flag names, the plugin's flags, and YAML configs.
+
+Precedence: built-in defaults < ``--config FILE.yaml`` < flags on the command line. A YAML file maps
+option names (``global_batch_size`` or ``global-batch-size``) to values; an unknown key is an error
+that lists the valid ones, so a typo never silently keeps a default.
+
+Where Megatron-LM has a flag for the same thing the trainer uses its name (``--tensor-model-parallel-size``,
+``--global-batch-size``, ``--lr``, ``--save``, ...); the RL loss and advantage flags come from
+:func:`megatron_rl_agg.config.add_loss_aggregation_args`, and ``--sequence-packing`` from
+:mod:`megatron_rl_agg.packing`. ``docs/training.md`` lists every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+import yaml
+
+from megatron_rl_agg.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+
+__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "validate_args", "TrainerArgsError"]
+
+
+class TrainerArgsError(ValueError):
+    """A combination of trainer options that cannot work (the message names the flags)."""
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism (Megatron-LM names; DP = world size / (TP x PP))")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual pipeline stage (interleaved 1F1B); needs PP >= 2")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro-batch")
+    g.add_argument("--global-batch-size", type=int, default=64,
+                   help="rows per optimizer step, all DP ranks together (before dropped samples; a step "
+                        "with fewer rows is padded with fully masked rows)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over DP ranks (Megatron's DistributedOptimizer)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (a GPTModel trained from scratch)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--seq-length", type=int, default=16,
+                   help="positions per row; prompt + response must fit in seq-length + 1 tokens")
+    g.add_argument("--vocab-size", type=int, default=32,
+                   help="vocabulary size (a multiple of TP); the demo task needs >= 19")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (GPU)")
+    g.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"), default="auto",
+                   help="layer spec: Transformer Engine when it imports on a GPU (auto), or Megatron's "
+                        "local modules")
+
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.99)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    g.add_argument("--train-iters", type=int, default=100, help="optimizer steps to run (in total)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="initial weights, prompts, sampling and rollout failures derive from it")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoints (dist_checkpointing; any layout loads any other)")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--load", default=None,
+                   help="directory to resume from (its latest checkpoint: model, optimizer, step, RNG)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N steps (and after the last step); default: only after the last")
+    g.add_argument("--ref-load", default=None,
+                   help="checkpoint directory holding the frozen reference policy for --kl-coef > 0 "
+                        "(default: the initial weights of --seed)")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("rollouts")
+    g.add_argument("--rollouts", default=None,
+                   help="offline JSONL rollout file; without it rollouts are generated on-policy by the "
+                        "model on the built-in counting task")
+    g.add_argument("--num-samples-per-prompt", type=int, default=8, help="on-policy group size n")
+    g.add_argument("--max-new-tokens", type=int, default=8,
+                   help="on-policy generation limit; longer responses are truncated (finish 'length')")
+    g.add_argument("--temperature", type=float, default=1.0, help="on-policy sampling temperature")
+    g.add_argument("--rollout-failure-prob", type=float, default=0.0,
+                   help="drop each on-policy sample with this probability (partial groups, as a rollout "
+                        "service that loses samples)")
+    g.add_argument("--task-min-count", type=int, default=2, help="counting task: smallest count n")
+    g.add_argument("--task-max-count", type=int, default=5, help="counting task: largest count n")
+    g.add_argument("--task-max-distractors", type=int, default=2,
+                   help="counting task: up to this many distractor digits per prompt")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--metrics-file", default=None, help="JSON lines, one per optimizer step (rank 0)")
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="TensorBoard event directory (written when torch.utils.tensorboard imports)")
+    g.add_argument("--no-progress-bar", action="store_true", help="disable the tqdm bar on rank 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (every option has a default, so a YAML file can supply any of them)."""
+    parser = argparse.ArgumentParser(
+        description="GRPO-family RL on Megatron-Core with exact loss aggregation (megatron_rl_agg)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of option defaults (CLI overrides it)")
+    for add in (_add_parallel_args, _add_model_args, _add_optimizer_args, _add_checkpoint_args,
+                _add_data_args, _add_logging_args):
+        add(parser)
+    add_loss_aggregation_args(parser)
+    from megatron_rl_agg.packing import add_sequence_packing_args
+    add_sequence_packing_args(parser)
+    return parser
+
+
+def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read ``path`` and return ``{dest: value}`` for ``parser.set_defaults``.
+
+    Raises:
+        TrainerArgsError: not a mapping, or a key that is no option (message lists the valid keys).
+    """
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise TrainerArgsError(f"{path}: a config file must be a mapping of option names to values")
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    out, unknown = {}, []
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
+    if unknown:
+        raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
+    for action in parser._actions:
+        # YAML values pass through the option's own type/choices check, like a command-line value.
+        if action.dest in out and action.type is not None and isinstance(out[action.dest], str):
+            out[action.dest] = action.type(out[action.dest])
+        if action.dest in out and action.choices is not None and out[action.dest] not in action.choices:
+            raise TrainerArgsError(f"{path}: {action.dest}={out[action.dest]!r} is not one of "
+                                   f"{list(action.choices)}")
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) with YAML defaults from ``--config``, then validate."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_defaults(parser, pre.config))
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value <= 0:
+            raise TrainerArgsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks that need no process group; fills ``max_response_length`` for on-policy runs.
+
+    On-policy runs default ``--max-response-length`` (the constant horizon of seq_mean_token_sum_norm)
+    to ``--max-new-tokens``, the longest response generation can produce.
+    """
+    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+              "global_batch_size", "num_layers", "hidden_size", "num_attention_heads", "seq_length",
+              "vocab_size", "train_iters", "num_samples_per_prompt", "max_new_tokens")
+    if args.rollouts is None:
+        if args.global_batch_size % args.num_samples_per_prompt:
+            raise TrainerArgsError(
+                f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                f"--num-samples-per-prompt {args.num_samples_per_prompt} (whole prompt groups per step)")
+        if not 0.0 <= args.rollout_failure_prob < 1.0:
+            raise TrainerArgsError(f"--rollout-failure-prob must be in [0, 1), got {args.rollout_failure_prob}")
+        if args.temperature <= 0:
+            raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
+        if args.max_response_length is None:
+            args.max_response_length = args.max_new_tokens
+    if args.vocab_size % args.tensor_model_parallel_size:
+        raise TrainerArgsError(f"--vocab-size {args.vocab_size} must be a multiple of "
+                               f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+        if pp < 2 or per_stage <= 0 or args.num_layers % (pp * per_stage) or args.num_layers == pp * per_stage:
+            raise TrainerArgsError(
+                f"--num-layers-per-virtual-pipeline-stage {per_stage} needs PP >= 2 and --num-layers "
+                f"{args.num_layers} a multiple of PP x it with at least 2 virtual stages (PP = {pp})")
+    elif args.num_layers % args.pipeline_model_parallel_size:
+        raise TrainerArgsError(f"--num-layers {args.num_layers} must be a multiple of "
+                               f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    if args.save_interval is not None and args.save_interval <= 0:
+        raise TrainerArgsError(f"--save-interval must be positive, got {args.save_interval}")
+    if args.ref_load is not None and args.kl_coef == 0:
+        raise TrainerArgsError("--ref-load is only used with --kl-coef > 0")
+    try:  # the dataclasses own the loss/advantage checks; run them now so errors come before startup
+        LossConfig.from_args(args)
+        AdvantageConfig.from_args(args)
+    except ValueError as err:
+        raise TrainerArgsError(str(err)) from None
+
+
+def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:
+    """Virtual stages per pipeline rank, or None without interleaving."""
+    if args.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    return args.num_layers // (args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage)

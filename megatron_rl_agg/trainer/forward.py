@@ -1,0 +1,116 @@
+"""Forward-only passes through Megatron's schedules, at any TP / PP / VPP layout.
+
+The trainer needs three no-gradient passes: next-token logits for sampling, the behaviour log-probs of an
+offline batch without them, and the frozen reference policy's log-probs for the KL term. All three run
+through ``get_forward_backward_func()(forward_only=True)``, so pipeline stages exchange activations exactly
+as in training, and return a per-row result that only exists on the last pipeline stage.
+:func:`broadcast_from_last_stage` then gives it to every stage of the pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_rl_agg import dist
+from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs
+
+__all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple"]
+
+
+def microbatch_multiple() -> int:
+    """Micro-batch counts must be a multiple of this: PP under interleaving, else 1.
+
+    Megatron's interleaved schedule runs micro-batches in groups of ``PP`` per virtual stage and refuses a
+    last group smaller than ``PP`` (and fewer than ``PP`` micro-batches in all).
+    """
+    from megatron.core import parallel_state
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    return parallel_state.get_pipeline_model_parallel_world_size() if vpp else 1
+
+
+def _forward_step(data_iterator, model, *, output_fn: Callable):
+    micro_batch = next(data_iterator)
+    output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+
+    def collect(output_tensor):
+        # Megatron's forward-only path stores the second element of a 2-tuple; the loss is unused.
+        with torch.no_grad():
+            return output_tensor.new_zeros(()), {"rows": output_fn(output_tensor, micro_batch)}
+
+    return output, collect
+
+
+@torch.no_grad()
+def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: int, output_fn: Callable,
+                     extra: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """``output_fn(logits, micro_batch)`` of every micro-batch of ``tokens``, concatenated over rows.
+
+    Args:
+        chunks: the model chunks (DDP-wrapped or bare ``GPTModel``).
+        tokens: ``[R, S]`` int64 inputs; ``R`` a multiple of ``micro_batch_size`` times
+            :func:`microbatch_multiple` (the caller pads).
+        output_fn: maps the last stage's ``[b, S, V / tp]`` vocab-parallel logits and the micro-batch dict
+            (``tokens``, ``position_ids`` and the row slices of ``extra``) to a ``[b, ...]`` tensor.
+        extra: more ``[R, ...]`` tensors to slice into the micro-batches.
+
+    Returns:
+        ``[R, ...]`` on the last pipeline stage, None on the other stages.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    num_rows, seq = tokens.shape
+    num_mb = num_rows // micro_batch_size
+    if num_mb * micro_batch_size != num_rows or num_mb % microbatch_multiple():
+        raise ValueError(f"{num_rows} rows do not split into micro-batches of {micro_batch_size} rows whose "
+                         f"count is a multiple of {microbatch_multiple()}")
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(num_rows, seq)
+    columns = {"tokens": tokens, "position_ids": positions, **(extra or {})}
+    micro_batches = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in columns.items()}
+                     for i in range(num_mb)]
+    chunk_list = list(chunks)
+    reports = get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, output_fn=output_fn),
+        data_iterator=[iter(micro_batches) for _ in chunk_list] if len(chunk_list) > 1 else iter(micro_batches),
+        model=chunk_list, num_microbatches=num_mb, seq_length=seq, micro_batch_size=micro_batch_size,
+        forward_only=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat([r["rows"] for r in reports], dim=0)
+
+
+def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
+    """The last pipeline stage's ``value`` on every stage (other stages pass None).
+
+    A sum over the pipeline group in which every stage but the last contributes zeros: ``x + 0 == x``
+    exactly, for floats and integers, so this is a broadcast built from the one collective kind
+    :mod:`megatron_rl_agg.dist` already has. Each pipeline group holds one rank per stage (same TP and DP
+    rank), and TP ranks of the last stage hold identical values, so every rank ends with the same tensor.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    if value is None:
+        value = torch.zeros(shape, dtype=dtype)
+    return dist.all_reduce_sum(value, parallel_state.get_pipeline_model_parallel_group())
+
+
+def _label_logprobs(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+    # vocab_parallel_cross_entropy normalizes its input in place; the logits are not reused after this.
+    return vocab_parallel_logprobs(logits.float(), micro_batch["labels"])
+
+
+def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tensor,
+                     micro_batch_size: int) -> torch.Tensor:
+    """``[R, S]`` float32 log-probs of ``labels`` under the model, on every pipeline stage.
+
+    Used for the frozen reference policy and for behaviour log-probs an offline file does not carry;
+    values at masked positions are meaningless and are ignored by the loss.
+    """
+    out = run_forward_only(chunks, tokens, micro_batch_size, _label_logprobs, extra={"labels": labels})
+    return broadcast_from_last_stage(out, tuple(tokens.shape), torch.float32)

@@ -1,0 +1,154 @@
+"""On-policy rollouts: the Megatron model samples ``n`` responses per prompt, at any TP / PP / VPP layout.
+
+Sampling is *counter-based*: every random draw of step ``k`` comes from a generator seeded with
+``(seed, k, purpose)`` only, and the sampling noise of a row is indexed by its global row number. So the
+prompts, the sampled tokens (given the logits), and which samples the simulated rollout service loses
+depend on ``--seed`` and the step alone, never on the parallel layout or on how many steps ran before in
+this process; a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+
+Token sampling is the Gumbel-max trick: ``argmax_v(z_v / T + g_v)`` with ``g_v = -log(-log(u_v))`` and
+``u_v`` uniform is a draw from ``softmax(z / T)``. The last pipeline stage gathers the full-vocabulary
+logits over TP (fine at this size), every TP rank there draws the same token from the same noise, and
+:func:`~megatron_rl_agg.trainer.forward.broadcast_from_last_stage` hands it to the other stages.
+
+Generation recomputes the whole prefix at every new token (no KV cache): rows are right-padded, attention
+is causal, so the logits at a row's last real position never see the padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from megatron_rl_agg.trainer import forward, task
+from megatron_rl_agg.trainer.batching import shard_bounds
+from megatron_rl_agg.trainer.rollouts import Sample
+
+__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "on_policy_rows"]
+
+
+def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, step, purpose)`` only (SHA-256, so streams never overlap)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutSpec:
+    """What one on-policy step generates."""
+
+    task: task.CountingTask
+    num_prompts: int
+    """Prompts per step (``--global-batch-size / --num-samples-per-prompt``)."""
+    samples_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+    failure_prob: float
+    vocab_size: int
+    seed: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_prompts * self.samples_per_prompt
+
+
+def gumbel_noise(spec: RolloutSpec, step: int, rows: slice) -> torch.Tensor:
+    """``[len(rows), max_new_tokens, V]`` Gumbel noise of the given global rows of ``step``."""
+    u = torch.rand((spec.num_rows, spec.max_new_tokens, spec.vocab_size),
+                   generator=step_generator(spec.seed, step, "sample"), dtype=torch.float64)[rows]
+    # u in [0, 1): clamp away from 0 so -log(-log(u)) stays finite.
+    return -torch.log(-torch.log(u.clamp(min=1e-300)))
+
+
+def sample_tokens(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Gumbel-max draw: ``[b]`` int64 ``argmax(logits / T + noise)`` for ``[b, V]`` logits and noise."""
+    return torch.argmax(logits.double() / temperature + noise, dim=-1)
+
+
+def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+    """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    rows = torch.arange(logits.shape[0])
+    picked = logits[rows, micro_batch["positions"]].float()                 # [b, V / tp]
+    return gather_from_tensor_model_parallel_region(picked)                 # [b, V]
+
+
+@torch.no_grad()
+def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
+             seq_length: int, max_new_tokens: int, temperature: float,
+             micro_batch_rows: int) -> list[tuple[list[int], str]]:
+    """Sample one response per prompt with the model; returns ``[(response, finish_reason)]``.
+
+    Args:
+        prompts: ``R`` prompts (this rank's rows); ``len(prompt) + max_new_tokens <= seq_length + 1``.
+        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows.
+        micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
+            :func:`~megatron_rl_agg.trainer.forward.microbatch_multiple`.
+
+    A response ends at its first EOS (included, finish ``"stop"``) or after ``max_new_tokens`` tokens
+    (finish ``"length"``). All model-parallel ranks of a pipeline see the same tokens, so they leave the
+    loop at the same step; nothing here communicates across DP ranks.
+    """
+    num = len(prompts)
+    block = micro_batch_rows * forward.microbatch_multiple()
+    padded = max(1, -(-num // block)) * block
+    tokens = torch.zeros(padded, seq_length, dtype=torch.int64)
+    lengths = torch.ones(padded, dtype=torch.int64)          # padding rows: a 1-token dummy prompt
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > seq_length + 1:
+            raise ValueError(f"prompt of {len(p)} tokens + --max-new-tokens {max_new_tokens} exceed "
+                             f"--seq-length {seq_length} + 1")
+        tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
+        lengths[i] = len(p)
+    responses: list[list[int]] = [[] for _ in range(num)]
+    done = torch.zeros(num, dtype=torch.bool)
+    for j in range(max_new_tokens):
+        logits = forward.run_forward_only(chunks, tokens, micro_batch_rows, _last_position_logits,
+                                          extra={"positions": lengths - 1})
+        if logits is not None:
+            logits = sample_tokens(logits[:num], noise[:, j], temperature)
+        nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64)
+        for i in torch.nonzero(~done).flatten().tolist():
+            responses[i].append(int(nxt[i]))
+        done |= nxt == task.EOS
+        if bool(done.all()) or j == max_new_tokens - 1:
+            break
+        writable = lengths[:num] < seq_length
+        tokens[torch.arange(num)[writable], lengths[:num][writable]] = nxt[writable]
+        lengths[:num] += 1
+    return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
+
+
+def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, *, dp_size: int, dp_rank: int,
+                   seq_length: int, micro_batch_rows: int) -> tuple[list[Sample], list[int], int]:
+    """This DP rank's surviving rollout rows of ``step``.
+
+    Global row ``g`` belongs to prompt ``g // n``; rank ``r`` generates rows ``shard_bounds(R, D, r)``.
+    Each row is then lost with probability ``failure_prob`` (drawn per global row), as a rollout service
+    that drops samples; its group becomes partial, and a group that loses every sample disappears.
+
+    Returns:
+        ``(samples, group_ids, num_failed)``: surviving samples in global row order with their prompt
+        index as group id, and how many of this rank's rows were lost.
+    """
+    prompts = spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
+    lost = torch.rand(spec.num_rows, generator=step_generator(spec.seed, step, "failure")) < spec.failure_prob
+    start, end = shard_bounds(spec.num_rows, dp_size, dp_rank)
+    rows = range(start, end)
+    n = spec.samples_per_prompt
+    outputs = generate(chunks, [prompts[g // n] for g in rows], gumbel_noise(spec, step, slice(start, end)),
+                       seq_length=seq_length, max_new_tokens=spec.max_new_tokens,
+                       temperature=spec.temperature, micro_batch_rows=micro_batch_rows)
+    samples, gids = [], []
+    for g, (response, finish) in zip(rows, outputs):
+        if bool(lost[g]):
+            continue
+        prompt = prompts[g // n]
+        samples.append(Sample(g // n, tuple(prompt), tuple(response), task.reward(prompt, response), finish,
+                              None, f"step {step} row {g}"))
+        gids.append(g // n)
+    return samples, gids, int(lost[start:end].sum())

@@ -1,0 +1,85 @@
+"""Where a step's rows come from: an offline JSONL file, or on-policy generation by the model.
+
+Both give each data-parallel rank its own rows of the step's mini-batch, with global prompt-group ids
+(equal on every rank for one group; a group may straddle two ranks), so advantages and aggregation
+weights are computed over the whole mini-batch with DP collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_rl_agg.trainer import generation, rollouts
+from megatron_rl_agg.trainer.batching import shard_bounds
+from megatron_rl_agg.trainer.rollouts import Sample
+
+__all__ = ["StepRows", "OfflineSource", "OnPolicySource"]
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """This rank's rows of one step."""
+
+    samples: list[Sample]
+    group_ids: list[int]
+    num_failed: int = 0
+    """Rows this rank lost to simulated rollout failures (on-policy only)."""
+
+
+class OfflineSource:
+    """Mini-batches of whole prompt groups read from a JSONL rollout file.
+
+    The file's groups are packed in order into mini-batches of at most ``--global-batch-size`` rows
+    (:func:`~megatron_rl_agg.trainer.rollouts.plan_minibatches`); step ``k`` (from 1) uses mini-batch
+    ``(k - 1) mod num_batches``, so a run longer than one pass starts the file again. Group ids are the
+    group's index in the file.
+    """
+
+    expected_group_size: Optional[int] = None
+
+    def __init__(self, path: str, global_batch_size: int, vocab_size: int):
+        self.samples = rollouts.read_rollouts(path, vocab_size=vocab_size)
+        with_lp = {s.logprobs is not None for s in self.samples}
+        if len(with_lp) > 1:
+            first = next(s for s in self.samples if s.logprobs is None)
+            raise rollouts.RolloutFormatError(
+                f"{first.source}: no 'logprobs', but other lines of {path} have them; give log-probs for "
+                "every line or for none (without them they are recomputed with the current model)")
+        spans = rollouts.group_spans(self.samples)
+        self.group_of_row = [g for g, (a, b) in enumerate(spans) for _ in range(a, b)]
+        self.batches = rollouts.plan_minibatches(spans, global_batch_size)
+
+    @property
+    def has_logprobs(self) -> bool:
+        return self.samples[0].logprobs is not None
+
+    def batch_rows(self, step: int) -> tuple[int, int]:
+        """Global row range of step ``step`` (1-based)."""
+        return self.batches[(step - 1) % len(self.batches)]
+
+    def local_rows(self, step: int, dp_size: int, dp_rank: int, chunks: Sequence = ()) -> StepRows:
+        """This rank's rows of step ``step`` (``chunks`` is unused: the rows are fixed)."""
+        a, b = self.batch_rows(step)
+        lo, hi = shard_bounds(b - a, dp_size, dp_rank)
+        rows = range(a + lo, a + hi)
+        return StepRows([self.samples[i] for i in rows], [self.group_of_row[i] for i in rows])
+
+
+class OnPolicySource:
+    """Rows sampled by the policy itself on the counting task (see :mod:`.generation`)."""
+
+    has_logprobs = False
+
+    def __init__(self, spec: generation.RolloutSpec, seq_length: int, micro_batch_rows: int):
+        self.spec = spec
+        self.seq_length = seq_length
+        self.micro_batch_rows = micro_batch_rows
+        self.expected_group_size = spec.samples_per_prompt
+
+    def local_rows(self, step: int, dp_size: int, dp_rank: int, chunks: Sequence = ()) -> StepRows:
+        """Generate this rank's rows of step ``step`` with the model ``chunks``."""
+        samples, gids, failed = generation.on_policy_rows(
+            chunks, self.spec, step, dp_size=dp_size, dp_rank=dp_rank, seq_length=self.seq_length,
+            micro_batch_rows=self.micro_batch_rows)
+        return StepRows(samples, gids, failed)

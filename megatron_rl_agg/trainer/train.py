@@ -1,0 +1,289 @@
+"""The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / DP layout).
+
+One step (= one optimizer update on one mini-batch):
+
+1. rows: this DP rank's share of the mini-batch, from the offline file or generated on-policy;
+2. advantages over the whole mini-batch (``compute_step_advantages`` over the DP group: real group ids,
+   overlong policy, group dropping); rows the policy excludes get ``loss_mask = 0``;
+3. padding: every DP rank gets the same number of whole micro-batches (a multiple of PP under
+   interleaving) by appending fully masked rows, which change nothing;
+4. reference log-probs (``--kl-coef > 0``) and, for files without them, nothing else: the loss then uses
+   the detached current log-probs as the old ones, which is exactly the recomputation "old = current model
+   before the update" (ratio 1) at no extra forward pass;
+5. ``prepare_microbatches`` (global aggregation weights, once per mini-batch), Megatron's
+   forward-backward schedule with :func:`megatron_rl_agg.megatron_loss.forward_step`, the optimizer step;
+6. metrics reduced exactly over micro-batches and DP ranks, handed from the last pipeline stage to rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from megatron_rl_agg import dist, megatron_compat
+from megatron_rl_agg.advantages import compute_step_advantages
+from megatron_rl_agg.config import AdvantageConfig, LossConfig
+from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, task
+from megatron_rl_agg.trainer.arguments import TrainerArgsError, virtual_pipeline_size
+from megatron_rl_agg.trainer.reporting import MetricsLogger
+from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
+
+__all__ = ["Trainer", "build_trainer", "train_step", "run"]
+
+# Loss-function report names exported to the metrics line (name in the report -> metrics key).
+_LOSS_REPORT = (("policy_loss/sum", "policy_loss"), ("kl_loss/sum", "kl_loss"), ("entropy/mean", "entropy"),
+                ("entropy_loss/sum", "entropy_loss"), ("loss/sum", "loss"), ("clip_frac/mean", "clip_frac"),
+                ("ppo_kl/mean", "ppo_kl"), ("num_tokens/sum", "num_tokens"))
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds."""
+
+    args: argparse.Namespace
+    chunks: list
+    optimizer: Any
+    ref_chunks: Optional[list]
+    loss_cfg: LossConfig
+    adv_cfg: AdvantageConfig
+    source: Any
+    layout: dict
+    rank: int
+    world_size: int
+    start_step: int = 0
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+
+def _model_spec(args):
+    from megatron_rl_agg.model import GPTSpec
+
+    return GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                   num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
+                   max_seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size, bf16=args.bf16)
+
+
+def _layer_spec(args, spec):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_rl_agg.model import default_layer_spec
+
+    if args.transformer_impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
+    if args.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as err:
+            raise TrainerArgsError(f"--transformer-impl transformer_engine: {err}; use local or auto") from None
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return default_layer_spec(spec)
+
+
+def _build_policy(args, spec):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_rl_agg.model import build_model, build_optimizer, init_weights
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config)
+    init_weights(chunks, seed=args.seed)            # layout-independent: a function of (seed, key) only
+    optimizer = build_optimizer(chunks, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                                use_distributed_optimizer=args.use_distributed_optimizer)
+    return chunks, optimizer
+
+
+def _build_reference(args, spec) -> Optional[list]:
+    """Frozen reference policy in the same layout: the initial weights of --seed, or --ref-load."""
+    if args.kl_coef == 0:
+        return None
+    from megatron_rl_agg.model import build_model, init_weights
+
+    ref = build_model(spec, wrap_ddp=False, layer_spec=_layer_spec(args, spec))
+    if args.ref_load:
+        checkpoint.load_model_weights(args.ref_load, ref)
+    else:
+        init_weights(ref, seed=args.seed)
+    for chunk in ref:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return ref
+
+
+def _build_source(args):
+    if args.rollouts:
+        return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size)
+    counting = task.CountingTask(min_count=args.task_min_count, max_count=args.task_max_count,
+                                 max_distractors=args.task_max_distractors)
+    counting.check_vocab(args.vocab_size)
+    if counting.max_prompt_length + args.max_new_tokens > args.seq_length + 1:
+        raise TrainerArgsError(
+            f"--seq-length {args.seq_length} is too short: prompts of up to {counting.max_prompt_length} "
+            f"tokens + --max-new-tokens {args.max_new_tokens} need >= "
+            f"{counting.max_prompt_length + args.max_new_tokens - 1}")
+    spec = generation.RolloutSpec(
+        task=counting, num_prompts=args.global_batch_size // args.num_samples_per_prompt,
+        samples_per_prompt=args.num_samples_per_prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, failure_prob=args.rollout_failure_prob, vocab_size=args.vocab_size,
+        seed=args.seed)
+    return OnPolicySource(spec, args.seq_length, args.micro_batch_size)
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    """Initialise distributed state and Megatron's parallel groups, build model, optimizer, data."""
+    from megatron.core import parallel_state
+
+    rank, world = megatron_compat.initialize_distributed()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed)
+    spec = _model_spec(args)
+    chunks, optimizer = _build_policy(args, spec)
+    layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),
+              "dp": parallel_state.get_data_parallel_world_size()}
+    trainer = Trainer(args=args, chunks=chunks, optimizer=optimizer, ref_chunks=_build_reference(args, spec),
+                      loss_cfg=LossConfig.from_args(args), adv_cfg=AdvantageConfig.from_args(args),
+                      source=_build_source(args), layout=layout, rank=rank, world_size=world)
+    if args.load:
+        saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world)
+        trainer.start_step = saved["step"]
+        if rank == 0 and not saved["rng_restored"]:
+            print(f"[megatron_rl_agg] resumed step {saved['step']} from {args.load} saved at layout "
+                  f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
+                  f"{world}): per-process RNG states not restored (the trainer's draws are counter-based)")
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# one step
+# ----------------------------------------------------------------------------------------------
+
+def _padded_rows(tr: Trainer, num_local: int) -> int:
+    """Rows every DP rank holds after padding: the largest rank's whole micro-batches, rounded up to the
+    micro-batch multiple of the schedule (PP under interleaving), at least one micro-batch."""
+    mbs, multiple = tr.args.micro_batch_size, forward.microbatch_multiple()
+    local = torch.tensor([max(1, math.ceil(num_local / mbs))], dtype=torch.int64)
+    num_mb = int(dist.all_reduce_max(local, tr.dp_group).item())
+    return math.ceil(num_mb / multiple) * multiple * mbs
+
+
+def _local_batch(tr: Trainer, step: int) -> tuple[dict, dict]:
+    """This rank's padded mini-batch dict for ``prepare_microbatches`` and the step's row statistics."""
+    from megatron.core import parallel_state
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    step_rows = tr.source.local_rows(step, dp_size, dp_rank, chunks=tr.chunks)
+    rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
+    adv, keep_row, stats = compute_step_advantages(
+        rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
+        expected_group_size=tr.source.expected_group_size)
+    rows = replace(rows, loss_mask=rows.loss_mask * keep_row.unsqueeze(1).to(rows.loss_mask.dtype))
+    stats.update(_row_stats(step_rows, tr.dp_group))
+    rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
+    batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
+             "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
+    if tr.ref_chunks is not None:
+        batch["ref_logprobs"] = forward.compute_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
+                                                         tr.args.micro_batch_size)
+    return batch, stats
+
+
+def _row_stats(step_rows, dp_group) -> dict:
+    """Reward mean, response length and lost samples over the step's rows on all DP ranks (one all-reduce)."""
+    samples = step_rows.samples
+    local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
+                          float(len(samples)), float(step_rows.num_failed)], dtype=torch.float64)
+    reward_sum, length_sum, num_rows, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
+    return {"reward_mean": reward_sum / max(num_rows, 1.0), "response_length": length_sum / max(num_rows, 1.0),
+            "num_failed_samples": int(num_failed)}
+
+
+def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
+    """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
+
+    micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group)
+    for chunk in tr.chunks:
+        chunk.zero_grad_buffer()
+    tr.optimizer.zero_grad()
+    iterator = [iter(micro) for _ in tr.chunks] if len(tr.chunks) > 1 else iter(micro)
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
+        seq_length=tr.args.seq_length, micro_batch_size=tr.args.micro_batch_size, forward_only=False)
+    _, grad_norm, _ = tr.optimizer.step()
+    return reports, float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def _loss_metrics(tr: Trainer, reports: list) -> dict:
+    """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
+    from megatron_rl_agg.metrics import reduce_metrics
+
+    reduced = reduce_metrics(reports, tr.dp_group) if reports else None
+    values = None
+    if reduced is not None:
+        values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64)
+    values = forward.broadcast_from_last_stage(values, (len(_LOSS_REPORT),), torch.float64)
+    out = {key: float(v) for (_, key), v in zip(_LOSS_REPORT, values.tolist())}
+    out["num_tokens"] = int(round(out["num_tokens"]))
+    return out
+
+
+def train_step(tr: Trainer, step: int) -> dict:
+    """Run step ``step`` (1-based); returns its metrics line (identical on every rank)."""
+    start = time.perf_counter()
+    for chunk in tr.chunks:
+        chunk.train()
+    batch, stats = _local_batch(tr, step)
+    reports, grad_norm = _run_update(tr, batch)
+    metrics = {"step": step, **_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats,
+               "lr": tr.args.lr}
+    metrics["step_time_s"] = round(time.perf_counter() - start, 4)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+def _save(tr: Trainer, step: int) -> None:
+    keep = ("seed", "rollouts", "global_batch_size", "loss_aggregation", "adv_estimator", "overlong_policy")
+    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}}
+    checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
+                               world_size=tr.world_size)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Train from ``args`` (see :mod:`.arguments`); returns every step's metrics (on every rank).
+
+    Re-entrant: tears down Megatron's model-parallel state at the end, so one process can run several
+    layouts one after another (the tests do).
+    """
+    tr = build_trainer(args)
+    logger = MetricsLogger(enabled=tr.rank == 0, metrics_file=args.metrics_file,
+                           tensorboard_dir=args.tensorboard_dir, total_steps=args.train_iters,
+                           start_step=tr.start_step, resume=bool(args.load), progress_bar=not args.no_progress_bar)
+    history = []
+    try:
+        for step in range(tr.start_step + 1, args.train_iters + 1):
+            metrics = train_step(tr, step)
+            history.append(metrics)
+            logger.log(metrics)
+            if args.save and (step == args.train_iters or (args.save_interval and step % args.save_interval == 0)):
+                _save(tr, step)
+    finally:
+        logger.close()
+        megatron_compat.destroy_model_parallel()
+    return history

@@ -1,0 +1,42 @@
+"""Train a GPT policy with GRPO-family RL on Megatron-Core, with exact loss aggregation.
+
+CPU, 2 processes (gloo; DP = 2 / (TP x PP)), the built-in counting task, on-policy:
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train_grpo.py --config configs/cpu_demo.yaml
+
+A recipe at another layout, with CLI overrides of the YAML:
+
+    torchrun --nproc_per_node 2 scripts/train_grpo.py --config configs/dapo.yaml \\
+        --tensor-model-parallel-size 2 --metrics-file runs/dapo/metrics.jsonl
+
+Offline rollouts (one JSON object per line, see docs/training.md), resume, reference policy:
+
+    torchrun --nproc_per_node 2 scripts/train_grpo.py --rollouts data.jsonl --global-batch-size 64 \\
+        --loss-aggregation seq_mean_token_mean --save ckpt --save-interval 10
+    torchrun --nproc_per_node 2 scripts/train_grpo.py ... --load ckpt --train-iters 40
+    torchrun --nproc_per_node 2 scripts/train_grpo.py ... --kl-coef 0.01 --ref-load ckpt
+
+GPU (NCCL, bf16, Transformer Engine layer spec when it imports): scripts/gpu_smoke.sh. Multi-node
+rendezvous: scripts/launch.sh and docs/slurm_example.sbatch. Every flag: docs/training.md.
+"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    # Imports inside main(): checkpoint saving starts a helper process that re-imports this file, which
+    # then stays cheap and side-effect free.
+    from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.train import run
+
+    try:
+        args = parse_args(argv)
+    except TrainerArgsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
