@@ -126,9 +126,9 @@ class GPTSpec:
     tie_embeddings: bool = True
     """Share the input embedding and the output layer weight."""
     position_embedding_type: str = "rope"
-    """"rope" or "learned_absolute"."""
+    """Either "rope" or "learned_absolute"."""
     normalization: str = "LayerNorm"
-    """"LayerNorm" or "RMSNorm"."""
+    """Either "LayerNorm" or "RMSNorm"."""
     swiglu: bool = False
     """Gated SiLU MLP instead of GELU."""
     add_bias_linear: bool = True
@@ -160,7 +160,7 @@ class GPTSpec:
         return torch.bfloat16 if self.bf16 else torch.float32
 
 
-def _parallel_sizes() -> tuple[int, int, int | None]:
+def _parallel_sizes() -> tuple[int, int, int | None, int]:
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -172,6 +172,7 @@ def _parallel_sizes() -> tuple[int, int, int | None]:
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
     )
 
 
@@ -198,7 +199,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    tp, pp, vpp = _parallel_sizes()
+    tp, pp, vpp, cp = _parallel_sizes()
     if spec.vocab_size % tp != 0:
         raise ValueError(f"GPTSpec.vocab_size={spec.vocab_size} is not divisible by tp={tp}")
     stages = pp * (vpp or 1)
@@ -216,6 +217,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
         sequence_parallel=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=spec.params_dtype,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
 
-pytestmark = pytest.mark.slow
+from megatron_rl_agg.model import Layout, parse_layout  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
 TOL = 1e-5
@@ -34,6 +34,43 @@ FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2"]
 def _load(directory, items):
     """``[(item, result)]`` in launch order (an item may repeat)."""
     return [(item, load_result(directory, f"{index:02d}-{item}")) for index, item in enumerate(items)]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("dp2,m2", Layout(dp=2, num_microbatches=2)),
+    ("tp2", Layout(tp=2)),
+    ("pp2,m4", Layout(pp=2, num_microbatches=4)),
+    (" PP2, vpp2 ,m4", Layout(pp=2, vpp=2, num_microbatches=4)),
+    ("tp2,pp2,dp2,m8", Layout(tp=2, pp=2, dp=2, num_microbatches=8)),
+])
+def test_parse_layout(text, expected):
+    layout = parse_layout(text)
+    assert layout == expected
+    assert parse_layout(str(layout)) == layout
+    assert layout.world_size == expected.tp * expected.pp * expected.dp
+
+
+@pytest.mark.parametrize("text,message", [
+    ("cp2", "bad layout item 'cp2'"),
+    ("tp2,tp4", "sets 'tp' twice"),
+    ("dp", "bad layout item 'dp'"),
+    ("vpp2,m4", "needs vpp >= 2 and pp >= 2"),
+    ("tp0", "must be >= 1"),
+])
+def test_parse_layout_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_layout(text)
+
+
+def test_max_rel_diff_is_relative_to_each_tensor_scale():
+    ref = {"a": torch.tensor([2.0, -4.0]), "b": torch.tensor([0.0, 100.0])}
+    got = {"a": torch.tensor([2.0, -4.2]), "b": torch.tensor([1.0, 100.0])}
+    # a: 0.2 / 4 = 0.05; b: 1 / 100 = 0.01
+    assert max_rel_diff(got, ref) == (pytest.approx(0.05), "a")
+    with pytest.raises(KeyError, match="only in ref"):
+        max_rel_diff({"a": got["a"]}, ref)
+    with pytest.raises(ValueError, match="all zeros"):
+        max_rel_diff({"z": torch.ones(2)}, {"z": torch.zeros(2)})
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +97,7 @@ def _assert_matches_reference(results, ref):
             assert torch.equal(res["params"][key], value), f"{item}: initial weights of {key} differ"
 
 
+@pytest.mark.slow
 def test_single_process_microbatching_and_determinism(single, reference):
     # Every tensor, the tied embedding included, receives a gradient.
     assert "embedding.word_embeddings.weight" in reference["grads"]
@@ -71,6 +109,7 @@ def test_single_process_microbatching_and_determinism(single, reference):
     assert all(torch.equal(repeat["grads"][k], g) for k, g in reference["grads"].items())
 
 
+@pytest.mark.slow
 def test_microbatch_mean_negative_control(single, reference):
     """The per-micro-batch token mean weights rows of short micro-batches more: a different gradient."""
     item, control = single[3]
@@ -79,11 +118,13 @@ def test_microbatch_mean_negative_control(single, reference):
     assert rel > 1e-2
 
 
+@pytest.mark.slow
 def test_two_process_layouts(reference, tmp_path):
     run_torchrun(WORKER, 2, [tmp_path, *TWO], timeout=300)
     _assert_matches_reference(_load(tmp_path, TWO), reference)
 
 
+@pytest.mark.slow
 def test_four_process_layouts(reference, tmp_path):
     run_torchrun(WORKER, 4, [tmp_path, *FOUR], timeout=400)
     _assert_matches_reference(_load(tmp_path, FOUR), reference)
