@@ -187,9 +187,10 @@ def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     """Initialise the default process group from the torchrun environment.
 
     Reads ``RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT`` via ``env://``). Without
-    them the process is a world of one and a single-rank group on a free local port is created,
-    so Megatron's parallel_state (which requires torch.distributed) works in a plain ``python``
-    run. Backend: nccl with CUDA (binding ``LOCAL_RANK``'s device), gloo in CPU mode.
+    them the process is a world of one: a single-rank group over an in-process ``HashStore`` (no
+    port), so Megatron's parallel_state (which requires torch.distributed) works in a plain
+    ``python`` run or inside pytest. Backend: nccl with CUDA (binding ``LOCAL_RANK``'s device),
+    gloo in CPU mode. Returns at once if a default group already exists.
 
     Returns:
         ``(rank, world_size)``.
