@@ -209,7 +209,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             (optional: None means on-policy, ratio 1 with the detached current log-probs);
             ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
             prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
-            model, sliced by rows when its first dim is ``B``).
+            model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
         loss_config: the loss settings.
         micro_batch_size: rows per micro-batch.
         dp_group: the data-parallel group whose ranks together hold the mini-batch (None: single process).
@@ -255,12 +255,19 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
     attn = rows.pop("attention_mask")
     rows = {k: _pad_rows(v, padded) for k, v in rows.items()}
+    if attn is not None and attn.shape[0] == n_rows and padded > n_rows:
+        if n_rows == 0:
+            raise ValueError("a per-row attention_mask cannot be padded on a rank with no rows; pass a mask "
+                             "shared by all rows (first dim 1) or give every DP rank at least one row")
+        # Padding rows copy a real row's mask: an all-masked attention row would give NaN logits there,
+        # and NaN times a zero weight is still NaN in the backward pass.
+        attn = torch.cat([attn, attn[-1:].expand((padded - n_rows,) + tuple(attn.shape[1:]))], dim=0)
 
     micro_batches = []
     for k in range(num_mb):
         sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
         mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
-        mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == n_rows else attn
+        mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == padded else attn
         local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
         for key, w in global_w.items():
             mb[key] = w[sl] if w is not None else local_mean

@@ -98,7 +98,8 @@ def reference(logits, batch, cfg, micro_batch_size):
         - cfg.entropy_coef * terms["entropy_loss/sum"]
     total.backward()
     m = mask.bool()
-    means = {"kl/mean": kl[m].mean(), "entropy/mean": ent[m].mean(), "clip_frac/mean": clipped[m].double().mean()}
+    means = {"kl/mean": kl[m].mean(), "entropy/mean": ent[m].mean(),
+             "clip_frac/mean": clipped[m].double().mean()}
     values = {k: float(v.detach()) for k, v in {**terms, **means, "loss/sum": total}.items()}
     return logits.grad, values
 
@@ -164,6 +165,21 @@ def test_padding_rows_change_nothing(megatron_loss):
     assert sum(float(mb["pg_weights"].sum()) for mb in mbs) == pytest.approx(1.0)
 
 
+def test_attention_mask_is_sliced_and_padded(megatron_loss):
+    _, batch = make_batch()
+    causal = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)   # True = masked out
+    per_row = causal.expand(B, 1, S, S).clone()
+    per_row[6, 0, :, 0] = True                                         # make the last real row distinct
+    mbs = megatron_loss.prepare_microbatches({**batch, "attention_mask": per_row}, config("token_mean"), 4)
+    assert [mb["attention_mask"].shape[0] for mb in mbs] == [4, 4]
+    assert torch.equal(mbs[1]["attention_mask"][:3], per_row[4:7])
+    # The padded row copies a real row's mask; an all-masked attention row would make NaN logits.
+    assert torch.equal(mbs[1]["attention_mask"][3], per_row[6])
+    shared = megatron_loss.prepare_microbatches({**batch, "attention_mask": causal[None, None]},
+                                                config("token_mean"), 4)
+    assert all(mb["attention_mask"].shape == (1, 1, S, S) for mb in shared)
+
+
 def test_on_policy_without_old_logprobs_is_ratio_one(megatron_loss):
     # old_logprobs=None: r = 1, pg = -A per token, d pg / d logp = -A (vanilla policy gradient).
     logits, batch = make_batch()
@@ -222,7 +238,8 @@ def test_context_parallel_is_refused(megatron_loss):
     from megatron_rl_agg.model import GPTSpec, get_transformer_config
     cfg = get_transformer_config(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2,
                                          vocab_size=V, max_seq_length=S), context_parallel_size=2)
-    with pytest.raises(ValueError, match=r"context_parallel_size=2 is not supported.*context_parallel_size=1"):
+    with pytest.raises(ValueError,
+                       match=r"context_parallel_size=2 is not supported.*context_parallel_size=1"):
         megatron_loss.check_megatron_setup(cfg)
 
 
@@ -250,7 +267,8 @@ def test_dp_size_mismatch_is_refused(megatron_loss):
 def test_missing_inputs_are_named(megatron_loss):
     _, batch = make_batch()
     with pytest.raises(ValueError, match="kl_coef=0.1 needs batch\\['ref_logprobs'\\]"):
-        megatron_loss.prepare_microbatches({**batch, "ref_logprobs": None}, config("token_mean", kl_coef=0.1), 3)
+        megatron_loss.prepare_microbatches({**batch, "ref_logprobs": None},
+                                           config("token_mean", kl_coef=0.1), 3)
     with pytest.raises(ValueError, match="needs batch\\['group_ids'\\]"):
         megatron_loss.prepare_microbatches({**batch, "group_ids": None}, config("prompt_mean"), 3)
     with pytest.raises(ValueError, match="missing 'advantages'"):

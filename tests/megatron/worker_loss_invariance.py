@@ -1,7 +1,9 @@
 """torchrun worker: the plugin's RL loss function on a real Megatron GPT at several layouts.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 1 tests/megatron/worker_loss_invariance.py OUT
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/megatron/worker_loss_invariance.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 1 \
+        tests/megatron/worker_loss_invariance.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/megatron/worker_loss_invariance.py OUT_DIR
 
 The process count picks the work (all of it in one launch, re-initialising Megatron's model-parallel
 state between layouts):
