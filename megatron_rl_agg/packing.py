@@ -138,11 +138,14 @@ def lengths_from_loss_mask(loss_mask: Tensor) -> Tensor:
     return (loss_mask.ne(0) * cols).amax(dim=1).clamp(min=1).to(torch.int64)
 
 
-def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1) -> PackedLayout:
+def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1,
+                total_length: Optional[int] = None) -> PackedLayout:
     """Build the packed layout of rows with ``lengths[B]`` real tokens in a ``[B, row_width]`` batch.
 
     ``pad_to_multiple_of`` > 1 appends a filler segment so that ``T`` is a multiple of it (needed by
-    sequence parallelism, where T must divide by the TP size). The filler is its own ``cu_seqlens``
+    sequence parallelism, where T must divide by the TP size); ``total_length`` pads to exactly that
+    many tokens instead (a common length for every micro-batch of a pipeline-parallel step; it must be
+    >= sum(lengths) and a multiple of ``pad_to_multiple_of``). The filler is its own ``cu_seqlens``
     segment, so it attends only to itself, and ``pack`` fills it with zeros (loss mask and weights 0).
     """
     if not isinstance(row_width, int) or row_width < 1:
@@ -161,6 +164,12 @@ def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1)
         )
     n_real = int(lengths.sum())
     total = -(-n_real // pad_to_multiple_of) * pad_to_multiple_of
+    if total_length is not None:
+        if total_length < total or total_length % pad_to_multiple_of:
+            raise ValueError(f"total_length={total_length} must be >= {total} (the rows' {n_real} tokens "
+                             f"rounded up to a multiple of pad_to_multiple_of={pad_to_multiple_of}) and a "
+                             "multiple of pad_to_multiple_of")
+        total = total_length
     seg = lengths if total == n_real else torch.cat([lengths, lengths.new_tensor([total - n_real])])
     cu_seqlens = torch.zeros(seg.numel() + 1, dtype=torch.int32, device=lengths.device)
     cu_seqlens[1:] = torch.cumsum(seg, 0)
@@ -229,6 +238,7 @@ def pack_micro_batch(
     lengths: Tensor,
     *,
     pad_to_multiple_of: int = 1,
+    total_length: Optional[int] = None,
 ) -> Tuple[Dict[str, object], PackedLayout]:
     """Pack one padded micro-batch into a single THD sequence.
 
@@ -240,7 +250,7 @@ def pack_micro_batch(
             unchanged. ``loss_mask`` and every ``*weights`` tensor must be zero on padding columns.
             ``attention_mask`` must be None (packed attention is causal within each row).
         lengths: ``[B]`` real tokens per row (``lengths_from_loss_mask`` or ``lengths_from_mask``).
-        pad_to_multiple_of: see ``make_layout``.
+        pad_to_multiple_of, total_length: see ``make_layout``.
 
     Returns:
         ``(packed, layout)``. ``packed["position_ids"]`` is the packed ``batch["position_ids"]`` when
@@ -256,7 +266,7 @@ def pack_micro_batch(
                          "each row by construction (cu_seqlens); a custom mask cannot be packed")
     b, s = tokens.shape
     layout = make_layout(torch.as_tensor(lengths, device=tokens.device), s,
-                         pad_to_multiple_of=pad_to_multiple_of)
+                         pad_to_multiple_of=pad_to_multiple_of, total_length=total_length)
     if layout.num_rows != b:
         raise ValueError(f"got {layout.num_rows} lengths for {b} rows")
     padding = torch.arange(s, device=tokens.device).unsqueeze(0) >= layout.lengths.unsqueeze(1)
@@ -282,20 +292,30 @@ def pack_micro_batch(
     packed["attention_mask"] = None
     packed["packed_seq_params"] = packed_seq_params(layout)
     packed["packed_layout"] = layout
+    packed["packed_fixed_length"] = total_length
     return packed, layout
 
 
-def pack_microbatches(micro_batches: Sequence[Mapping[str, object]], *, pad_to_multiple_of: int = 1
-                      ) -> list:
+def pack_microbatches(micro_batches: Sequence[Mapping[str, object]], *, pad_to_multiple_of: int = 1,
+                      equal_length: bool = False) -> list:
     """Pack every micro-batch of ``megatron_loss.prepare_microbatches`` (one THD sequence each).
 
     Row lengths are ``lengths_from_loss_mask``: each row is cut after its last loss token, which
     changes no loss term (see there). The per-token weights computed for the whole mini-batch move
     with their tokens, so the loss function needs no change. Run the result with
     ``packed_forward_step``.
+
+    ``equal_length=True`` pads every pack to the longest one (``L = max_k T_k``), so all micro-batches
+    of the step have one shape: what Megatron's pipeline schedules expect when
+    ``variable_seq_lengths=False`` (pass ``seq_length=L, micro_batch_size=1``). Under PP this is the
+    option that also works with the interleaved (VPP) schedule.
     """
-    return [pack_micro_batch(mb, lengths_from_loss_mask(mb["loss_mask"]),
-                             pad_to_multiple_of=pad_to_multiple_of)[0] for mb in micro_batches]
+    lengths = [lengths_from_loss_mask(mb["loss_mask"]) for mb in micro_batches]
+    total = None
+    if equal_length:
+        total = max(-(-int(n.sum()) // pad_to_multiple_of) * pad_to_multiple_of for n in lengths)
+    return [pack_micro_batch(mb, n, pad_to_multiple_of=pad_to_multiple_of, total_length=total)[0]
+            for mb, n in zip(micro_batches, lengths)]
 
 
 def packed_forward_step(data_iterator, model):
@@ -305,8 +325,9 @@ def packed_forward_step(data_iterator, model):
     passes it down to every attention layer and to the THD RoPE path); the loss function is
     ``megatron_loss.make_loss_func`` unchanged, applied to ``[1, T]`` per-token tensors.
 
-    Under pipeline parallelism the packed length differs between micro-batches, so the stages must
-    exchange shapes: the model config needs ``variable_seq_lengths=True`` (checked here).
+    Under pipeline parallelism the stages must know each micro-batch's activation shape: either
+    every pack has one length (``pack_microbatches(..., equal_length=True)``) or the model config has
+    ``variable_seq_lengths=True`` so that stages exchange shapes (checked here).
     """
     from megatron.core.utils import get_model_config
 
@@ -318,10 +339,12 @@ def packed_forward_step(data_iterator, model):
         raise ValueError("packed_forward_step got a micro-batch without 'packed_seq_params'; build it "
                          "with pack_microbatches / pack_micro_batch")
     config = get_model_config(model)
-    if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
-        raise ValueError("sequence packing with pipeline_model_parallel_size="
-                         f"{config.pipeline_model_parallel_size} needs variable_seq_lengths=True (packed "
-                         "micro-batches differ in length, so stages must exchange activation shapes)")
+    if (config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths
+            and micro_batch.get("packed_fixed_length") is None):
+        raise ValueError(
+            f"sequence packing with pipeline_model_parallel_size={config.pipeline_model_parallel_size}: "
+            "packed micro-batches differ in length; pack them with pack_microbatches(..., "
+            "equal_length=True) or set variable_seq_lengths=True so stages exchange activation shapes")
     output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params)
     return output, make_loss_func(micro_batch, model)
 
@@ -446,8 +469,9 @@ def add_sequence_packing_args(parser: argparse.ArgumentParser) -> argparse.Argum
         "--sequence-packing", action="store_true",
         help="Pack the rows of each micro-batch into one THD sequence (no padding tokens). Loss "
              "and gradients equal the padded run. Needs a THD-capable attention: the local "
-             "PackedDotProductAttention spec, or Transformer Engine's spec on GPU. With pipeline "
-             "parallelism also set variable_seq_lengths (packed length varies per micro-batch).",
+             "PackedDotProductAttention spec, or Transformer Engine's spec on GPU. Under pipeline "
+             "parallelism the packs of a step are padded to one length (pack_microbatches("
+             "equal_length=True)) unless the model uses variable_seq_lengths.",
     )
     group.add_argument(
         "--pack-pad-to-multiple-of", type=int, default=1,

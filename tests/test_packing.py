@@ -54,6 +54,16 @@ def test_layout_filler_segment():
     assert pack(x, lay).tolist() == [[1, 2, 5, 6, 7, 9, 0, 0]]
 
 
+def test_layout_fixed_total_length():
+    # 6 real tokens padded to exactly 10: one filler segment of 4
+    lay = make_layout(torch.tensor([2, 3, 1]), 4, total_length=10)
+    assert lay.cu_seqlens.tolist() == [0, 2, 5, 6, 10] and lay.max_seqlen == 4
+    with pytest.raises(ValueError, match="total_length=5 must be >= 6"):
+        make_layout(torch.tensor([2, 3, 1]), 4, total_length=5)
+    with pytest.raises(ValueError, match="total_length=10 must be >= 8"):
+        make_layout(torch.tensor([2, 3, 1]), 4, pad_to_multiple_of=4, total_length=10)
+
+
 def test_pack_unpack_roundtrip_and_gradient():
     lengths = [5, 1, 7, 3]
     lay = make_layout(torch.tensor(lengths), 7, pad_to_multiple_of=3)
@@ -302,3 +312,11 @@ def test_packed_loss_func_equals_padded(megatron_single_rank, mode):
         back = unpack(b.grad, pmb["packed_layout"])
         torch.testing.assert_close(back, a.grad * kept.unsqueeze(-1), rtol=1e-6, atol=1e-9)
         assert torch.all(a.grad[~kept] == 0)
+    # equal_length: both packs padded to the longer one; only filler is added
+    same = pack_microbatches(padded, pad_to_multiple_of=4, equal_length=True)
+    lengths = [p["tokens"].shape[1] for p in packed]
+    assert [p["tokens"].shape[1] for p in same] == [max(lengths)] * 2
+    assert all(p["packed_fixed_length"] == max(lengths) for p in same)
+    for p, q in zip(same, packed):
+        n = q["tokens"].shape[1]
+        assert torch.equal(p["tokens"][:, :n], q["tokens"]) and p["loss_mask"][:, n:].sum() == 0

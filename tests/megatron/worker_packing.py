@@ -3,8 +3,11 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
         tests/megatron/worker_packing.py OUT_DIR tp2 pp2:abs
 
-Each item is a layout (``megatron_rl_agg.model.parse_layout``, using every process) with an optional
-``:abs`` suffix for learned absolute position embeddings (default RoPE). For each item the worker
+Each item is a layout (``megatron_rl_agg.model.parse_layout``, dp1, using every process) with an
+optional suffix: ``:abs`` for learned absolute position embeddings (default RoPE), ``:fixed`` to pad
+every pack of the step to one length (``pack_microbatches(equal_length=True)``) instead of letting
+pipeline stages exchange shapes (``variable_seq_lengths``, used by PP items otherwise); the
+interleaved (VPP) schedule needs ``:fixed``. For each item the worker
 builds the model once with ``packed_local_layer_spec`` (whose attention runs Megatron's own code for
 padded input and the block-diagonal THD path for packed input), initialises the weights
 layout-independently, and for each aggregation mode in ``MODES`` runs one forward-backward with
@@ -14,7 +17,8 @@ layout-independently, and for each aggregation mode in ``MODES`` runs one forwar
 
 Both use the unchanged ``megatron_loss.loss_func`` (PPO surrogate, k3 KL to a reference, entropy
 bonus). The rank on the last pipeline stage with TP rank 0 saves, per item and mode, the full
-gradients of both runs (``gather_full_grads``), the reported objective (sum of ``loss/sum``) and
+gradients of both runs (``gather_full_grads``), the reported objective and its terms (totals of
+``loss/sum``, ``policy_loss/sum``, ``kl_loss/sum``, ``entropy_loss/sum``) and
 the per-token log-probs of the labels (packed ones scattered back to ``[B, S]`` and a bool ``kept``
 mask of the positions packing keeps), as ``OUT_DIR/<index>-<item>.pt``. For the first mode it also
 runs a negative control (``grads_control``): the packs with a single ``cu_seqlens`` segment.
@@ -52,11 +56,12 @@ PROMPT_LEN = 3
 MICRO_BATCH_SIZE = 4  # -> 2 micro-batches
 
 
-def make_spec(position_embedding_type: str, pp: int) -> GPTSpec:
+def make_spec(position_embedding_type: str, variable_seq_lengths: bool) -> GPTSpec:
     # GQA (4 heads, 2 groups) exercises the kv-head repeat of the packed attention, also at TP2.
-    return GPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+    return GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                    vocab_size=64, max_seq_length=SEQ_LEN, ffn_hidden_size=64,
-                   position_embedding_type=position_embedding_type, variable_seq_lengths=pp > 1)
+                   position_embedding_type=position_embedding_type,
+                   variable_seq_lengths=variable_seq_lengths)
 
 
 def make_batch() -> dict:
@@ -112,35 +117,41 @@ def capture_logprobs(step, store: list):
     return wrapped_step
 
 
-def run_once(chunks, micro_batches, step) -> tuple[dict, float, torch.Tensor]:
-    """One forward-backward; returns (full grads, reported objective, log-probs [B, S] or empty)."""
+TERMS = ("loss/sum", "policy_loss/sum", "kl_loss/sum", "entropy_loss/sum")
+
+
+def run_once(chunks, micro_batches, step) -> tuple[dict, dict, torch.Tensor]:
+    """One forward-backward; returns (full grads, reported totals of ``TERMS``, log-probs [B, S])."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     logps: list = []
+    # The interleaved (VPP) schedule wants one iterator per model chunk, each over all micro-batches.
+    data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     reports = get_forward_backward_func()(
-        forward_step_func=capture_logprobs(step, logps), data_iterator=iter(micro_batches),
+        forward_step_func=capture_logprobs(step, logps), data_iterator=data,
         model=chunks, num_microbatches=len(micro_batches),
         seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=False)
-    objective = sum(float(r["loss/sum"]) for r in reports) if reports else 0.0
+    totals = {term: sum(float(r[term]) for r in reports) for term in TERMS} if reports else {}
     logp = torch.cat(logps) if logps else torch.empty(0)
-    return gather_full_grads(chunks), objective, logp
+    return gather_full_grads(chunks), totals, logp
 
 
 def run_item(item: str, index: int, out_dir: str) -> str:
     from megatron.core import parallel_state
 
     layout_text, _, variant = item.partition(":")
-    if variant not in ("", "abs"):
-        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'abs'")
+    if variant not in ("", "abs", "fixed"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'abs', 'fixed'")
     layout = parse_layout(layout_text)
     if layout.world_size != torch_dist.get_world_size() or layout.dp != 1:
         raise ValueError(f"layout {layout_text!r} must be dp1 and use all {torch_dist.get_world_size()} "
                          "processes")
-    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, seed=SEED)
-    spec = make_spec("learned_absolute" if variant == "abs" else "rope", layout.pp)
+    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
+    fixed = variant == "fixed"
+    spec = make_spec("learned_absolute" if variant == "abs" else "rope", layout.pp > 1 and not fixed)
     chunks = build_model(spec, layer_spec=packed_local_layer_spec(normalization=spec.normalization))
     init_weights(chunks, seed=SEED)
     batch = make_batch()
@@ -149,10 +160,10 @@ def run_item(item: str, index: int, out_dir: str) -> str:
         cfg = LossConfig(loss_aggregation=mode, kl_coef=0.05, entropy_coef=0.01)
         padded = prepare_microbatches(batch, cfg, MICRO_BATCH_SIZE,
                                       dp_group=parallel_state.get_data_parallel_group())
-        packed = pack_microbatches(padded)
-        grads_pad, obj_pad, logp_pad = run_once(chunks, padded, forward_step)
-        grads_pack, obj_pack, logp_pack = run_once(chunks, packed, packed_forward_step)
-        kept = torch.cat([
+        packed = pack_microbatches(padded, equal_length=fixed)
+        grads_pad, terms_pad, logp_pad = run_once(chunks, padded, forward_step)
+        grads_pack, terms_pack, logp_pack = run_once(chunks, packed, packed_forward_step)
+        kept = torch.cat([  # positions packing keeps, as [B, S]
             torch.arange(SEQ_LEN).unsqueeze(0) < mb["packed_layout"].lengths.unsqueeze(1) for mb in packed
         ])
         if mode == MODES[0]:
@@ -161,7 +172,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
             leaky = [dict(mb, packed_seq_params=single_segment(mb["packed_seq_params"])) for mb in packed]
             grads_control, _, _ = run_once(chunks, leaky, packed_forward_step)
         result[mode] = {"grads_padded": grads_pad, "grads_packed": grads_pack,
-                        "objective_padded": obj_pad, "objective_packed": obj_pack,
+                        "terms_padded": terms_pad, "terms_packed": terms_pack,
                         "logp_padded": logp_pad, "logp_packed": logp_pack, "kept": kept,
                         "packed_lengths": [mb["tokens"].shape[1] for mb in packed]}
     result[MODES[0]]["grads_control"] = grads_control
@@ -170,8 +181,8 @@ def run_item(item: str, index: int, out_dir: str) -> str:
         save_result(out_dir, f"{index:02d}-{item}", result)
     megatron_compat.destroy_model_parallel()
     mode = MODES[0]
-    return f"{item}: {mode} objective padded {result[mode]['objective_padded']:.8f} " \
-           f"packed {result[mode]['objective_packed']:.8f}" if owner else ""
+    return f"{item}: {mode} objective padded {result[mode]['terms_padded']['loss/sum']:.8f} " \
+           f"packed {result[mode]['terms_packed']['loss/sum']:.8f}" if owner else ""
 
 
 def main(argv):
