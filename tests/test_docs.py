@@ -83,9 +83,8 @@ def test_python_blocks_run(path, blocks, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path,line,code", [pytest.param(p, n, c, id=f"{p.name}:{n}") for p, n, c in TORCHRUN])
 def test_torchrun_blocks_run(path, line, code, tmp_path):
-    script = tmp_path / f"block_{line}.py"
+    from torchrun_utils import run_torchrun
+
+    script = tmp_path / f"{path.stem}_line{line}.py"
     script.write_text(code)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-           str(script)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{path.name}:{line} failed under torchrun:\n{proc.stderr[-6000:]}"
+    run_torchrun(script, 2, timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
