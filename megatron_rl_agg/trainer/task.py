@@ -8,21 +8,30 @@ on from ``s`` for ``n`` digits (modulo 10) and then stops::
 
     e.g. [BOS, 4, LEN_3, 8]  ->  [9, 0, 1, EOS]
 
-Why a tiny model learns it quickly: every target digit is a fixed function of the token just before
-it (``x -> (x + 1) % 10``, a bigram), so the first thing the policy learns already earns most of the
-reward; stopping after exactly ``n`` digits needs attention back to ``LEN_n`` and position counting,
-which is slower and is what the last part of the reward pays for. The distractors make prompts (and so
-rows) of unequal length.
+Why a tiny model learns it quickly: the reward is a curriculum of three nested skills, each paid for
+separately so that every one gives a gradient before the next is learned.
+
+1. answer with digits at all (any digit, 10 of the vocabulary's tokens);
+2. count: each digit is one more than the token just before it (``x -> (x + 1) % 10``, the first one
+   relative to ``s``). A step is judged against the token actually emitted before it, not against the
+   target position, so its credit depends only on a bigram: the policy can learn it token by token, and
+   a wrong digit costs one step instead of every digit after it;
+3. stop after exactly ``n`` digits: needs attention back to ``LEN_n`` and position counting (slowest).
+
+The distractors make prompts (and so rows) of unequal length.
 
 Reward (partial credit, in ``[0, 1]``), computed by :func:`reward` from the prompt and response alone::
 
-    body    = response up to (excluding) its first EOS
-    digits  = #{i < n : body[i] == target[i]}
-    stopped = 1 if the response is exactly target (n correct digits, then EOS) else 0
-    reward  = DIGIT_CREDIT * digits / n + STOP_CREDIT * stopped       (0.8, 0.2)
+    body     = response up to (excluding) its first EOS;  prev_0 = s, prev_i = body[i - 1]
+    is_digit = #{i < n : body[i] is a digit}
+    steps    = #{i < n : prev_i is a digit and body[i] == (prev_i + 1) % 10}
+    stopped  = 1 if the response is exactly the target (n digits counting on from s, then EOS) else 0
+    reward   = FORMAT_CREDIT * is_digit / n + STEP_CREDIT * steps / n + STOP_CREDIT * stopped
+                                                                       (0.2, 0.6, 0.2)
 
-A uniformly random policy over a 32-token vocabulary scores about ``0.8 / 32 = 0.025``; a policy that
-has learned the bigram but not the stop scores 0.8; a perfect one scores 1.
+The target is the only response with ``steps = n`` and a stop, so reward 1 means exactly right. A
+uniformly random policy over a 32-token vocabulary scores about ``0.2 * 10/32 + 0.6 / 32 = 0.08``;
+random digits score 0.2 + 0.06, counting without stopping 0.8, a perfect policy 1.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ __all__ = [
     "BOS",
     "EOS",
     "PAD",
-    "DIGIT_CREDIT",
+    "FORMAT_CREDIT",
+    "STEP_CREDIT",
     "STOP_CREDIT",
     "CountingTask",
     "len_token",
@@ -48,7 +58,7 @@ __all__ = [
 NUM_DIGITS = 10
 BOS, EOS, PAD = 10, 11, 12
 _LEN_BASE = 13          # LEN_n is token 13 + n
-DIGIT_CREDIT, STOP_CREDIT = 0.8, 0.2
+FORMAT_CREDIT, STEP_CREDIT, STOP_CREDIT = 0.2, 0.6, 0.2
 
 
 def len_token(n: int) -> int:
@@ -127,11 +137,11 @@ def target_response(prompt: Sequence[int]) -> list[int]:
 
 def reward(prompt: Sequence[int], response: Sequence[int]) -> float:
     """Partial-credit reward in ``[0, 1]`` (formula in the module docstring)."""
-    target = target_response(prompt)
-    digits_target = target[:-1]
-    n = len(digits_target)
+    start, n = parse_prompt(prompt)
     resp = list(response)
     body = resp[: resp.index(EOS)] if EOS in resp else resp
-    correct = sum(1 for a, b in zip(body, digits_target) if a == b)
-    stopped = resp == target
-    return DIGIT_CREDIT * correct / n + STOP_CREDIT * float(stopped)
+    is_digit = sum(1 for a in body[:n] if 0 <= a < NUM_DIGITS)
+    prev = [start] + body[: n - 1]
+    steps = sum(1 for p, a in zip(prev, body[:n]) if 0 <= p < NUM_DIGITS and a == (p + 1) % NUM_DIGITS)
+    stopped = resp == target_response(prompt)
+    return (FORMAT_CREDIT * is_digit + STEP_CREDIT * steps) / n + STOP_CREDIT * float(stopped)

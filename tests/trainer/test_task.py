@@ -12,15 +12,17 @@ def test_target_counts_on_modulo_ten():
     assert task.target_response([BOS, 4, len_token(3), 8]) == [9, 0, 1, EOS]
 
 
+# n = 3, target 9 0 1 EOS. reward = (0.2 * digits + 0.6 * correct) / 3 + 0.2 * exact
 @pytest.mark.parametrize("response, expected", [
-    ([9, 0, 1, EOS], 0.8 * 3 / 3 + 0.2),      # exact: all digits and the stop
-    ([9, 0, 1, 2, EOS], 0.8),                  # all digits, stopped one late -> no stop credit
-    ([9, 0, 1, 2, 3, 4], 0.8),                 # truncated, digits right
-    ([9, 5, 1, EOS], 0.8 * 2 / 3),             # middle digit wrong
-    ([9, EOS], 0.8 * 1 / 3),                   # stopped early after one right digit
+    ([9, 0, 1, EOS], (0.2 * 3 + 0.6 * 3) / 3 + 0.2),     # exact: 1.0
+    ([9, 0, 1, 2, EOS], 0.8),                              # one digit too many -> no stop credit
+    ([9, 0, 1, 2, 3, 4], 0.8),                             # truncated, first 3 right
+    ([9, 5, 1, EOS], (0.2 * 3 + 0.6 * 2) / 3),            # middle digit wrong: 0.6
+    ([9, EOS], (0.2 * 1 + 0.6 * 1) / 3),                   # stopped after one right digit
     ([EOS], 0.0),
     ([], 0.0),
-    ([3, 9, 0], 0.0),                          # shifted by one: position-wise no match
+    ([3, 9, 0], 0.2),                                      # digits, none in place: format credit only
+    ([20, 0, 25], (0.2 * 1 + 0.6 * 1) / 3),               # non-digits earn nothing
 ])
 def test_reward_partial_credit(response, expected):
     assert task.reward([BOS, len_token(3), 8], response) == pytest.approx(expected)
@@ -45,14 +47,15 @@ def test_sampled_prompts_are_valid_deterministic_and_varied():
     assert all(task.reward(p, task.target_response(p)) == pytest.approx(1.0) for p in a)
 
 
-def test_random_policy_scores_near_digit_credit_over_vocab():
-    # A uniform policy over V tokens matches each target digit with prob 1/V: E[reward] ~ 0.8 / V
-    # (the stop credit needs n + 1 exact tokens, probability V^-(n+1), negligible).
+def test_random_policy_scores_near_chance():
+    # A uniform policy over V tokens emits a digit w.p. 10/V and the right one w.p. 1/V, so
+    # E[reward] ~ 0.2 * 10/V + 0.6/V = 0.08 for V = 32 (a bit less: an early EOS cuts the body; the stop
+    # credit needs n + 1 exact tokens, probability V^-(n+1), negligible).
     spec, vocab = CountingTask(), 32
     g = torch.Generator().manual_seed(0)
     prompts = spec.sample_prompts(4000, g)
     rewards = [task.reward(p, torch.randint(0, vocab, (8,), generator=g).tolist()) for p in prompts]
-    assert sum(rewards) / len(rewards) == pytest.approx(0.8 / vocab, rel=0.25)
+    assert sum(rewards) / len(rewards) == pytest.approx((0.2 * 10 + 0.6) / vocab, rel=0.15)
 
 
 def test_vocab_and_config_checks():

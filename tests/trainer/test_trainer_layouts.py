@@ -1,0 +1,161 @@
+"""End-to-end trainer on real Megatron-Core (torchrun + gloo): step-1 loss from the file alone, grad-norm
+invariance across layouts, padding that changes nothing.
+
+Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2 and the per-mode,
+per-overlong-policy runs) and one of 1 process (DP1 with 4 micro-batches).
+"""
+
+import json
+
+import pytest
+import torch
+
+from megatron_rl_agg.advantages import normalize_advantages
+from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
+from trainer_helpers import MODEL_ARGS, torchrun, write_rollouts
+
+pytestmark = pytest.mark.slow
+
+MODES = [m for m in LOSS_AGGREGATIONS if m != "token_mean_legacy"]
+POLICIES = ("keep", "zero_advantage", "mask")
+# 16 rows in one mini-batch: a full group, a partial one, a group whose rows are all truncated, a
+# singleton and two pairs. On 2 DP ranks (8 rows each) group 2 (rows 7..10) straddles the ranks.
+GROUPS = [4, 3, 4, 1, 2, 2]
+HORIZON = 8
+LAYOUTS = {  # name -> (nproc, flags); every layout runs 4 micro-batches of the 16 rows
+    "dp2": (2, ["--micro-batch-size", "2"]),
+    "tp2": (2, ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--micro-batch-size", "4", "--pipeline-model-parallel-size", "2"]),
+    "pp2vpp2": (2, ["--micro-batch-size", "4", "--pipeline-model-parallel-size", "2",
+                    "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "dp1m4": (1, ["--micro-batch-size", "4"]),
+}
+
+
+def _argv(path, mode, extra=(), policy="keep", gbs=16):
+    return ["--rollouts", str(path), "--global-batch-size", str(gbs), "--train-iters", "1",
+            "--loss-aggregation", mode, "--max-response-length", str(HORIZON), "--overlong-policy", policy,
+            *MODEL_ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layouts")
+    rows = write_rollouts(tmp / "r.jsonl", GROUPS, seed=3, truncated_groups={2})
+    padded = write_rollouts(tmp / "r10.jsonl", [3, 4, 3], seed=5)
+    plan2, plan1 = [], []
+    for mode in MODES + ["token_mean_legacy"]:
+        for name, (nproc, flags) in LAYOUTS.items():
+            (plan2 if nproc == 2 else plan1).append({"name": f"{mode}/{name}",
+                                                     "argv": _argv(tmp / "r.jsonl", mode, flags)})
+    for mode in MODES:
+        for policy in POLICIES:
+            plan2.append({"name": f"{mode}/dp2/{policy}",
+                          "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS["dp2"][1], policy)})
+        # 10 rows on 2 ranks: 5 each; micro-batches of 2 pad each rank to 6 rows, of 1 need no padding.
+        for mbs in (1, 2):
+            plan2.append({"name": f"{mode}/pad/mbs{mbs}",
+                          "argv": _argv(tmp / "r10.jsonl", mode, ["--micro-batch-size", str(mbs)])})
+    results = torchrun(plan2, 2, tmp)
+    results.update(torchrun(plan1, 1, tmp))
+    return rows, results
+
+
+def _file_tensors(rows):
+    """Rewards, truncation flags and a left-aligned response-token mask, straight from the file rows."""
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    truncated = torch.tensor([r["finish_reason"] == "length" for r in rows])
+    mask = torch.zeros(len(rows), HORIZON, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        mask[i, : len(r["response"])] = 1.0
+    return rewards, truncated, mask
+
+
+def _expected_policy_loss(rows, mode, policy):
+    """-sum(w * A) from the file alone: GRPO advantages (group mean / unbiased group std, eps 1e-6) over the
+    rows the overlong policy keeps in the statistics, aggregated with the reference ``aggregate``.
+
+    Policy semantics (docs/training.md): keep -> every row; zero_advantage -> truncated rows out of the
+    statistics (A = 0) but in the loss; mask -> truncated rows out of both. A group left with no row in
+    the statistics is dropped from the loss (min_valid_group_size = 1).
+    """
+    rewards, truncated, mask = _file_tensors(rows)
+    in_stats = torch.ones_like(truncated) if policy == "keep" else ~truncated
+    adv = normalize_advantages(rewards, group_sizes=GROUPS, valid=in_stats, mean_level="group",
+                               std_level="group", eps=1e-6, unbiased=True)
+    group_of_row = torch.repeat_interleave(torch.arange(len(GROUPS)), torch.tensor(GROUPS))
+    group_alive = torch.tensor([bool(in_stats[group_of_row == g].any()) for g in range(len(GROUPS))])
+    in_loss = group_alive[group_of_row] & (~truncated if policy == "mask" else torch.ones_like(truncated))
+    loss_mask = mask * in_loss.unsqueeze(1)
+    values = (-adv).unsqueeze(1).expand_as(mask)        # ratio 1 at step 1: per-token loss is -A
+    return aggregate(values, loss_mask, mode, group_sizes=GROUPS, max_response_length=HORIZON).item()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_step1_policy_loss_equals_file_aggregate(runs, mode, policy):
+    rows, results = runs
+    got = results[f"{mode}/dp2/{policy}"][0]["policy_loss"]
+    # abs: A enters the loss in float32 (rounding ~6e-8 per unit advantage)
+    assert got == pytest.approx(_expected_policy_loss(rows, mode, policy), rel=1e-6, abs=1e-7)
+
+
+def test_overlong_policies_differ_on_this_file(runs):
+    # Guard against a file on which the three policies coincide (the test above would then not
+    # distinguish them): the all-truncated group 2 is dropped under zero_advantage and mask only.
+    rows, _ = runs
+    values = {p: _expected_policy_loss(rows, "token_mean", p) for p in POLICIES}
+    assert len({round(v, 9) for v in values.values()}) == 3, values
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step1_grad_norm_is_layout_invariant(runs, mode):
+    _, results = runs
+    norms = {name: results[f"{mode}/{name}"][0]["grad_norm"] for name in LAYOUTS}
+    ref = norms["dp1m4"]
+    assert ref > 0
+    for name, value in norms.items():
+        assert value == pytest.approx(ref, rel=1e-4), norms
+    losses = {name: results[f"{mode}/{name}"][0]["policy_loss"] for name in LAYOUTS}
+    for value in losses.values():
+        assert value == pytest.approx(losses["dp1m4"], rel=1e-5, abs=1e-7), losses
+
+
+def test_legacy_mode_depends_on_the_micro_batch_split(runs):
+    rows, results = runs
+    rewards, _, mask = _file_tensors(rows)
+    adv = normalize_advantages(rewards, group_sizes=GROUPS, eps=1e-6)
+    values = (-adv).unsqueeze(1).expand_as(mask)
+    # dp1m4: micro-batches of 4 consecutive rows; dp2: rank 0 holds rows 0-7, rank 1 rows 8-15, each in
+    # micro-batches of 2, so the objective is the mean of the 8 two-row micro-batch token means.
+    by4 = aggregate(values, mask, "token_mean_legacy", micro_batch_size=4).item()
+    by2 = aggregate(values, mask, "token_mean_legacy", micro_batch_size=2).item()
+    assert abs(by4 - by2) > 1e-3 * abs(by4)
+    assert results["token_mean_legacy/dp1m4"][0]["policy_loss"] == pytest.approx(by4, rel=1e-6)
+    assert results["token_mean_legacy/dp2"][0]["policy_loss"] == pytest.approx(by2, rel=1e-6)
+    g4 = results["token_mean_legacy/dp1m4"][0]["grad_norm"]
+    g2 = results["token_mean_legacy/dp2"][0]["grad_norm"]
+    assert abs(g4 - g2) > 1e-3 * g4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_step_equals_unpadded(runs, mode):
+    _, results = runs
+    padded, unpadded = results[f"{mode}/pad/mbs2"][0], results[f"{mode}/pad/mbs1"][0]
+    for key in ("policy_loss", "grad_norm", "entropy", "num_tokens", "reward_mean", "num_groups"):
+        assert padded[key] == pytest.approx(unpadded[key], rel=1e-5, abs=1e-7), key
+
+
+def test_metrics_lines_carry_every_documented_key(runs):
+    from megatron_rl_agg.trainer.reporting import METRIC_KEYS
+
+    _, results = runs
+    line = results["token_mean/dp2"][0]
+    assert set(METRIC_KEYS) <= set(line)
+    json.dumps(line)
+    # the file: 6 groups, group 1 (3 of 4) and 3 (1 of 4) and 4, 5 (2 of 4) are partial against the
+    # largest group of 4 rows
+    assert line["num_groups"] == 6 and line["num_partial_groups"] == 4 and line["num_dropped_groups"] == 0
+    rows, _ = runs
+    assert line["num_truncated"] == sum(r["finish_reason"] == "length" for r in rows)
+    assert line["num_tokens"] == sum(len(r["response"]) for r in rows)

@@ -1,0 +1,39 @@
+"""torchrun worker: run several trainer invocations (layouts, modes, resumes) in ONE process group.
+
+    torchrun --nproc_per_node N tests/trainer/torchrun_worker.py PLAN.json RESULTS.json
+
+PLAN.json is a list of ``{"name": str, "argv": [trainer flags]}``. Each entry runs
+``train.run(parse_args(argv))`` in order (the trainer tears down Megatron's model-parallel state at the
+end of every run, so the next entry may use another TP / PP / VPP layout); rank 0 writes
+``{name: [metrics of every step]}`` to RESULTS.json. A failing entry aborts the whole launch (a
+collective left half-entered on some ranks cannot be recovered from).
+"""
+
+import json
+import sys
+
+
+def main() -> int:
+    from megatron_rl_agg.trainer.arguments import parse_args
+    from megatron_rl_agg.trainer.train import run
+
+    plan_path, out_path = sys.argv[1], sys.argv[2]
+    with open(plan_path, encoding="utf-8") as fh:
+        plan = json.load(fh)
+    results = {}
+    rank = None
+    for entry in plan:
+        history = run(parse_args(entry["argv"]))
+        results[entry["name"]] = history
+        if rank is None:
+            from megatron_rl_agg.megatron_compat import initialize_distributed
+
+            rank, _ = initialize_distributed()      # already initialised by run(): returns (rank, world)
+    if rank == 0:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump(results, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared pieces of the trainer tests: synthetic rollout files and the torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "trainer" / "torchrun_worker.py"
+
+# A tiny model every launch can build at TP2 / PP2 / PP2 x VPP2 (4 layers = 2 stages x 2 virtual stages).
+MODEL_ARGS = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+              "--vocab-size", "32", "--no-progress-bar", "--seed", "7"]
+
+
+def write_rollouts(path: Path, group_sizes, *, seed: int, truncated_groups=(), with_logprobs=False) -> list:
+    """A JSONL rollout file with the given consecutive group sizes; returns the rows as dicts.
+
+    Prompts of 2-4 tokens, responses of 1-7 tokens ("stop") or exactly 8 ("length", truncated); every
+    row of the groups in ``truncated_groups`` is truncated, other rows are truncated with probability
+    1/4. Rewards are distinct, so no group has zero spread by accident.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for gid, size in enumerate(group_sizes):
+        prompt = torch.randint(0, 32, (int(torch.randint(2, 5, (), generator=g)),), generator=g).tolist()
+        for _ in range(size):
+            trunc = gid in truncated_groups or bool(torch.rand((), generator=g) < 0.25)
+            length = 8 if trunc else int(torch.randint(1, 8, (), generator=g))
+            row = {"prompt_id": f"p{gid}", "prompt": prompt,
+                   "response": torch.randint(0, 32, (length,), generator=g).tolist(),
+                   "reward": round(float(torch.rand((), generator=g)) * 2 - 0.5, 4),
+                   "finish_reason": "length" if trunc else "stop"}
+            if with_logprobs:
+                row["logprobs"] = [round(-float(x), 4) for x in torch.rand(length, generator=g) * 4 + 2.5]
+            rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(plan: list, nproc: int, tmp_path: Path, timeout: int = 300) -> dict:
+    """Run ``plan`` (``[{"name", "argv"}]``) in one torchrun launch; returns ``{name: [step metrics]}``."""
+    plan_file, out_file = tmp_path / f"plan_{nproc}.json", tmp_path / f"results_{nproc}.json"
+    plan_file.write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(WORKER), str(plan_file), str(out_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out_file.read_text())
