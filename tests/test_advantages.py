@@ -152,12 +152,9 @@ def test_mean_none_divides_raw_reward():
     torch.testing.assert_close(adv, t64([1, 3]) / math.sqrt(2), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("mean_level", LEVELS)
-@pytest.mark.parametrize("std_level", LEVELS)
-@pytest.mark.parametrize("loo", [False, True])
+@pytest.mark.parametrize("mean_level, std_level, loo", [
+    (m, s, loo) for m in LEVELS for s in LEVELS for loo in (False, True) if not (loo and m == "none")])
 def test_fewer_than_two_valid_rows_give_zero(mean_level, std_level, loo):
-    if loo and mean_level == "none":
-        pytest.skip("leave_one_out needs a baseline")
     groups = "group" in (mean_level, std_level)
     # a singleton group, a group of 3 whose only valid row is the last, and a group of 2
     r = t64([100.0, 5.0, 7.0, 9.0, 1.0, 4.0])
