@@ -75,8 +75,13 @@ KL_LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)], 2: [("dp2,m2", 2)]}
 
 
 def make_batch(row_tokens, seed=SEED):
-    """The whole mini-batch (identical on every rank); the policy is near uniform at init (logp ~ -ln V),
-    so behaviour/reference log-probs of -ln V + noise give ratios on both sides of the clip band."""
+    """The whole mini-batch (identical on every rank).
+
+    At init the policy is near uniform (logits ~ 0.02 * randn, so logp ~ -ln V within a few 0.01), so
+    behaviour log-probs of -ln V + N(0, 0.4) put ratios on both sides of the clip band. The first loss
+    token of every row gets a behaviour log-prob lowered by 1 (ratio ~ e > 1.5 = dual_clip_c) and the
+    advantages alternate in sign, so the dual clip is active on the negative rows whatever the weights.
+    """
     gen = torch.Generator().manual_seed(seed)
     n = len(row_tokens)
     tokens = torch.randint(1, SPEC.vocab_size, (n, SEQ + 1), generator=gen)
@@ -86,11 +91,14 @@ def make_batch(row_tokens, seed=SEED):
     pos = torch.arange(SEQ)[None, :]
     mask = ((pos >= PROMPT - 1) & (pos < lengths - 1)).float()
     base = -math.log(SPEC.vocab_size)
+    old = base + 0.4 * torch.randn(n, SEQ, generator=gen)
+    old[:, PROMPT - 1] -= 1.0
+    signs = torch.tensor([1.0, -1.0]).repeat((n + 1) // 2)[:n]
     return dict(
         tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
         position_ids=pos.expand(n, SEQ).contiguous(),
-        advantages=torch.randn(n, generator=gen),
-        old_logprobs=base + 0.4 * torch.randn(n, SEQ, generator=gen),
+        advantages=signs * (0.2 + torch.rand(n, generator=gen)),
+        old_logprobs=old,
         ref_logprobs=base + 0.3 * torch.randn(n, SEQ, generator=gen),
         group_ids=torch.tensor(GROUP_IDS if n == len(GROUP_IDS) else [0] * n),
     )
