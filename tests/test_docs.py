@@ -1,6 +1,6 @@
 """Every ```python block of docs/*.md and README.md runs.
 
-Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
+Relative links between the pages must resolve to an existing page and heading. Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
 (so a block cannot lean on an earlier one). Blocks whose info string is ```python torchrun need several
 processes: they run under torchrun with 2 processes (gloo) in a slow test. Other fences (bash, text, ...)
 are not executed.
@@ -66,6 +66,34 @@ def test_info_strings_are_known():
 def test_docs_have_examples():
     """The concepts page is executable documentation; losing all its blocks would make this file vacuous."""
     assert len(python_blocks(ROOT / "docs" / "concepts.md")) >= 2
+
+
+LINK = re.compile(r"\]\(([^)#\s]+\.md)?(?:#([^)\s]+))?\)")
+
+
+def heading_anchors(path: pathlib.Path) -> set[str]:
+    """GitHub-style anchors of the Markdown headings (outside code fences) of ``path``."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    anchors = set()
+    for line in text.splitlines():
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if p.exists()], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    """Links between the docs point at existing pages and headings (external URLs are not checked)."""
+    broken = []
+    for target, anchor in LINK.findall(FENCE.sub("", path.read_text(encoding="utf-8"))):
+        page = (path.parent / target) if target else path
+        if not page.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and anchor not in heading_anchors(page):
+            broken.append(f"{target}#{anchor} (no such heading)")
+    assert not broken, f"{path.name}: broken links: {broken}"
 
 
 @pytest.mark.parametrize("path,blocks", [pytest.param(p, b, id=p.name) for p, b in PLAIN if b])
