@@ -8,6 +8,7 @@ in the layouts it can affect.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -170,10 +171,18 @@ def _audit(tmp_path, argv, *, torchrun_nproc=None):
                f"--nproc-per-node={torchrun_nproc}", *cli]
     else:
         cmd = [sys.executable, *cli]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert out.exists(), f"no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # A new session, so that a hung run is killed with all its torchrun workers, not torchrun alone.
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert out.exists(), f"no results (exit {proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
     results = json.loads(out.read_text())["results"]
-    return proc.returncode, proc.stdout, {(r["mode"], r["layout"]): r["status"] for r in results}
+    return proc.returncode, stdout, {(r["mode"], r["layout"]): r["status"] for r in results}
 
 
 @pytest.mark.slow
