@@ -75,17 +75,33 @@ def _model_spec(args):
 def _layer_spec(args, spec):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_rl_agg.model import default_layer_spec
+    impl = args.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if _te_available() else "local"
+    if args.sequence_packing and impl == "local":
+        # Megatron's local attention has no THD path; the packing module's spec adds one.
+        from megatron_rl_agg.packing import packed_local_layer_spec
 
-    if args.transformer_impl == "local":
+        return packed_local_layer_spec(normalization=spec.normalization)
+    if impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
     if args.transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
         except ImportError as err:
             raise TrainerArgsError(f"--transformer-impl transformer_engine: {err}; use local or auto") from None
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return default_layer_spec(spec)
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def _te_available() -> bool:
+    """Transformer Engine's spec is used (``--transformer-impl auto``) on CUDA when TE imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _build_policy(args, spec):
@@ -209,20 +225,39 @@ def _row_stats(step_rows, dp_group) -> dict:
             "num_failed_samples": int(num_failed)}
 
 
+def _schedule_inputs(tr: Trainer, micro: list) -> tuple[list, Any, int, int]:
+    """``(micro_batches, forward_step_func, seq_length, micro_batch_size)`` for Megatron's schedule.
+
+    With ``--sequence-packing`` each micro-batch becomes one THD sequence of its rows' real tokens
+    (:mod:`megatron_rl_agg.packing`; loss and gradients equal the padded run). Under pipeline parallelism
+    the packs are padded to one common length, the activation shape every stage must agree on.
+    """
+    from megatron_rl_agg.megatron_loss import forward_step
+
+    if not tr.args.sequence_packing:
+        return micro, forward_step, tr.args.seq_length, tr.args.micro_batch_size
+    from megatron_rl_agg.packing import pack_microbatches, packed_forward_step
+
+    packed = pack_microbatches(micro, pad_to_multiple_of=tr.args.pack_pad_to_multiple_of,
+                               equal_length=tr.layout["pp"] > 1)
+    return packed, packed_forward_step, packed[0]["tokens"].shape[1], 1
+
+
 def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
     """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.megatron_loss import prepare_microbatches
 
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group)
+    micro, step_func, seq_length, mbs = _schedule_inputs(tr, micro)
     for chunk in tr.chunks:
         chunk.zero_grad_buffer()
     tr.optimizer.zero_grad()
     iterator = [iter(micro) for _ in tr.chunks] if len(tr.chunks) > 1 else iter(micro)
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
-        seq_length=tr.args.seq_length, micro_batch_size=tr.args.micro_batch_size, forward_only=False)
+        forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
+        seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
     _, grad_norm, _ = tr.optimizer.step()
     return reports, float(grad_norm) if grad_norm is not None else float("nan")
 

@@ -22,6 +22,7 @@ POLICIES = ("keep", "zero_advantage", "mask")
 # singleton and two pairs. On 2 DP ranks (8 rows each) group 2 (rows 7..10) straddles the ranks.
 GROUPS = [4, 3, 4, 1, 2, 2]
 HORIZON = 8
+PACKED_MODES = ("token_mean", "prompt_mean")
 LAYOUTS = {  # name -> (nproc, flags); every layout runs 4 micro-batches of the 16 rows
     "dp2": (2, ["--micro-batch-size", "2"]),
     "tp2": (2, ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]),
@@ -56,6 +57,10 @@ def runs(tmp_path_factory):
         for mbs in (1, 2):
             plan2.append({"name": f"{mode}/pad/mbs{mbs}",
                           "argv": _argv(tmp / "r10.jsonl", mode, ["--micro-batch-size", str(mbs)])})
+    for mode in PACKED_MODES:
+        for name in ("dp2", "pp2", "pp2vpp2"):
+            plan2.append({"name": f"{mode}/{name}/packed",
+                          "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS[name][1] + ["--sequence-packing"])})
     results = torchrun(plan2, 2, tmp)
     results.update(torchrun(plan1, 1, tmp))
     return rows, results
@@ -144,6 +149,15 @@ def test_padded_step_equals_unpadded(runs, mode):
     padded, unpadded = results[f"{mode}/pad/mbs2"][0], results[f"{mode}/pad/mbs1"][0]
     for key in ("policy_loss", "grad_norm", "entropy", "num_tokens", "reward_mean", "num_groups"):
         assert padded[key] == pytest.approx(unpadded[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("layout", ["dp2", "pp2", "pp2vpp2"])
+@pytest.mark.parametrize("mode", PACKED_MODES)
+def test_sequence_packing_equals_padded(runs, mode, layout):
+    _, results = runs
+    packed, padded = results[f"{mode}/{layout}/packed"][0], results[f"{mode}/{layout}"][0]
+    for key in ("policy_loss", "grad_norm", "entropy", "num_tokens"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
 
 
 def test_metrics_lines_carry_every_documented_key(runs):
