@@ -142,11 +142,12 @@ def test_bad_inputs_raise_clear_errors():
         unpack(torch.zeros(1, 4), lay)
     batch = _padded_batch([2, 1], 3)
     batch["loss_mask"][1, 2] = 1.0  # a loss token beyond row 1's length
-    with pytest.raises(ValueError, match=r"batch\['loss_mask'\] is nonzero beyond the row length in rows \[1\]"):
+    beyond = r"is nonzero beyond the row length in rows "
+    with pytest.raises(ValueError, match=r"batch\['loss_mask'\] " + beyond + r"\[1\]"):
         pack_micro_batch(batch, torch.tensor([2, 1]))
     batch = _padded_batch([2, 1], 3)
     batch["pg_weights"] = torch.ones(2, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"batch\['pg_weights'\] is nonzero beyond the row length in rows \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"batch\['pg_weights'\] " + beyond + r"\[0, 1\]"):
         pack_micro_batch(batch, torch.tensor([2, 1]))
     batch = _padded_batch([2, 1], 3)
     batch["attention_mask"] = torch.ones(2, 1, 3, 3, dtype=torch.bool)
@@ -320,3 +321,27 @@ def test_packed_loss_func_equals_padded(megatron_single_rank, mode):
     for p, q in zip(same, packed):
         n = q["tokens"].shape[1]
         assert torch.equal(p["tokens"][:, :n], q["tokens"]) and p["loss_mask"][:, n:].sum() == 0
+
+
+def test_packed_forward_step_refuses_unequal_packs_under_pp(megatron_single_rank):
+    """The check runs before the model: a module carrying a real PP2 TransformerConfig suffices."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_rl_agg.packing import packed_forward_step
+
+    class Holder(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
+                                            pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                                            **kwargs)
+
+    packed, _ = pack_micro_batch(_padded_batch([2, 1], 3), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="equal_length=True\\) or set variable_seq_lengths=True"):
+        packed_forward_step(iter([packed]), Holder())
+    with pytest.raises(ValueError, match=r"virtual pipeline stages \(vpp=2\) needs packs of one length"):
+        packed_forward_step(iter([packed]), Holder(virtual_pipeline_model_parallel_size=2,
+                                                   variable_seq_lengths=True,
+                                                   moe_token_dispatcher_type="alltoall"))
+    with pytest.raises(ValueError, match="without 'packed_seq_params'"):
+        packed_forward_step(iter([_padded_batch([2, 1], 3)]), Holder())
