@@ -2,7 +2,7 @@
 
 A padded micro-batch holds ``B`` rows of width ``S``; row ``b`` has ``len_b`` real tokens at columns
 ``0 .. len_b - 1`` (right padding). Packing concatenates the real tokens of every row into one
-sequence of ``T = sum_b len_b`` tokens (plus an optional filler segment, see ``pad_to_multiple_of``)
+sequence of ``T = sum_b len_b`` tokens (plus an optional filler segment, see ``make_layout``)
 and describes the row boundaries with ``cu_seqlens = [0, len_0, len_0 + len_1, ..., T]``, which is what
 Megatron's ``PackedSeqParams(qkv_format="thd")`` carries to the attention.
 
@@ -21,7 +21,7 @@ Public API:
 
 - ``lengths_from_mask(mask[B,S]) -> [B]``: row lengths of a right-padded attention mask.
 - ``lengths_from_loss_mask(loss_mask[B,S]) -> [B]``: lengths trimmed after the last loss token.
-- ``PackedLayout`` / ``make_layout(lengths[B], row_width, pad_to_multiple_of=1)``.
+- ``PackedLayout`` / ``make_layout(lengths[B], row_width, pad_to_multiple_of=1, total_length=None)``.
 - ``pack(x[B,S,...], layout) -> [1,T,...]`` and ``unpack(x[1,T,...], layout) -> [B,S,...]``
   (differentiable, used to compare per-token log-probs with the padded layout).
 - ``pack_micro_batch(batch, lengths, ...) -> (packed_batch, layout)``: packs every ``[B,S,...]`` tensor
@@ -74,6 +74,7 @@ __all__ = [
     "add_sequence_packing_args",
 ]
 
+
 @dataclass(frozen=True)
 class PackedLayout:
     """Where each row's tokens sit inside the packed sequence.
@@ -125,7 +126,7 @@ def lengths_from_mask(mask: Tensor) -> Tensor:
 
 
 def lengths_from_loss_mask(loss_mask: Tensor) -> Tensor:
-    """Shortest row lengths that keep every loss token: ``len_b = max(1, last j with m[b, j] != 0) + 1``.
+    """Shortest row lengths that keep every loss token: ``len_b = max(1, 1 + last j with m[b, j] != 0)``.
 
     Exact for the loss path even when the real rows are longer: attention is causal, so tokens after a
     row's last loss token never influence a loss token's log-prob, and they carry zero weight. An
