@@ -182,7 +182,8 @@ def validate_args(args: argparse.Namespace) -> None:
                 f"--global-batch-size {args.global_batch_size} must be a multiple of "
                 f"--num-samples-per-prompt {args.num_samples_per_prompt} (whole prompt groups per step)")
         if not 0.0 <= args.rollout_failure_prob < 1.0:
-            raise TrainerArgsError(f"--rollout-failure-prob must be in [0, 1), got {args.rollout_failure_prob}")
+            raise TrainerArgsError(
+                f"--rollout-failure-prob must be in [0, 1), got {args.rollout_failure_prob}")
         if args.temperature <= 0:
             raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
         if args.max_response_length is None:
@@ -192,7 +193,8 @@ def validate_args(args: argparse.Namespace) -> None:
                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per_stage, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
-        if pp < 2 or per_stage <= 0 or args.num_layers % (pp * per_stage) or args.num_layers == pp * per_stage:
+        stages = pp * per_stage if per_stage > 0 else 0
+        if pp < 2 or stages <= 0 or args.num_layers % stages or args.num_layers == stages:
             raise TrainerArgsError(
                 f"--num-layers-per-virtual-pipeline-stage {per_stage} needs PP >= 2 and --num-layers "
                 f"{args.num_layers} a multiple of PP x it with at least 2 virtual stages (PP = {pp})")

@@ -130,7 +130,8 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         raise ValueError(f"cannot pad {batch.num_rows} rows down to {total}")
     padded = RowBatch(
         tokens=_pad(batch.tokens, total, 0), labels=_pad(batch.labels, total, 0),
-        loss_mask=_pad(batch.loss_mask, total, 0.0), group_ids=_pad(batch.group_ids, total, pad_group_id(dp_rank)),
+        loss_mask=_pad(batch.loss_mask, total, 0.0),
+        group_ids=_pad(batch.group_ids, total, pad_group_id(dp_rank)),
         rewards=_pad(batch.rewards, total, 0.0), truncated=_pad(batch.truncated, total, False),
         old_logprobs=_pad(batch.old_logprobs, total, 0.0))
     return padded, _pad(advantages, total, 0.0)

@@ -127,7 +127,10 @@ def _barrier() -> None:
 
 
 def load_model_weights(root: str, chunks: Sequence, step: Optional[int] = None) -> int:
-    """Load only the model weights of ``root`` (latest step unless given) into ``chunks``; returns the step."""
+    """Load only the model weights of ``root`` (its latest step unless given) into ``chunks``.
+
+    Returns the step loaded.
+    """
     from megatron.core import dist_checkpointing
 
     step = latest_step(root) if step is None else step

@@ -75,7 +75,9 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     chunk_list = list(chunks)
     reports = get_forward_backward_func()(
         forward_step_func=functools.partial(_forward_step, output_fn=output_fn),
-        data_iterator=[iter(micro_batches) for _ in chunk_list] if len(chunk_list) > 1 else iter(micro_batches),
+        # interleaved schedules take one iterator per virtual stage, each reading every micro-batch
+        data_iterator=[iter(micro_batches) for _ in chunk_list] if len(chunk_list) > 1
+        else iter(micro_batches),
         model=chunk_list, num_microbatches=num_mb, seq_length=seq, micro_batch_size=micro_batch_size,
         forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -54,7 +54,8 @@ class MetricsLogger:
             self._writer.flush()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['policy_loss']:+.4f}")
+            self._bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                  loss=f"{metrics['policy_loss']:+.4f}")
 
     def close(self) -> None:
         for obj in (self._file, self._writer, self._bar):

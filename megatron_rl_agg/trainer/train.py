@@ -89,7 +89,8 @@ def _layer_spec(args, spec):
         try:
             import transformer_engine  # noqa: F401
         except ImportError as err:
-            raise TrainerArgsError(f"--transformer-impl transformer_engine: {err}; use local or auto") from None
+            raise TrainerArgsError(
+                f"--transformer-impl transformer_engine: {err}; use local or auto") from None
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 
@@ -113,9 +114,10 @@ def _build_policy(args, spec):
                                                use_distributed_optimizer=args.use_distributed_optimizer)
     chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config)
     init_weights(chunks, seed=args.seed)            # layout-independent: a function of (seed, key) only
-    optimizer = build_optimizer(chunks, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                                use_distributed_optimizer=args.use_distributed_optimizer)
+    optimizer = build_optimizer(
+        chunks, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        use_distributed_optimizer=args.use_distributed_optimizer)
     return chunks, optimizer
 
 
@@ -221,7 +223,8 @@ def _row_stats(step_rows, dp_group) -> dict:
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
                           float(len(samples)), float(step_rows.num_failed)], dtype=torch.float64)
     reward_sum, length_sum, num_rows, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
-    return {"reward_mean": reward_sum / max(num_rows, 1.0), "response_length": length_sum / max(num_rows, 1.0),
+    rows = max(num_rows, 1.0)
+    return {"reward_mean": reward_sum / rows, "response_length": length_sum / rows,
             "num_failed_samples": int(num_failed)}
 
 
@@ -309,14 +312,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     tr = build_trainer(args)
     logger = MetricsLogger(enabled=tr.rank == 0, metrics_file=args.metrics_file,
                            tensorboard_dir=args.tensorboard_dir, total_steps=args.train_iters,
-                           start_step=tr.start_step, resume=bool(args.load), progress_bar=not args.no_progress_bar)
+                           start_step=tr.start_step, resume=bool(args.load),
+                           progress_bar=not args.no_progress_bar)
     history = []
     try:
         for step in range(tr.start_step + 1, args.train_iters + 1):
             metrics = train_step(tr, step)
             history.append(metrics)
             logger.log(metrics)
-            if args.save and (step == args.train_iters or (args.save_interval and step % args.save_interval == 0)):
+            periodic = args.save_interval and step % args.save_interval == 0
+            if args.save and (step == args.train_iters or periodic):
                 _save(tr, step)
     finally:
         logger.close()

@@ -21,7 +21,8 @@ def test_yaml_then_cli_precedence(tmp_path):
 def test_unknown_yaml_key_lists_valid_ones(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("global-batchsize: 32\n")
-    with pytest.raises(TrainerArgsError, match=r"unknown option\(s\) \['global-batchsize'\]; valid: .*global_batch_size"):
+    expected = r"unknown option\(s\) \['global-batchsize'\]; valid: .*global_batch_size"
+    with pytest.raises(TrainerArgsError, match=expected):
         parse_args(["--config", str(cfg)])
 
 
@@ -33,11 +34,13 @@ def test_yaml_choice_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--global-batch-size", "30", "--num-samples-per-prompt", "8"], "multiple of --num-samples-per-prompt 8"),
+    (["--global-batch-size", "30", "--num-samples-per-prompt", "8"],
+     "multiple of --num-samples-per-prompt 8"),
     (["--rollout-failure-prob", "1.0"], r"--rollout-failure-prob must be in \[0, 1\)"),
     (["--vocab-size", "33", "--tensor-model-parallel-size", "2"], "--vocab-size 33 must be a multiple"),
     (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 must be a multiple"),
-    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--num-layers-per-virtual-pipeline-stage", "2"],
      "at least 2 virtual stages"),
     (["--ref-load", "x"], "--ref-load is only used with --kl-coef > 0"),
     (["--rollouts", "f.jsonl", "--loss-aggregation", "dr_grpo"], "--max-response-length"),

@@ -16,8 +16,9 @@ from trainer_helpers import MODEL_ARGS, torchrun, write_rollouts
 
 pytestmark = pytest.mark.slow
 
-ON_POLICY = [*MODEL_ARGS, "--global-batch-size", "32", "--num-samples-per-prompt", "8", "--micro-batch-size", "4",
-             "--rollout-failure-prob", "0.2", "--kl-coef", "0.05", "--entropy-coef", "0.01",
+ON_POLICY = [*MODEL_ARGS, "--global-batch-size", "32", "--num-samples-per-prompt", "8",
+             "--micro-batch-size", "4", "--rollout-failure-prob", "0.2", "--kl-coef", "0.05",
+             "--entropy-coef", "0.01",
              "--loss-aggregation", "prompt_mean", "--lr", "3e-3"]
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
@@ -32,7 +33,8 @@ def runs(tmp_path_factory):
                "--entropy-coef", "0.01"]
     ck1, ck2 = str(tmp / "ck_resume"), str(tmp / "ck_layout")
     plan = [
-        {"name": "full", "argv": ON_POLICY + ["--train-iters", "4", "--metrics-file", str(tmp / "full.jsonl")]},
+        {"name": "full", "argv": ON_POLICY + ["--train-iters", "4",
+                                              "--metrics-file", str(tmp / "full.jsonl")]},
         {"name": "first", "argv": ON_POLICY + ["--train-iters", "2", "--save", ck1,
                                                "--metrics-file", str(tmp / "resumed.jsonl")]},
         {"name": "resumed", "argv": ON_POLICY + ["--train-iters", "4", "--load", ck1,
@@ -43,8 +45,9 @@ def runs(tmp_path_factory):
                                                "--tensor-model-parallel-size", "2"]},
         {"name": "off_pp2", "argv": offline + ["--train-iters", "2", "--load", ck2,
                                                "--pipeline-model-parallel-size", "2"]},
-        {"name": "off_vpp", "argv": offline + ["--train-iters", "2", "--load", ck2, "--pipeline-model-parallel-size",
-                                               "2", "--num-layers-per-virtual-pipeline-stage", "1"]},
+        {"name": "off_vpp", "argv": offline + ["--train-iters", "2", "--load", ck2,
+                                               "--pipeline-model-parallel-size", "2",
+                                               "--num-layers-per-virtual-pipeline-stage", "1"]},
     ]
     return tmp, torchrun(plan, 2, tmp)
 
