@@ -48,8 +48,9 @@ CONFIGS = {
     # The Megatron defaults of the plugin: policy term exact, KL as a per-micro-batch mean.
     "token_mean": dict(loss_aggregation="token_mean", kl_coef=0.01),
     # Two distinct exact modes in one step: prompt_mean (+2 all-gathers) and token_mean for KL/entropy.
-    "prompt_mean+kl/H token_mean": dict(loss_aggregation="prompt_mean", kl_coef=0.01, kl_aggregation="token_mean",
-                                        entropy_coef=0.001, entropy_aggregation="token_mean"),
+    "prompt_mean+kl/H token_mean": dict(loss_aggregation="prompt_mean", kl_coef=0.01,
+                                        kl_aggregation="token_mean", entropy_coef=0.001,
+                                        entropy_aggregation="token_mean"),
 }
 
 
@@ -222,8 +223,10 @@ def print_table(rows: list) -> None:
             continue
         c, m = r["counts"], r["M"]
         total, base = _count(c), _count(plain[(r["layout"], m)])
-        print(f"{r['layout']:<6} {m:>2} {r['config']:<28} {_count(c, 'prepare'):>7} {_count(c, 'metrics'):>7} "
-              f"{_count(c, 'advantages'):>6} {_count(c, 'loss', 'dp') / m:>10.2f} {_count(c, 'loss', 'tp') / m:>10.2f} "
+        loss_dp, loss_tp = _count(c, "loss", "dp") / m, _count(c, "loss", "tp") / m
+        print(f"{r['layout']:<6} {m:>2} {r['config']:<28} {_count(c, 'prepare'):>7} "
+              f"{_count(c, 'metrics'):>7} "
+              f"{_count(c, 'advantages'):>6} {loss_dp:>10.2f} {loss_tp:>10.2f} "
               f"{total:>10} {base:>11} {total - base:>5}")
 
 

@@ -60,7 +60,7 @@ def _status_mib(field: str) -> float:
 
 
 class PeakMeter:
-    """Peak memory above the level at ``start()``: GPU allocator stats, or the process's RSS high-water mark."""
+    """Peak memory above the level at ``start()``: GPU allocator stats, or the RSS high-water mark."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -102,7 +102,10 @@ class SavedBytes:
 
 
 def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
-    """Forward + backward of one loss path on a fresh leaf copy of ``logits0``; returns (peak MiB, saved MiB)."""
+    """Forward + backward of one loss path on a fresh leaf copy of ``logits0``.
+
+    Returns ``(peak MiB, saved MiB)``.
+    """
     from megatron.core import tensor_parallel
 
     from megatron_rl_agg.megatron_loss import prepare_microbatches
@@ -127,7 +130,8 @@ def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
             mask = batch["loss_mask"].float()
             loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
         else:
-            loss, _ = megatron_loss.loss_func(logits, micro_batch=micro_batch, loss_config=micro_batch["loss_config"])
+            loss, _ = megatron_loss.loss_func(logits, micro_batch=micro_batch,
+                                              loss_config=micro_batch["loss_config"])
     loss.backward()
     peak = meter.peak()
     megatron_loss.vocab_parallel_entropy = real_entropy
@@ -152,10 +156,11 @@ def main(argv=None) -> dict:
     logits0 = torch.randn(B, T, V, generator=gen).to(device)
     labels = torch.randint(0, V, (B, T), generator=gen).to(device)
     loss_mask = (torch.rand(B, T, generator=gen) < 0.7).to(torch.int64).to(device)
+    uniform = -torch.log(torch.tensor(float(V))).item()     # log-prob of a token under a uniform policy
     batch = {"tokens": labels.clone(), "labels": labels, "loss_mask": loss_mask,
              "advantages": torch.randn(B, generator=gen).to(device),
-             "old_logprobs": torch.full((B, T), -float(torch.log(torch.tensor(float(V)))), device=device),
-             "ref_logprobs": torch.full((B, T), -float(torch.log(torch.tensor(float(V)))) - 0.1, device=device)}
+             "old_logprobs": torch.full((B, T), uniform, device=device),
+             "ref_logprobs": torch.full((B, T), uniform - 0.1, device=device)}
     unit = B * T * V * 4 / 2**20
     results = {}
     for name in VARIANTS:

@@ -19,7 +19,8 @@ processes competing for the cores do not inflate; run single-threaded (``OMP_NUM
 CPU time is also the work done. The CPU-time ratio is the headline figure on a CPU, wall time on a GPU.
 
     python benchmarks/bench_step_overhead.py                       # CPU: hidden 512, seq 512, 1 process
-    python benchmarks/bench_step_overhead.py --kl-coef 0.01 --entropy-coef 0.001 --loss-aggregation seq_mean_token_mean
+    python benchmarks/bench_step_overhead.py --kl-coef 0.01 --entropy-coef 0.001 \
+        --loss-aggregation seq_mean_token_mean
     python benchmarks/bench_step_overhead.py --json step_overhead.json
 
 On a GPU the same command runs on the current CUDA device (times are taken after a synchronize).
@@ -61,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--entropy-coef", type=float, default=0.0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--skip-entropy-metric", action="store_true",
-                   help="DIAGNOSTIC: replace the entropy the loss computes for its metric by zeros (only with "
-                        "--entropy-coef 0), to measure what that metric costs")
+                   help="DIAGNOSTIC: replace the entropy the loss computes for its metric by zeros "
+                        "(only with --entropy-coef 0), to measure what that metric costs")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
@@ -96,7 +97,8 @@ def main(argv=None) -> dict:
 
     if args.skip_entropy_metric:
         if args.entropy_coef != 0:
-            raise SystemExit("--skip-entropy-metric needs --entropy-coef 0 (the entropy then has no gradient)")
+            raise SystemExit("--skip-entropy-metric needs --entropy-coef 0 "
+                             "(the entropy then has no gradient)")
         from megatron_rl_agg import megatron_loss
 
         megatron_loss.vocab_parallel_entropy = lambda logits: logits.new_zeros(logits.shape[:-1])
@@ -111,7 +113,8 @@ def main(argv=None) -> dict:
     device = megatron_compat.device()
 
     rows = args.micro_batch_size * args.num_microbatches
-    batch = make_batch(batch_size=rows, seq_length=args.seq_length, vocab_size=args.vocab_size, seed=args.seed)
+    batch = make_batch(batch_size=rows, seq_length=args.seq_length, vocab_size=args.vocab_size,
+                       seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     base = -torch.log(torch.tensor(float(args.vocab_size)))
     batch["old_logprobs"] = base + 0.1 * torch.randn(rows, args.seq_length, generator=gen)
@@ -157,8 +160,9 @@ def main(argv=None) -> dict:
             for v in order:
                 times[(v, c)].append(t[v][i])
             ratios[c].append(t["plugin"][i] / t["plain"][i])
-        print(f"repeat {r - args.warmup:2d}: wall plugin {t['plugin'][0]:.3f} s plain {t['plain'][0]:.3f} s "
-              f"ratio {ratios['wall'][-1]:.4f} | cpu plugin {t['plugin'][1]:.3f} s plain {t['plain'][1]:.3f} s "
+        (pw, pc), (bw, bc) = t["plugin"], t["plain"]
+        print(f"repeat {r - args.warmup:2d}: wall plugin {pw:.3f} s plain {bw:.3f} s "
+              f"ratio {ratios['wall'][-1]:.4f} | cpu plugin {pc:.3f} s plain {bc:.3f} s "
               f"ratio {ratios['cpu'][-1]:.4f}", flush=True)
 
     def summary(values):
@@ -176,8 +180,9 @@ def main(argv=None) -> dict:
         "ratios": ratios,
     }
     for c in clocks:
-        print(f"{c:>4} time, median of {args.repeats}: plugin {result['median_step_s']['plugin/' + c]:.3f} s, "
-              f"plain {result['median_step_s']['plain/' + c]:.3f} s; ratio plugin/plain: "
+        med = result["median_step_s"]
+        print(f"{c:>4} time, median of {args.repeats}: plugin {med['plugin/' + c]:.3f} s, "
+              f"plain {med['plain/' + c]:.3f} s; ratio plugin/plain: "
               "min {min:.4f}  median {median:.4f}  max {max:.4f}".format(**result["ratio"][c])
               + ("   <- headline" if c == headline else ""))
     if args.json_path:

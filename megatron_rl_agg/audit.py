@@ -156,9 +156,11 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "written together or joined by ',' or '+', e.g. 'dp2,m4 tp2 pp2vpp2m4' "
                         f"(default: {DEFAULT_LAYOUTS})")
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
-                   help="aggregation modes (aliases accepted) or 'all' (default): " + ", ".join(LOSS_AGGREGATIONS))
+                   help="aggregation modes (aliases accepted) or 'all' (default): "
+                        + ", ".join(LOSS_AGGREGATIONS))
     g.add_argument("--tolerance", type=float, default=None,
-                   help="largest relative gradient difference that passes (default 1e-4, or 5e-2 with --bf16)")
+                   help="largest relative gradient difference that passes "
+                        "(default 1e-4, or 5e-2 with --bf16)")
     g.add_argument("--inject-bug", choices=AUDIT_BUGS, default=None,
                    help="SELF-TEST OF THE AUDIT ONLY: inject a wrong correction factor and expect FAIL rows "
                         "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1)")
@@ -217,13 +219,15 @@ def _plan(args: argparse.Namespace) -> _Plan:
         value = getattr(args, flag)
         if value.strip().lower() != SAME:
             resolve_term_aggregation(value, "--" + flag.replace("_", "-"))
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length", "batch_size"):
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                 "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.seq_length < 4:
         raise ValueError(f"--seq-length must be >= 4 (prompt + response), got {args.seq_length}")
     if args.kl_coef < 0 or args.entropy_coef < 0:
-        raise ValueError(f"--kl-coef and --entropy-coef must be >= 0, got {args.kl_coef}, {args.entropy_coef}")
+        raise ValueError(
+            f"--kl-coef and --entropy-coef must be >= 0, got {args.kl_coef}, {args.entropy_coef}")
     if args.inject_bug == "kl_times_microbatches" and args.kl_coef == 0:
         raise ValueError("--inject-bug kl_times_microbatches scales the KL term: it needs --kl-coef > 0")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
@@ -233,15 +237,19 @@ def _plan(args: argparse.Namespace) -> _Plan:
         name = layout_name(lay)
         rows = lay.dp * lay.num_microbatches
         if args.batch_size % rows:
-            raise ValueError(f"layout {name}: --batch-size {args.batch_size} is not divisible by dp*m = {rows}")
+            raise ValueError(
+                f"layout {name}: --batch-size {args.batch_size} is not divisible by dp*m = {rows}")
         stages = lay.pp * (lay.vpp or 1)
         if args.num_layers % stages:
-            raise ValueError(f"layout {name}: --num-layers {args.num_layers} is not divisible by pp*vpp = {stages}")
+            raise ValueError(
+                f"layout {name}: --num-layers {args.num_layers} is not divisible by pp*vpp = {stages}")
         if args.num_attention_heads % lay.tp or args.vocab_size % lay.tp:
-            raise ValueError(f"layout {name}: --num-attention-heads {args.num_attention_heads} and --vocab-size "
-                             f"{args.vocab_size} must be divisible by tp = {lay.tp}")
+            raise ValueError(
+                f"layout {name}: --num-attention-heads {args.num_attention_heads} and --vocab-size "
+                f"{args.vocab_size} must be divisible by tp = {lay.tp}")
         if lay.vpp is not None and lay.num_microbatches % lay.pp:
-            raise ValueError(f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
+            raise ValueError(
+                f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
     horizon = args.max_response_length if args.max_response_length is not None else args.seq_length
     if horizon < 1:
         raise ValueError(f"--max-response-length must be >= 1, got {horizon}")
@@ -362,8 +370,8 @@ def format_table(results: Sequence[dict], layouts: Sequence[str], modes: Sequenc
     fails = [r for r in results if r["status"] != PASS]
     per_layout = [r for r in results if r.get("per_layout_reference")]
     if per_layout:
-        lines.append("token_mean_legacy and microbatch_mean terms are per-micro-batch means by definition: their "
-                     "reference follows each layout's micro-batch split.")
+        lines.append("token_mean_legacy and microbatch_mean terms are per-micro-batch means by definition: "
+                     "their reference follows each layout's micro-batch split.")
     lines.append(f"{len(results) - len(fails)} PASS, {len(fails)} FAIL")
     for r in fails:
         lines.append(f"  FAIL {r['mode']} @ {r['layout']}: {r['rel_diff']:.3e} at {r['worst_param']}")
@@ -569,9 +577,11 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
                                          clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c)
         objective = agg(pg, mode)
         if cfg.kl_coef > 0:
-            objective = objective + cfg.kl_coef * agg(kl_estimate(logp, ref, cfg.kl_estimator), cfg.kl_aggregation)
+            kl = kl_estimate(logp, ref, cfg.kl_estimator)
+            objective = objective + cfg.kl_coef * agg(kl, cfg.kl_aggregation)
         if cfg.entropy_coef > 0:
-            objective = objective - cfg.entropy_coef * agg(entropy_from_logits(logits), cfg.entropy_aggregation)
+            entropy = entropy_from_logits(logits)
+            objective = objective - cfg.entropy_coef * agg(entropy, cfg.entropy_aggregation)
         objective.backward()
         out[(mode, rows)] = gather_full_grads(chunks)
     del chunks, model
@@ -632,6 +642,7 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
                 or not get_aggregation(mode).exact_global:
             continue
         w = token_weights(local["loss_mask"], mode, group_ids=local["group_ids"],
-                          max_response_length=cfg.max_response_length, process_group=None, dtype=torch.float64)
+                          max_response_length=cfg.max_response_length, process_group=None,
+                          dtype=torch.float64)
         for k, mb in enumerate(micro_batches):
             mb[key] = w[k * mbs:(k + 1) * mbs]

@@ -47,7 +47,8 @@ def test_issue_comma_list_is_rejected_with_a_hint():
 
 
 @pytest.mark.parametrize("text,match", [("cp2", "context parallelism"), ("dp2,x3", "bad layout"),
-                                        ("tp", "bad layout"), ("vpp2", "vpp"), ("dp0", "dp=0"), (" ; ", "no layout")])
+                                        ("tp", "bad layout"), ("vpp2", "vpp"), ("dp0", "dp=0"),
+                                        (" ; ", "no layout")])
 def test_bad_layouts(text, match):
     with pytest.raises(ValueError, match=match):
         parse_layouts(text)
@@ -134,7 +135,8 @@ def test_default_batch_exercises_the_counts():
     rows = mask.sum(1)
     assert (rows == 0).any(), "a fully masked row"
     dead_groups = [g for g in gid.unique() if rows[gid == g].sum() == 0]
-    live_groups_with_dead_row = [g for g in gid.unique() if (rows[gid == g] == 0).any() and rows[gid == g].sum()]
+    live_groups_with_dead_row = [g for g in gid.unique()
+                                 if (rows[gid == g] == 0).any() and rows[gid == g].sum()]
     assert dead_groups and live_groups_with_dead_row
     B = args.batch_size
     # A group continues across every dp2 / dp4 rank boundary (and the m2 / m4 micro-batch boundaries of
@@ -196,8 +198,8 @@ def test_clean_run_passes_everywhere(tmp_path):
 @pytest.mark.slow
 def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
     # Launched by torchrun directly; tp2 has one micro-batch, where "times M" is the identity.
-    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 tp2", "--inject-bug", "kl_times_microbatches"],
-                                  torchrun_nproc=2)
+    argv = ["--layouts", "dp2,m2 tp2", "--inject-bug", "kl_times_microbatches"]
+    code, stdout, status = _audit(tmp_path, argv, torchrun_nproc=2)
     assert code != 0
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m, _ in status}
     assert all(status[(m, "tp2")] == "PASS" for m, _ in status)
@@ -206,7 +208,8 @@ def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
 @pytest.mark.slow
 def test_injected_local_count_fails_where_dp_gt_1(tmp_path):
     # token_sum has no count and token_mean_legacy uses micro-batch counts only: both stay PASS.
-    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 pp2,m2", "--inject-bug", "local_token_count"])
+    argv = ["--layouts", "dp2,m2 pp2,m2", "--inject-bug", "local_token_count"]
+    code, stdout, status = _audit(tmp_path, argv)
     assert code == 1
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m in GLOBAL_COUNT_MODES}
     assert "FAIL token_mean @ dp2,m2" in stdout and "SELF-TEST" in stdout

@@ -1,9 +1,9 @@
 """Every ```python block of docs/*.md and README.md runs.
 
-Relative links between the pages must resolve to an existing page and heading. Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
+Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
 (so a block cannot lean on an earlier one). Blocks whose info string is ```python torchrun need several
 processes: they run under torchrun with 2 processes (gloo) in a slow test. Other fences (bash, text, ...)
-are not executed.
+are not executed. Relative links between the pages must resolve to an existing page and heading.
 """
 
 import json
@@ -53,7 +53,8 @@ RUNNER = textwrap.dedent("""
 
 
 PLAIN = [(p, [(line, code) for line, info, code in python_blocks(p) if info == "python"]) for p in DOCS]
-TORCHRUN = [(p, line, code) for p in DOCS for line, info, code in python_blocks(p) if info == "python torchrun"]
+TORCHRUN = [(p, line, code) for p in DOCS for line, info, code in python_blocks(p)
+            if info == "python torchrun"]
 
 
 def test_info_strings_are_known():
@@ -109,7 +110,8 @@ def test_python_blocks_run(path, blocks, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,line,code", [pytest.param(p, n, c, id=f"{p.name}:{n}") for p, n, c in TORCHRUN])
+@pytest.mark.parametrize("path,line,code",
+                         [pytest.param(p, n, c, id=f"{p.name}:{n}") for p, n, c in TORCHRUN])
 def test_torchrun_blocks_run(path, line, code, tmp_path):
     from torchrun_utils import run_torchrun
 
