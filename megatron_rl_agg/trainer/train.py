@@ -28,7 +28,7 @@ import torch
 from megatron_rl_agg import dist, megatron_compat
 from megatron_rl_agg.advantages import compute_step_advantages
 from megatron_rl_agg.config import AdvantageConfig, LossConfig
-from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, task
+from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, task
 from megatron_rl_agg.trainer.arguments import TrainerArgsError, virtual_pipeline_size
 from megatron_rl_agg.trainer.reporting import MetricsLogger
 from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
@@ -122,20 +122,10 @@ def _build_policy(args, spec):
 
 
 def _build_reference(args, spec) -> Optional[list]:
-    """Frozen reference policy in the same layout: the initial weights of --seed, or --ref-load."""
+    """Frozen reference policy for --kl-coef > 0 (see :mod:`.reference`), else None."""
     if args.kl_coef == 0:
         return None
-    from megatron_rl_agg.model import build_model, init_weights
-
-    ref = build_model(spec, wrap_ddp=False, layer_spec=_layer_spec(args, spec))
-    if args.ref_load:
-        checkpoint.load_model_weights(args.ref_load, ref)
-    else:
-        init_weights(ref, seed=args.seed)
-    for chunk in ref:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return ref
+    return reference.build_reference(spec, _layer_spec(args, spec), seed=args.seed, ref_load=args.ref_load)
 
 
 def _build_source(args):
@@ -212,8 +202,8 @@ def _local_batch(tr: Trainer, step: int) -> tuple[dict, dict]:
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
     if tr.ref_chunks is not None:
-        batch["ref_logprobs"] = forward.compute_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
-                                                         tr.args.micro_batch_size)
+        batch["ref_logprobs"] = reference.reference_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
+                                                             tr.args.micro_batch_size)
     return batch, stats
 
 

@@ -1,0 +1,40 @@
+"""The frozen reference policy of the KL term (``--kl-coef > 0``).
+
+A second copy of the model in the same TP / PP / VPP layout as the policy, never updated: the initial
+weights of ``--seed`` (the same function of ``(seed, parameter key)`` the policy starts from, so it is the
+policy's step-0 state at any layout, also after a resume), or the weights of the checkpoint in
+``--ref-load``. Its log-probs are computed with a forward-only pass before the update, on the same
+padded rows as the update, and reach every pipeline stage
+(:func:`~megatron_rl_agg.trainer.forward.compute_logprobs`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_rl_agg.trainer import checkpoint, forward
+
+__all__ = ["build_reference", "reference_logprobs"]
+
+
+def build_reference(spec, layer_spec, *, seed: int, ref_load: Optional[str]) -> list:
+    """Bare (no DDP) model chunks holding the reference weights, in eval mode, without gradients."""
+    from megatron_rl_agg.model import build_model, init_weights
+
+    ref = build_model(spec, wrap_ddp=False, layer_spec=layer_spec)
+    if ref_load:
+        checkpoint.load_model_weights(ref_load, ref)
+    else:
+        init_weights(ref, seed=seed)
+    for chunk in ref:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return ref
+
+
+def reference_logprobs(ref_chunks: list, tokens: torch.Tensor, labels: torch.Tensor,
+                       micro_batch_size: int) -> torch.Tensor:
+    """``[R, S]`` log-probs of ``labels`` under the reference policy, on every pipeline stage."""
+    return forward.compute_logprobs(ref_chunks, tokens, labels, micro_batch_size)
