@@ -280,9 +280,9 @@ def make_batch(*, batch_size: int, seq_length: int, vocab_size: int, seed: int) 
     """A deterministic RL mini-batch that exercises every count the modes depend on.
 
     Rows hold a prompt (2 to S/4 tokens) and a response of 1 to ``S - prompt`` tokens, so token counts per
-    row, micro-batch and rank all differ. Prompt groups of 1 to 6 rows straddle the rank boundaries of
-    dp2 and dp4 splits; one row is fully masked inside a larger group and the last group is fully masked (dead
-    rows and a dead group must not count). Advantages are group-normalized rewards.
+    row, micro-batch and rank all differ. Prompt groups (1 to 5 rows, stretched where needed) straddle
+    the rank boundaries of dp2 and dp4 splits; one row is fully masked inside the largest live group and
+    the last group is fully masked (dead rows and a dead group must not count). Advantages are group-normalized rewards.
 
     Returns (CPU tensors): ``tokens``, ``labels``, ``loss_mask`` ``[B, S]``; ``advantages`` ``[B]``;
     ``group_ids`` ``[B]`` int64; ``group_sizes`` (list of ints).
@@ -299,20 +299,21 @@ def make_batch(*, batch_size: int, seq_length: int, vocab_size: int, seed: int) 
         response = int(torch.randint(1, S - prompt + 1, (1,), generator=gen))
         # label position t predicts token t + 1: the response tokens [prompt, prompt + response).
         loss_mask[i, prompt - 1: prompt - 1 + response] = 1
-    # Group sizes 1..5; a group never ends exactly at B/4, B/2 or 3B/4, so at dp2 / dp4 (and many
-    # micro-batch splits) some group continues on the next rank or micro-batch.
+    # Group sizes 1..5, stretched so that no group ends exactly at B/4, B/2 or 3B/4: at dp2 / dp4 (and
+    # many micro-batch splits) some group continues on the next rank or micro-batch.
     cuts = {B // 4, B // 2, 3 * B // 4} - {0, B}
     sizes, start = [], 0
     while start < B:
         size = min(B - start, int(torch.randint(1, 6, (1,), generator=gen)))
-        if start + size in cuts and start + size < B:
+        while start + size in cuts:
             size += 1
         sizes.append(size)
         start += size
     group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     if len(sizes) > 1:
         loss_mask[group_ids == len(sizes) - 1] = 0          # a dead group
-    big = max(range(len(sizes)), key=lambda g: sizes[g])
+    live = range(len(sizes) - 1) if len(sizes) > 1 else range(1)
+    big = max(live, key=lambda g: sizes[g])
     if sizes[big] > 1:
         loss_mask[int((group_ids == big).nonzero()[0])] = 0  # a dead row in a live group
     rewards = torch.randn(B, generator=gen, dtype=torch.float64)
