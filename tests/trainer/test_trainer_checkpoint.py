@@ -2,6 +2,8 @@
 
 * Resume: 4 uninterrupted on-policy steps vs 2 steps, save, resume for steps 3-4 (partial groups from
   lost samples, a KL term to the frozen reference): the resumed steps' metrics are the same numbers.
+* On-policy generation at TP2, PP2 and PP2 x VPP2 samples what DP2 samples (same initial weights,
+  counter-based sampling noise), so the first two steps' rollouts and losses agree with the DP2 run.
 * Cross-layout load: a checkpoint saved at TP1/PP1 (DP2) after step 1 of an offline run, loaded at TP2,
   PP2 and PP2 x VPP2; step 2 there matches step 2 of the uninterrupted TP1/PP1 run. The file carries
   behaviour log-probs, so step 2's policy loss depends on the loaded logits (ratio != 1), as do its
@@ -19,7 +21,14 @@ pytestmark = pytest.mark.slow
 ON_POLICY = [*MODEL_ARGS, "--global-batch-size", "32", "--num-samples-per-prompt", "8",
              "--micro-batch-size", "4", "--rollout-failure-prob", "0.2", "--kl-coef", "0.05",
              "--entropy-coef", "0.01",
+             # exact global KL / entropy aggregation, so every term is independent of the micro-batch split
+             "--kl-aggregation", "token_mean", "--entropy-aggregation", "seq_mean_token_mean",
              "--loss-aggregation", "prompt_mean", "--lr", "3e-3"]
+ON_POLICY_LAYOUTS = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+}
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
 
@@ -49,6 +58,8 @@ def runs(tmp_path_factory):
                                                "--pipeline-model-parallel-size", "2",
                                                "--num-layers-per-virtual-pipeline-stage", "1"]},
     ]
+    for name, flags in ON_POLICY_LAYOUTS.items():
+        plan.append({"name": f"onp_{name}", "argv": ON_POLICY + ["--train-iters", "2"] + flags})
     return tmp, torchrun(plan, 2, tmp)
 
 
@@ -74,3 +85,14 @@ def test_checkpoint_loads_at_another_layout(runs, layout):
     assert ref["ppo_kl"] != 0                        # old log-probs from the file: step 2 reads the weights
     for key in ("policy_loss", "entropy", "entropy_loss", "loss", "ppo_kl", "clip_frac", "grad_norm"):
         assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize("layout", list(ON_POLICY_LAYOUTS))
+def test_on_policy_generation_is_layout_independent(runs, layout):
+    _, results = runs
+    for ref, got in zip(results["full"][:2], results[f"onp_{layout}"]):
+        for key in ("reward_mean", "num_truncated", "response_length", "num_failed_samples", "num_tokens",
+                    "num_partial_groups"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-9), (ref["step"], key)
+        for key in ("policy_loss", "kl_loss", "entropy", "grad_norm"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (ref["step"], key)
