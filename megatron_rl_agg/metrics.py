@@ -19,8 +19,8 @@ global weights ``w``, so the total is exactly the aggregated objective of the wh
     reported = sum_{ranks, micro-batches} sum_t w_t * pg_t = aggregate(pg, whole mini-batch)
 
 The ``(sum, count)`` pairs are also the shape Megatron-LM's own training loop sums and divides.
-This module issues at most two collectives per call (one sum, one max) through
-:mod:`megatron_rl_agg.dist`; it never imports ``torch.distributed`` itself.
+This module issues at most two collectives per call (one sum; one max only when a ``/max`` or ``/min``
+name exists) through :mod:`megatron_rl_agg.dist`; it never imports ``torch.distributed`` itself.
 """
 
 from __future__ import annotations
@@ -74,17 +74,15 @@ def reduce_metrics(reports: Sequence[Mapping[str, torch.Tensor]], process_group=
         if sorted(r) != names:
             raise ValueError(f"micro-batch report {i} has names {sorted(r)}, report 0 has {names}")
     by_kind = {kind: [n for n in names if reduction_of(n) == kind] for kind in METRIC_REDUCTIONS}
-    device = torch.as_tensor(reports[0][names[0]]).device
 
     # One all-reduce(sum) carries every /sum value and every (sum, count) pair ...
     sums = [_stack(reports, n).sum(0).reshape(-1) for n in by_kind["sum"] + by_kind["mean"]]
-    flat_sum = torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=device)
-    flat_sum = dist.all_reduce_sum(flat_sum, process_group)
+    # Every rank carries the same names, so skipping an empty collective is skipped on all ranks alike.
+    flat_sum = dist.all_reduce_sum(torch.cat(sums), process_group) if sums else None
     # ... and one all-reduce(max) every /max value and every negated /min value (min x = -max -x).
     peaks = [_stack(reports, n).max(0).values.reshape(1) for n in by_kind["max"]]
     peaks += [(-_stack(reports, n)).max(0).values.reshape(1) for n in by_kind["min"]]
-    flat_max = torch.cat(peaks) if peaks else torch.zeros(0, dtype=torch.float64, device=device)
-    flat_max = dist.all_reduce_max(flat_max, process_group)
+    flat_max = dist.all_reduce_max(torch.cat(peaks), process_group) if peaks else None
 
     out: dict[str, float] = {}
     pos = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -41,14 +42,22 @@ def run_torchrun(script, nproc: int, args=(), *, timeout: float = 300, env=None)
     run_env.update(env or {})
     run_env["OMP_NUM_THREADS"] = "1"
     run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), run_env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env, capture_output=True, text=True,
-                          timeout=timeout)
+    # A session of its own, so that a timeout kills torchrun AND its workers (killing torchrun alone
+    # would leave the ranks running).
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     if proc.returncode != 0:
         raise RuntimeError(
             f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n"
-            f"--- stdout tail ---\n{proc.stdout[-2000:]}\n--- stderr tail ---\n{proc.stderr[-6000:]}"
+            f"--- stdout tail ---\n{stdout[-2000:]}\n--- stderr tail ---\n{stderr[-6000:]}"
         )
-    return proc.stdout
+    return stdout
 
 
 def result_path(directory, name: str) -> pathlib.Path:
