@@ -12,15 +12,15 @@ Launching (see docs/audit.md)::
 
     megatron-rl-agg check-invariance                     # CPU or GPUs: re-launches itself under torchrun,
                                                          # one launch per process count the layouts need
-    torchrun --nproc-per-node 2 -m megatron_rl_agg.cli check-invariance --layouts "dp2,m2 tp2 pp2vpp2m4"
+    torchrun --nproc-per-node 2 -m megatron_rl_agg.cli check-invariance --layouts "dp2+m2 tp2 pp2vpp2m4"
                                                          # already under torchrun (world size W): runs
                                                          # the layouts that need exactly W processes
 
 Layout grammar. A layout is a list of factors ``dp<N>``, ``tp<N>``, ``pp<N>``, ``vpp<N>`` (virtual
 stages per pipeline rank) and ``m<N>`` (micro-batches per DP rank), each at most once, written together
-(``pp2vpp2m4``) or joined by ``,`` or ``+`` (``pp2,vpp2,m4``, ``pp2+vpp2+m4``); omitted factors are 1 (no
-virtual stages). Layouts are separated by whitespace or ``;``, inside one ``--layouts`` value or across
-several. A layout needs ``dp * tp * pp`` processes.
+(``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages).
+Layouts are separated by ``,``, ``;`` or whitespace, inside one ``--layouts`` value or across several:
+``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp`` processes.
 
 What a row checks. The loss is the plugin's full RL loss: PPO clipped policy gradient + ``kl_coef`` x KL
 - ``entropy_coef`` x entropy, all three with gradient. By default KL and entropy are aggregated with the
@@ -74,12 +74,12 @@ __all__ = [
 ]
 
 AUDIT_BUGS = ("kl_times_microbatches", "local_token_count")
-DEFAULT_LAYOUTS = "m1 m4 dp2,m2 tp2,m2 pp2,m4 pp2,vpp2,m4"
+DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 PASS, FAIL = "PASS", "FAIL"
 
 _FACTOR = re.compile(r"(vpp|dp|tp|pp|m)(\d+)")
-_LAYOUT_SEPARATORS = re.compile(r"[\s;]+")
+_LAYOUT_SEPARATORS = re.compile(r"[\s;,]+")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +87,8 @@ _LAYOUT_SEPARATORS = re.compile(r"[\s;]+")
 # ----------------------------------------------------------------------------------------------
 
 def _parse_one(text: str) -> Layout:
-    """One layout: factors written together or joined by ',' / '+' (see the module docstring)."""
-    compact = text.lower().replace(",", "").replace("+", "")
+    """One layout: factors written together or joined by '+' (see the module docstring)."""
+    compact = text.lower().replace("+", "")
     pos, items = 0, []
     while pos < len(compact):
         match = _FACTOR.match(compact, pos)
@@ -97,7 +97,8 @@ def _parse_one(text: str) -> Layout:
                 else ""
             raise ValueError(
                 f"bad layout {text!r} at {compact[pos:]!r}{hint}: a layout is factors dp<N>, tp<N>, pp<N>, "
-                "vpp<N>, m<N> (e.g. 'dp2,m4', 'tp2', 'pp2vpp2m4'); separate layouts with spaces or ';'")
+                "vpp<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4'); "
+                "separate layouts with ',', ';' or spaces")
         items.append(match.group(0))
         pos = match.end()
     if not items:
@@ -107,14 +108,14 @@ def _parse_one(text: str) -> Layout:
     if repeated:
         raise ValueError(
             f"layout {text!r} sets {', '.join(repeated)} more than once; to give several layouts separate "
-            "them with spaces or ';' (e.g. 'dp2;m4;tp2;pp2;pp2vpp2')")
+            "them with ',', ';' or spaces (e.g. 'dp2,m4,tp2,pp2,pp2vpp2')")
     return parse_layout(",".join(items))
 
 
 def parse_layouts(texts: Sequence[str] | str) -> list[Layout]:
     """Parse ``--layouts`` values (each may hold several layouts) into Layouts, duplicates removed.
 
-    Examples: ``"dp2,m4 tp2"``, ``"pp2vpp2m4;dp2+m2"``, ``["m4", "tp2,m2"]``.
+    Examples: ``"dp2+m4 tp2"``, ``"pp2vpp2m4;dp2+m2"``, ``["m4", "tp2+m2"]``.
 
     Raises:
         ValueError: naming the bad layout text and the grammar.
@@ -134,14 +135,14 @@ def parse_layouts(texts: Sequence[str] | str) -> list[Layout]:
 
 
 def layout_name(layout: Layout) -> str:
-    """Short canonical spelling: only the factors that differ from 1, e.g. ``pp2,vpp2,m4``; ``m1`` alone."""
+    """Short canonical spelling: only the factors that differ from 1, e.g. ``pp2+vpp2+m4``; ``m1`` alone."""
     parts = [f"{k}{v}" for k, v in (("dp", layout.dp), ("tp", layout.tp), ("pp", layout.pp))
              if v != 1]
     if layout.vpp is not None:
         parts.append(f"vpp{layout.vpp}")
     if layout.num_microbatches != 1 or not parts:
         parts.append(f"m{layout.num_microbatches}")
-    return ",".join(parts)
+    return "+".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +153,8 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``check-invariance`` flags (model size, batch, loss, layouts, modes, tolerance, self-test)."""
     g = parser.add_argument_group("what to check")
     g.add_argument("--layouts", nargs="+", default=[DEFAULT_LAYOUTS], metavar="LAYOUT",
-                   help="layouts separated by spaces or ';'; a layout is dp<N>, tp<N>, pp<N>, vpp<N>, m<N> "
-                        "written together or joined by ',' or '+', e.g. 'dp2,m4 tp2 pp2vpp2m4' "
+                   help="layouts separated by ',', ';' or spaces; a layout is dp<N>, tp<N>, pp<N>, vpp<N>, "
+                        "m<N> written together or joined by '+', e.g. 'dp2+m4,tp2,pp2vpp2m4' "
                         f"(default: {DEFAULT_LAYOUTS})")
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
                    help="aggregation modes (aliases accepted) or 'all' (default): "

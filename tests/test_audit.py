@@ -27,23 +27,26 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # layout grammar
 # ----------------------------------------------------------------------------------------------
 
-def test_compact_comma_and_plus_spellings_agree():
+def test_compact_and_plus_spellings_agree():
     expected = Layout(pp=2, vpp=2, num_microbatches=4)
-    for text in ("pp2vpp2m4", "pp2,vpp2,m4", "pp2+vpp2+m4", "PP2,VPP2+m4", "m4pp2vpp2"):
+    for text in ("pp2vpp2m4", "pp2+vpp2+m4", "PP2VPP2+m4", "m4pp2vpp2"):
         assert parse_layouts(text) == [expected], text
 
 
 def test_layout_separators_and_duplicates():
-    got = parse_layouts(["dp2,m4 tp2;pp2vpp2m2", "  tp2  "])
+    got = parse_layouts(["dp2+m4 tp2;pp2vpp2m2", "  tp2  "])
     assert got == [Layout(dp=2, num_microbatches=4), Layout(tp=2), Layout(pp=2, vpp=2, num_microbatches=2)]
     assert [lay.world_size for lay in got] == [2, 2, 2]
-    assert parse_layouts("dp2,tp2,pp2")[0].world_size == 8
+    assert parse_layouts("dp2+tp2+pp2")[0].world_size == 8
 
 
-def test_issue_comma_list_is_rejected_with_a_hint():
-    # "dp2,m4,tp2,pp2,pp2vpp2" is ONE layout in this grammar and sets pp twice.
-    with pytest.raises(ValueError, match=r"sets pp more than once.*separate them with spaces or ';'"):
-        parse_layouts("dp2,m4,tp2,pp2,pp2vpp2")
+def test_issue_comma_list_is_five_layouts():
+    # The issue's own spelling: commas separate layouts, "m4" alone is DP1 with 4 micro-batches.
+    assert parse_layouts("dp2,m4,tp2,pp2,pp2vpp2") == [
+        Layout(dp=2), Layout(num_microbatches=4), Layout(tp=2), Layout(pp=2), Layout(pp=2, vpp=2)]
+    # A factor given twice inside one layout is an error with a hint.
+    with pytest.raises(ValueError, match=r"sets pp more than once.*separate them with ',', ';' or spaces"):
+        parse_layouts("pp2vpp2pp4")
 
 
 @pytest.mark.parametrize("text,match", [("cp2", "context parallelism"), ("dp2,x3", "bad layout"),
@@ -54,7 +57,7 @@ def test_bad_layouts(text, match):
         parse_layouts(text)
 
 
-@pytest.mark.parametrize("text", ["m1", "m4", "dp2,m2", "tp2", "pp2,vpp2,m4", "dp2,tp2,pp2,m8"])
+@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8"])
 def test_layout_name_round_trips(text):
     (layout,) = parse_layouts(text)
     assert layout_name(layout) == text
@@ -66,8 +69,8 @@ def test_layout_name_round_trips(text):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
-    (["--layouts", "dp2,m3"], "not divisible by dp*m = 6"),
-    (["--layouts", "pp2,vpp2,m3", "--batch-size", "12"], "multiple of pp = 2"),
+    (["--layouts", "dp2+m3"], "not divisible by dp*m = 6"),
+    (["--layouts", "pp2+vpp2+m3", "--batch-size", "12"], "multiple of pp = 2"),
     (["--layouts", "pp4"], "not divisible by pp*vpp = 4"),
     (["--layouts", "tp3"], "divisible by tp = 3"),
     (["--modes", "token_avg"], "unknown loss aggregation 'token_avg'"),
@@ -111,13 +114,13 @@ def _result(mode, layout, rel, status):
 
 
 def test_table_and_exit_status():
-    results = [_result("token_mean", "m4", 1e-7, "PASS"), _result("token_mean", "dp2,m2", 0.3, "FAIL"),
+    results = [_result("token_mean", "m4", 1e-7, "PASS"), _result("token_mean", "dp2+m2", 0.3, "FAIL"),
                _result("prompt_mean", "m4", 2e-7, "PASS")]
-    table = format_table(results, ["m4", "dp2,m2"], ["token_mean", "prompt_mean"], 1e-4, "local_token_count")
+    table = format_table(results, ["m4", "dp2+m2"], ["token_mean", "prompt_mean"], 1e-4, "local_token_count")
     assert "SELF-TEST" in table and "2 PASS, 1 FAIL" in table
-    assert "FAIL token_mean @ dp2,m2: 3.000e-01 at w" in table
+    assert "FAIL token_mean @ dp2+m2: 3.000e-01 at w" in table
     row = next(line for line in table.splitlines() if line.startswith("prompt_mean"))
-    assert "2.0e-07 PASS" in row and row.rstrip().endswith("-")      # not run at dp2,m2
+    assert "2.0e-07 PASS" in row and row.rstrip().endswith("-")      # not run at dp2+m2
     assert exit_status(results) == 1
     assert exit_status(results[::2]) == 0
     assert exit_status([]) == 2
@@ -189,7 +192,7 @@ def _audit(tmp_path, argv, *, torchrun_nproc=None):
 
 @pytest.mark.slow
 def test_clean_run_passes_everywhere(tmp_path):
-    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2,m2 tp2,m2 pp2vpp2m4"])
+    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2+m2 tp2+m2 pp2vpp2m4"])
     assert set(status.values()) == {"PASS"} and len(status) == 7 * 3, stdout
     assert code == 0
     assert "21 PASS, 0 FAIL" in stdout
@@ -198,18 +201,18 @@ def test_clean_run_passes_everywhere(tmp_path):
 @pytest.mark.slow
 def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
     # Launched by torchrun directly; tp2 has one micro-batch, where "times M" is the identity.
-    argv = ["--layouts", "dp2,m2 tp2", "--inject-bug", "kl_times_microbatches"]
+    argv = ["--layouts", "dp2+m2 tp2", "--inject-bug", "kl_times_microbatches"]
     code, stdout, status = _audit(tmp_path, argv, torchrun_nproc=2)
     assert code != 0
-    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m, _ in status}
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2+m2") for m, _ in status}
     assert all(status[(m, "tp2")] == "PASS" for m, _ in status)
 
 
 @pytest.mark.slow
 def test_injected_local_count_fails_where_dp_gt_1(tmp_path):
     # token_sum has no count and token_mean_legacy uses micro-batch counts only: both stay PASS.
-    argv = ["--layouts", "dp2,m2 pp2,m2", "--inject-bug", "local_token_count"]
+    argv = ["--layouts", "dp2+m2 pp2+m2", "--inject-bug", "local_token_count"]
     code, stdout, status = _audit(tmp_path, argv)
     assert code == 1
-    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2,m2") for m in GLOBAL_COUNT_MODES}
-    assert "FAIL token_mean @ dp2,m2" in stdout and "SELF-TEST" in stdout
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2+m2") for m in GLOBAL_COUNT_MODES}
+    assert "FAIL token_mean @ dp2+m2" in stdout and "SELF-TEST" in stdout
