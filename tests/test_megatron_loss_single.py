@@ -11,6 +11,8 @@ import functools
 
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 from megatron_rl_agg import losses, megatron_compat
 from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
@@ -211,6 +213,163 @@ def test_vocab_parallel_terms_equal_full_vocab_reference_at_tp1(megatron_loss):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused log-prob + entropy kernel loss_func uses (TP1 here; TP2 in tests/megatron)
+# ----------------------------------------------------------------------------------------------
+
+def fused_case(dtype, seed=5, n=3, s=5, vocab=V):
+    """Logits spread over ~[-12, 12], labels, a loss mask with holes, and per-token weights that are 0
+    off the mask (as loss_func's are)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(n, s, vocab, generator=g)).to(dtype)
+    labels = torch.randint(0, vocab, (n, s), generator=g)
+    mask = torch.rand(n, s, generator=g) < 0.6
+    mask[0, 0], mask[-1, -1] = True, False
+    u = torch.randn(n, s, generator=g) * mask
+    w = torch.randn(n, s, generator=g) * mask
+    return logits, labels, mask, u, w
+
+
+def full_vocab_reference(logits, labels, u, w, entropy_grad):
+    """Log-probs, entropies and d(sum u logp + sum w H)/dlogits from full-vocabulary log_softmax (fp32)."""
+    ref = logits.float().clone().requires_grad_(True)
+    lp, ent = losses.logprobs_from_logits(ref, labels), losses.entropy_from_logits(ref)
+    ((u * lp).sum() + ((w * ent).sum() if entropy_grad else 0)).backward()
+    return lp.detach(), ent.detach(), ref.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["H-metric", "H-grad"])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4], ids=["chunk-default", "chunk1", "chunk4"])
+def test_fused_logprobs_entropy_equal_full_vocab_reference(megatron_loss, dtype, entropy_grad, chunk_rows):
+    # 15 rows: chunk4 runs 4 + 4 + 4 + 3, so a short last chunk is covered.
+    logits, labels, mask, u, w = fused_case(dtype)
+    leaf = logits.clone().requires_grad_(True)
+    lp, ent = megatron_loss.vocab_parallel_logprobs_and_entropy(
+        leaf * 1, labels, entropy_grad=entropy_grad, chunk_rows=chunk_rows)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == labels.shape
+    assert ent.requires_grad == entropy_grad
+    ((u * lp).sum() + ((w * ent).sum() if entropy_grad else 0)).backward()
+    ref_lp, ref_ent, ref_grad = full_vocab_reference(logits, labels, u, w, entropy_grad)
+    # Forward in fp32 from the (possibly bf16) inputs: fp32 round-off only.
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=2e-6)
+    assert leaf.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    else:   # computed in fp32, rounded once to bf16 (8 significant bits)
+        torch.testing.assert_close(leaf.grad, ref_grad.to(dtype), rtol=2 ** -7, atol=1e-6)
+    assert ref_grad.abs().max() > 0.1
+    # Masked tokens (weights 0) get an exactly zero gradient row, not a tiny or NaN one.
+    assert torch.all(leaf.grad[~mask] == 0)
+
+
+def test_fused_entropy_metric_has_no_gradient_path(megatron_loss):
+    # entropy_grad=False: the entropy is a plain tensor; the backward equals the log-prob-only gradient.
+    logits, labels, _, u, _ = fused_case(torch.float32, seed=6)
+    leaf = logits.clone().requires_grad_(True)
+    lp, ent = megatron_loss.vocab_parallel_logprobs_and_entropy(leaf * 1, labels, entropy_grad=False)
+    assert not ent.requires_grad and ent.grad_fn is None
+    (u * lp).sum().backward()
+    torch.testing.assert_close(leaf.grad, full_vocab_reference(logits, labels, u, u, False)[2],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fused_entropy_alone_and_logprob_alone_gradients(megatron_loss):
+    # Only one output in the loss: the other output's gradient is None inside the backward.
+    logits, labels, _, u, w = fused_case(torch.float32, seed=7)
+    for use_logp in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        lp, ent = megatron_loss.vocab_parallel_logprobs_and_entropy(leaf * 1, labels, entropy_grad=True)
+        ((u * lp).sum() if use_logp else (w * ent).sum()).backward()
+        ref = logits.clone().requires_grad_(True)
+        ((u * losses.logprobs_from_logits(ref, labels)).sum() if use_logp
+         else (w * losses.entropy_from_logits(ref)).sum()).backward()
+        torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-6)
+        assert ref.grad.abs().max() > 0.1
+
+
+def test_fused_handles_minus_inf_logits(megatron_loss):
+    # A vocabulary entry masked with -inf has p = 0 and contributes nothing (0 * log 0 = 0): outputs and
+    # gradients equal those with -1e4 there (exp underflows to 0 in fp32 either way), with no NaN.
+    logits, labels, _, u, w = fused_case(torch.float32, seed=8)
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    banned[..., 3] = True
+    labels = torch.where(labels == 3, 4, labels)
+    for entropy_grad in (False, True):
+        leaf = logits.masked_fill(banned, float("-inf")).requires_grad_(True)
+        lp, ent = megatron_loss.vocab_parallel_logprobs_and_entropy(leaf * 1, labels,
+                                                                    entropy_grad=entropy_grad)
+        ((u * lp).sum() + (w * ent).sum() * entropy_grad).backward()
+        ref_lp, ref_ent, ref_grad = full_vocab_reference(logits.masked_fill(banned, -1e4), labels, u, w,
+                                                         entropy_grad)
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-6)
+        assert torch.all(leaf.grad[banned] == 0)
+
+
+def test_fused_rejects_bad_labels(megatron_loss):
+    logits, labels, *_ = fused_case(torch.float32)
+    fn = megatron_loss.vocab_parallel_logprobs_and_entropy
+    for bad in (V, -100):
+        wrong = labels.clone()
+        wrong[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"label id {bad} is outside the vocabulary \[0, {V}\)"):
+            fn(logits.clone(), wrong)
+    with pytest.raises(ValueError, match=r"labels must have the logits' shape without the vocab dim"):
+        fn(logits.clone(), labels[:, :-1])
+    with pytest.raises(ValueError, match="labels must be an integer tensor of vocab ids, got dtype "
+                                         "torch.float32"):
+        fn(logits.clone(), labels.float())
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int or None, got 0"):
+        fn(logits.clone(), labels, chunk_rows=0)
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the largest storage any aten op creates (outputs that are not views of an input),
+    forward and backward alike (the backward runs on this thread for CPU tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                if t.untyped_storage().nbytes() > self.nbytes:
+                    self.nbytes, self.op = t.untyped_storage().nbytes(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("kw", [{}, dict(kl_coef=0.1, entropy_coef=0.01)], ids=["default", "kl+H-bonus"])
+def test_loss_path_allocates_no_logits_sized_tensor(megatron_loss, kw):
+    """The whole loss path, forward and backward down to dL/dlogits, creates no tensor of even a quarter
+    of the fp32 logits (U): the kernel works in place, its temporaries are chunks of rows. (The entropy
+    of the previous implementation allocated 3 U here.)"""
+    n, s, vocab = 2, 128, 4096                    # U = 4 MiB; the default chunk is 512 KiB
+    g = torch.Generator().manual_seed(9)
+    mask = (torch.rand(n, s, generator=g) < 0.7).float()
+    batch = dict(tokens=torch.zeros(n, s, dtype=torch.int64),
+                 labels=torch.randint(0, vocab, (n, s), generator=g), loss_mask=mask,
+                 advantages=torch.randn(n, generator=g),
+                 old_logprobs=torch.full((n, s), -8.0), ref_logprobs=torch.full((n, s), -8.1))
+    cfg = LossConfig(**kw)
+    (mb,) = megatron_loss.prepare_microbatches(batch, cfg, n)
+    logits = torch.randn(n, s, vocab, generator=g).requires_grad_(True)
+    unit = logits.numel() * 4
+    tracker = LargestAllocation()
+    with tracker:
+        loss, _ = megatron_loss.loss_func(logits, micro_batch=mb, loss_config=cfg)
+        loss.backward()
+    assert logits.grad is not None and logits.grad.abs().max() > 0
+    assert tracker.nbytes <= unit // 8, (tracker.op, tracker.nbytes, unit)
 
 
 # ----------------------------------------------------------------------------------------------
