@@ -30,11 +30,10 @@ def main(argv=None) -> int:
     from megatron_rl_agg.trainer.train import run
 
     try:
-        args = parse_args(argv)
-    except TrainerArgsError as err:
+        run(parse_args(argv))
+    except TrainerArgsError as err:   # a bad option or combination: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(args)
     return 0
 
 

@@ -164,6 +164,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                       loss_cfg=LossConfig.from_args(args), adv_cfg=AdvantageConfig.from_args(args),
                       source=_build_source(args), layout=layout, rank=rank, world_size=world)
     if args.load:
+        _check_resumable(args)
         saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world)
         trainer.start_step = saved["step"]
         if rank == 0 and not saved["rng_restored"]:
@@ -171,6 +172,20 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                   f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
                   f"{world}): per-process RNG states not restored (the trainer's draws are counter-based)")
     return trainer
+
+
+def _check_resumable(args) -> None:
+    """Refuse a resume that megatron-core cannot do here, before any collective of the load starts."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if args.use_distributed_optimizer and not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        # DistributedOptimizer.state_dict() needs a per-parameter Adam 'step' that the torch-Adam fallback
+        # (no Transformer Engine, no apex) only creates at the first update, so loading into a fresh
+        # optimizer fails inside megatron-core.
+        raise TrainerArgsError(
+            "--load with --use-distributed-optimizer needs Transformer Engine or apex (megatron-core's "
+            "DistributedOptimizer cannot load into its torch-Adam fallback); resume without "
+            "--use-distributed-optimizer on this machine")
 
 
 # ----------------------------------------------------------------------------------------------
