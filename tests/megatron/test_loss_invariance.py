@@ -128,6 +128,28 @@ def test_tp2_vocab_parallel_logprobs_and_entropy(runs):
         assert r["labels_on_other_rank"] > 0    # some labels live in the other rank's vocab shard
 
 
+def test_tp2_fused_logprobs_entropy_kernel(runs):
+    """The fused kernel at TP2 vs the full-logit reference: fp32 and bf16 logits, entropy as a metric and
+    with gradient, masked tokens, a row max on one rank only; 2 all-reduces forward, none backward."""
+    per_rank = load_result(runs[2][0], "tp2_fused")["per_rank"]
+    assert len(per_rank) == 2
+    for r in per_rank:
+        assert r["labels_on_other_rank"] > 0
+        assert set(r["cases"]) == {"float32/metric", "float32/grad", "bfloat16/metric", "bfloat16/grad"}
+        for name, c in r["cases"].items():
+            # Forward values are fp32 whatever the logits' dtype (the reference upcasts the same logits).
+            assert c["logprob_max_abs_diff"] < 1e-5 and c["entropy_max_abs_diff"] < 1e-5, name
+            if name.startswith("float32"):
+                assert c["grad_max_abs_diff"] <= TOL * c["grad_scale"], name
+                assert c["grad_dtype"] == "torch.float32", name
+            else:   # an fp32 gradient rounded once to bf16: within one bf16 step (2^-7 relative)
+                assert c["grad_excess_over_bf16_step"] <= 1e-6, name
+                assert c["grad_dtype"] == "torch.bfloat16", name
+            assert c["masked_grad_max_abs"] == 0.0, name
+            assert c["entropy_requires_grad"] == name.endswith("grad"), name
+            assert (c["forward_all_reduces"], c["backward_all_reduces"]) == (2, 0), name
+
+
 def test_context_parallel_refused_at_runtime(runs):
     message = load_result(runs[2][0], "cp2_refusal")["message"]
     assert message is not None and "context_parallel_size=2 is not supported" in message

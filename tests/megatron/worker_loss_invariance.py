@@ -12,7 +12,8 @@ state between layouts):
   log-softmax on the logits of one forward pass, aggregated with ``aggregation.aggregate``); the
   KL/entropy micro-batch checks (``dp1,m1`` vs ``dp1,m4`` on a batch of equal row lengths).
 * 2 processes: layouts ``dp2,m2``, ``tp2``, ``pp2,m4``, ``pp2,vpp2,m4`` and the KL/entropy check at
-  ``dp2,m2``; the TP2 vocab-parallel log-prob/entropy check against the full-logit reference; the
+  ``dp2,m2``; the TP2 vocab-parallel log-prob/entropy checks against the full-logit reference (the
+  separate functions and the fused kernel loss_func uses, with its collective count); the
   context-parallel refusal.
 
 For every layout and loss configuration it prepares the rank's share of the SAME global mini-batch with
@@ -220,6 +221,75 @@ def tp2_vocab_parallel_check(out_dir):
         save_result(out_dir, "tp2_vocab_parallel", {"per_rank": gathered})
 
 
+def tp2_fused_check(out_dir):
+    """The fused kernel loss_func uses (``vocab_parallel_logprobs_and_entropy``) at TP2 vs the full-logit
+    reference: forward values, the gradient of each rank's shard, for fp32 and bf16 logits and both
+    gradient paths (entropy as a metric, entropy with gradient), with masked tokens (weights 0) and rows
+    whose max lies far in one rank's shard (rank 1's half of rows 0-1 shifted by +40, so rank 0 rescales
+    by exp(-40)-ish). Also counts the collectives of one forward and one backward."""
+    from megatron.core import parallel_state
+
+    from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs_and_entropy
+
+    megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    v = SPEC.vocab_size
+    part = v // 2
+    gen = torch.Generator().manual_seed(11)
+    full32 = 4 * torch.randn(4, 6, v, generator=gen)
+    full32[:2, :, part:] += 40.0
+    labels = torch.randint(0, v, (4, 6), generator=gen)
+    mask = torch.rand(4, 6, generator=gen) < 0.6
+    u, w = torch.randn(4, 6, generator=gen) * mask, torch.randn(4, 6, generator=gen) * mask
+
+    calls = []
+    original = torch_dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    cases = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        full = full32.to(dtype)
+        for entropy_grad in (False, True):
+            shard = full[..., rank * part:(rank + 1) * part].clone().requires_grad_(True)
+            torch_dist.all_reduce = counted
+            calls.clear()
+            lp, ent = vocab_parallel_logprobs_and_entropy(shard * 1, labels, entropy_grad=entropy_grad,
+                                                          chunk_rows=5)
+            forward_calls = len(calls)
+            calls.clear()
+            ((u * lp).sum() + ((w * ent).sum() if entropy_grad else 0)).backward()
+            backward_calls = len(calls)
+            torch_dist.all_reduce = original
+            ref = full.float().clone().requires_grad_(True)
+            ref_lp, ref_ent = losses.logprobs_from_logits(ref, labels), losses.entropy_from_logits(ref)
+            ((u * ref_lp).sum() + ((w * ref_ent).sum() if entropy_grad else 0)).backward()
+            ref_grad = ref.grad[..., rank * part:(rank + 1) * part]
+            if dtype == torch.bfloat16:    # the kernel computes in fp32 and rounds its gradient once
+                ref_grad = ref_grad.to(dtype)
+            cases[f"{str(dtype).split('.')[-1]}/{'grad' if entropy_grad else 'metric'}"] = {
+                "logprob_max_abs_diff": (lp - ref_lp).abs().max().item(),
+                "entropy_max_abs_diff": (ent - ref_ent).abs().max().item(),
+                # max(|g - g_ref| - 2^-7 |g_ref|): <= 0 within one bf16 rounding step of the reference
+                "grad_excess_over_bf16_step": ((shard.grad.float() - ref_grad.float()).abs()
+                                               - 2 ** -7 * ref_grad.float().abs()).max().item(),
+                "grad_max_abs_diff": (shard.grad.float() - ref_grad.float()).abs().max().item(),
+                "grad_scale": ref.grad.abs().max().item(),
+                "masked_grad_max_abs": shard.grad[~mask].abs().max().item(),
+                "grad_dtype": str(shard.grad.dtype),
+                "entropy_requires_grad": ent.requires_grad,
+                "forward_all_reduces": forward_calls, "backward_all_reduces": backward_calls,
+            }
+    result = {"cases": cases, "labels_on_other_rank": int(((labels // part) != rank).sum())}
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, result)
+    megatron_compat.destroy_model_parallel()
+    if torch_dist.get_rank() == 0:
+        save_result(out_dir, "tp2_fused", {"per_rank": gathered})
+
+
 def cp2_refusal(out_dir):
     from megatron_rl_agg.megatron_loss import check_megatron_setup
     from megatron_rl_agg.model import get_transformer_config
@@ -248,6 +318,7 @@ def main(out_dir):
         reference_objectives(out_dir, batch)
     else:
         tp2_vocab_parallel_check(out_dir)
+        tp2_fused_check(out_dir)
         cp2_refusal(out_dir)
     torch_dist.barrier()
     if torch_dist.get_rank() == 0:
