@@ -36,6 +36,10 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--global-batch-size", type=int, default=64,
                    help="rows per optimizer step, all DP ranks together (before dropped samples; a step "
                         "with fewer rows is padded with fully masked rows)")
+    g.add_argument("--mini-batches-per-step", type=int, default=1,
+                   help="optimizer updates per training step: the step's rollouts (K x global batch size "
+                        "rows) are split into K mini-batches of whole prompt groups, with the old log-probs "
+                        "of all of them computed before the first update (PPO-style reuse)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over DP ranks (Megatron's DistributedOptimizer)")
 
@@ -174,7 +178,8 @@ def validate_args(args: argparse.Namespace) -> None:
     to ``--max-new-tokens``, the longest response generation can produce.
     """
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-              "global_batch_size", "num_layers", "hidden_size", "num_attention_heads", "seq_length",
+              "global_batch_size", "mini_batches_per_step", "num_layers", "hidden_size",
+              "num_attention_heads", "seq_length",
               "vocab_size", "train_iters", "num_samples_per_prompt", "max_new_tokens")
     if args.rollouts is None:
         if args.global_batch_size % args.num_samples_per_prompt:

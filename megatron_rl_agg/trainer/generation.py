@@ -123,11 +123,13 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
     return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
 
 
-def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, *, dp_size: int, dp_rank: int,
-                   seq_length: int, micro_batch_rows: int) -> tuple[list[Sample], list[int], int]:
-    """This DP rank's surviving rollout rows of ``step``.
+def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[int, int], *, dp_size: int,
+                   dp_rank: int, seq_length: int, micro_batch_rows: int
+                   ) -> tuple[list[Sample], list[int], int]:
+    """This DP rank's surviving rollout rows among the global rows ``rows = [lo, hi)`` of ``step``.
 
-    Global row ``g`` belongs to prompt ``g // n``; rank ``r`` generates rows ``shard_bounds(R, D, r)``.
+    Global row ``g`` belongs to prompt ``g // n``; rank ``r`` generates the rows
+    ``lo + shard_bounds(hi - lo, D, r)`` (one mini-batch of the step is one such range).
     Each row is then lost with probability ``failure_prob`` (drawn per global row), as a rollout service
     that drops samples; its group becomes partial, and a group that loses every sample disappears.
 
@@ -137,7 +139,8 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, *, dp_size: i
     """
     prompts = spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
     lost = torch.rand(spec.num_rows, generator=step_generator(spec.seed, step, "failure")) < spec.failure_prob
-    start, end = shard_bounds(spec.num_rows, dp_size, dp_rank)
+    lo, hi = shard_bounds(rows[1] - rows[0], dp_size, dp_rank)
+    start, end = rows[0] + lo, rows[0] + hi
     rows = range(start, end)
     n = spec.samples_per_prompt
     outputs = generate(chunks, [prompts[g // n] for g in rows], gumbel_noise(spec, step, slice(start, end)),

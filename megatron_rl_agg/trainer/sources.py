@@ -31,14 +31,14 @@ class OfflineSource:
     """Mini-batches of whole prompt groups read from a JSONL rollout file.
 
     The file's groups are packed in order into mini-batches of at most ``--global-batch-size`` rows
-    (:func:`~megatron_rl_agg.trainer.rollouts.plan_minibatches`); step ``k`` (from 1) uses mini-batch
-    ``(k - 1) mod num_batches``, so a run longer than one pass starts the file again. Group ids are the
-    group's index in the file.
+    (:func:`~megatron_rl_agg.trainer.rollouts.plan_minibatches`); with ``K = --mini-batches-per-step``,
+    mini-batch ``j`` of step ``k`` (from 1) is planned mini-batch ``((k - 1) K + j) mod num_batches``, so a
+    run longer than one pass starts the file again. Group ids are the group's index in the file.
     """
 
     expected_group_size: Optional[int] = None
 
-    def __init__(self, path: str, global_batch_size: int, vocab_size: int):
+    def __init__(self, path: str, global_batch_size: int, vocab_size: int, mini_batches_per_step: int = 1):
         self.samples = rollouts.read_rollouts(path, vocab_size=vocab_size)
         with_lp = {s.logprobs is not None for s in self.samples}
         if len(with_lp) > 1:
@@ -49,18 +49,20 @@ class OfflineSource:
         spans = rollouts.group_spans(self.samples)
         self.group_of_row = [g for g, (a, b) in enumerate(spans) for _ in range(a, b)]
         self.batches = rollouts.plan_minibatches(spans, global_batch_size)
+        self.mini_batches_per_step = mini_batches_per_step
 
     @property
     def has_logprobs(self) -> bool:
         return self.samples[0].logprobs is not None
 
-    def batch_rows(self, step: int) -> tuple[int, int]:
-        """Global row range of step ``step`` (1-based)."""
-        return self.batches[(step - 1) % len(self.batches)]
+    def batch_rows(self, step: int, index: int = 0) -> tuple[int, int]:
+        """Global file rows of mini-batch ``index`` of step ``step`` (1-based)."""
+        return self.batches[((step - 1) * self.mini_batches_per_step + index) % len(self.batches)]
 
-    def local_rows(self, step: int, dp_size: int, dp_rank: int, chunks: Sequence = ()) -> StepRows:
-        """This rank's rows of step ``step`` (``chunks`` is unused: the rows are fixed)."""
-        a, b = self.batch_rows(step)
+    def local_rows(self, step: int, index: int, dp_size: int, dp_rank: int,
+                   chunks: Sequence = ()) -> StepRows:
+        """This rank's rows of mini-batch ``index`` of step ``step`` (``chunks`` is unused)."""
+        a, b = self.batch_rows(step, index)
         lo, hi = shard_bounds(b - a, dp_size, dp_rank)
         rows = range(a + lo, a + hi)
         return StepRows([self.samples[i] for i in rows], [self.group_of_row[i] for i in rows])
@@ -71,15 +73,22 @@ class OnPolicySource:
 
     has_logprobs = False
 
-    def __init__(self, spec: generation.RolloutSpec, seq_length: int, micro_batch_rows: int):
+    def __init__(self, spec: generation.RolloutSpec, seq_length: int, micro_batch_rows: int,
+                 mini_batches_per_step: int = 1):
         self.spec = spec
+        self.mini_batches_per_step = mini_batches_per_step
         self.seq_length = seq_length
         self.micro_batch_rows = micro_batch_rows
         self.expected_group_size = spec.samples_per_prompt
 
-    def local_rows(self, step: int, dp_size: int, dp_rank: int, chunks: Sequence = ()) -> StepRows:
-        """Generate this rank's rows of step ``step`` with the model ``chunks``."""
+    def local_rows(self, step: int, index: int, dp_size: int, dp_rank: int,
+                   chunks: Sequence = ()) -> StepRows:
+        """Generate this rank's rows of mini-batch ``index`` of step ``step`` with the model ``chunks``.
+
+        The step's ``K x --global-batch-size`` rows are ``K`` consecutive ranges of whole prompt groups.
+        """
+        per_batch = self.spec.num_rows // self.mini_batches_per_step
         samples, gids, failed = generation.on_policy_rows(
-            chunks, self.spec, step, dp_size=dp_size, dp_rank=dp_rank, seq_length=self.seq_length,
-            micro_batch_rows=self.micro_batch_rows)
+            chunks, self.spec, step, (index * per_batch, (index + 1) * per_batch), dp_size=dp_size,
+            dp_rank=dp_rank, seq_length=self.seq_length, micro_batch_rows=self.micro_batch_rows)
         return StepRows(samples, gids, failed)

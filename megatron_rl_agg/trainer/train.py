@@ -1,18 +1,21 @@
 """The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / DP layout).
 
-One step (= one optimizer update on one mini-batch):
+One step = ``K = --mini-batches-per-step`` optimizer updates (default 1), each on one mini-batch of whole
+prompt groups. Before the first update, for every mini-batch:
 
 1. rows: this DP rank's share of the mini-batch, from the offline file or generated on-policy;
 2. advantages over the whole mini-batch (``compute_step_advantages`` over the DP group: real group ids,
    overlong policy, group dropping); rows the policy excludes get ``loss_mask = 0``;
 3. padding: every DP rank gets the same number of whole micro-batches (a multiple of PP under
    interleaving) by appending fully masked rows, which change nothing;
-4. reference log-probs (``--kl-coef > 0``) and, for files without them, nothing else: the loss then uses
-   the detached current log-probs as the old ones, which is exactly the recomputation "old = current model
-   before the update" (ratio 1) at no extra forward pass;
-5. ``prepare_microbatches`` (global aggregation weights, once per mini-batch), Megatron's
-   forward-backward schedule with :func:`megatron_rl_agg.megatron_loss.forward_step`, the optimizer step;
-6. metrics reduced exactly over micro-batches and DP ranks, handed from the last pipeline stage to rank 0.
+4. reference log-probs (``--kl-coef > 0``); old log-probs, when the file has none and ``K > 1``, from the
+   current model. With ``K = 1`` the loss uses the detached current log-probs of the update's own forward
+   pass as the old ones: the same numbers as a recomputation (ratio 1), one forward pass fewer.
+
+Then, per mini-batch: ``prepare_microbatches`` (global aggregation weights, once per mini-batch),
+Megatron's forward-backward schedule with :func:`megatron_rl_agg.megatron_loss.forward_step`, the
+optimizer step; metrics reduced exactly over micro-batches and DP ranks, handed from the last pipeline
+stage to rank 0, and combined over the mini-batches into one line per step.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from megatron_rl_agg.advantages import compute_step_advantages
 from megatron_rl_agg.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, task
 from megatron_rl_agg.trainer.arguments import TrainerArgsError, virtual_pipeline_size
-from megatron_rl_agg.trainer.reporting import MetricsLogger
+from megatron_rl_agg.trainer.reporting import METRIC_KEYS, MetricsLogger
 from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
 
 __all__ = ["Trainer", "build_trainer", "train_step", "run"]
@@ -130,7 +133,8 @@ def _build_reference(args, spec) -> Optional[list]:
 
 def _build_source(args):
     if args.rollouts:
-        return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size)
+        return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
+                             args.mini_batches_per_step)
     counting = task.CountingTask(min_count=args.task_min_count, max_count=args.task_max_count,
                                  max_distractors=args.task_max_distractors)
     counting.check_vocab(args.vocab_size)
@@ -140,11 +144,12 @@ def _build_source(args):
             f"tokens + --max-new-tokens {args.max_new_tokens} need >= "
             f"{counting.max_prompt_length + args.max_new_tokens - 1}")
     spec = generation.RolloutSpec(
-        task=counting, num_prompts=args.global_batch_size // args.num_samples_per_prompt,
+        task=counting,
+        num_prompts=args.mini_batches_per_step * args.global_batch_size // args.num_samples_per_prompt,
         samples_per_prompt=args.num_samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, failure_prob=args.rollout_failure_prob, vocab_size=args.vocab_size,
         seed=args.seed)
-    return OnPolicySource(spec, args.seq_length, args.micro_batch_size)
+    return OnPolicySource(spec, args.seq_length, args.micro_batch_size, args.mini_batches_per_step)
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
@@ -201,18 +206,19 @@ def _padded_rows(tr: Trainer, num_local: int) -> int:
     return math.ceil(num_mb / multiple) * multiple * mbs
 
 
-def _local_batch(tr: Trainer, step: int) -> tuple[dict, dict]:
-    """This rank's padded mini-batch dict for ``prepare_microbatches`` and the step's row statistics."""
+def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
+    """This rank's padded rows of mini-batch ``index`` of ``step`` (a ``prepare_microbatches`` dict) and the
+    mini-batch's row statistics (global over DP: counts and sums, see :func:`_combine`)."""
     from megatron.core import parallel_state
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    step_rows = tr.source.local_rows(step, dp_size, dp_rank, chunks=tr.chunks)
+    step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
     adv, keep_row, stats = compute_step_advantages(
         rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
         expected_group_size=tr.source.expected_group_size)
     rows = replace(rows, loss_mask=rows.loss_mask * keep_row.unsqueeze(1).to(rows.loss_mask.dtype))
-    stats.update(_row_stats(step_rows, tr.dp_group))
+    stats.update(_row_sums(step_rows, tr.dp_group))
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
@@ -222,15 +228,46 @@ def _local_batch(tr: Trainer, step: int) -> tuple[dict, dict]:
     return batch, stats
 
 
-def _row_stats(step_rows, dp_group) -> dict:
-    """Reward mean, response length and lost samples over the step's rows on all DP ranks (one all-reduce)."""
+def _row_sums(step_rows, dp_group) -> dict:
+    """Reward and response-length sums and lost samples over the rows on all DP ranks (one all-reduce)."""
     samples = step_rows.samples
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
-                          float(len(samples)), float(step_rows.num_failed)], dtype=torch.float64)
-    reward_sum, length_sum, num_rows, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
-    rows = max(num_rows, 1.0)
-    return {"reward_mean": reward_sum / rows, "response_length": length_sum / rows,
-            "num_failed_samples": int(num_failed)}
+                          float(step_rows.num_failed)], dtype=torch.float64)
+    reward_sum, length_sum, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
+    return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed)}
+
+
+def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
+    """Every mini-batch of the step, built before the first update.
+
+    With several mini-batches, rows without behaviour log-probs get the current model's (forward only,
+    before any update): the "old" policy of every mini-batch is the one that generated / precedes the
+    step. With one mini-batch they stay None and the loss uses the detached log-probs of the update's own
+    forward pass: the same numbers, one forward pass fewer.
+    """
+    batches = [_local_batch(tr, step, j) for j in range(tr.args.mini_batches_per_step)]
+    if tr.args.mini_batches_per_step > 1:
+        for batch, _ in batches:
+            if batch["old_logprobs"] is None:
+                batch["old_logprobs"] = forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"],
+                                                                 tr.args.micro_batch_size)
+    return batches
+
+
+_SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_truncated", "num_rows",
+           "num_stat_rows", "num_failed_samples", "num_tokens")
+
+
+def _combine(parts: list[dict]) -> dict:
+    """One metrics line from the mini-batches of a step: counts summed, reward and response length over
+    all rows, every loss term and the grad norm averaged over the mini-batches."""
+    out = {key: sum(p[key] for p in parts) for key in _SUMMED}
+    rows = max(out["num_rows"], 1)
+    out["reward_mean"] = sum(p["reward_sum"] for p in parts) / rows
+    out["response_length"] = sum(p["length_sum"] for p in parts) / rows
+    averaged = [k for k in parts[0] if k not in _SUMMED and k not in ("reward_sum", "length_sum")]
+    out.update({key: sum(p[key] for p in parts) / len(parts) for key in averaged})
+    return out
 
 
 def _schedule_inputs(tr: Trainer, micro: list) -> tuple[list, Any, int, int]:
@@ -285,16 +322,19 @@ def _loss_metrics(tr: Trainer, reports: list) -> dict:
 
 
 def train_step(tr: Trainer, step: int) -> dict:
-    """Run step ``step`` (1-based); returns its metrics line (identical on every rank)."""
+    """Run step ``step`` (1-based): ``--mini-batches-per-step`` optimizer updates; returns its metrics line
+    (identical on every rank)."""
     start = time.perf_counter()
     for chunk in tr.chunks:
         chunk.train()
-    batch, stats = _local_batch(tr, step)
-    reports, grad_norm = _run_update(tr, batch)
-    metrics = {"step": step, **_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats,
-               "lr": tr.args.lr}
-    metrics["step_time_s"] = round(time.perf_counter() - start, 4)
-    return metrics
+    parts = []
+    for batch, stats in _step_batches(tr, step):
+        reports, grad_norm = _run_update(tr, batch)
+        parts.append({**_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats})
+    combined = {"step": step, **_combine(parts), "lr": tr.args.lr,
+                "step_time_s": round(time.perf_counter() - start, 4)}
+    # documented keys first, in docs/training.md's order, then the rest
+    return {**{k: combined[k] for k in METRIC_KEYS if k in combined}, **combined}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ def runs(tmp_path_factory):
         for name in ("dp2", "pp2", "pp2vpp2"):
             plan2.append({"name": f"{mode}/{name}/packed",
                           "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS[name][1] + ["--sequence-packing"])})
+    for mode in PACKED_MODES:
+        for name in ("dp2", "tp2", "pp2vpp2"):
+            flags = LAYOUTS[name][1] + ["--mini-batches-per-step", "2", "--lr", "1e-2"]
+            plan2.append({"name": f"{mode}/{name}/k2", "argv": _argv(tmp / "r.jsonl", mode, flags, gbs=8)})
     results = torchrun(plan2, 2, tmp)
     results.update(torchrun(plan1, 1, tmp))
     return rows, results
@@ -158,6 +162,20 @@ def test_sequence_packing_equals_padded(runs, mode, layout):
     packed, padded = results[f"{mode}/{layout}/packed"][0], results[f"{mode}/{layout}"][0]
     for key in ("policy_loss", "grad_norm", "entropy", "num_tokens"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("mode", PACKED_MODES)
+def test_two_mini_batches_per_step_are_layout_invariant(runs, mode):
+    # Groups [4, 3 | 4, 1, 2 | 2] in mini-batches of at most 8 rows: step 1 updates on rows 0-6, then on
+    # rows 7-13 with old log-probs computed before the first update, so the second update sees ratio != 1.
+    _, results = runs
+    ref = results[f"{mode}/dp2/k2"][0]
+    assert ref["num_rows"] == 14 and ref["num_groups"] == 5
+    assert ref["ppo_kl"] != 0
+    for name in ("tp2", "pp2vpp2"):
+        got = results[f"{mode}/{name}/k2"][0]
+        for key in ("policy_loss", "grad_norm", "entropy", "ppo_kl", "clip_frac"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (name, key)
 
 
 def test_metrics_lines_carry_every_documented_key(runs):
