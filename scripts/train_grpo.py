@@ -27,11 +27,12 @@ def main(argv=None) -> int:
     # Imports inside main(): checkpoint saving starts a helper process that re-imports this file, which
     # then stays cheap and side-effect free.
     from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.rollouts import RolloutFormatError
     from megatron_rl_agg.trainer.train import run
 
     try:
         run(parse_args(argv))
-    except TrainerArgsError as err:   # a bad option or combination: a message, not a traceback
+    except (TrainerArgsError, RolloutFormatError) as err:  # bad options or a bad rollout line: a message
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
