@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
                                                "--metrics-file", str(tmp / "resumed.jsonl")]},
         {"name": "resumed", "argv": ON_POLICY + ["--train-iters", "4", "--load", ck1,
                                                  "--metrics-file", str(tmp / "resumed.jsonl")]},
+        {"name": "ref_load", "argv": ON_POLICY + ["--train-iters", "1", "--ref-load", ck1]},
         {"name": "off_save", "argv": offline + ["--train-iters", "1", "--save", ck2]},
         {"name": "off_full", "argv": offline + ["--train-iters", "2"]},
         {"name": "off_tp2", "argv": offline + ["--train-iters", "2", "--load", ck2,
@@ -96,3 +97,15 @@ def test_on_policy_generation_is_layout_independent(runs, layout):
             assert got[key] == pytest.approx(ref[key], rel=1e-9), (ref["step"], key)
         for key in ("policy_loss", "kl_loss", "entropy", "grad_norm"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (ref["step"], key)
+
+
+def test_reference_policy_defaults_to_initial_weights_or_ref_load(runs):
+    _, results = runs
+    # step 1: the policy is the initial weights, so KL to the default reference is 0 token by token
+    assert results["full"][0]["kl_loss"] == pytest.approx(0.0, abs=1e-9)
+    # --ref-load: the reference is the checkpoint after step 2, a different policy
+    ref_loaded = results["ref_load"][0]
+    assert ref_loaded["kl_loss"] > 1e-4
+    # the reference changes only the KL term: rollouts and policy term of step 1 are the same
+    for key in ("reward_mean", "num_tokens", "policy_loss"):
+        assert ref_loaded[key] == pytest.approx(results["full"][0][key], rel=1e-6, abs=1e-9), key
