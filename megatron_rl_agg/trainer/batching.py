@@ -52,6 +52,14 @@ class RowBatch:
         """Rows ``start:end`` (views)."""
         return replace(self, **{f.name: _slice(getattr(self, f.name), start, end) for f in fields(self)})
 
+    def to(self, device) -> "RowBatch":
+        """Every tensor on ``device`` (the model's; collectives with NCCL need CUDA tensors)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = None if value is None else value.to(device)
+        return replace(self, **moved)
+
 
 def _slice(t: Optional[torch.Tensor], start: int, end: int) -> Optional[torch.Tensor]:
     return None if t is None else t[start:end]
@@ -109,7 +117,7 @@ def shard_bounds(num_rows: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
 def _pad(t: Optional[torch.Tensor], total: int, fill) -> Optional[torch.Tensor]:
     if t is None or t.shape[0] == total:
         return t
-    pad = torch.full((total - t.shape[0],) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+    pad = torch.full((total - t.shape[0],) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
     return torch.cat([t, pad], dim=0)
 
 

@@ -122,8 +122,10 @@ def _barrier() -> None:
     the second sum only after finishing the first, so the chain waits for the whole world."""
     from megatron.core import parallel_state
 
+    from megatron_rl_agg.megatron_compat import device
+
     for group in (parallel_state.get_data_parallel_group(), parallel_state.get_model_parallel_group()):
-        dist.all_reduce_sum(torch.zeros(1), group)
+        dist.all_reduce_sum(torch.zeros(1, device=device()), group)
 
 
 def load_model_weights(root: str, chunks: Sequence, step: Optional[int] = None) -> int:

@@ -63,13 +63,18 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_rl_agg.megatron_compat import device
+
+    dev = device()
+    tokens = tokens.to(dev)
+    extra = {k: v.to(dev) for k, v in (extra or {}).items()}
     num_rows, seq = tokens.shape
     num_mb = num_rows // micro_batch_size
     if num_mb * micro_batch_size != num_rows or num_mb % microbatch_multiple():
         raise ValueError(f"{num_rows} rows do not split into micro-batches of {micro_batch_size} rows whose "
                          f"count is a multiple of {microbatch_multiple()}")
     positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(num_rows, seq)
-    columns = {"tokens": tokens, "position_ids": positions, **(extra or {})}
+    columns = {"tokens": tokens, "position_ids": positions, **extra}
     micro_batches = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in columns.items()}
                      for i in range(num_mb)]
     chunk_list = list(chunks)
@@ -95,10 +100,11 @@ def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> to
     """
     from megatron.core import parallel_state
 
+    from megatron_rl_agg.megatron_compat import device
+
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
-    if value is None:
-        value = torch.zeros(shape, dtype=dtype)
+    value = torch.zeros(shape, dtype=dtype, device=device()) if value is None else value.to(device())
     return dist.all_reduce_sum(value, parallel_state.get_pipeline_model_parallel_group())
 
 

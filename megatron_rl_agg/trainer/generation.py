@@ -72,7 +72,7 @@ def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tens
     """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    rows = torch.arange(logits.shape[0])
+    rows = torch.arange(logits.shape[0], device=logits.device)
     picked = logits[rows, micro_batch["positions"]].float()                 # [b, V / tp]
     return gather_from_tensor_model_parallel_region(picked)                 # [b, V]
 
@@ -109,9 +109,9 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
     for j in range(max_new_tokens):
         logits = forward.run_forward_only(chunks, tokens, micro_batch_rows, _last_position_logits,
                                           extra={"positions": lengths - 1})
-        if logits is not None:
-            logits = sample_tokens(logits[:num], noise[:, j], temperature)
-        nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64)
+        if logits is not None:   # last stage: sample on the host, where the noise lives
+            logits = sample_tokens(logits[:num].cpu(), noise[:, j], temperature)
+        nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
         for i in torch.nonzero(~done).flatten().tolist():
             responses[i].append(int(nxt[i]))
         done |= nxt == task.EOS

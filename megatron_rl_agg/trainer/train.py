@@ -201,7 +201,8 @@ def _padded_rows(tr: Trainer, num_local: int) -> int:
     """Rows every DP rank holds after padding: the largest rank's whole micro-batches, rounded up to the
     micro-batch multiple of the schedule (PP under interleaving), at least one micro-batch."""
     mbs, multiple = tr.args.micro_batch_size, forward.microbatch_multiple()
-    local = torch.tensor([max(1, math.ceil(num_local / mbs))], dtype=torch.int64)
+    local = torch.tensor([max(1, math.ceil(num_local / mbs))], dtype=torch.int64,
+                         device=megatron_compat.device())
     num_mb = int(dist.all_reduce_max(local, tr.dp_group).item())
     return math.ceil(num_mb / multiple) * multiple * mbs
 
@@ -214,6 +215,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
+    rows = rows.to(megatron_compat.device())
     adv, keep_row, stats = compute_step_advantages(
         rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
         expected_group_size=tr.source.expected_group_size)
@@ -232,7 +234,7 @@ def _row_sums(step_rows, dp_group) -> dict:
     """Reward and response-length sums and lost samples over the rows on all DP ranks (one all-reduce)."""
     samples = step_rows.samples
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
-                          float(step_rows.num_failed)], dtype=torch.float64)
+                          float(step_rows.num_failed)], dtype=torch.float64, device=megatron_compat.device())
     reward_sum, length_sum, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
     return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed)}
 
@@ -314,7 +316,8 @@ def _loss_metrics(tr: Trainer, reports: list) -> dict:
     reduced = reduce_metrics(reports, tr.dp_group) if reports else None
     values = None
     if reduced is not None:
-        values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64)
+        values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
+                              device=megatron_compat.device())
     values = forward.broadcast_from_last_stage(values, (len(_LOSS_REPORT),), torch.float64)
     out = {key: float(v) for (_, key), v in zip(_LOSS_REPORT, values.tolist())}
     out["num_tokens"] = int(round(out["num_tokens"]))
