@@ -113,9 +113,10 @@ def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
     from megatron_rl_agg import megatron_loss
 
     logits = logits0.clone().requires_grad_(True)
-    real_entropy = megatron_loss.vocab_parallel_entropy
-    if name == "plugin-no-H-metric":
-        megatron_loss.vocab_parallel_entropy = lambda z: z.new_zeros(z.shape[:-1])
+    real_fused = megatron_loss.vocab_parallel_logprobs_and_entropy
+    if name == "plugin-no-H-metric":   # log-probs from Megatron's cross entropy alone, entropy zeros
+        megatron_loss.vocab_parallel_logprobs_and_entropy = lambda z, labels, **_: (
+            megatron_loss.vocab_parallel_logprobs(z, labels), z.new_zeros(z.shape[:-1]))
     if name != "plain":
         cfg = LossConfig(max_response_length=seq, **VARIANTS[name])
         (micro_batch,) = prepare_microbatches(batch, cfg, micro_batch_size=batch["tokens"].shape[0])
@@ -134,7 +135,7 @@ def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
                                               loss_config=micro_batch["loss_config"])
     loss.backward()
     peak = meter.peak()
-    megatron_loss.vocab_parallel_entropy = real_entropy
+    megatron_loss.vocab_parallel_logprobs_and_entropy = real_fused
     del logits, loss
     return peak, saved.mib()
 

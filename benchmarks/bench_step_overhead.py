@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--entropy-coef", type=float, default=0.0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--skip-entropy-metric", action="store_true",
-                   help="DIAGNOSTIC: replace the entropy the loss computes for its metric by zeros "
-                        "(only with --entropy-coef 0), to measure what that metric costs")
+                   help="DIAGNOSTIC: log-probs from Megatron's cross entropy alone, the entropy metric "
+                        "replaced by zeros (only with --entropy-coef 0), to measure what that metric costs")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
@@ -101,7 +101,9 @@ def main(argv=None) -> dict:
                              "(the entropy then has no gradient)")
         from megatron_rl_agg import megatron_loss
 
-        megatron_loss.vocab_parallel_entropy = lambda logits: logits.new_zeros(logits.shape[:-1])
+        # log-probs from Megatron's cross entropy alone, entropy replaced by zeros
+        megatron_loss.vocab_parallel_logprobs_and_entropy = lambda logits, labels, **_: (
+            megatron_loss.vocab_parallel_logprobs(logits, labels), logits.new_zeros(logits.shape[:-1]))
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(1, 1, seed=args.seed)
     spec = GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
