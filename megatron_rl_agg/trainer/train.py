@@ -172,6 +172,11 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         _check_resumable(args)
         saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world)
         trainer.start_step = saved["step"]
+        saved_args = saved.get("args", {})
+        changed = {k: (v, getattr(args, k)) for k, v in saved_args.items() if getattr(args, k, v) != v}
+        if rank == 0 and changed:
+            print(f"[megatron_rl_agg] resuming {args.load} with changed settings (saved -> now): {changed}; "
+                  "the following steps will differ from the run that saved it")
         if rank == 0 and not saved["rng_restored"]:
             print(f"[megatron_rl_agg] resumed step {saved['step']} from {args.load} saved at layout "
                   f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
@@ -345,7 +350,8 @@ def train_step(tr: Trainer, step: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _save(tr: Trainer, step: int) -> None:
-    keep = ("seed", "rollouts", "global_batch_size", "loss_aggregation", "adv_estimator", "overlong_policy")
+    keep = ("seed", "rollouts", "global_batch_size", "mini_batches_per_step", "num_samples_per_prompt",
+            "loss_aggregation", "adv_estimator", "overlong_policy")
     state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}}
     checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
                                world_size=tr.world_size)
