@@ -50,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(plan: list, nproc: int, tmp_path: Path, timeout: int = 300) -> dict:
+def torchrun(plan: list, nproc: int, tmp_path: Path, timeout: int = 900) -> dict:
     """Run ``plan`` (``[{"name", "argv"}]``) in one torchrun launch; returns ``{name: [step metrics]}``."""
     plan_file, out_file = tmp_path / f"plan_{nproc}.json", tmp_path / f"results_{nproc}.json"
     plan_file.write_text(json.dumps(plan))
