@@ -311,6 +311,19 @@ def test_fused_handles_minus_inf_logits(megatron_loss):
         assert torch.all(leaf.grad[banned] == 0)
 
 
+def test_vocab_parallel_entropy_leaves_its_input_unchanged(megatron_loss):
+    # The standalone entropy works on its own fp32 copy (loss_func's fused call rewrites the logits).
+    logits, _, _, _, w = fused_case(torch.float32, seed=10)
+    leaf = logits.clone().requires_grad_(True)
+    ent = megatron_loss.vocab_parallel_entropy(leaf)
+    assert torch.equal(leaf.detach(), logits)
+    (w * ent).sum().backward()
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64)       # unused: log-prob weights are 0
+    _, ref_ent, ref_grad = full_vocab_reference(logits, labels, torch.zeros_like(w), w, True)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_rejects_bad_labels(megatron_loss):
     logits, labels, *_ = fused_case(torch.float32)
     fn = megatron_loss.vocab_parallel_logprobs_and_entropy
