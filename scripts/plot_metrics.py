@@ -5,7 +5,8 @@
         --keys reward_mean entropy --smooth 10 --out docs/img/modes.png
 
 One panel per metric key, one line per file (label: --labels, else the file's parent directory). Curves
-are a trailing moving average over --smooth steps (1: raw values).
+are a trailing moving average over --smooth steps (1: raw values); --log-keys draws those metrics on a log
+y-axis.
 """
 
 import argparse
@@ -34,6 +35,7 @@ def parse_args(argv):
     p.add_argument("--labels", nargs="*", default=None, help="one label per file")
     p.add_argument("--keys", nargs="*", default=["reward_mean", "entropy", "grad_norm", "response_length"])
     p.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+    p.add_argument("--log-keys", nargs="*", default=[], help="metrics drawn on a log y-axis")
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True, help="PNG path")
     args = p.parse_args(argv)
@@ -61,7 +63,9 @@ def main(argv=None):
                 raise SystemExit(f"metric {key!r} not found in the run labelled {label!r}")
             ax.plot([s for s, _ in pts], smooth([v for _, v in pts], args.smooth), label=label, lw=1.4)
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_title(key + (" (log)" if key in args.log_keys else ""))
+        if key in args.log_keys:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     if args.title:
