@@ -23,6 +23,7 @@ setup(
         "megatron-core>=0.13,<0.18",
         "numpy",
         "packaging",
+        "psutil",  # megatron-core's torch_dist checkpoint save needs it
         "pyyaml>=6",
         "tqdm",
     ],
