@@ -32,7 +32,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         # GPU only: Transformer Engine layer spec and fused kernels. NVIDIA apex is optional too but is
-        # installed from source (see docs/gpu.md); neither is ever imported unconditionally.
+        # installed from source (see docs/training.md, GPU installation); neither is ever imported
+        # unconditionally.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     entry_points={"console_scripts": ["megatron-rl-agg=megatron_rl_agg.cli:main"]},
