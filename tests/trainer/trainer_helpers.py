@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from tests.torchrun_utils import run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "trainer" / "torchrun_worker.py"
@@ -44,21 +42,9 @@ def write_rollouts(path: Path, group_sizes, *, seed: int, truncated_groups=(), w
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(plan: list, nproc: int, tmp_path: Path, timeout: int = 900) -> dict:
     """Run ``plan`` (``[{"name", "argv"}]``) in one torchrun launch; returns ``{name: [step metrics]}``."""
     plan_file, out_file = tmp_path / f"plan_{nproc}.json", tmp_path / f"results_{nproc}.json"
     plan_file.write_text(json.dumps(plan))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(WORKER), str(plan_file), str(out_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_torchrun(WORKER, nproc, [plan_file, out_file], timeout=timeout)
     return json.loads(out_file.read_text())
