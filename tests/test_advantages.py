@@ -88,7 +88,7 @@ def test_seed_example_by_hand():
                -1 / (s2 + e), 0.0, 1 / (s2 + e), 0.0]
     adv = normalize_advantages(t64(SEED_REWARDS), group_sizes=SEED_SIZES)
     torch.testing.assert_close(adv, t64(by_hand), rtol=0, atol=1e-12)
-    # the vector published in docs/peer-conventions (6 decimals)
+    # the same vector to 6 decimals, as computed independently for the partial-group bug report
     published = [0.547722, -0.547722, 1.095444, -1.095444, 0.563734, -1.240215, -0.338241, 1.014722,
                  -0.999999, 0, 0.999999, 0]
     torch.testing.assert_close(adv, t64(published), rtol=0, atol=1e-6)
