@@ -18,7 +18,8 @@ Launching (see docs/audit.md)::
 
 Layout grammar. A layout is a list of factors ``dp<N>``, ``tp<N>``, ``pp<N>``, ``vpp<N>`` (virtual
 stages per pipeline rank) and ``m<N>`` (micro-batches per DP rank), each at most once, written together
-(``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages).
+(``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages), except
+``m`` with virtual stages, which defaults to ``pp`` (the interleaved schedule needs a multiple of ``pp``).
 Layouts are separated by ``,``, ``;`` or whitespace, inside one ``--layouts`` value or across several:
 ``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp`` processes.
 
@@ -109,6 +110,10 @@ def _parse_one(text: str) -> Layout:
         raise ValueError(
             f"layout {text!r} sets {', '.join(repeated)} more than once; to give several layouts separate "
             "them with ',', ';' or spaces (e.g. 'dp2,m4,tp2,pp2,pp2vpp2')")
+    if "vpp" in keys and "m" not in keys:
+        # Megatron's interleaved schedule needs a multiple of pp micro-batches: with m omitted, take the
+        # smallest such count (pp) rather than the usual default of 1.
+        items.append(f"m{dict(zip(keys, (int(_FACTOR.match(i).group(2)) for i in items)))['pp']}")
     return parse_layout(",".join(items))
 
 

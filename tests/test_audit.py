@@ -43,7 +43,8 @@ def test_layout_separators_and_duplicates():
 def test_issue_comma_list_is_five_layouts():
     # The issue's own spelling: commas separate layouts, "m4" alone is DP1 with 4 micro-batches.
     assert parse_layouts("dp2,m4,tp2,pp2,pp2vpp2") == [
-        Layout(dp=2), Layout(num_microbatches=4), Layout(tp=2), Layout(pp=2), Layout(pp=2, vpp=2)]
+        Layout(dp=2), Layout(num_microbatches=4), Layout(tp=2), Layout(pp=2),
+        Layout(pp=2, vpp=2, num_microbatches=2)]   # with vpp, an omitted m is pp (interleaved schedule)
     # A factor given twice inside one layout is an error with a hint.
     with pytest.raises(ValueError, match=r"sets pp more than once.*separate them with ',', ';' or spaces"):
         parse_layouts("pp2vpp2pp4")
