@@ -110,10 +110,10 @@ def _parse_one(text: str) -> Layout:
         raise ValueError(
             f"layout {text!r} sets {', '.join(repeated)} more than once; to give several layouts separate "
             "them with ',', ';' or spaces (e.g. 'dp2,m4,tp2,pp2,pp2vpp2')")
-    if "vpp" in keys and "m" not in keys:
+    if "vpp" in keys and "pp" in keys and "m" not in keys:
         # Megatron's interleaved schedule needs a multiple of pp micro-batches: with m omitted, take the
         # smallest such count (pp) rather than the usual default of 1.
-        items.append(f"m{dict(zip(keys, (int(_FACTOR.match(i).group(2)) for i in items)))['pp']}")
+        items.append("m" + _FACTOR.match(items[keys.index("pp")]).group(2))
     return parse_layout(",".join(items))
 
 
