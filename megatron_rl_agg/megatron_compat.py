@@ -67,7 +67,11 @@ def enable_cpu_mode() -> bool:
     3. tensor factories given ``device="cuda"`` -> ``device="cpu"``;
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
-    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
+    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator;
+    7. MoE (megatron-core 0.16): the router GEMM's missing ``te_general_gemm`` -> None (Megatron's
+       own ``torch.mm`` path); ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> a CPU
+       stand-in stream whose waits, events and contexts do nothing; the alltoall dispatcher's
+       split sizes -> host numpy arrays, as its device-to-host step makes them on a GPU.
 
     Returns True when CPU mode is (now) active.
     """
@@ -82,6 +86,9 @@ def enable_cpu_mode() -> bool:
     _redirect_tensor_cuda()
     _redirect_tensor_type()
     _install_cpu_rng_tracker()
+    _redirect_moe_router_gemm()
+    _redirect_cuda_streams()
+    _redirect_moe_split_sizes()
     _CPU_MODE = True
     return True
 
@@ -181,6 +188,78 @@ def _install_cpu_rng_tracker() -> None:
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     mp_random.initialize_rng_tracker(force_reset=True)
+
+
+def _redirect_moe_router_gemm() -> None:
+    # transformer/moe/moe_utils.py imports te_general_gemm only when Transformer Engine imports, yet
+    # RouterGatingLinearFunction tests `te_general_gemm is not None` (NameError without TE; the name
+    # is defined as None upstream from 0.17). None selects Megatron's own torch.mm/addmm path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` on the CPU: kernels run in order on the host, so waiting
+    on a stream or an event has nothing to wait for."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self                    # an event: synchronize()/query()/wait() as below
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _redirect_cuda_streams() -> None:
+    # transformer/moe/token_dispatcher.py (alltoall dispatcher): a class-level torch.cuda.Stream()
+    # for the device-to-host copy of the split sizes, torch.cuda.current_stream() comparisons and
+    # wait_stream, `with torch.cuda.stream(...)`, record_event() and event.synchronize(). Without CUDA
+    # each of these raises; on the CPU every copy is synchronous, so one no-op stream serves all.
+    original_stream_context = torch.cuda.stream
+
+    def stream_context(stream):
+        if stream is None or isinstance(stream, _CpuStream):
+            return contextlib.nullcontext()
+        return original_stream_context(stream)
+
+    torch.cuda.Stream = lambda *args, **kwargs: _CpuStream()
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = stream_context
+
+
+def _redirect_moe_split_sizes() -> None:
+    # The alltoall dispatcher passes its split sizes through moe_utils.maybe_move_tensor_to_cpu,
+    # which moves only CUDA tensors: on a GPU they arrive at all_to_all_single as host numpy arrays
+    # (as_numpy=True); on the CPU they would stay tensors, which the collective does not accept as
+    # split sizes. Give CPU tensors the same host form.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def move(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move
+    token_dispatcher.maybe_move_tensor_to_cpu = move
 
 
 def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:

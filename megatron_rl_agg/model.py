@@ -43,7 +43,11 @@ __all__ = [
     "gather_full_params",
 ]
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "m": "num_microbatches"}
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "ep": "ep", "m": "num_microbatches"}
+
+# Megatron-Core token dispatchers this package runs (``moe_token_dispatcher_type``). "flex" needs
+# DeepEP / HybridEP kernels (GPU only) and is not offered.
+MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,12 +61,18 @@ class Layout:
     vpp: int | None = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B), or None."""
     dp: int = 1
-    """Data-parallel size."""
+    """Data-parallel replicas of each expert-parallel group: Megatron's expert-data-parallel size.
+    Without expert parallelism (``ep=1``) this is Megatron's data-parallel size."""
+    ep: int = 1
+    """Expert-parallel size (``expert_model_parallel_size``). The factors multiply like the others:
+    the layout needs ``tp * pp * dp * ep`` processes and Megatron's data-parallel size (the ``D``
+    of the loss, over which the dense weights' gradients are reduced) is ``dp * ep``; each expert
+    lives on one EP rank and is replicated over the ``dp`` expert-data-parallel ranks."""
     num_microbatches: int = 1
     """Micro-batches per data-parallel rank and optimizer step."""
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "num_microbatches"):
+        for name in ("tp", "pp", "dp", "ep", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
@@ -70,21 +80,29 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        """Processes the layout needs: ``tp * pp * dp``."""
-        return self.tp * self.pp * self.dp
+        """Processes the layout needs: ``tp * pp * dp * ep``."""
+        return self.tp * self.pp * self.dp * self.ep
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Megatron's data-parallel size ``dp * ep``: the ranks that split a mini-batch's rows."""
+        return self.dp * self.ep
 
     def __str__(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp is not None:
             parts.append(f"vpp{self.vpp}")
-        parts += [f"dp{self.dp}", f"m{self.num_microbatches}"]
+        parts.append(f"dp{self.dp}")
+        if self.ep != 1:
+            parts.append(f"ep{self.ep}")
+        parts.append(f"m{self.num_microbatches}")
         return ",".join(parts)
 
 
 def parse_layout(text: str) -> Layout:
     """Parse ``"dp2,m2"``, ``"tp2"``, ``"pp2,vpp2,m4"`` ... into a :class:`Layout`.
 
-    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``dp``, ``m`` (micro-batches),
+    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``dp``, ``ep``, ``m`` (micro-batches),
     each at most once, case-insensitive; omitted keys take the :class:`Layout` defaults.
     """
     values = {}
@@ -142,6 +160,18 @@ class GPTSpec:
     variable_seq_lengths: bool = False
     """Let micro-batches of one forward-backward differ in padded length (pipeline stages then
     exchange shapes before every activation)."""
+    num_experts: int | None = None
+    """Experts per MoE layer (Megatron ``num_moe_experts``); None builds a dense model. Every MLP is
+    then a Megatron ``MoELayer``: a learned top-k router and ``num_experts`` expert MLPs of width
+    ``ffn_hidden_size``, split over the expert-parallel ranks."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (softmax over the router logits, then top-k)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach the experts of other EP ranks: "alltoall" (all-to-all of the routed tokens)
+    or "allgather" (every rank gathers all tokens and keeps its experts' ones)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing auxiliary loss (Switch-Transformer / GShard ``aux_loss``:
+    ``coeff * E / (k * T^2) * sum_e tokens_e * sum_t p_{t,e}`` per layer); 0 turns it off."""
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_length"):
@@ -154,13 +184,32 @@ class GPTSpec:
             )
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"GPTSpec.normalization={self.normalization!r}; valid: 'LayerNorm', 'RMSNorm'")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe_token_dispatcher_type not in MOE_TOKEN_DISPATCHERS:
+            raise ValueError(f"GPTSpec.moe_token_dispatcher_type={self.moe_token_dispatcher_type!r}; valid: "
+                             + ", ".join(repr(d) for d in MOE_TOKEN_DISPATCHERS))
+        if self.moe_aux_loss_coeff < 0:
+            raise ValueError(f"GPTSpec.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0")
+        if self.num_experts is None:
+            return
+        if self.num_experts < 1:
+            raise ValueError(f"GPTSpec.num_experts={self.num_experts} must be >= 1 (or None for a dense model)")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ValueError(f"GPTSpec.moe_router_topk={self.moe_router_topk} must be between 1 and "
+                             f"num_experts={self.num_experts}")
+        if self.variable_seq_lengths and self.moe_token_dispatcher_type != "alltoall":
+            raise ValueError("GPTSpec.variable_seq_lengths=True needs moe_token_dispatcher_type='alltoall' "
+                             f"(Megatron's {self.moe_token_dispatcher_type!r} dispatcher rejects variable "
+                             "sequence lengths)")
 
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
 
 
-def _parallel_sizes() -> tuple[int, int, int | None, int]:
+def _parallel_sizes() -> tuple[int, int, int | None, int, int]:
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -173,6 +222,7 @@ def _parallel_sizes() -> tuple[int, int, int | None, int]:
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         parallel_state.get_context_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
     )
 
 
@@ -199,7 +249,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    tp, pp, vpp, cp = _parallel_sizes()
+    tp, pp, vpp, cp, ep = _parallel_sizes()
     if spec.vocab_size % tp != 0:
         raise ValueError(f"GPTSpec.vocab_size={spec.vocab_size} is not divisible by tp={tp}")
     stages = pp * (vpp or 1)
@@ -235,22 +285,63 @@ def get_transformer_config(spec: GPTSpec, **overrides):
     )
     if spec.variable_seq_lengths:
         kwargs["moe_token_dispatcher_type"] = "alltoall"
+    kwargs.update(_moe_config(spec, ep))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
+def _moe_config(spec: GPTSpec, ep: int) -> dict:
+    """The ``TransformerConfig`` fields of ``spec``'s MoE settings at expert-parallel size ``ep``.
+
+    - ``expert_model_parallel_size=ep``; ``num_experts`` must be divisible by it (each EP rank holds
+      ``num_experts / ep`` whole experts). Expert TP defaults to the model's TP (Megatron's default).
+    - The aux loss uses Megatron's ``aux_loss`` load balancing (per-micro-batch statistics over the
+      TP x CP group); with ``moe_aux_loss_coeff=0`` routing is left unbalanced ("none").
+    - Dropless routing (no capacity factor), so every token reaches its top-k experts and the
+      gradient does not depend on how rows are grouped into micro-batches through token dropping.
+    ``moe_grouped_gemm`` follows the layer spec and is set by :func:`build_model`.
+    """
+    if spec.num_experts is None:
+        if ep != 1:
+            raise ValueError(f"expert_model_parallel_size={ep} needs an MoE model; set GPTSpec.num_experts")
+        return {}
+    if spec.num_experts % ep:
+        raise ValueError(f"GPTSpec.num_experts={spec.num_experts} is not divisible by "
+                         f"expert_model_parallel_size={ep}; each EP rank holds num_experts / EP experts")
+    return dict(
+        num_moe_experts=spec.num_experts,
+        moe_router_topk=spec.moe_router_topk,
+        moe_token_dispatcher_type=spec.moe_token_dispatcher_type,
+        moe_aux_loss_coeff=spec.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if spec.moe_aux_loss_coeff > 0 else "none",
+        expert_model_parallel_size=ep,
+    )
+
+
+def _use_transformer_engine() -> bool:
+    """True when CUDA is present and Transformer Engine imports (its layer spec is then the default)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_layer_spec(spec: GPTSpec):
-    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec."""
+    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec.
+
+    With ``spec.num_experts`` the MLP is an ``MoELayer``: TE's grouped-GEMM experts on the TE path
+    (GPU only, not run by this package's CPU tests), Megatron's ``SequentialMLP`` on the local one.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
+    if _use_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None)
+    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=spec.num_experts,
+                                                   normalization=spec.normalization)
 
 
 def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_config=None,
@@ -285,8 +376,10 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     from megatron.core.models.gpt import GPTModel
 
     megatron_compat.enable_cpu_mode()
-    config = get_transformer_config(spec, **config_overrides)
     layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
+    if spec.num_experts is not None:
+        config_overrides.setdefault("moe_grouped_gemm", _grouped_experts(layer_spec))
+    config = get_transformer_config(spec, **config_overrides)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for stage in range(vpp or 1):
@@ -320,6 +413,22 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return chunks
+
+
+def _grouped_experts(layer_spec) -> bool:
+    """Whether ``layer_spec``'s MoE experts are grouped-GEMM ones (TE's ``TEGroupedMLP``).
+
+    The local spec's experts are Megatron's ``SequentialMLP`` (one MLP per local expert, runs on
+    CPU); ``TransformerConfig.moe_grouped_gemm`` must say which of the two the spec builds.
+    """
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
+    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    if experts is None:
+        raise ValueError("GPTSpec.num_experts is set but the layer spec has no MoE experts; build it with "
+                         "get_gpt_layer_*_spec(num_experts=...) or use default_layer_spec(spec)")
+    return getattr(experts, "module", experts) is not SequentialMLP
 
 
 def unwrap(chunk):
