@@ -71,7 +71,9 @@ def enable_cpu_mode() -> bool:
     7. MoE (megatron-core 0.16): the router GEMM's missing ``te_general_gemm`` -> None (Megatron's
        own ``torch.mm`` path); ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> a CPU
        stand-in stream whose waits, events and contexts do nothing; the alltoall dispatcher's
-       split sizes -> host numpy arrays, as its device-to-host step makes them on a GPU.
+       split sizes -> host numpy arrays, as its device-to-host step makes them on a GPU; the
+       uneven (split-size) all-gather / reduce-scatter along the first dimension (expert tensor
+       parallelism) -> equal-size collectives on padded chunks, since gloo has no uneven ones.
 
     Returns True when CPU mode is (now) active.
     """
@@ -89,6 +91,7 @@ def enable_cpu_mode() -> bool:
     _redirect_moe_router_gemm()
     _redirect_cuda_streams()
     _redirect_moe_split_sizes()
+    _redirect_uneven_first_dim_collectives()
     _CPU_MODE = True
     return True
 
@@ -262,6 +265,45 @@ def _redirect_moe_split_sizes() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = move
 
 
+def _redirect_uneven_first_dim_collectives() -> None:
+    # tensor_parallel/mappings.py: with split sizes, _gather_along_first_dim calls all_gather on a
+    # list of unequal tensors and _reduce_scatter_along_first_dim calls reduce_scatter on one (the
+    # MoE dispatchers' expert-TP gather of [tokens_r, h] and its backward). NCCL takes unequal
+    # sizes; gloo rejects them ("invalid tensor size"). Pad every chunk to the largest size n,
+    # run the equal-size collective, keep each chunk's real rows: the same values, exactly.
+    import torch.distributed as torch_dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def padded(chunk, n):
+        return torch.cat([chunk, chunk.new_zeros((n - chunk.shape[0],) + tuple(chunk.shape[1:]))])
+
+    @functools.wraps(gather)
+    def gather_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        n = max(sizes)
+        out = input_.new_empty((n * len(sizes),) + tuple(input_.shape[1:]))
+        torch_dist.all_gather_into_tensor(out, padded(input_.contiguous(), n), group=group)
+        return torch.cat([out[r * n:r * n + size] for r, size in enumerate(sizes)])
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        n = max(sizes)
+        chunks = torch.split(input_, sizes, dim=0)
+        out = input_.new_empty((n,) + tuple(input_.shape[1:]))
+        torch_dist.reduce_scatter_tensor(out, torch.cat([padded(c, n) for c in chunks]), group=group)
+        return out[:sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_first_dim
+
+
 def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     """Initialise the default process group from the torchrun environment.
 
@@ -295,14 +337,19 @@ def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234,
-                              cp: int = 1) -> None:
+                              cp: int = 1, ep: int = 1) -> None:
     """Create Megatron's model-parallel groups and seed the RNG tracker.
 
     The data-parallel size is ``world_size / (tp * pp * cp)``. Any previous model-parallel state is
     destroyed first, so one process can run several layouts in sequence.
 
+    Expert parallelism (Megatron's rule, expert tensor-parallel size = ``tp``): the experts' grid is
+    ``tp * ep * pp * edp`` = world, so ``ep`` must divide ``dp * cp``; the expert-data-parallel
+    size is ``dp * cp / ep``.
+
     Args:
         tp, pp, cp: tensor, pipeline and context parallel sizes.
+        ep: expert-parallel size (``expert_model_parallel_size``).
         vpp: virtual pipeline stages per pipeline rank (interleaved schedule), or None.
         seed: base seed; Megatron derives the TP-rank dropout seed from it
             (``seed + 2718 + tp_rank``) and seeds the default generator with ``seed``.
@@ -320,6 +367,11 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
             f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; choose sizes whose "
             f"product divides {world}"
         )
+    if ep < 1 or world % (tp * pp * ep) != 0:
+        raise ValueError(
+            f"expert_model_parallel_size={ep} does not fit world size {world} with tp={tp}, pp={pp}: "
+            f"Megatron lays experts out as tp * ep * pp * expert-dp = world, so ep must divide "
+            f"dp * cp = {world // (tp * pp * cp)}")
     if vpp is not None and (vpp < 2 or pp < 2):
         raise ValueError(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=None otherwise")
     destroy_model_parallel()
@@ -328,6 +380,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
     )
     torch.manual_seed(seed)
     mp_random.model_parallel_cuda_manual_seed(seed)

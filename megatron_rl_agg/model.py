@@ -329,6 +329,60 @@ def _use_transformer_engine() -> bool:
     return True
 
 
+class SequenceParallelTorchNorm:
+    """``torch.nn.LayerNorm`` / ``RMSNorm`` usable under sequence parallelism (local spec).
+
+    Megatron's ``WrappedTorchNorm`` asserts ``sequence_parallel=False``. Under sequence parallelism
+    a norm sees ``[s / tp, b, h]`` (its TP rank's part of the sequence) and its weight gradient is a
+    partial sum over those positions; marking the parameters ``sequence_parallel=True`` is what
+    Megatron's own norms do, and makes ``finalize_model_grads`` all-reduce (sum) them over the TP
+    group, so the gradient is that of the whole sequence.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}.get(config.normalization)
+        if norm_cls is None:
+            raise ValueError(f"normalization={config.normalization!r}; valid: 'LayerNorm', 'RMSNorm'")
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def needs_sequence_parallel(spec: GPTSpec, tp: int) -> bool:
+    """MoE at TP > 1 trains only with sequence parallelism: Megatron's ``MoELayer`` raises in training
+    mode otherwise (megatron-core 0.16). Dense models keep it off (identical numbers, one spec)."""
+    return spec.num_experts is not None and tp > 1
+
+
+def _uses_torch_norm(layer_spec) -> bool:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    sub = getattr(layer_spec, "submodules", None)
+    return any(getattr(sub, name, None) is WrappedTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm"))
+
+
+def sequence_parallel_local_spec(layer_spec, num_layers_per_stage: int):
+    """The local ``layer_spec`` as a block spec whose norms accept sequence parallelism.
+
+    Replaces the layer's ``input_layernorm`` / ``pre_mlp_layernorm`` and the block's final norm by
+    :class:`SequenceParallelTorchNorm`; ``GPTModel`` takes the returned ``TransformerBlockSubmodules``
+    as its ``transformer_layer_spec`` (one layer spec per layer of this pipeline stage).
+    """
+    import copy
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer_spec = copy.deepcopy(layer_spec)
+    sub = layer_spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(sub, name) is WrappedTorchNorm:
+            setattr(sub, name, SequenceParallelTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers_per_stage,
+                                      layer_norm=SequenceParallelTorchNorm)
+
+
 def default_layer_spec(spec: GPTSpec):
     """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec.
 
@@ -378,8 +432,20 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     megatron_compat.enable_cpu_mode()
     layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
     if spec.num_experts is not None:
-        config_overrides.setdefault("moe_grouped_gemm", _grouped_experts(layer_spec))
+        grouped = _grouped_experts(layer_spec)
+        if spec.add_bias_linear and not grouped:
+            raise ValueError(
+                "GPTSpec.add_bias_linear=True with MoE experts of the local spec (SequentialMLP): "
+                "megatron-core's expert MLP adds its bias in place on an autograd view and fails in the "
+                "backward pass; set add_bias_linear=False (as MoE models usually are)")
+        config_overrides.setdefault("moe_grouped_gemm", grouped)
+        tp = _parallel_sizes()[0]
+        if needs_sequence_parallel(spec, tp):
+            config_overrides.setdefault("sequence_parallel", True)
     config = get_transformer_config(spec, **config_overrides)
+    if config.sequence_parallel and _uses_torch_norm(layer_spec):
+        stages = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+        layer_spec = sequence_parallel_local_spec(layer_spec, config.num_layers // stages)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for stage in range(vpp or 1):

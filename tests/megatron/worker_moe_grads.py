@@ -1,0 +1,163 @@
+"""torchrun worker: the plugin's RL loss on a real Megatron MoE GPT at expert-parallel layouts.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 1 \
+        tests/megatron/worker_moe_grads.py OUT_DIR dp1,m4:alltoall dp1,m4:allgather aux-parts
+    python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/megatron/worker_moe_grads.py OUT_DIR ep2,m2:alltoall ep2,m2:allgather
+    python -m torch.distributed.run --standalone --nproc_per_node 4 \
+        tests/megatron/worker_moe_grads.py OUT_DIR dp2,ep2:alltoall tp2,ep2,m2:allgather ...
+
+The model: 2 layers, every MLP a Megatron ``MoELayer`` (4 gated experts, top-2 softmax routing,
+dropless, the ``aux_loss`` load-balancing loss on with coefficient ``AUX_COEFF``), tied embeddings,
+fp32, the local spec (``SequentialMLP`` experts) through the CPU mode's MoE redirects.
+
+An item ``<layout>:<dispatcher>`` (layout as ``megatron_rl_agg.model.parse_layout``: ``ep`` multiplies
+the process count, Megatron's data-parallel size is ``dp * ep``) builds the model at that layout with
+that token dispatcher and, for each loss configuration, prepares this rank's share of the SAME global
+mini-batch (``worker_loss_invariance.make_batch``: unequal rows, a masked row, prompt groups split
+across ranks) with micro-batches of ``MBS`` rows, runs one forward-backward with the plugin's
+``forward_step`` through ``get_forward_backward_func()`` and gathers the full gradient (expert weights
+from their EP ranks). Every layout splits the 8 rows into the same four micro-batches (rows 0-1, 2-3,
+4-5, 6-7), spread over ``M`` micro-batches per rank and ``D = dp * ep`` ranks with ``M * D = 4``:
+the aux loss is a per-micro-batch statistic, so only the same partition gives the same aux gradient.
+
+The configurations: the six exact aggregation modes (PPO clip with dual clip) plus ``aux_only``
+(advantages 0, no KL or entropy: the only gradient is the aux loss's). The item ``aux-parts``
+(one process) runs each of the four micro-batches alone (M = D = 1, where Megatron scales the aux
+loss by 1) with ``aux_only``: their mean is the aux gradient Megatron's averaging defines.
+
+Rank 0 saves ``{"grads", "aux_loss"}`` per ``(item, config)`` with ``torchrun_utils.save_result``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import torch
+import torch.distributed as torch_dist
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import worker_loss_invariance as base  # noqa: E402
+from torchrun_utils import save_result  # noqa: E402
+
+from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.model import GPTSpec, build_model, init_weights, parse_layout  # noqa: E402
+
+SEED = 2468
+AUX_COEFF = 0.1
+MBS = 2
+TOTAL_MICROBATCHES = 4
+EXPERTS = 4
+
+
+def moe_spec(dispatcher: str) -> GPTSpec:
+    return GPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=base.SPEC.vocab_size,
+                   max_seq_length=base.SEQ, ffn_hidden_size=32, swiglu=True, add_bias_linear=False,
+                   tie_embeddings=True, num_experts=EXPERTS, moe_router_topk=2,
+                   moe_token_dispatcher_type=dispatcher, moe_aux_loss_coeff=AUX_COEFF)
+
+
+CONFIGS = {mode: base.CONFIGS[mode] for mode in base.MODES if mode != "token_mean_legacy"}
+CONFIGS["aux_only"] = base.LossConfig(**base.PG)
+
+
+def batch_for(config: str) -> dict:
+    batch = base.make_batch(base.ROW_TOKENS, seed=SEED)
+    if config == "aux_only":
+        batch["advantages"] = torch.zeros_like(batch["advantages"])
+    return batch
+
+
+def aux_loss_total() -> float:
+    """Sum over layers of the load-balancing losses Megatron tracked in this step (unscaled by the
+    coefficient, summed over micro-batches and over the tracker's reduce group), then cleared."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return float("nan")
+    reduce_aux_losses_tracker_across_ranks()
+    total = float(tracker["load_balancing_loss"]["values"].sum())
+    clear_aux_losses_tracker()
+    return total
+
+
+def run_config(chunks, batch, cfg, mbs):
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.model import gather_full_grads
+
+    dp_group = parallel_state.get_data_parallel_group()
+    share = base.rank_share(batch, parallel_state.get_data_parallel_rank(), torch_dist.get_world_size(dp_group))
+    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group)
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
+        num_microbatches=len(micro_batches), seq_length=base.SEQ, micro_batch_size=mbs, forward_only=False)
+    aux = aux_loss_total()
+    return gather_full_grads(chunks), aux
+
+
+def build(layout, dispatcher):
+    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED, ep=layout.ep)
+    chunks = build_model(moe_spec(dispatcher))
+    init_weights(chunks, seed=SEED)
+    return chunks
+
+
+def run_item(out_dir: str, item: str) -> None:
+    layout_text, _, dispatcher = item.partition(":")
+    layout = parse_layout(layout_text)
+    world = torch_dist.get_world_size()
+    if layout.world_size != world:
+        raise ValueError(f"{item}: layout needs {layout.world_size} processes, got {world}")
+    if layout.num_microbatches * layout.data_parallel_size != TOTAL_MICROBATCHES:
+        raise ValueError(f"{item}: M * D must be {TOTAL_MICROBATCHES} (the same four micro-batches)")
+    chunks = build(layout, dispatcher)
+    for name, cfg in CONFIGS.items():
+        grads, aux = run_config(chunks, batch_for(name), cfg, MBS)
+        if torch_dist.get_rank() == 0:
+            save_result(out_dir, f"{item}-{name}", {"grads": grads, "aux_loss": aux})
+    megatron_compat.destroy_model_parallel()
+
+
+def run_aux_parts(out_dir: str) -> None:
+    """Each micro-batch alone (M = D = 1) with the aux-only loss; saves the mean gradient."""
+    if torch_dist.get_world_size() != 1:
+        raise ValueError("aux-parts runs in one process")
+    chunks = build(parse_layout("dp1,m1"), "alltoall")
+    batch = batch_for("aux_only")
+    parts, aux = [], []
+    for k in range(TOTAL_MICROBATCHES):
+        rows = {key: v[k * MBS:(k + 1) * MBS] for key, v in batch.items()}
+        grads, loss = run_config(chunks, rows, CONFIGS["aux_only"], MBS)
+        parts.append(grads)
+        aux.append(loss)
+    mean = {key: sum(p[key] for p in parts) / TOTAL_MICROBATCHES for key in parts[0]}
+    save_result(out_dir, "aux-parts", {"grads": mean, "aux_loss": sum(aux)})
+    megatron_compat.destroy_model_parallel()
+
+
+def main(argv):
+    out_dir, items = argv[0], argv[1:]
+    megatron_compat.initialize_distributed()
+    for item in items:
+        start = time.perf_counter()
+        run_aux_parts(out_dir) if item == "aux-parts" else run_item(out_dir, item)
+        if torch_dist.get_rank() == 0:
+            print(f"{item}: {time.perf_counter() - start:.2f} s", flush=True)
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
