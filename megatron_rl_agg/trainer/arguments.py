@@ -19,6 +19,10 @@ import yaml
 
 from megatron_rl_agg.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
 
+# Megatron's MoE token dispatchers the trainer runs (model.MOE_TOKEN_DISPATCHERS; model.py imports
+# torch at module level, this module must not need it to print --help).
+MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
+
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "validate_args", "TrainerArgsError"]
 
 
@@ -58,6 +62,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"), default="auto",
                    help="layer spec: Transformer Engine when it imports on a GPU (auto), or Megatron's "
                         "local modules")
+
+
+def _add_moe_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mixture of experts (Megatron-LM names; EP splits the DP ranks)")
+    g.add_argument("--num-experts", type=int, default=None,
+                   help="experts per MoE layer: every MLP becomes a Megatron MoELayer (default: dense)")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="experts each token is routed to")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP size: each EP rank holds num-experts / EP experts; must divide DP")
+    g.add_argument("--moe-token-dispatcher-type", choices=MOE_TOKEN_DISPATCHERS, default="allgather",
+                   help="how routed tokens reach the experts of other EP ranks")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                   help="coefficient of the load-balancing aux loss (0: off); the metric "
+                        "load_balancing_loss is reported without it")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in the linear layers (needed with --num-experts on the local spec)")
 
 
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO-family RL on Megatron-Core with exact loss aggregation (megatron_rl_agg)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of option defaults (CLI overrides it)")
-    for add in (_add_parallel_args, _add_model_args, _add_optimizer_args, _add_checkpoint_args,
+    for add in (_add_parallel_args, _add_model_args, _add_moe_args, _add_optimizer_args, _add_checkpoint_args,
                 _add_data_args, _add_logging_args):
         add(parser)
     add_loss_aggregation_args(parser)
@@ -206,6 +226,7 @@ def validate_args(args: argparse.Namespace) -> None:
     elif args.num_layers % args.pipeline_model_parallel_size:
         raise TrainerArgsError(f"--num-layers {args.num_layers} must be a multiple of "
                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    _validate_moe(args)
     if args.save_interval is not None and args.save_interval <= 0:
         raise TrainerArgsError(f"--save-interval must be positive, got {args.save_interval}")
     if args.ref_load is not None and args.kl_coef == 0:
@@ -215,6 +236,48 @@ def validate_args(args: argparse.Namespace) -> None:
         AdvantageConfig.from_args(args)
     except ValueError as err:
         raise TrainerArgsError(str(err)) from None
+
+
+def _validate_moe(args: argparse.Namespace) -> None:
+    """MoE flags that cannot work, before any process starts (the world-size rule: :func:`check_world`)."""
+    ep, experts = args.expert_model_parallel_size, args.num_experts
+    if ep is None or ep <= 0:
+        raise TrainerArgsError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
+    if args.moe_aux_loss_coeff < 0:
+        raise TrainerArgsError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
+    if experts is None:
+        if ep > 1:
+            raise TrainerArgsError(f"--expert-model-parallel-size {ep} needs an MoE model: set --num-experts")
+        return
+    if experts <= 0:
+        raise TrainerArgsError(f"--num-experts must be a positive integer, got {experts}")
+    if experts % ep:
+        raise TrainerArgsError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep} "
+                               "(each EP rank holds num-experts / EP whole experts)")
+    if not 1 <= args.moe_router_topk <= experts:
+        raise TrainerArgsError(f"--moe-router-topk {args.moe_router_topk} must be between 1 and "
+                               f"--num-experts {experts}")
+    if not args.disable_bias_linear and args.transformer_impl != "transformer_engine":
+        raise TrainerArgsError(
+            "--num-experts with linear biases on the local spec: megatron-core's expert MLP adds its bias "
+            "in place on an autograd view and fails in the backward pass; add --disable-bias-linear")
+    if args.sequence_packing:
+        raise TrainerArgsError("--sequence-packing with --num-experts is not supported: packed (THD) "
+                               "micro-batches through MoE layers are not tested here; drop one of the two")
+
+
+def check_world(args: argparse.Namespace, world_size: int) -> None:
+    """Megatron's layout rules for ``world_size`` processes: TP x PP divides the world (DP = world /
+    (TP x PP)), and, with expert tensor parallelism = TP, TP x EP x PP divides it too (EP divides DP)."""
+    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.expert_model_parallel_size)
+    if world_size % (tp * pp):
+        raise TrainerArgsError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    dp = world_size // (tp * pp)
+    if dp % ep:
+        raise TrainerArgsError(
+            f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp} (= world {world_size} / "
+            f"(TP {tp} x PP {pp})): Megatron places experts on tp x ep x pp x expert-dp = world ranks")
 
 
 def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:

@@ -32,7 +32,7 @@ from megatron_rl_agg import dist, megatron_compat
 from megatron_rl_agg.advantages import compute_step_advantages
 from megatron_rl_agg.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, task
-from megatron_rl_agg.trainer.arguments import TrainerArgsError, virtual_pipeline_size
+from megatron_rl_agg.trainer.arguments import TrainerArgsError, check_world, virtual_pipeline_size
 from megatron_rl_agg.trainer.reporting import METRIC_KEYS, MetricsLogger
 from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
 
@@ -72,7 +72,11 @@ def _model_spec(args):
 
     return GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
                    num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-                   max_seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size, bf16=args.bf16)
+                   max_seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size, bf16=args.bf16,
+                   add_bias_linear=not args.disable_bias_linear, num_experts=args.num_experts,
+                   moe_router_topk=args.moe_router_topk,
+                   moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                   moe_aux_loss_coeff=args.moe_aux_loss_coeff)
 
 
 def _layer_spec(args, spec):
@@ -87,14 +91,16 @@ def _layer_spec(args, spec):
 
         return packed_local_layer_spec(normalization=spec.normalization)
     if impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
+        return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=spec.num_experts,
+                                                        normalization=spec.normalization)
     if args.transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
         except ImportError as err:
             raise TrainerArgsError(
                 f"--transformer-impl transformer_engine: {err}; use local or auto") from None
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None)
 
 
 def _te_available() -> bool:
@@ -157,14 +163,15 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     from megatron.core import parallel_state
 
     rank, world = megatron_compat.initialize_distributed()
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed)
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    check_world(args, world)
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed, ep=ep)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
     layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),
               "dp": parallel_state.get_data_parallel_world_size()}
+    if ep > 1:
+        layout["ep"] = ep      # dense layouts keep the keys older checkpoints were saved with
     trainer = Trainer(args=args, chunks=chunks, optimizer=optimizer, ref_chunks=_build_reference(args, spec),
                       loss_cfg=LossConfig.from_args(args), adv_cfg=AdvantageConfig.from_args(args),
                       source=_build_source(args), layout=layout, rank=rank, world_size=world)
@@ -310,8 +317,31 @@ def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
     reports = get_forward_backward_func()(
         forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
         seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
+    aux = _load_balancing_loss(tr, len(micro))
     _, grad_norm, _ = tr.optimizer.step()
-    return reports, float(grad_norm) if grad_norm is not None else float("nan")
+    return reports, float(grad_norm) if grad_norm is not None else float("nan"), aux
+
+
+def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
+    """Megatron's MoE load-balancing loss of this update, before ``--moe-aux-loss-coeff``: the mean over
+    MoE layers and micro-batches (and, by Megatron's tracker reduction, over PP stages and DP ranks).
+
+    The router adds each micro-batch's per-layer loss to Megatron's tracker; the reduction is Megatron's
+    ``reduce_aux_losses_tracker_across_ranks`` (all-reduce over PP, then average over DP: collectives on
+    every rank), after which the tracker is cleared for the next update. None for a dense model.
+    """
+    if tr.args.num_experts is None or tr.args.moe_aux_loss_coeff == 0:
+        return None
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        raise RuntimeError("no MoE load-balancing loss was tracked in this update (expected one per layer)")
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    values = tracker["load_balancing_loss"]["values"]
+    aux = float(values.sum()) / (values.numel() * num_microbatches)
+    moe_utils.clear_aux_losses_tracker()
+    return aux
 
 
 def _loss_metrics(tr: Trainer, reports: list) -> dict:
@@ -337,8 +367,11 @@ def train_step(tr: Trainer, step: int) -> dict:
         chunk.train()
     parts = []
     for batch, stats in _step_batches(tr, step):
-        reports, grad_norm = _run_update(tr, batch)
-        parts.append({**_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats})
+        reports, grad_norm, aux = _run_update(tr, batch)
+        part = {**_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats}
+        if aux is not None:
+            part["load_balancing_loss"] = aux
+        parts.append(part)
     combined = {"step": step, **_combine(parts), "lr": tr.args.lr,
                 "step_time_s": round(time.perf_counter() - start, 4)}
     # documented keys first, in docs/training.md's order, then the rest
@@ -351,7 +384,8 @@ def train_step(tr: Trainer, step: int) -> dict:
 
 def _save(tr: Trainer, step: int) -> None:
     keep = ("seed", "rollouts", "global_batch_size", "mini_batches_per_step", "num_samples_per_prompt",
-            "loss_aggregation", "adv_estimator", "overlong_policy")
+            "loss_aggregation", "adv_estimator", "overlong_policy", "num_experts", "moe_router_topk",
+            "moe_aux_loss_coeff")
     state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}}
     checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
                                world_size=tr.world_size)

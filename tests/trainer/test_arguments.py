@@ -66,3 +66,42 @@ def test_virtual_pipeline_size():
 def test_shipped_configs_parse(name):
     args = parse_args(["--config", str(REPO / "configs" / f"{name}.yaml")])
     assert args.global_batch_size % args.num_samples_per_prompt == 0
+
+
+MOE = ["--num-experts", "4", "--disable-bias-linear"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (MOE + ["--expert-model-parallel-size", "3"], "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
+    (MOE + ["--moe-router-topk", "5"], "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs an MoE model"),
+    (["--num-experts", "4"], "add --disable-bias-linear"),
+    (MOE + ["--sequence-packing"], "--sequence-packing with --num-experts is not supported"),
+    (MOE + ["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff must be >= 0"),
+    (MOE + ["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be a positive integer"),
+])
+def test_bad_moe_combinations(argv, message):
+    with pytest.raises(TrainerArgsError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_dispatcher_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(MOE + ["--moe-token-dispatcher-type", "flex"])
+    err = capsys.readouterr().err
+    assert "--moe-token-dispatcher-type: invalid choice: 'flex'" in err
+    assert "alltoall" in err and "allgather" in err
+
+
+@pytest.mark.parametrize("world, argv, message", [
+    (4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4"],
+     r"--expert-model-parallel-size 4 must divide the data-parallel size 2 \(= world 4 / \(TP 2 x PP 1\)\)"),
+    (6, ["--pipeline-model-parallel-size", "4"], "world size 6 is not a multiple of TP x PP = 1 x 4"),
+])
+def test_world_size_rules(world, argv, message):
+    from megatron_rl_agg.trainer.arguments import check_world
+
+    args = parse_args(MOE + argv + ["--num-layers", "4"])
+    with pytest.raises(TrainerArgsError, match=message):
+        check_world(args, world)
+    check_world(parse_args(MOE + ["--expert-model-parallel-size", "2"]), 2)    # DP2 = EP2: fits

@@ -1,0 +1,112 @@
+"""The plugin's loss on a real Megatron-Core MoE GPT (top-2 routing over 4 experts, the aux load-balancing
+loss on, fp32, Megatron DDP, the real schedules, gloo on CPU) at expert-parallel layouts, with both token
+dispatchers: the full gradient of every exact aggregation mode equals the one-process reference.
+
+Layouts (``model.parse_layout``; ``ep`` multiplies the process count, Megatron's DP size is ``dp * ep``):
+``ep2,m2`` (2 processes: EP2, expert-DP 1), ``dp2,ep2`` (4: EP2, expert-DP 2) and ``tp2,ep2,m2`` (4: TP2
+with sequence parallelism, EP2), each with the ``alltoall`` and the ``allgather`` dispatcher, against
+``dp1,m4`` in one process. Every layout cuts the mini-batch into the same four micro-batches of two
+rows (``M * D = 4``): the aux loss is a per-micro-batch statistic that Megatron averages over
+micro-batches and DP ranks, so the same partition must give the same aux gradient, and the policy term
+(global weights) is exact whatever the partition. The worker (``worker_moe_grads.py``) documents the
+model and the batch. Differences are ``max|g - g_ref| / max|g_ref|`` per tensor.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WORKER = pathlib.Path(__file__).with_name("worker_moe_grads.py")
+TOL = 1e-5
+MODES = ["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
+         "prompt_mean"]
+DISPATCHERS = ["alltoall", "allgather"]
+REF = "dp1,m4:alltoall"
+LAUNCHES = {
+    1: [REF, "dp1,m4:allgather", "aux-parts"],
+    2: [f"ep2,m2:{d}" for d in DISPATCHERS],
+    4: [f"{layout}:{d}" for layout in ("dp2,ep2", "tp2,ep2,m2") for d in DISPATCHERS],
+}
+LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc] if item not in (REF, "aux-parts")]
+MICROBATCHES = {"dp1,m4": 4, "ep2,m2": 2, "dp2,ep2": 1, "tp2,ep2,m2": 2}
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("moe_grads")
+    for nproc, items in LAUNCHES.items():
+        start = time.perf_counter()
+        stdout = run_torchrun(WORKER, nproc, [directory, *items], timeout=600)
+        print(f"\nworker_moe_grads nproc={nproc}: {time.perf_counter() - start:.1f} s wall\n{stdout}")
+    return directory
+
+
+def result(out_dir, item, config):
+    return load_result(out_dir, f"{item}-{config}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_moe_gradient_equal_at_expert_parallel_layouts(out_dir, mode):
+    ref = result(out_dir, REF, mode)["grads"]
+    # Every tensor gets a gradient; expert weights are stacked [layer, expert, ...] from their EP ranks.
+    assert all(g.abs().max() > 0 for g in ref.values())
+    assert ref["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape[:2] == (2, 4)
+    assert ref["decoder.layers.mlp.router.weight"].shape == (2, 4, 32)
+    for item in LAYOUT_ITEMS:
+        rel, key = max_rel_diff(result(out_dir, item, mode)["grads"], ref)
+        assert rel <= TOL, f"{mode} at {item}: {key} differs from {REF} by {rel:.3e}"
+
+
+def _split_zero(ref):
+    """Keys with a nonzero reference gradient, and keys whose reference gradient is exactly 0."""
+    nonzero = [k for k, g in ref.items() if g.abs().max() > 0]
+    return nonzero, [k for k in ref if k not in nonzero]
+
+
+def test_aux_only_gradient_is_megatrons_micro_batch_average(out_dir):
+    """Advantages 0, no KL / entropy: the only gradient is the aux loss's. At M = 4 it equals the mean of
+    the four micro-batches' gradients run one at a time (M = D = 1, where Megatron scales the aux loss
+    by 1): the plugin leaves the aux loss at Megatron's 1 / (M * D) scale. A plugin that multiplied it
+    by M * D, as it does the policy term, would be 4x off."""
+    ref = result(out_dir, REF, "aux_only")["grads"]
+    parts = load_result(out_dir, "aux-parts")["grads"]
+    nonzero, zero = _split_zero(ref)
+    # The output layer's own norm is not on the aux loss's path; the router and experts are.
+    assert zero == ["decoder.final_layernorm.bias", "decoder.final_layernorm.weight"]
+    assert "decoder.layers.mlp.router.weight" in nonzero
+    rel, key = max_rel_diff({k: parts[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+    assert rel <= 1e-6, f"aux-only gradient at M=4 vs the micro-batch mean: {key} differs by {rel:.3e}"
+
+
+def test_aux_only_gradient_equal_across_layouts_and_dispatchers(out_dir):
+    ref = result(out_dir, REF, "aux_only")["grads"]
+    nonzero, zero = _split_zero(ref)
+    for item in LAYOUT_ITEMS:
+        got = result(out_dir, item, "aux_only")["grads"]
+        rel, key = max_rel_diff({k: got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+        assert rel <= TOL, f"aux-only at {item}: {key} differs by {rel:.3e}"
+        assert all(torch.count_nonzero(got[k]) == 0 for k in zero), item
+
+
+def test_aux_loss_metric_is_layout_independent(out_dir):
+    """Megatron's tracker holds, per layer, the load-balancing loss (before the coefficient) summed over
+    this rank's micro-batches and averaged over DP ranks; divided by M it is the mean per micro-batch,
+    the same at every layout. Near 1 per layer at this balanced initialisation, 2 layers."""
+    ref = result(out_dir, REF, "token_mean")["aux_loss"] / MICROBATCHES["dp1,m4"]
+    assert 1.5 < ref < 2.5
+    for item in LAYOUT_ITEMS:
+        layout = item.partition(":")[0]
+        for config in MODES + ["aux_only"]:
+            value = result(out_dir, item, config)["aux_loss"] / MICROBATCHES[layout]
+            assert value == pytest.approx(ref, rel=1e-5), (item, config)

@@ -1,0 +1,139 @@
+"""MoE and expert-parallel settings of ``model.py`` / ``megatron_compat.py`` in one process: the layout
+factor ``ep``, the GPTSpec checks, the TransformerConfig fields, and the CPU-mode redirects MoE needs.
+
+Multi-process gradients at EP layouts: tests/megatron/test_moe_grads.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rl_agg import megatron_compat, model
+from megatron_rl_agg.model import GPTSpec, Layout, parse_layout
+
+
+def moe_spec(**overrides) -> GPTSpec:
+    kwargs = dict(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32, max_seq_length=8,
+                  add_bias_linear=False, num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01)
+    kwargs.update(overrides)
+    return GPTSpec(**kwargs)
+
+
+@pytest.mark.parametrize("text,expected,world,dp_size", [
+    ("ep2", Layout(ep=2), 2, 2),
+    ("dp2,ep2", Layout(dp=2, ep=2), 4, 4),
+    ("tp2,ep2,m2", Layout(tp=2, ep=2, num_microbatches=2), 4, 2),
+    ("pp2,ep2,m4", Layout(pp=2, ep=2, num_microbatches=4), 4, 2),
+])
+def test_ep_factor_multiplies_the_process_count(text, expected, world, dp_size):
+    layout = parse_layout(text)
+    assert layout == expected
+    assert (layout.world_size, layout.data_parallel_size) == (world, dp_size)
+    assert parse_layout(str(layout)) == layout
+    assert "ep" not in str(parse_layout("dp2"))     # dense layouts print as before
+
+
+def test_ep_factor_rejects():
+    with pytest.raises(ValueError, match="Layout.ep=0 must be >= 1"):
+        parse_layout("ep0")
+    with pytest.raises(ValueError, match="sets 'ep' twice"):
+        parse_layout("ep2,ep2")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(moe_token_dispatcher_type="flex"),
+     "moe_token_dispatcher_type='flex'; valid: 'alltoall', 'allgather'"),
+    (dict(moe_router_topk=5), "moe_router_topk=5 must be between 1 and num_experts=4"),
+    (dict(moe_router_topk=0), "moe_router_topk=0 must be between 1 and num_experts=4"),
+    (dict(num_experts=0), "num_experts=0 must be >= 1"),
+    (dict(moe_aux_loss_coeff=-0.1), "moe_aux_loss_coeff=-0.1 must be >= 0"),
+    (dict(variable_seq_lengths=True, moe_token_dispatcher_type="allgather"),
+     "variable_seq_lengths=True needs moe_token_dispatcher_type='alltoall'"),
+])
+def test_gpt_spec_moe_errors(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        moe_spec(**overrides)
+
+
+def test_moe_config_fields_and_expert_divisibility():
+    fields = model._moe_config(moe_spec(), ep=2)
+    assert fields == dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                          moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="aux_loss",
+                          expert_model_parallel_size=2)
+    # Aux loss off: no load balancing at all (Megatron's default type would still be "aux_loss").
+    assert model._moe_config(moe_spec(moe_aux_loss_coeff=0.0), ep=1)["moe_router_load_balancing_type"] == "none"
+    with pytest.raises(ValueError, match="num_experts=4 is not divisible by expert_model_parallel_size=3"):
+        model._moe_config(moe_spec(), ep=3)
+    dense = GPTSpec(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32, max_seq_length=8)
+    assert model._moe_config(dense, ep=1) == {}
+    with pytest.raises(ValueError, match="expert_model_parallel_size=2 needs an MoE model"):
+        model._moe_config(dense, ep=2)
+
+
+def test_sequence_parallel_only_for_moe_at_tp_above_one():
+    assert model.needs_sequence_parallel(moe_spec(), tp=2)
+    assert not model.needs_sequence_parallel(moe_spec(), tp=1)
+    dense = GPTSpec(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32, max_seq_length=8)
+    assert not model.needs_sequence_parallel(dense, tp=2)
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    megatron_compat.initialize_distributed()
+    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    yield
+    megatron_compat.destroy_model_parallel()
+
+
+def test_expert_parallel_size_must_divide_the_data_parallel_size(world_of_one):
+    with pytest.raises(ValueError, match="expert_model_parallel_size=2 does not fit world size 1"):
+        megatron_compat.initialize_model_parallel(tp=1, pp=1, ep=2)
+
+
+def test_moe_with_bias_on_the_local_spec_is_refused_before_building(world_of_one):
+    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    with pytest.raises(ValueError, match="add_bias_linear=True with MoE experts of the local spec"):
+        model.build_model(moe_spec(add_bias_linear=True))
+
+
+def test_cpu_mode_moe_redirects(world_of_one):
+    """The redirects exist only in CPU mode and keep Megatron's own semantics."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode is off where CUDA is present")
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    assert moe_utils.te_general_gemm is None          # Megatron's torch.mm router path
+    stream = torch.cuda.Stream()
+    assert torch.cuda.current_stream() is not None
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pass
+    stream.record_event().synchronize()
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert splits.tolist() == [3, 1] and not torch.is_tensor(splits)
+    counts = torch.tensor([2, 2])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts
+
+
+def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
+    """One process, both dispatchers: SequentialMLP experts, a top-2 router, the aux loss tracked."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    megatron_compat.initialize_model_parallel(tp=1, pp=1, seed=3)
+    for dispatcher in ("alltoall", "allgather"):
+        (chunk,) = model.build_model(moe_spec(moe_token_dispatcher_type=dispatcher), wrap_ddp=False)
+        model.init_weights([chunk], seed=3)
+        gpt = model.unwrap(chunk)
+        experts = gpt.decoder.layers[0].mlp.experts
+        assert isinstance(experts, SequentialMLP) and len(experts.local_experts) == 4
+        assert not gpt.config.moe_grouped_gemm and gpt.config.moe_router_topk == 2
+        tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+        logits = chunk(tokens, torch.arange(8).expand(2, 8), None)
+        assert logits.shape == (2, 8, 32) and torch.isfinite(logits).all()
+        logits.float().pow(2).mean().backward()
+        assert gpt.decoder.layers[0].mlp.router.weight.grad.abs().max() > 0
+        tracker = get_moe_layer_wise_logging_tracker()
+        assert tracker["load_balancing_loss"]["values"].gt(0).all()      # one value per layer
+        clear_aux_losses_tracker()
