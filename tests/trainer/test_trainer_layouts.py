@@ -1,8 +1,9 @@
 """End-to-end trainer on real Megatron-Core (torchrun + gloo): step-1 loss from the file alone, grad-norm
 invariance across layouts, padding that changes nothing.
 
-Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2 and the per-mode,
-per-overlong-policy runs) and one of 1 process (DP1 with 4 micro-batches).
+Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2, the per-mode,
+per-overlong-policy runs and the MoE runs at EP1 / EP2) and one of 1 process (DP1 with 4 micro-batches,
+dense and MoE).
 """
 
 import json
@@ -32,6 +33,16 @@ LAYOUTS = {  # name -> (nproc, flags); every layout runs 4 micro-batches of the 
     "pp2vpp2": (2, ["--micro-batch-size", "4", "--pipeline-model-parallel-size", "2",
                     "--num-layers-per-virtual-pipeline-stage", "1"]),
     "dp1m4": (1, ["--micro-batch-size", "4"]),
+}
+# MoE (4 experts, top-2, aux loss on): every layout cuts the 16 rows into the same four micro-batches of
+# 4 rows (the aux loss is a per-micro-batch statistic), EP1 at DP1 and DP2, EP2 with both dispatchers.
+MOE_FLAGS = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.05",
+             "--disable-bias-linear", "--micro-batch-size", "4"]
+MOE_LAYOUTS = {
+    "dp1m4": (1, []),
+    "dp2": (2, []),
+    "ep2": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    "ep2/allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"]),
 }
 
 
@@ -68,6 +79,9 @@ def runs(tmp_path_factory):
         for name in ("dp2", "tp2", "pp2vpp2"):
             flags = LAYOUTS[name][1] + ["--mini-batches-per-step", "2", "--lr", "1e-2"]
             plan2.append({"name": f"{mode}/{name}/k2", "argv": _argv(tmp / "r.jsonl", mode, flags, gbs=8)})
+    for name, (nproc, flags) in MOE_LAYOUTS.items():
+        (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
+                                                 "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
     results = torchrun(plan2, 2, tmp)
     results.update(torchrun(plan1, 1, tmp))
     return rows, results
@@ -194,3 +208,18 @@ def test_metrics_lines_carry_every_documented_key(runs):
     rows, _ = runs
     assert line["num_truncated"] == sum(r["finish_reason"] == "length" for r in rows)
     assert line["num_tokens"] == sum(len(r["response"]) for r in rows)
+
+
+def test_moe_step1_is_expert_parallel_invariant(runs):
+    """MoE: step-1 grad_norm, policy_loss and the load-balancing loss agree between EP1 (DP1 x M4, DP2)
+    and EP2 (both dispatchers); the MoE model is really another model than the dense one."""
+    rows, results = runs
+    lines = {name: results[f"moe/{name}"][0] for name in MOE_LAYOUTS}
+    ref = lines["dp1m4"]
+    assert ref["grad_norm"] > 0 and ref["grad_norm"] != pytest.approx(results["token_mean/dp1m4"][0]["grad_norm"])
+    assert 0.5 < ref["load_balancing_loss"] < 2.0        # near 1 for balanced routing at initialisation
+    for name, line in lines.items():
+        for key in ("grad_norm", "policy_loss", "load_balancing_loss", "entropy"):
+            assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
+    assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
+                                               abs=1e-7)
