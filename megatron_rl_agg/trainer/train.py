@@ -203,6 +203,31 @@ def _check_resumable(args) -> None:
             "--load with --use-distributed-optimizer needs Transformer Engine or apex (megatron-core's "
             "DistributedOptimizer cannot load into its torch-Adam fallback); resume without "
             "--use-distributed-optimizer on this machine")
+    if args.num_experts is not None:
+        _check_expert_parallel_resume(args)
+
+
+def _check_expert_parallel_resume(args) -> None:
+    """An MoE checkpoint resumes at EP 1 only if saved at EP 1, and at EP > 1 only if saved at EP > 1.
+
+    megatron-core's optimizer for an MoE model at EP > 1 is a ChainedOptimizer (dense and expert
+    parameters apart, each with its own param_groups); at EP 1 it is a single optimizer. The two state
+    layouts do not load into each other (KeyError inside megatron-core), so refuse before any collective.
+    """
+    import json
+    import os
+
+    path = os.path.join(checkpoint.checkpoint_path(args.load, checkpoint.latest_step(args.load)),
+                        checkpoint.STATE_FILE)
+    with open(path, encoding="utf-8") as fh:
+        saved_ep = int(json.load(fh).get("layout", {}).get("ep", 1))
+    ep = args.expert_model_parallel_size
+    if (saved_ep > 1) != (ep > 1):
+        raise TrainerArgsError(
+            f"--load {args.load}: saved at expert-parallel size {saved_ep}, this run has {ep}. megatron-core "
+            "keeps an MoE model's optimizer state as one optimizer at EP 1 and as a chained one (dense + expert "
+            "parameters) at EP > 1, which do not load into each other; resume with "
+            f"--expert-model-parallel-size {'1' if saved_ep == 1 else 'of 2 or more'} (any TP / PP / DP)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
   lost samples, a KL term to the frozen reference): the resumed steps' metrics are the same numbers.
 * On-policy generation at TP2, PP2 and PP2 x VPP2 samples what DP2 samples (same initial weights,
   counter-based sampling noise), so the first two steps' rollouts and losses agree with the DP2 run.
+* MoE: a checkpoint saved at DP2 loads at PP2 (step 2 matches the uninterrupted run); resuming across
+  EP 1 <-> EP > 1 is refused before loading (megatron-core's optimizer state differs); on-policy
+  generation, KL to the MoE reference and two mini-batches per step agree between EP1 and EP2.
 * Cross-layout load: a checkpoint saved at TP1/PP1 (DP2) after step 1 of an offline run, loaded at TP2,
   PP2 and PP2 x VPP2; step 2 there matches step 2 of the uninterrupted TP1/PP1 run. The file carries
   behaviour log-probs, so step 2's policy loss depends on the loaded logits (ratio != 1), as do its
@@ -29,6 +32,9 @@ ON_POLICY_LAYOUTS = {
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
 }
+# MoE (4 experts, top-2, aux loss on) at EP1 (DP2) and EP2 (DP2): the same four micro-batches per DP rank.
+MOE = ["--num-experts", "4", "--moe-aux-loss-coeff", "0.05", "--disable-bias-linear"]
+EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
 
@@ -40,7 +46,7 @@ def runs(tmp_path_factory):
     offline = [*MODEL_ARGS, "--rollouts", str(tmp / "lp.jsonl"), "--global-batch-size", "16",
                "--micro-batch-size", "4", "--loss-aggregation", "seq_mean_token_mean", "--lr", "3e-3",
                "--entropy-coef", "0.01"]
-    ck1, ck2 = str(tmp / "ck_resume"), str(tmp / "ck_layout")
+    ck1, ck2, ck3 = str(tmp / "ck_resume"), str(tmp / "ck_layout"), str(tmp / "ck_moe")
     plan = [
         {"name": "full", "argv": ON_POLICY + ["--train-iters", "4",
                                               "--metrics-file", str(tmp / "full.jsonl")]},
@@ -61,6 +67,15 @@ def runs(tmp_path_factory):
     ]
     for name, flags in ON_POLICY_LAYOUTS.items():
         plan.append({"name": f"onp_{name}", "argv": ON_POLICY + ["--train-iters", "2"] + flags})
+    plan += [
+        {"name": "moe_save", "argv": offline + MOE + ["--train-iters", "1", "--save", ck3]},
+        {"name": "moe_full", "argv": offline + MOE + ["--train-iters", "2"]},
+        {"name": "moe_pp2", "argv": offline + MOE + ["--train-iters", "2", "--load", ck3,
+                                                     "--pipeline-model-parallel-size", "2"]},
+    ]
+    for name, flags in (("ep1", []), ("ep2", EP2)):
+        plan.append({"name": f"moe_onp_{name}", "argv": ON_POLICY + MOE + flags + [
+            "--train-iters", "2", "--mini-batches-per-step", "2", "--global-batch-size", "16"]})
     return tmp, torchrun(plan, 2, tmp)
 
 
@@ -109,3 +124,34 @@ def test_reference_policy_defaults_to_initial_weights_or_ref_load(runs):
     # the reference changes only the KL term: rollouts and policy term of step 1 are the same
     for key in ("reward_mean", "num_tokens", "policy_loss"):
         assert ref_loaded[key] == pytest.approx(results["full"][0][key], rel=1e-6, abs=1e-9), key
+
+
+def test_moe_checkpoint_loads_at_another_layout(runs):
+    """Expert weights and their optimizer state saved at DP2 load at PP2 (stages own other layers)."""
+    _, results = runs
+    ref, got = results["moe_full"][1], results["moe_pp2"][0]
+    assert got["step"] == 2 and ref["ppo_kl"] != 0
+    for key in ("policy_loss", "entropy", "ppo_kl", "clip_frac", "grad_norm", "load_balancing_loss"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+
+
+def test_moe_on_policy_with_two_mini_batches_is_expert_parallel_invariant(runs):
+    """On-policy generation through the MoE model, KL to the frozen MoE reference, two updates per step
+    (old log-probs before the first): EP2 reproduces EP1 step by step."""
+    _, results = runs
+    ep1, ep2 = results["moe_onp_ep1"], results["moe_onp_ep2"]
+    assert len(ep1) == len(ep2) == 2 and ep1[1]["kl_loss"] != 0
+    for a, b in zip(ep1, ep2):
+        for key in ("reward_mean", "num_tokens", "policy_loss", "kl_loss", "entropy", "grad_norm",
+                    "load_balancing_loss", "ppo_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+
+
+def test_moe_resume_across_ep1_and_ep2_is_refused(runs, tmp_path):
+    from megatron_rl_agg.trainer.arguments import parse_args
+    from megatron_rl_agg.trainer.train import TrainerArgsError, _check_resumable
+
+    tmp, _ = runs
+    args = parse_args([*MODEL_ARGS, *MOE, *EP2, "--load", str(tmp / "ck_moe")])
+    with pytest.raises(TrainerArgsError, match="saved at expert-parallel size 1, this run has 2"):
+        _check_resumable(args)
