@@ -66,6 +66,7 @@ from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
 __all__ = [
     "LEGACY_MODE",
     "check_megatron_setup",
+    "check_moe_setup",
     "vocab_parallel_logprobs_and_entropy",
     "vocab_parallel_logprobs",
     "vocab_parallel_entropy",
@@ -92,6 +93,7 @@ def check_megatron_setup(model_config: Any) -> None:
     Args:
         model_config: the model's ``TransformerConfig`` (``megatron.core.utils.get_model_config(model)``).
     """
+    check_moe_setup(model_config)
     if getattr(model_config, "calculate_per_token_loss", False):
         raise ValueError(
             "calculate_per_token_loss=True is not supported by megatron_rl_agg's loss function: with it "
@@ -107,6 +109,42 @@ def check_megatron_setup(model_config: Any) -> None:
             f"context_parallel_size={cp_size} is not supported by megatron_rl_agg's loss function: each CP "
             "rank holds a slice of every sequence, so per-row and per-group counts and the loss would need "
             "CP reductions this loss does not do. Use context_parallel_size=1 (trade CP for TP or DP).")
+
+
+def _router_scales_aux_by_tp_cp() -> bool:
+    """Whether this megatron-core's router multiplies the per-token aux-loss scale by the TP x CP size
+    (the fix of NVIDIA/Megatron-LM#5047), read from the router's source."""
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+
+
+def check_moe_setup(model_config: Any) -> None:
+    """Raise ValueError for an MoE setting whose aux-loss gradient megatron-core itself mis-scales.
+
+    With ``calculate_per_token_loss=True`` the router multiplies each micro-batch's aux loss by its
+    LOCAL routed-token count, which under TP (sequence parallel) or CP is the shard's ``b * s / (TP * CP)``,
+    while ``finalize_model_grads`` divides by the full count: the aux-loss gradient comes out ``TP * CP``
+    times too small (measured: exactly 0.5x at TP2 + SP, EP2, both dispatchers, against the same
+    micro-batches without the flag; exact at TP1). NVIDIA/Megatron-LM#5047 fixes it upstream by a
+    ``tp_cp_group.size()`` factor; where the installed router lacks it, the combination is refused.
+    """
+    if not getattr(model_config, "num_moe_experts", None) or not getattr(model_config, "calculate_per_token_loss",
+                                                                           False):
+        return
+    aux_coeff = getattr(model_config, "moe_aux_loss_coeff", 0.0)
+    aux_on = any(c > 0 for c in aux_coeff) if isinstance(aux_coeff, (list, tuple)) else aux_coeff > 0
+    aux_on = aux_on or bool(getattr(model_config, "moe_z_loss_coeff", None))
+    tp_cp = (int(getattr(model_config, "tensor_model_parallel_size", 1) or 1)
+             * int(getattr(model_config, "context_parallel_size", 1) or 1))
+    if aux_on and tp_cp > 1 and not _router_scales_aux_by_tp_cp():
+        raise ValueError(
+            f"calculate_per_token_loss=True with an MoE aux / z loss at TP x CP = {tp_cp} > 1: this megatron-core "
+            "scales the aux loss by the routed tokens of the TP/CP shard but divides by the full count, so its "
+            f"gradient would be {tp_cp}x too small (NVIDIA/Megatron-LM#5047, fixed upstream). Set "
+            "calculate_per_token_loss=False (the policy term is exact either way), or use TP = CP = 1 with the flag")
 
 
 # ----------------------------------------------------------------------------------------------

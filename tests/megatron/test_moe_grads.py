@@ -33,12 +33,16 @@ MODES = ["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum",
          "prompt_mean"]
 DISPATCHERS = ["alltoall", "allgather"]
 REF = "dp1,m4:alltoall"
+# ":flag": the aux-only gradient under calculate_per_token_loss=True (Megatron's 3-tuple contract).
+FLAG_TP1 = ["dp1,m4:alltoall:flag", "ep2,m2:allgather:flag", "dp2,ep2:alltoall:flag"]
+FLAG_TP2 = [f"tp2,ep2,m2:{d}:flag" for d in DISPATCHERS]
 LAUNCHES = {
-    1: [REF, "dp1,m4:allgather", "aux-parts"],
-    2: [f"ep2,m2:{d}" for d in DISPATCHERS],
-    4: [f"{layout}:{d}" for layout in ("dp2,ep2", "tp2,ep2,m2") for d in DISPATCHERS],
+    1: [REF, "dp1,m4:allgather", "aux-parts", FLAG_TP1[0]],
+    2: [f"ep2,m2:{d}" for d in DISPATCHERS] + [FLAG_TP1[1]],
+    4: [f"{layout}:{d}" for layout in ("dp2,ep2", "tp2,ep2,m2") for d in DISPATCHERS] + [FLAG_TP1[2]] + FLAG_TP2,
 }
-LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc] if item not in (REF, "aux-parts")]
+LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc]
+                if item not in (REF, "aux-parts") and not item.endswith(":flag")]
 MICROBATCHES = {"dp1,m4": 4, "ep2,m2": 2, "dp2,ep2": 1, "tp2,ep2,m2": 2}
 
 
@@ -97,6 +101,24 @@ def test_aux_only_gradient_equal_across_layouts_and_dispatchers(out_dir):
         rel, key = max_rel_diff({k: got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
         assert rel <= TOL, f"aux-only at {item}: {key} differs by {rel:.3e}"
         assert all(torch.count_nonzero(got[k]) == 0 for k in zero), item
+
+
+def test_aux_only_gradient_with_calculate_per_token_loss(out_dir):
+    """Under the flag (DDP sums, finalize_model_grads divides by the total routed-token count N, the router
+    multiplies each micro-batch's aux loss by its routed tokens) the aux-only gradient is the flag-off one
+    at TP1 (DP1 x M4, EP2, DP2 x EP2). At TP2 (sequence parallel) megatron-core 0.16 scales by the TP
+    shard's tokens: exactly 1/2 of it (NVIDIA/Megatron-LM#5047), which megatron_loss.check_moe_setup
+    refuses."""
+    ref = result(out_dir, REF, "aux_only")["grads"]
+    nonzero, _ = _split_zero(ref)
+    for item in FLAG_TP1:
+        got = result(out_dir, item, "aux_only")["grads"]
+        rel, key = max_rel_diff({k: got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+        assert rel <= TOL, f"aux-only with the flag at {item}: {key} differs by {rel:.3e}"
+    for item in FLAG_TP2:
+        got = result(out_dir, item, "aux_only")["grads"]
+        rel, key = max_rel_diff({k: 2.0 * got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+        assert rel <= TOL, f"{item}: twice the aux-only gradient differs from the flag-off one by {rel:.3e}"
 
 
 def test_aux_loss_metric_is_layout_independent(out_dir):

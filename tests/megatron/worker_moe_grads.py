@@ -34,6 +34,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as torch_dist
@@ -107,21 +108,67 @@ def run_config(chunks, batch, cfg, mbs):
     return gather_full_grads(chunks), aux
 
 
-def build(layout, dispatcher):
+def aux_only_loss_func(num_tokens, output_tensor):
+    """Megatron's 3-tuple under ``calculate_per_token_loss``: a zero main loss (only the aux loss has a
+    gradient) and this micro-batch's ROUTED token count ``b * s`` (padding included), the count the
+    router scales the aux loss by."""
+    return (output_tensor * 0.0).sum(), num_tokens, {}
+
+
+def aux_only_forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    output = model(mb["tokens"], mb["position_ids"], None)
+    routed = torch.tensor(mb["tokens"].numel(), dtype=torch.int64)
+    return output, partial(aux_only_loss_func, routed)
+
+
+def run_aux_only_flag(chunks, mbs):
+    """The aux-only gradient with ``calculate_per_token_loss=True`` (Megatron's contract: DDP sums,
+    ``finalize_model_grads`` divides by the total routed tokens N over DP and micro-batches)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl_agg.model import gather_full_grads
+
+    dp_group = parallel_state.get_data_parallel_group()
+    share = base.rank_share(batch_for("aux_only"), parallel_state.get_data_parallel_rank(),
+                            torch_dist.get_world_size(dp_group))
+    rows = share["tokens"].shape[0]
+    micro_batches = [{k: v[i:i + mbs] for k, v in share.items()} for i in range(0, rows, mbs)]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    get_forward_backward_func()(
+        forward_step_func=aux_only_forward_step, data_iterator=iter(micro_batches), model=chunks,
+        num_microbatches=len(micro_batches), seq_length=base.SEQ, micro_batch_size=mbs, forward_only=False)
+    aux = aux_loss_total()
+    return gather_full_grads(chunks), aux
+
+
+def build(layout, dispatcher, **config_overrides):
     megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED, ep=layout.ep)
-    chunks = build_model(moe_spec(dispatcher))
+    chunks = build_model(moe_spec(dispatcher), **config_overrides)
     init_weights(chunks, seed=SEED)
     return chunks
 
 
 def run_item(out_dir: str, item: str) -> None:
-    layout_text, _, dispatcher = item.partition(":")
+    layout_text, _, variant = item.partition(":")
+    dispatcher, _, flag = variant.partition(":")
+    if flag not in ("", "flag"):
+        raise ValueError(f"unknown suffix {flag!r} in {item!r}; valid: '', 'flag'")
     layout = parse_layout(layout_text)
     world = torch_dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"{item}: layout needs {layout.world_size} processes, got {world}")
     if layout.num_microbatches * layout.data_parallel_size != TOTAL_MICROBATCHES:
         raise ValueError(f"{item}: M * D must be {TOTAL_MICROBATCHES} (the same four micro-batches)")
+    if flag:
+        chunks = build(layout, dispatcher, calculate_per_token_loss=True)
+        grads, aux = run_aux_only_flag(chunks, MBS)
+        if torch_dist.get_rank() == 0:
+            save_result(out_dir, f"{item}-aux_only", {"grads": grads, "aux_loss": aux})
+        megatron_compat.destroy_model_parallel()
+        return
     chunks = build(layout, dispatcher)
     for name, cfg in CONFIGS.items():
         grads, aux = run_config(chunks, batch_for(name), cfg, MBS)
