@@ -17,11 +17,18 @@ Launching (see docs/audit.md)::
                                                          # the layouts that need exactly W processes
 
 Layout grammar. A layout is a list of factors ``dp<N>``, ``tp<N>``, ``pp<N>``, ``vpp<N>`` (virtual
-stages per pipeline rank) and ``m<N>`` (micro-batches per DP rank), each at most once, written together
+stages per pipeline rank), ``ep<N>`` (expert parallelism, needs ``--num-experts``) and ``m<N>``
+(micro-batches per DP rank), each at most once, written together
 (``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages), except
 ``m`` with virtual stages, which defaults to ``pp`` (the interleaved schedule needs a multiple of ``pp``).
 Layouts are separated by ``,``, ``;`` or whitespace, inside one ``--layouts`` value or across several:
-``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp`` processes.
+``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp * ep`` processes:
+the factors multiply, so ``ep2+dp2`` is 4 processes, each expert on one of 2 EP ranks and replicated on 2
+(Megatron's data-parallel size, over which rows are split, is ``dp * ep``).
+
+MoE (``--num-experts N``, top-k routing with ``--moe-router-topk``, ``--moe-token-dispatcher-type``):
+every MLP is a Megatron MoE layer; the aux load-balancing loss is off, because it is Megatron's own
+per-micro-batch term and not part of the plugin's loss (tests/megatron/test_moe_grads.py checks it).
 
 What a row checks. The loss is the plugin's full RL loss: PPO clipped policy gradient + ``kl_coef`` x KL
 - ``entropy_coef`` x entropy, all three with gradient. By default KL and entropy are aggregated with the
@@ -59,7 +66,7 @@ import torch
 
 from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate, get_aggregation, resolve_aggregation
 from megatron_rl_agg.config import KL_ESTIMATORS, MICROBATCH_MEAN, LossConfig, resolve_term_aggregation
-from megatron_rl_agg.model import Layout, parse_layout
+from megatron_rl_agg.model import MOE_TOKEN_DISPATCHERS, Layout, parse_layout
 
 __all__ = [
     "AUDIT_BUGS",
@@ -79,7 +86,7 @@ DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 PASS, FAIL = "PASS", "FAIL"
 
-_FACTOR = re.compile(r"(vpp|dp|tp|pp|m)(\d+)")
+_FACTOR = re.compile(r"(vpp|dp|tp|pp|ep|m)(\d+)")
 _LAYOUT_SEPARATORS = re.compile(r"[\s;,]+")
 
 
@@ -98,7 +105,8 @@ def _parse_one(text: str) -> Layout:
                 else ""
             raise ValueError(
                 f"bad layout {text!r} at {compact[pos:]!r}{hint}: a layout is factors dp<N>, tp<N>, pp<N>, "
-                "vpp<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4'); "
+                "vpp<N>, ep<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4', "
+                "'ep2+dp2'); "
                 "separate layouts with ',', ';' or spaces")
         items.append(match.group(0))
         pos = match.end()
@@ -141,7 +149,7 @@ def parse_layouts(texts: Sequence[str] | str) -> list[Layout]:
 
 def layout_name(layout: Layout) -> str:
     """Short canonical spelling: only the factors that differ from 1, e.g. ``pp2+vpp2+m4``; ``m1`` alone."""
-    parts = [f"{k}{v}" for k, v in (("dp", layout.dp), ("tp", layout.tp), ("pp", layout.pp))
+    parts = [f"{k}{v}" for k, v in (("ep", layout.ep), ("dp", layout.dp), ("tp", layout.tp), ("pp", layout.pp))
              if v != 1]
     if layout.vpp is not None:
         parts.append(f"vpp{layout.vpp}")
@@ -159,7 +167,8 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("what to check")
     g.add_argument("--layouts", nargs="+", default=[DEFAULT_LAYOUTS], metavar="LAYOUT",
                    help="layouts separated by ',', ';' or spaces; a layout is dp<N>, tp<N>, pp<N>, vpp<N>, "
-                        "m<N> written together or joined by '+', e.g. 'dp2+m4,tp2,pp2vpp2m4' "
+                        "ep<N> (needs --num-experts), m<N> written together or joined by '+', e.g. "
+                        "'dp2+m4,tp2,pp2vpp2m4,ep2+dp2' "
                         f"(default: {DEFAULT_LAYOUTS})")
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
                    help="aggregation modes (aliases accepted) or 'all' (default): "
@@ -178,6 +187,12 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--vocab-size", type=int, default=128, help="must be divisible by every tp")
     m.add_argument("--seq-length", type=int, default=32)
     m.add_argument("--bf16", action="store_true", help="bf16 parameters (fp32 gradients); GPUs")
+    m.add_argument("--num-experts", type=int, default=None,
+                   help="MoE: experts per layer (every MLP a Megatron MoE layer, no linear biases, aux loss "
+                        "off); needed by ep<N> layouts and divisible by every ep")
+    m.add_argument("--moe-router-topk", type=int, default=2, help="MoE: experts per token")
+    m.add_argument("--moe-token-dispatcher-type", choices=MOE_TOKEN_DISPATCHERS, default="alltoall",
+                   help="MoE: token dispatcher")
     b = parser.add_argument_group("batch and loss")
     b.add_argument("--batch-size", type=int, default=16,
                    help="rows of the mini-batch; divisible by dp * m of every layout")
@@ -239,12 +254,22 @@ def _plan(args: argparse.Namespace) -> _Plan:
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
     if not tolerance > 0:
         raise ValueError(f"--tolerance must be > 0, got {tolerance}")
+    spec = _model_spec(args)          # the GPTSpec checks (top-k, dispatcher) before any process starts
     for lay in layouts:
         name = layout_name(lay)
-        rows = lay.dp * lay.num_microbatches
+        rows = lay.data_parallel_size * lay.num_microbatches
         if args.batch_size % rows:
+            factors = "dp*ep*m" if lay.ep > 1 else "dp*m"
             raise ValueError(
-                f"layout {name}: --batch-size {args.batch_size} is not divisible by dp*m = {rows}")
+                f"layout {name}: --batch-size {args.batch_size} is not divisible by {factors} = {rows}")
+        if lay.ep > 1 and spec.num_experts is None:
+            raise ValueError(f"layout {name}: ep{lay.ep} needs an MoE model; set --num-experts")
+        if spec.num_experts is not None and spec.num_experts % lay.ep:
+            raise ValueError(f"layout {name}: --num-experts {spec.num_experts} is not divisible by "
+                             f"ep = {lay.ep}")
+        if spec.num_experts is not None and lay.tp > 1 and args.seq_length % lay.tp:
+            raise ValueError(f"layout {name}: MoE at tp = {lay.tp} runs sequence parallel; --seq-length "
+                             f"{args.seq_length} must be divisible by tp")
         stages = lay.pp * (lay.vpp or 1)
         if args.num_layers % stages:
             raise ValueError(
@@ -419,7 +444,8 @@ def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path:
             "--kl-estimator", args.kl_estimator, "--kl-aggregation", args.kl_aggregation,
             "--entropy-aggregation", args.entropy_aggregation]
     for flag in ("tolerance", "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
-                 "batch_size", "kl_coef", "entropy_coef", "max_response_length", "inject_bug"):
+                 "batch_size", "kl_coef", "entropy_coef", "max_response_length", "inject_bug", "num_experts",
+                 "moe_router_topk", "moe_token_dispatcher_type"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
@@ -480,7 +506,6 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     import torch.distributed as torch_dist
 
     from megatron_rl_agg import megatron_compat
-    from megatron_rl_agg.model import GPTSpec
 
     started = time.perf_counter()
     rank, world = megatron_compat.initialize_distributed()
@@ -492,9 +517,7 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
             print(f"check-invariance: error: no layout needs exactly {world} processes; "
                   f"layouts: {' '.join(layout_name(lay) for lay in plan.layouts)}", file=sys.stderr)
         return 2
-    spec = GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                   num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-                   max_seq_length=args.seq_length, bf16=args.bf16)
+    spec = _model_spec(args)
     batch = make_batch(batch_size=args.batch_size, seq_length=args.seq_length, vocab_size=args.vocab_size,
                        seed=args.seed)
     device = megatron_compat.device()
@@ -523,6 +546,18 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     return status
 
 
+def _model_spec(args: argparse.Namespace):
+    """The audited GPT: dense, or MoE with ``--num-experts`` (no linear biases, aux loss off)."""
+    from megatron_rl_agg.model import GPTSpec
+
+    moe = args.num_experts is not None
+    return GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                   num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
+                   max_seq_length=args.seq_length, bf16=args.bf16, add_bias_linear=not moe,
+                   num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+                   moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+
+
 def _per_microbatch(plan: _Plan, mode: str) -> bool:
     """Whether any term of ``mode``'s loss is a per-micro-batch mean (a layout-dependent objective)."""
     return mode == "token_mean_legacy" or MICROBATCH_MEAN in (_term_mode(plan.kl_aggregation, mode),
@@ -531,7 +566,8 @@ def _per_microbatch(plan: _Plan, mode: str) -> bool:
 
 def _reference_key(plan: _Plan, mode: str, batch_size: int, lay: Layout) -> tuple[str, Optional[int]]:
     """``(mode, micro-batch rows)``; the rows only matter for per-micro-batch terms."""
-    return mode, (batch_size // (lay.dp * lay.num_microbatches) if _per_microbatch(plan, mode) else None)
+    return mode, (batch_size // (lay.data_parallel_size * lay.num_microbatches) if _per_microbatch(plan, mode)
+                  else None)
 
 
 def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Layout]) -> dict:
@@ -605,12 +641,12 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
     from megatron_rl_agg.model import build_model, gather_full_grads, init_weights
 
-    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, seed=args.seed)
+    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, seed=args.seed, ep=lay.ep)
     chunks = build_model(spec)
     init_weights(chunks, seed=args.seed)
     dp_group = parallel_state.get_data_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
-    rows = args.batch_size // lay.dp
+    rows = args.batch_size // lay.data_parallel_size
     mbs = rows // lay.num_microbatches
     keys = ("tokens", "labels", "loss_mask", "advantages", "old_logprobs", "ref_logprobs", "group_ids")
     local = {k: batch[k][dp_rank * rows:(dp_rank + 1) * rows] for k in keys}

@@ -58,7 +58,13 @@ def test_bad_layouts(text, match):
         parse_layouts(text)
 
 
-@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8"])
+def test_ep_factor_multiplies_the_process_count():
+    assert parse_layouts("ep2,ep2+dp2,ep2+tp2") == [Layout(ep=2), Layout(ep=2, dp=2), Layout(ep=2, tp=2)]
+    assert [lay.world_size for lay in parse_layouts("ep2 ep2dp2 tp2ep2")] == [2, 4, 4]
+
+
+@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8", "ep2",
+                                  "ep2+dp2", "ep2+tp2+m2"])
 def test_layout_name_round_trips(text):
     (layout,) = parse_layouts(text)
     assert layout_name(layout) == text
@@ -78,6 +84,11 @@ def test_layout_name_round_trips(text):
     (["--kl-aggregation", "token_mean_legacy"], "--kl-aggregation must be one of"),
     (["--inject-bug", "kl_times_microbatches", "--kl-coef", "0"], "needs --kl-coef > 0"),
     (["--tolerance", "0"], "--tolerance must be > 0"),
+    (["--layouts", "ep2"], "ep2 needs an MoE model; set --num-experts"),
+    (["--layouts", "ep2", "--num-experts", "3"], "--num-experts 3 is not divisible by ep = 2"),
+    (["--layouts", "ep2+dp2+m3", "--num-experts", "4"], "not divisible by dp*ep*m = 12"),
+    (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5 must be between 1 and num_experts=4"),
+    (["--layouts", "ep2+tp2", "--num-experts", "4", "--seq-length", "33"], "must be divisible by tp"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     extra = ["--num-layers", "6"] if argv[:2] == ["--layouts", "pp4"] else []
@@ -197,6 +208,16 @@ def test_clean_run_passes_everywhere(tmp_path):
     assert set(status.values()) == {"PASS"} and len(status) == 7 * 3, stdout
     assert code == 0
     assert "21 PASS, 0 FAIL" in stdout
+
+
+@pytest.mark.slow
+def test_moe_expert_parallel_layouts_pass(tmp_path):
+    """An MoE model (4 experts, top-2) at EP2 on 2 processes: every mode PASSes against the reference."""
+    argv = ["--layouts", "ep2+m2", "--num-experts", "4", "--num-layers", "2", "--modes", "token_mean",
+            "seq_mean_token_sum_norm", "prompt_mean", "token_mean_legacy"]
+    code, stdout, status = _audit(tmp_path, argv)
+    assert set(status.values()) == {"PASS"} and len(status) == 4, stdout
+    assert code == 0
 
 
 @pytest.mark.slow
