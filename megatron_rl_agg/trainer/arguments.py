@@ -261,6 +261,10 @@ def _validate_moe(args: argparse.Namespace) -> None:
         raise TrainerArgsError(
             "--num-experts with linear biases on the local spec: megatron-core's expert MLP adds its bias "
             "in place on an autograd view and fails in the backward pass; add --disable-bias-linear")
+    tp = args.tensor_model_parallel_size
+    if tp > 1 and args.seq_length % tp:
+        raise TrainerArgsError(f"--seq-length {args.seq_length} must be a multiple of --tensor-model-parallel-size "
+                               f"{tp} with --num-experts: MoE layers at TP > 1 run sequence parallel")
     if args.sequence_packing:
         raise TrainerArgsError("--sequence-packing with --num-experts is not supported: packed (THD) "
                                "micro-batches through MoE layers are not tested here; drop one of the two")

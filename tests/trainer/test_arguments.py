@@ -79,6 +79,7 @@ MOE = ["--num-experts", "4", "--disable-bias-linear"]
     (MOE + ["--sequence-packing"], "--sequence-packing with --num-experts is not supported"),
     (MOE + ["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff must be >= 0"),
     (MOE + ["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be a positive integer"),
+    (MOE + ["--tensor-model-parallel-size", "2", "--seq-length", "15"], "MoE layers at TP > 1 run sequence parallel"),
 ])
 def test_bad_moe_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
