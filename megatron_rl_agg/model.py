@@ -1,4 +1,5 @@
-"""Build a Megatron-Core GPT model at any TP/PP/VPP/DP layout, with layout-independent weights.
+"""Build a Megatron-Core GPT model (dense or MoE) at any TP/PP/VPP/DP/EP layout, with layout-independent
+weights.
 
 Typical use (every rank, after :func:`megatron_compat.initialize_distributed`)::
 
@@ -41,6 +42,10 @@ __all__ = [
     "build_optimizer",
     "gather_full_grads",
     "gather_full_params",
+    "MOE_TOKEN_DISPATCHERS",
+    "SequenceParallelTorchNorm",
+    "needs_sequence_parallel",
+    "sequence_parallel_local_spec",
 ]
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "ep": "ep", "m": "num_microbatches"}
@@ -237,7 +242,11 @@ def get_transformer_config(spec: GPTSpec, **overrides):
     - ``use_cpu_initialization`` in CPU mode (the GPU init path forks the CUDA RNG per TP rank).
     - ``moe_token_dispatcher_type="alltoall"`` with ``variable_seq_lengths`` (the default
       "allgather" dispatcher rejects variable lengths even in a dense model).
-    - ``sequence_parallel=False``: not supported by the local (non-TE) layer spec.
+    - ``sequence_parallel=False``: Megatron's torch norm of the local (non-TE) spec rejects it. MoE
+      models at TP > 1 need it; :func:`build_model` turns it on for them and swaps in
+      :class:`SequenceParallelTorchNorm`.
+    - MoE fields from ``spec`` (:func:`_moe_config`), with ``expert_model_parallel_size`` read from
+      parallel_state.
 
     The training hooks (``no_sync_func``, ``finalize_model_grads_func``, ``grad_scale_func``) are
     attached by :func:`build_model` and :func:`build_optimizer`, which own the objects they call.
