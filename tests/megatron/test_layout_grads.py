@@ -1,5 +1,6 @@
 """Real Megatron-Core (GPTModel, DDP, schedules, optimizer) on CPU/gloo: the full gradient of a global
-token-mean loss after one forward-backward is the same at every TP/PP/VPP/DP/micro-batch layout.
+token-mean loss after one forward-backward is the same at every TP/PP/VPP/CP/DP/micro-batch layout, and
+with ``calculate_per_token_loss=True`` (Megatron's 3-tuple contract) at DP2, CP2 and CP2 x TP2.
 
 The worker (``worker_layout_grads.py``) documents the loss and the scale factors. The reference is
 the one-process, one-micro-batch run; every other layout must match it to 1e-5 relative per tensor

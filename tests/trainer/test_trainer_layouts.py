@@ -73,7 +73,7 @@ def runs(tmp_path_factory):
             plan2.append({"name": f"{mode}/{name}/packed",
                           "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS[name][1] + ["--sequence-packing"])})
     for mode in PACKED_MODES:
-        for name in ("dp2", "tp2", "pp2vpp2"):
+        for name in ("dp2", "tp2", "pp2vpp2", "cp2"):
             flags = LAYOUTS[name][1] + ["--mini-batches-per-step", "2", "--lr", "1e-2"]
             plan2.append({"name": f"{mode}/{name}/k2", "argv": _argv(tmp / "r.jsonl", mode, flags, gbs=8)})
     results = torchrun(plan2, 2, tmp)
@@ -194,7 +194,7 @@ def test_two_mini_batches_per_step_are_layout_invariant(runs, mode):
     ref = results[f"{mode}/dp2/k2"][0]
     assert ref["num_rows"] == 14 and ref["num_groups"] == 5
     assert ref["ppo_kl"] != 0
-    for name in ("tp2", "pp2vpp2"):
+    for name in ("tp2", "pp2vpp2", "cp2"):     # cp2: old log-probs gathered over the CP group
         got = results[f"{mode}/{name}/k2"][0]
         for key in ("policy_loss", "grad_norm", "entropy", "ppo_kl", "clip_frac"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (name, key)
