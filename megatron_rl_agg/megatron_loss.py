@@ -122,7 +122,8 @@ def check_megatron_setup(model_config: Any, micro_batch: Optional[Mapping[str, A
       gradients over the dp x cp ranks (no ``1 / (D C)`` pre-scale) and ``finalize_model_grads`` skips its
       division by the token total (0: a 2-tuple reports none): the gradient would come out ``D * C`` times
       too large (``D`` times without CP).
-      And the converse (micro-batches for the flag, a model without it: ``N`` times too large).
+      And the converse (micro-batches for the flag, a model without it): the schedule would divide each
+      ``N``-scaled 3-tuple loss by its ``n`` and ``M``, a factor ``N / (n M)`` too large.
     - ``calculate_per_token_loss=True`` with ``average_in_collective=True``: Megatron then divides the
       summed gradient by the dp x cp size as well as by the token total (megatron-core asserts against it).
     - micro-batches prepared for another context-parallel size than the model's.
