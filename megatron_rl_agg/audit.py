@@ -17,14 +17,17 @@ Launching (see docs/audit.md)::
                                                          # the layouts that need exactly W processes
 
 Layout grammar. A layout is a list of factors ``dp<N>``, ``tp<N>``, ``pp<N>``, ``vpp<N>`` (virtual
-stages per pipeline rank), ``ep<N>`` (expert parallelism, needs ``--num-experts``) and ``m<N>``
-(micro-batches per DP rank), each at most once, written together
+stages per pipeline rank), ``cp<N>`` (context parallelism: each row split into ``2 N`` zigzag chunks),
+``ep<N>`` (expert parallelism, needs ``--num-experts``) and ``m<N>`` (micro-batches per DP rank), each at
+most once, written together
 (``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages), except
 ``m`` with virtual stages, which defaults to ``pp`` (the interleaved schedule needs a multiple of ``pp``).
 Layouts are separated by ``,``, ``;`` or whitespace, inside one ``--layouts`` value or across several:
-``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp * ep`` processes:
-the factors multiply, so ``ep2+dp2`` is 4 processes, each expert on one of 2 EP ranks and replicated on 2
-(Megatron's data-parallel size, over which rows are split, is ``dp * ep``).
+``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts; ``cp2 cp2+dp2 cp2+tp2 cp2+pp2`` are four CP
+layouts. A layout needs ``dp * tp * pp * cp * ep`` processes: the factors multiply, so ``ep2+dp2`` is 4
+processes, each expert on one of 2 EP ranks and replicated on 2 (Megatron's data-parallel size, over
+which rows are split, is ``dp * ep``). ``--calculate-per-token-loss`` runs every layout with Megatron's
+``calculate_per_token_loss=True`` (the loss returns its 3-tuple).
 
 MoE (``--num-experts N``, top-k routing with ``--moe-router-topk``, ``--moe-token-dispatcher-type``):
 every MLP is a Megatron MoE layer; the aux load-balancing loss is off, because it is Megatron's own
@@ -46,6 +49,9 @@ Self-test (``--inject-bug``). Deliberately wrong correction factors, to show the
 * ``local_token_count``: the global weights are computed from this DP rank's counts only (tokens, live
   rows, group sizes of the rank) instead of the counts summed over the DP group. Layouts with ``dp > 1``
   must FAIL for every mode that has a global count (all but ``token_sum``, ``token_mean_legacy``).
+* ``cp_token_count``: the global weights are counted over the dp x cp group instead of the DP group
+  (every CP rank of a DP rank holds the same full rows, so each row is counted ``cp`` times). Layouts with
+  ``cp > 1`` must FAIL for every mode that has a global count.
 """
 
 from __future__ import annotations
@@ -81,12 +87,12 @@ __all__ = [
     "exit_status",
 ]
 
-AUDIT_BUGS = ("kl_times_microbatches", "local_token_count")
+AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count")
 DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 PASS, FAIL = "PASS", "FAIL"
 
-_FACTOR = re.compile(r"(vpp|dp|tp|pp|ep|m)(\d+)")
+_FACTOR = re.compile(r"(vpp|dp|tp|pp|cp|ep|m)(\d+)")
 _LAYOUT_SEPARATORS = re.compile(r"[\s;,]+")
 
 
@@ -101,12 +107,10 @@ def _parse_one(text: str) -> Layout:
     while pos < len(compact):
         match = _FACTOR.match(compact, pos)
         if match is None:
-            hint = " (context parallelism is not supported by the loss)" if compact[pos:].startswith("cp") \
-                else ""
             raise ValueError(
-                f"bad layout {text!r} at {compact[pos:]!r}{hint}: a layout is factors dp<N>, tp<N>, pp<N>, "
-                "vpp<N>, ep<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4', "
-                "'ep2+dp2'); "
+                f"bad layout {text!r} at {compact[pos:]!r}: a layout is factors dp<N>, tp<N>, pp<N>, "
+                "vpp<N>, cp<N>, ep<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', "
+                "'pp2vpp2m4', 'ep2+dp2'); "
                 "separate layouts with ',', ';' or spaces")
         items.append(match.group(0))
         pos = match.end()
@@ -149,8 +153,8 @@ def parse_layouts(texts: Sequence[str] | str) -> list[Layout]:
 
 def layout_name(layout: Layout) -> str:
     """Short canonical spelling: only the factors that differ from 1, e.g. ``pp2+vpp2+m4``; ``m1`` alone."""
-    parts = [f"{k}{v}" for k, v in (("ep", layout.ep), ("dp", layout.dp), ("tp", layout.tp), ("pp", layout.pp))
-             if v != 1]
+    parts = [f"{k}{v}" for k, v in (("ep", layout.ep), ("cp", layout.cp), ("dp", layout.dp), ("tp", layout.tp),
+                                     ("pp", layout.pp)) if v != 1]
     if layout.vpp is not None:
         parts.append(f"vpp{layout.vpp}")
     if layout.num_microbatches != 1 or not parts:
@@ -167,8 +171,8 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("what to check")
     g.add_argument("--layouts", nargs="+", default=[DEFAULT_LAYOUTS], metavar="LAYOUT",
                    help="layouts separated by ',', ';' or spaces; a layout is dp<N>, tp<N>, pp<N>, vpp<N>, "
-                        "ep<N> (needs --num-experts), m<N> written together or joined by '+', e.g. "
-                        "'dp2+m4,tp2,pp2vpp2m4,ep2+dp2' "
+                        "cp<N>, ep<N> (needs --num-experts), m<N> written together or joined by '+', e.g. "
+                        "'dp2+m4,tp2,pp2vpp2m4,cp2+dp2,ep2+dp2' "
                         f"(default: {DEFAULT_LAYOUTS})")
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
                    help="aggregation modes (aliases accepted) or 'all' (default): "
@@ -178,7 +182,11 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default 1e-4, or 5e-2 with --bf16)")
     g.add_argument("--inject-bug", choices=AUDIT_BUGS, default=None,
                    help="SELF-TEST OF THE AUDIT ONLY: inject a wrong correction factor and expect FAIL rows "
-                        "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1)")
+                        "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1; "
+                        "cp_token_count: layouts with cp > 1)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="run every layout with Megatron's calculate_per_token_loss=True (the loss returns "
+                        "the 3-tuple (loss, num_tokens, report))")
     g.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     m = parser.add_argument_group("model (tiny by default; raise for a real model on GPUs)")
     m.add_argument("--num-layers", type=int, default=4, help="must be divisible by pp * vpp of every layout")
@@ -267,6 +275,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
         if spec.num_experts is not None and spec.num_experts % lay.ep:
             raise ValueError(f"layout {name}: --num-experts {spec.num_experts} is not divisible by "
                              f"ep = {lay.ep}")
+        if spec.num_experts is not None and lay.cp > 1:
+            raise ValueError(f"layout {name}: MoE with cp > 1 is not supported here (MoE layers under context "
+                             "parallelism are not tested); audit MoE models at cp1")
         if spec.num_experts is not None and lay.tp > 1 and args.seq_length % lay.tp:
             raise ValueError(f"layout {name}: MoE at tp = {lay.tp} runs sequence parallel; --seq-length "
                              f"{args.seq_length} must be divisible by tp")
@@ -278,6 +289,10 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError(
                 f"layout {name}: --num-attention-heads {args.num_attention_heads} and --vocab-size "
                 f"{args.vocab_size} must be divisible by tp = {lay.tp}")
+        if args.seq_length % (2 * lay.cp):
+            raise ValueError(
+                f"layout {name}: --seq-length {args.seq_length} is not divisible by 2 * cp = {2 * lay.cp} "
+                "(context parallelism splits every row into 2 * cp equal chunks)")
         if lay.vpp is not None and lay.num_microbatches % lay.pp:
             raise ValueError(
                 f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
@@ -451,6 +466,8 @@ def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path:
             argv += ["--" + flag.replace("_", "-"), str(value)]
     if args.bf16:
         argv.append("--bf16")
+    if args.calculate_per_token_loss:
+        argv.append("--calculate-per-token-loss")
     return argv
 
 
@@ -641,10 +658,12 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
     from megatron_rl_agg.model import build_model, gather_full_grads, init_weights
 
-    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, seed=args.seed, ep=lay.ep)
-    chunks = build_model(spec)
+    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed, ep=lay.ep)
+    flag = bool(args.calculate_per_token_loss)
+    chunks = build_model(spec, calculate_per_token_loss=flag)
     init_weights(chunks, seed=args.seed)
     dp_group = parallel_state.get_data_parallel_group()
+    cp_group = parallel_state.get_context_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
     rows = args.batch_size // lay.data_parallel_size
     mbs = rows // lay.num_microbatches
@@ -656,7 +675,8 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
         cfg = _loss_config(plan, args, mode)
         for chunk in chunks:
             chunk.zero_grad_buffer()
-        micro_batches = prepare_microbatches(local, cfg, mbs, dp_group=dp_group)
+        micro_batches = prepare_microbatches(local, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
+                                             calculate_per_token_loss=flag)
         _inject(args.inject_bug, micro_batches, local, cfg, mbs)
         iters = [iter(micro_batches) for _ in chunks]
         forward_backward(forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
@@ -677,7 +697,16 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
             mb["loss_config"] = wrong
         return
     # local_token_count: global weights from this rank's counts only (process_group=None).
+    # cp_token_count: counts summed over dp x cp, where the CP ranks of a DP rank hold the same rows.
+    from megatron.core import parallel_state
+
     from megatron_rl_agg.aggregation import token_weights
+    from megatron_rl_agg.context_parallel import split_for_cp_rank
+
+    group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+             if bug == "cp_token_count" else None)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
 
     for key, mode in (("pg_weights", cfg.loss_aggregation), ("kl_weights", cfg.kl_aggregation),
                       ("entropy_weights", cfg.entropy_aggregation)):
@@ -685,7 +714,7 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
                 or not get_aggregation(mode).exact_global:
             continue
         w = token_weights(local["loss_mask"], mode, group_ids=local["group_ids"],
-                          max_response_length=cfg.max_response_length, process_group=None,
+                          max_response_length=cfg.max_response_length, process_group=group,
                           dtype=torch.float64)
         for k, mb in enumerate(micro_batches):
-            mb[key] = w[k * mbs:(k + 1) * mbs]
+            mb[key] = split_for_cp_rank(w[k * mbs:(k + 1) * mbs], cp_size, cp_rank, dim=1)

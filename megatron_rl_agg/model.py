@@ -48,7 +48,8 @@ __all__ = [
     "sequence_parallel_local_spec",
 ]
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "ep": "ep", "m": "num_microbatches"}
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "dp": "dp", "ep": "ep",
+                "m": "num_microbatches"}
 
 # Megatron-Core token dispatchers this package runs (``moe_token_dispatcher_type``). "flex" needs
 # DeepEP / HybridEP kernels (GPU only) and is not offered.
@@ -65,19 +66,22 @@ class Layout:
     """Pipeline-parallel size."""
     vpp: int | None = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B), or None."""
+    cp: int = 1
+    """Context-parallel size (each row split into 2 * cp zigzag chunks over cp ranks)."""
     dp: int = 1
-    """Data-parallel replicas of each expert-parallel group: Megatron's expert-data-parallel size.
-    Without expert parallelism (``ep=1``) this is Megatron's data-parallel size."""
+    """Data-parallel size (without context parallelism) besides expert parallelism: with ``ep=1``
+    Megatron's data-parallel size; with ``ep > 1`` each expert's replicas (its expert-data-parallel
+    group holds ``dp * cp`` ranks)."""
     ep: int = 1
     """Expert-parallel size (``expert_model_parallel_size``). The factors multiply like the others:
-    the layout needs ``tp * pp * dp * ep`` processes and Megatron's data-parallel size (the ``D``
+    the layout needs ``tp * pp * cp * dp * ep`` processes and Megatron's data-parallel size (the ``D``
     of the loss, over which the dense weights' gradients are reduced) is ``dp * ep``; each expert
-    lives on one EP rank and is replicated over the ``dp`` expert-data-parallel ranks."""
+    lives on one EP rank and is replicated over the ``dp * cp`` expert-data-parallel ranks."""
     num_microbatches: int = 1
     """Micro-batches per data-parallel rank and optimizer step."""
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "ep", "num_microbatches"):
+        for name in ("tp", "pp", "cp", "dp", "ep", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
@@ -85,18 +89,20 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        """Processes the layout needs: ``tp * pp * dp * ep``."""
-        return self.tp * self.pp * self.dp * self.ep
+        """Processes the layout needs: ``tp * pp * cp * dp * ep``."""
+        return self.tp * self.pp * self.cp * self.dp * self.ep
 
     @property
     def data_parallel_size(self) -> int:
-        """Megatron's data-parallel size ``dp * ep``: the ranks that split a mini-batch's rows."""
+        """Megatron's data-parallel size ``dp * ep`` (without CP): the ranks that split a mini-batch's rows."""
         return self.dp * self.ep
 
     def __str__(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp is not None:
             parts.append(f"vpp{self.vpp}")
+        if self.cp != 1:
+            parts.append(f"cp{self.cp}")
         parts.append(f"dp{self.dp}")
         if self.ep != 1:
             parts.append(f"ep{self.ep}")
@@ -107,7 +113,8 @@ class Layout:
 def parse_layout(text: str) -> Layout:
     """Parse ``"dp2,m2"``, ``"tp2"``, ``"pp2,vpp2,m4"`` ... into a :class:`Layout`.
 
-    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``dp``, ``ep``, ``m`` (micro-batches),
+    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``cp``, ``dp``, ``ep``, ``m``
+    (micro-batches),
     each at most once, case-insensitive; omitted keys take the :class:`Layout` defaults.
     """
     values = {}
@@ -393,16 +400,23 @@ def sequence_parallel_local_spec(layer_spec, num_layers_per_stage: int):
 
 
 def default_layer_spec(spec: GPTSpec):
-    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec.
+    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec (with
+    :class:`megatron_rl_agg.cp_attention.ContextParallelDotProductAttention` under context parallelism,
+    which the local ``DotProductAttention`` refuses).
 
     With ``spec.num_experts`` the MLP is an ``MoELayer``: TE's grouped-GEMM experts on the TE path
     (GPU only, not run by this package's CPU tests), Megatron's ``SequentialMLP`` on the local one.
     """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import gpt_layer_specs
 
     if _use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None)
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+
+        return cp_local_layer_spec(num_experts=spec.num_experts, normalization=spec.normalization)
     return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=spec.num_experts,
                                                    normalization=spec.normalization)
 
@@ -479,6 +493,11 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
         return chunks
     if ddp_config is None:
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    if config.calculate_per_token_loss and ddp_config.average_in_collective:
+        raise ValueError(
+            "calculate_per_token_loss=True cannot be combined with average_in_collective=True: under the flag "
+            "gradients are summed over dp x cp and divided once by the total token count; averaging in the "
+            "collective would divide by the dp x cp size as well. Set average_in_collective=False")
     chunks = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                 disable_bucketing=index > 0)

@@ -45,6 +45,13 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--ref-load", "x"], "--ref-load is only used with --kl-coef > 0"),
     (["--rollouts", "f.jsonl", "--loss-aggregation", "dr_grpo"], "--max-response-length"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be a positive integer"),
+    (["--context-parallel-size", "2", "--seq-length", "18"],
+     r"--seq-length 18 must be a multiple of 2 x --context-parallel-size = 4 .*--seq-length 20"),
+    (["--context-parallel-size", "2", "--sequence-packing"],
+     "--sequence-packing is not supported with --context-parallel-size > 1"),
+    (["--calculate-per-token-loss", "--ddp-average-in-collective"],
+     "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective"),
+    (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer"),
 ])
 def test_bad_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
@@ -80,6 +87,7 @@ MOE = ["--num-experts", "4", "--disable-bias-linear"]
     (MOE + ["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff must be >= 0"),
     (MOE + ["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be a positive integer"),
     (MOE + ["--tensor-model-parallel-size", "2", "--seq-length", "15"], "MoE layers at TP > 1 run sequence parallel"),
+    (MOE + ["--context-parallel-size", "2"], "--num-experts with --context-parallel-size > 1 is not supported"),
 ])
 def test_bad_moe_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
@@ -96,8 +104,8 @@ def test_unknown_dispatcher_lists_the_valid_ones(capsys):
 
 @pytest.mark.parametrize("world, argv, message", [
     (4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4"],
-     r"--expert-model-parallel-size 4 must divide the data-parallel size 2 \(= world 4 / \(TP 2 x PP 1\)\)"),
-    (6, ["--pipeline-model-parallel-size", "4"], "world size 6 is not a multiple of TP x PP = 1 x 4"),
+     r"--expert-model-parallel-size 4 must divide DP x CP = 2 \(DP = world 4 / \(TP 2 x PP 1 x CP 1\)\)"),
+    (6, ["--pipeline-model-parallel-size", "4"], "world size 6 is not a multiple of TP x PP x CP = 1 x 4 x 1"),
 ])
 def test_world_size_rules(world, argv, message):
     from megatron_rl_agg.trainer.arguments import check_world
