@@ -33,16 +33,17 @@ MODES = ["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum",
          "prompt_mean"]
 DISPATCHERS = ["alltoall", "allgather"]
 REF = "dp1,m4:alltoall"
-# ":flag": the aux-only gradient under calculate_per_token_loss=True (Megatron's 3-tuple contract).
+# ":flag": the plugin's loss under calculate_per_token_loss=True (its 3-tuple); ":flagraw": Megatron's own
+# aux-loss scaling under the flag with a zero main loss, at TP2 where the plugin refuses the flag.
 FLAG_TP1 = ["dp1,m4:alltoall:flag", "ep2,m2:allgather:flag", "dp2,ep2:alltoall:flag"]
-FLAG_TP2 = [f"tp2,ep2,m2:{d}:flag" for d in DISPATCHERS]
+FLAG_TP2 = [f"tp2,ep2,m2:{d}:flagraw" for d in DISPATCHERS]
 LAUNCHES = {
     1: [REF, "dp1,m4:allgather", "aux-parts", FLAG_TP1[0]],
     2: [f"ep2,m2:{d}" for d in DISPATCHERS] + [FLAG_TP1[1]],
     4: [f"{layout}:{d}" for layout in ("dp2,ep2", "tp2,ep2,m2") for d in DISPATCHERS] + [FLAG_TP1[2]] + FLAG_TP2,
 }
 LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc]
-                if item not in (REF, "aux-parts") and not item.endswith(":flag")]
+                if item not in (REF, "aux-parts") and not item.endswith(("flag", "flagraw"))]
 MICROBATCHES = {"dp1,m4": 4, "ep2,m2": 2, "dp2,ep2": 1, "tp2,ep2,m2": 2}
 
 
@@ -58,6 +59,16 @@ def out_dir(tmp_path_factory):
 
 def result(out_dir, item, config):
     return load_result(out_dir, f"{item}-{config}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_moe_gradient_with_calculate_per_token_loss(out_dir, mode):
+    """The plugin's 3-tuple under the flag (DP1 x M4, EP2 allgather, DP2 x EP2): the same gradient as the
+    flag-off reference, aux loss included (the routed-token count keeps its scale)."""
+    ref = result(out_dir, REF, mode)["grads"]
+    for item in FLAG_TP1:
+        rel, key = max_rel_diff(result(out_dir, item, mode)["grads"], ref)
+        assert rel <= TOL, f"{mode} at {item}: {key} differs from {REF} by {rel:.3e}"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -105,8 +116,8 @@ def test_aux_only_gradient_equal_across_layouts_and_dispatchers(out_dir):
 
 def test_aux_only_gradient_with_calculate_per_token_loss(out_dir):
     """Under the flag (DDP sums, finalize_model_grads divides by the total routed-token count N, the router
-    multiplies each micro-batch's aux loss by its routed tokens) the aux-only gradient is the flag-off one
-    at TP1 (DP1 x M4, EP2, DP2 x EP2). At TP2 (sequence parallel) megatron-core 0.16 scales by the TP
+    multiplies each micro-batch's aux loss by its routed tokens) the aux-only gradient of the plugin's
+    3-tuple is the flag-off one at TP1 (DP1 x M4, EP2, DP2 x EP2). At TP2 (sequence parallel) megatron-core 0.16 scales by the TP
     shard's tokens: exactly 1/2 of it (NVIDIA/Megatron-LM#5047), which megatron_loss.check_moe_setup
     refuses."""
     ref = result(out_dir, REF, "aux_only")["grads"]
@@ -116,9 +127,10 @@ def test_aux_only_gradient_with_calculate_per_token_loss(out_dir):
         rel, key = max_rel_diff({k: got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
         assert rel <= TOL, f"aux-only with the flag at {item}: {key} differs by {rel:.3e}"
     for item in FLAG_TP2:
-        got = result(out_dir, item, "aux_only")["grads"]
-        rel, key = max_rel_diff({k: 2.0 * got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+        got = result(out_dir, item, "aux_only")
+        rel, key = max_rel_diff({k: 2.0 * got["grads"][k] for k in nonzero}, {k: ref[k] for k in nonzero})
         assert rel <= TOL, f"{item}: twice the aux-only gradient differs from the flag-off one by {rel:.3e}"
+        assert "2x too small (NVIDIA/Megatron-LM#5047" in got["refusal"]
 
 
 def test_aux_loss_metric_is_layout_independent(out_dir):

@@ -21,6 +21,10 @@ from their EP ranks). Every layout splits the 8 rows into the same four micro-ba
 4-5, 6-7), spread over ``M`` micro-batches per rank and ``D = dp * ep`` ranks with ``M * D = 4``:
 the aux loss is a per-micro-batch statistic, so only the same partition gives the same aux gradient.
 
+A ``:flag`` suffix runs the same with ``calculate_per_token_loss=True`` (the plugin's 3-tuple, whose
+``num_tokens`` is the micro-batch's routed-token count); ``:flagraw`` measures Megatron's own aux-loss
+scaling under the flag with a zero main loss (the combination the plugin refuses at TP > 1).
+
 The configurations: the six exact aggregation modes (PPO clip with dual clip) plus ``aux_only``
 (advantages 0, no KL or entropy: the only gradient is the aux loss's). The item ``aux-parts``
 (one process) runs each of the four micro-batches alone (M = D = 1, where Megatron scales the aux
@@ -89,7 +93,7 @@ def aux_loss_total() -> float:
     return total
 
 
-def run_config(chunks, batch, cfg, mbs):
+def run_config(chunks, batch, cfg, mbs, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -98,7 +102,7 @@ def run_config(chunks, batch, cfg, mbs):
 
     dp_group = parallel_state.get_data_parallel_group()
     share = base.rank_share(batch, parallel_state.get_data_parallel_rank(), torch_dist.get_world_size(dp_group))
-    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group)
+    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group, calculate_per_token_loss=flag)
     for chunk in chunks:
         chunk.zero_grad_buffer()
     get_forward_backward_func()(
@@ -154,24 +158,35 @@ def build(layout, dispatcher, **config_overrides):
 def run_item(out_dir: str, item: str) -> None:
     layout_text, _, variant = item.partition(":")
     dispatcher, _, flag = variant.partition(":")
-    if flag not in ("", "flag"):
-        raise ValueError(f"unknown suffix {flag!r} in {item!r}; valid: '', 'flag'")
+    if flag not in ("", "flag", "flagraw"):
+        raise ValueError(f"unknown suffix {flag!r} in {item!r}; valid: '', 'flag', 'flagraw'")
     layout = parse_layout(layout_text)
     world = torch_dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"{item}: layout needs {layout.world_size} processes, got {world}")
     if layout.num_microbatches * layout.data_parallel_size != TOTAL_MICROBATCHES:
         raise ValueError(f"{item}: M * D must be {TOTAL_MICROBATCHES} (the same four micro-batches)")
-    if flag:
+    if flag == "flagraw":
+        # Megatron's own aux scaling under the flag, measured with a zero main loss (the plugin's loss
+        # refuses this combination at TP > 1: check_moe_setup's message is saved with the gradient).
+        from megatron.core.utils import get_model_config
+
+        from megatron_rl_agg.megatron_loss import check_moe_setup
+
         chunks = build(layout, dispatcher, calculate_per_token_loss=True)
+        try:
+            check_moe_setup(get_model_config(chunks[0]))
+            refusal = None
+        except ValueError as err:
+            refusal = str(err)
         grads, aux = run_aux_only_flag(chunks, MBS)
         if torch_dist.get_rank() == 0:
-            save_result(out_dir, f"{item}-aux_only", {"grads": grads, "aux_loss": aux})
+            save_result(out_dir, f"{item}-aux_only", {"grads": grads, "aux_loss": aux, "refusal": refusal})
         megatron_compat.destroy_model_parallel()
         return
-    chunks = build(layout, dispatcher)
+    chunks = build(layout, dispatcher, calculate_per_token_loss=bool(flag))
     for name, cfg in CONFIGS.items():
-        grads, aux = run_config(chunks, batch_for(name), cfg, MBS)
+        grads, aux = run_config(chunks, batch_for(name), cfg, MBS, flag=bool(flag))
         if torch_dist.get_rank() == 0:
             save_result(out_dir, f"{item}-{name}", {"grads": grads, "aux_loss": aux})
     megatron_compat.destroy_model_parallel()
