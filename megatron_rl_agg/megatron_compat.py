@@ -31,6 +31,8 @@ __all__ = [
     "initialize_distributed",
     "initialize_model_parallel",
     "destroy_model_parallel",
+    "destroy_distributed",
+    "quiet_warnings",
 ]
 
 _CPU_MODE = False
@@ -183,7 +185,43 @@ def _install_cpu_rng_tracker() -> None:
     mp_random.initialize_rng_tracker(force_reset=True)
 
 
-def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
+# Warnings megatron-core prints once per process on a machine without Transformer Engine / apex, one
+# deprecation it raises from its own defaults, and two that torch raises about the calls
+# dist_checkpointing makes on every load. Each names a fallback that is the intended path on CPU (torch
+# norm, torch Adam, local multi-tensor helpers) or an API megatron-core itself chose, so they carry no
+# information for a user. Matched by message start, category and module, so any other warning shows.
+_KNOWN_HARMLESS = (
+    ("Transformer Engine and Apex are not installed", UserWarning, "megatron"),
+    ("Apex is not installed", UserWarning, "megatron"),
+    ("full scope is deprecated", UserWarning, "megatron"),
+    ("`load_state_dict` is deprecated", FutureWarning, "megatron"),
+    ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, "torch"),
+)
+
+
+def quiet_warnings() -> None:
+    """Filter :data:`_KNOWN_HARMLESS` in this process; call it before megatron.core is imported (most
+    are raised at import time)."""
+    import warnings
+
+    for message, category, module in _KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's groups and the default process group (safe to call when none exist).
+
+    Every entry point calls it before exiting: a process that exits with a live gloo / NCCL group can
+    abort in the group's destructor ("terminate called without an active exception").
+    """
+    import torch.distributed as torch_dist
+
+    destroy_model_parallel()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def initialize_distributed(timeout_minutes: float = 10) -> tuple[int, int]:
     """Initialise the default process group from the torchrun environment.
 
     Reads ``RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT`` via ``env://``). Without
