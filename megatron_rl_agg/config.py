@@ -61,7 +61,10 @@ def _finite(value, what: str, *, low: float, low_open: bool = False, high: float
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
-    if not (above and below):
+    if not above:
+        raise ValueError(f"{what} must be {'>' if low_open else '>='} {low:g}"
+                         f"{'' if high == math.inf else ' and < ' + format(high, 'g')}, got {value!r}")
+    if not below:
         raise ValueError(f"{what} must be in {'(' if low_open else '['}{low:g}, {high:g}"
                          f"{')' if high_open else ']'}, got {value!r}")
     return float(value)
@@ -113,7 +116,7 @@ class LossConfig:
             setattr(self, name, _finite(getattr(self, name), name, low=0.0))
         self.clip_eps_low = _finite(self.clip_eps_low, "clip_eps_low", low=0.0, high=1.0)
         if self.dual_clip_c is not None:
-            self.dual_clip_c = _finite(self.dual_clip_c, "dual_clip_c (> 1, or unset)", low=1.0, low_open=True)
+            self.dual_clip_c = _finite(self.dual_clip_c, "dual_clip_c", low=1.0, low_open=True)
         if self.max_response_length is not None and (
                 isinstance(self.max_response_length, bool) or not isinstance(self.max_response_length, int)
                 or self.max_response_length <= 0):
@@ -174,7 +177,7 @@ class AdvantageConfig:
         if self.leave_one_out and self.mean_level != "group":
             raise ValueError(f"leave_one_out needs mean_level='group', got {self.mean_level!r}")
         _choice(self.overlong_policy, OVERLONG_POLICIES, "overlong_policy")
-        self.eps = _finite(self.eps, "eps (--adv-eps)", low=0.0, low_open=True)
+        self.eps = _finite(self.eps, "eps", low=0.0, low_open=True)
         if isinstance(self.min_valid_group_size, bool) or not isinstance(self.min_valid_group_size, int) \
                 or self.min_valid_group_size < 1:
             raise ValueError(f"min_valid_group_size must be an int >= 1, got {self.min_valid_group_size!r}")

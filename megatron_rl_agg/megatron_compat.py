@@ -196,6 +196,8 @@ _KNOWN_HARMLESS = (
     ("full scope is deprecated", UserWarning, "megatron"),
     ("`load_state_dict` is deprecated", FutureWarning, "megatron"),
     ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, "torch"),
+    ("MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning, "megatron"),
+    ("Warning: tp_group is None, using default tp group", DeprecationWarning, "megatron"),
 )
 
 

@@ -59,7 +59,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg import dist
-from megatron_rl_agg.aggregation import microbatch_mean_weights, token_weights
+from megatron_rl_agg.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
 from megatron_rl_agg.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
 
@@ -370,6 +370,7 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
     if loss_config.needs_groups and batch.get("group_ids") is None:
         raise ValueError("prompt_mean aggregation needs batch['group_ids'] ([B] int64 prompt-group ids, the "
                          "same id on every DP rank for rows of one prompt)")
+    check_loss_mask(batch["loss_mask"])                 # 0/1 only, once per mini-batch
     return n_rows, seq
 
 
@@ -475,6 +476,24 @@ def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
 
 
+# LossConfig fields the weights of prepare_microbatches depend on: a loss evaluated with other values would
+# apply weights computed for another objective (and silently mis-scale it).
+_WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length")
+
+
+def _check_weights_match(micro_batch: Mapping[str, Any], loss_config: LossConfig) -> None:
+    prepared = micro_batch.get("loss_config")
+    if prepared is None or prepared is loss_config:
+        return
+    diff = [f"{k}={getattr(prepared, k)!r} (prepared) vs {getattr(loss_config, k)!r}" for k in _WEIGHT_FIELDS
+            if getattr(prepared, k) != getattr(loss_config, k)]
+    if (prepared.kl_coef > 0) != (loss_config.kl_coef > 0):
+        diff.append(f"kl_coef={prepared.kl_coef!r} (prepared) vs {loss_config.kl_coef!r}")
+    if diff:
+        raise ValueError("the micro-batch was prepared for another loss config (its weights belong to that "
+                         f"objective): {', '.join(diff)}; call prepare_microbatches with this config")
+
+
 def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], loss_config: LossConfig
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RL loss of one micro-batch in Megatron's 2-tuple form ``(loss, report)``.
@@ -574,6 +593,7 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
                 f"parallel size is {model_dp}: pass dp_group=parallel_state.get_data_parallel_group() to "
                 "prepare_microbatches")
     cfg = micro_batch["loss_config"] if loss_config is None else loss_config
+    _check_weights_match(micro_batch, cfg)
     return functools.partial(loss_func, micro_batch=micro_batch, loss_config=cfg)
 
 

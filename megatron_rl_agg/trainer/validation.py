@@ -47,7 +47,7 @@ def yaml_value(path: str, action: argparse.Action, key: Any, value: Any) -> Any:
     Raises:
         TrainerArgsError: naming the file, the key, the value and what the option accepts.
     """
-    where = f"{path}: {key}: {value!r}"
+    where = f"{path}: {key}={value!r}"
     if isinstance(action, _BOOL_ACTIONS):
         if not isinstance(value, bool):
             raise TrainerArgsError(f"{where} ({type(value).__name__}) for a boolean option; write true or "
