@@ -218,9 +218,10 @@ def destroy_distributed() -> None:
     """
     import torch.distributed as torch_dist
 
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return                          # no group, so no Megatron groups either (nothing to import)
     destroy_model_parallel()
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    torch_dist.destroy_process_group()
 
 
 def initialize_distributed(timeout_minutes: float = 10) -> tuple[int, int]:
