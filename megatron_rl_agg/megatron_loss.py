@@ -584,6 +584,8 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
     Returns:
         ``partial(loss_func, micro_batch=..., loss_config=...)``: call it with the model output.
     """
+    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
+    _check_weights_match(micro_batch, cfg)
     check_megatron_setup(get_model_config(model))
     if parallel_state.model_parallel_is_initialized():
         model_dp = parallel_state.get_data_parallel_world_size()
@@ -592,8 +594,6 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
                 f"micro-batches were prepared for dp_size={micro_batch['dp_size']} but the model's data-"
                 f"parallel size is {model_dp}: pass dp_group=parallel_state.get_data_parallel_group() to "
                 "prepare_microbatches")
-    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
-    _check_weights_match(micro_batch, cfg)
     return functools.partial(loss_func, micro_batch=micro_batch, loss_config=cfg)
 
 
