@@ -257,7 +257,7 @@ def initialize_distributed(timeout_minutes: float = 10) -> tuple[int, int]:
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234,
-                              cp: int = 1) -> None:
+                              cp: int = 1, timeout_minutes: float | None = None) -> None:
     """Create Megatron's model-parallel groups and seed the RNG tracker.
 
     The data-parallel size is ``world_size / (tp * pp * cp)``. Any previous model-parallel state is
@@ -268,6 +268,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         vpp: virtual pipeline stages per pipeline rank (interleaved schedule), or None.
         seed: base seed; Megatron derives the TP-rank dropout seed from it
             (``seed + 2718 + tp_rank``) and seeds the default generator with ``seed``.
+        timeout_minutes: collective timeout of the new groups (Megatron's default: 30 minutes; the
+            default group keeps the one given to :func:`initialize_distributed`).
     """
     import torch.distributed as torch_dist
     from megatron.core import parallel_state
@@ -290,6 +292,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        **({} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}),
     )
     torch.manual_seed(seed)
     mp_random.model_parallel_cuda_manual_seed(seed)

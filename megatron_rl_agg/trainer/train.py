@@ -166,7 +166,8 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world % (tp * pp):
         raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed)
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed,
+                                              timeout_minutes=args.distributed_timeout_minutes)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
     layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),

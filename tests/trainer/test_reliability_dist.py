@@ -42,26 +42,49 @@ def _start(plan: list, out: Path) -> subprocess.Popen:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(out / "plan.json"), str(out)]
-    # A session of its own: the signal goes to torchrun and its workers, as a Ctrl-C in a terminal would.
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # A session of its own: the signal goes to torchrun (which forwards it to its workers, each in a session
+    # of their own), as a Ctrl-C in a terminal would. Output to a file: nothing blocks on a full pipe.
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.out = out
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and both workers (they run in sessions of their own: killpg misses them)."""
+    for pid_file in proc.out.glob("pid*"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _log(proc: subprocess.Popen) -> str:
+    return (proc.out / "log.txt").read_text()
 
 
 def _wait(predicate, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"condition not reached; output:\n{proc.communicate()[0][-4000:]}")
+            _kill(proc)
+            raise AssertionError(f"condition not reached; output:\n{_log(proc)[-4000:]}")
         time.sleep(0.05)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> str:
     try:
-        return proc.communicate(timeout=timeout)[0]
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"launch still running after {timeout} s:\n{proc.communicate()[0][-4000:]}")
+        _kill(proc)
+        raise AssertionError(f"launch still running after {timeout} s:\n{_log(proc)[-4000:]}") from None
+    return _log(proc)
 
 
 def _lines(path: Path) -> list:
