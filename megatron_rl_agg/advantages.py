@@ -400,9 +400,9 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
     if bad_ranks:
         here = [] if bad_row is None else torch.nonzero(bad_row).flatten().tolist()
         where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
-        raise ValueError(f"rewards must be finite on valid rows, with |r| <= {MAX_ABS_REWARD:g}: other values "
-                         f"on rank(s) {bad_ranks}{where_here}. Mark failed samples invalid instead of passing "
-                         "NaN/inf; rescale rewards of larger magnitude (the advantages are scale-free).")
+        raise ValueError(f"rewards must be finite on valid rows, with |r| <= {MAX_ABS_REWARD:g}: other "
+                         f"values on rank(s) {bad_ranks}{where_here}. Mark failed samples invalid instead of "
+                         "passing NaN/inf; rescale rewards of larger magnitude (the advantages are scale-free).")
     gid = table[:, _ID]
     n_buckets = gid.numel()
     starts = torch.ones(n_buckets, dtype=torch.bool, device=device)

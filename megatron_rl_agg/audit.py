@@ -233,7 +233,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise ValueError(f"--seq-length must be >= 4 (prompt + response), got {args.seq_length}")
     for flag in ("kl_coef", "entropy_coef"):      # NaN fails every comparison: test finiteness first
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, "
+                             f"got {getattr(args, flag)}")
     if args.inject_bug == "kl_times_microbatches" and args.kl_coef == 0:
         raise ValueError("--inject-bug kl_times_microbatches scales the KL term: it needs --kl-coef > 0")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)

@@ -66,8 +66,10 @@ API = [
     ("mask 2", lambda: aggregate(VALUES, _mask(2.0), "token_mean"), ValueError, r"found 2\.0"),
     ("mask -1", lambda: token_weights(_mask(-1.0), "seq_mean_token_mean"), ValueError, r"found -1\.0"),
     ("mask NaN", lambda: token_weights(_mask(math.nan), "token_mean"), ValueError, r"found nan"),
-    ("mask as list", lambda: token_weights([[1, 0]], "token_mean"), TypeError, r"loss_mask must be a torch.Tensor.*list"),
-    ("mask 3-D", lambda: token_weights(MASK[None], "token_mean"), ValueError, r"\[B, T\], got shape \(1, 2, 3\)"),
+    ("mask as list", lambda: token_weights([[1, 0]], "token_mean"), TypeError,
+     r"loss_mask must be a torch.Tensor.*list"),
+    ("mask 3-D", lambda: token_weights(MASK[None], "token_mean"), ValueError,
+     r"\[B, T\], got shape \(1, 2, 3\)"),
     ("prepare soft mask", _prepare_soft_mask, ValueError, r"found 0\.5"),
     ("group ids as list", lambda: token_weights(MASK, "prompt_mean", group_ids=[0, 1]), TypeError,
      r"group_ids must be a torch.Tensor.*got list.*torch.as_tensor"),
@@ -75,23 +77,30 @@ API = [
      TypeError, r"group_ids dtype torch.float32 is not supported; accepted: torch.int64, torch.int32"),
     ("group ids bool", lambda: token_weights(MASK, "prompt_mean", group_ids=torch.tensor([True, False])),
      TypeError, r"torch.bool is not supported"),
-    ("mode int", lambda: token_weights(MASK, 5), TypeError, r"mode is a str, got 5 \(int\); valid names: token_mean"),
+    ("mode int", lambda: token_weights(MASK, 5), TypeError,
+     r"mode is a str, got 5 \(int\); valid names: token_mean"),
     ("mode None", lambda: aggregate(VALUES, MASK, None), TypeError, r"got None \(NoneType\)"),
     ("mode unknown", lambda: aggregate(VALUES, MASK, "token_avg"), ValueError, r"'token_avg'; valid names"),
     ("values/mask shapes", lambda: aggregate(VALUES[:, :2], MASK, "token_mean"), ValueError,
      r"values \(2, 2\) and loss_mask \(2, 3\) differ"),
-    ("values int", lambda: aggregate(VALUES.long(), MASK, "token_mean"), TypeError, r"floating-point.*torch.int64"),
-    ("kl_coef nan", lambda: LossConfig(kl_coef=math.nan), ValueError, r"kl_coef must be a finite number, got nan"),
+    ("values int", lambda: aggregate(VALUES.long(), MASK, "token_mean"), TypeError,
+     r"floating-point.*torch.int64"),
+    ("kl_coef nan", lambda: LossConfig(kl_coef=math.nan), ValueError,
+     r"kl_coef must be a finite number, got nan"),
     ("entropy_coef inf", lambda: LossConfig(entropy_coef=math.inf), ValueError, r"entropy_coef .* got inf"),
     ("clip_eps_low nan", lambda: LossConfig(clip_eps_low=math.nan), ValueError, r"clip_eps_low .* got nan"),
-    ("clip_eps_high str", lambda: LossConfig(clip_eps_high="0.2"), ValueError, r"clip_eps_high .*'0.2' \(str\)"),
+    ("clip_eps_high str", lambda: LossConfig(clip_eps_high="0.2"), ValueError,
+     r"clip_eps_high .*'0.2' \(str\)"),
     ("dual_clip_c nan", lambda: LossConfig(dual_clip_c=math.nan), ValueError, r"dual_clip_c .* got nan"),
-    ("adv eps nan", lambda: AdvantageConfig(eps=math.nan), ValueError, r"eps must be a finite number, got nan"),
+    ("adv eps nan", lambda: AdvantageConfig(eps=math.nan), ValueError,
+     r"eps must be a finite number, got nan"),
     ("adv eps inf", lambda: AdvantageConfig(eps=math.inf), ValueError, r"eps .* got inf"),
     ("config of another objective", _other_config, ValueError,
-     r"prepared for another loss config.*loss_aggregation='token_mean' \(prepared\) vs 'seq_mean_token_mean'"),
+     r"prepared for another loss config.*"
+     r"loss_aggregation='token_mean' \(prepared\) vs 'seq_mean_token_mean'"),
     ("reward 1e200", lambda: normalize_advantages(torch.tensor([1e200, 0.0, 1.0], dtype=torch.float64),
-                                                  group_sizes=[3]), ValueError, r"\|r\| <= 1e\+150.*rows \[0\]"),
+                                                  group_sizes=[3]),
+     ValueError, r"\|r\| <= 1e\+150.*rows \[0\]"),
     ("reward nan", lambda: normalize_advantages(torch.tensor([math.nan, 0.0], dtype=torch.float64),
                                                 group_sizes=[2]), ValueError, r"must be finite"),
 ]
@@ -113,7 +122,8 @@ def test_safe_fp16_counts_do_not_overflow():
 
 
 def test_safe_large_rewards_normalize_like_small_ones():
-    """SAFE: advantages are scale-free up to 1e150; the same rewards scaled by 1e148 give the same advantages."""
+    """SAFE: advantages are scale-free up to 1e150: the same rewards scaled by 1e148 give the same
+    advantages."""
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, -1.0, 0.5], dtype=torch.float64)
     small = normalize_advantages(r, group_sizes=[4, 2], eps=0.0)
     large = normalize_advantages(r * 1e148, group_sizes=[4, 2], eps=0.0)
@@ -148,8 +158,8 @@ ROLLOUTS = [
      RolloutFormatError, r"r.jsonl:1: 'logprobs' must be a list of finite numbers <= 0"),
     ("logprob count", lambda p: rollouts.read_rollouts(_file(p, _row(logprobs=[-1.0]))),
      RolloutFormatError, r"1 entries for 2 response tokens"),
-    ("reward NaN", lambda p: rollouts.read_rollouts(_file(p, '{"prompt_id": "a", "prompt": [1], "response": [], '
-                                                            '"reward": NaN, "finish_reason": "stop"}')),
+    ("reward NaN", lambda p: rollouts.read_rollouts(_file(
+        p, '{"prompt_id": "a", "prompt": [1], "response": [], "reward": NaN, "finish_reason": "stop"}')),
      RolloutFormatError, r"r.jsonl:1: 'reward' must be a finite number, got nan"),
     ("reward as text", lambda p: rollouts.read_rollouts(_file(p, _row(reward="1.0"))),
      RolloutFormatError, r"'reward' must be a finite number, got '1.0'"),
@@ -178,16 +188,20 @@ def test_rollout_file_refused(tmp_path, name, call, error, match):
 # ------------------------------------------------------------------------------------------------
 
 YAML = [
-    ("quoted false for a flag", 'no-progress-bar: "false"', r"no_progress_bar='false' \(str\) for a boolean option"),
-    ("quoted true for a flag", 'use_distributed_optimizer: "true"', r"use_distributed_optimizer='true' \(str\)"),
-    ("text for a --no- pair", 'save-on-interrupt: "no"', r"save_on_interrupt='no' \(str\) for a boolean option"),
+    ("quoted false for a flag", 'no-progress-bar: "false"',
+     r"no_progress_bar='false' \(str\) for a boolean option"),
+    ("quoted true for a flag", 'use_distributed_optimizer: "true"',
+     r"use_distributed_optimizer='true' \(str\)"),
+    ("text for a --no- pair", 'save-on-interrupt: "no"',
+     r"save_on_interrupt='no' \(str\) for a boolean option"),
     ("float for an int", "micro-batch-size: 4.0", r"micro_batch_size=4.0 \(float\) for an integer option"),
     ("bool for an int", "train-iters: true", r"train_iters=True \(bool\) for an integer option"),
     ("nan for a float", "lr: .nan", r"--lr must be a finite number, got nan"),
     ("list for a float", "kl-coef: [0.1]", r"kl_coef=\[0.1\] \(list\) for a number option"),
     ("number for a path", "save: 5", r"save=5 \(int\) for a text option"),
     ("number for a mode", "loss-aggregation: 3", r"loss_aggregation=3 \(int\) for a text option"),
-    ("unknown mode", "loss-aggregation: token_avg", r"loss_aggregation='token_avg': unknown loss aggregation"),
+    ("unknown mode", "loss-aggregation: token_avg",
+     r"loss_aggregation='token_avg': unknown loss aggregation"),
     ("null for a number", "lr: null", r"lr=None: the option needs a value"),
 ]
 
@@ -269,7 +283,8 @@ def _tracker(root, text):
 
 
 CHECKPOINTS = [
-    ("fresh run on another run's --save", lambda p: checkpoint.check_save_dir(_fake_run(p / "a", [2, 4]), None),
+    ("fresh run on another run's --save",
+     lambda p: checkpoint.check_save_dir(_fake_run(p / "a", [2, 4]), None),
      r"--save .*a already holds checkpoints of another run \(latest step 4\).*--load .*a"),
     ("--save of one run, --load of another", lambda p: checkpoint.check_save_dir(
         _fake_run(p / "a", [2]), _fake_run(p / "b", [3])), r"already holds checkpoints"),
@@ -328,7 +343,8 @@ AUDIT = [
     (["--kl-coef", "nan"], r"--kl-coef must be a finite number >= 0, got nan"),
     (["--entropy-coef", "inf"], r"--entropy-coef must be a finite number >= 0, got inf"),
     (["--tolerance", "nan"], r"--tolerance must be > 0, got nan"),
-    (["--layouts", "tp3"], r"layout tp3: --num-attention-heads 4 and --vocab-size 128 must be divisible by tp = 3"),
+    (["--layouts", "tp3"],
+     r"layout tp3: --num-attention-heads 4 and --vocab-size 128 must be divisible by tp = 3"),
     (["--modes", "token_avg"], r"unknown loss aggregation 'token_avg'"),
     (["--layouts", "dp3", "--batch-size", "16"], r"--batch-size 16 is not divisible by dp\*m = 3"),
 ]

@@ -282,7 +282,7 @@ def load_model_weights(root: str, chunks: Sequence, step: Optional[int] = None) 
     """
     from megatron.core import dist_checkpointing
 
-    step = latest_step(root) if step is None else step
+    step = resolve_step(root)[0] if step is None else step       # a complete checkpoint, or an error
     state = _model_state(chunks)
     loaded = dist_checkpointing.load(state, checkpoint_path(root, step))
     _copy_model(chunks, loaded)

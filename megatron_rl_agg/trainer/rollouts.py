@@ -11,8 +11,9 @@ ended. Offline files hold one JSON object per line::
 * ``prompt``: non-empty list of token ids; ``response``: list of token ids (may be empty).
 * ``reward``: finite number; ``finish_reason``: ``"stop"`` (ended with EOS) or ``"length"`` (truncated).
 * ``logprobs`` (optional): one finite log-probability in ``[-88, 0]`` per response token, from the policy
-  that sampled it (below -88 the importance ratio overflows float32). Without it the trainer recomputes the old log-probs with the current model before the
-  update, so the importance ratio of the first update is exactly 1.
+  that sampled it (below -88 the importance ratio overflows float32). Without it the trainer recomputes
+  the old log-probs with the current model before the update, so the importance ratio of the first update
+  is exactly 1.
 
 Files are parsed with :func:`json.loads` only: nothing is executed or unpickled. Every bad line raises a
 :class:`RolloutFormatError` naming the file, the line number and what is wrong.

@@ -128,6 +128,8 @@ def _build_reference(args, spec) -> Optional[list]:
     """Frozen reference policy for --kl-coef > 0 (see :mod:`.reference`), else None."""
     if args.kl_coef == 0:
         return None
+    if args.ref_load:
+        checkpoint.check_model(args.ref_load, checkpoint.resolve_step(args.ref_load)[0], _model_sizes(args))
     return reference.build_reference(spec, _layer_spec(args, spec), seed=args.seed, ref_load=args.ref_load)
 
 
@@ -379,7 +381,8 @@ def train_step(tr: Trainer, step: int) -> dict:
 def _save(tr: Trainer, step: int) -> None:
     keep = ("seed", "rollouts", "global_batch_size", "mini_batches_per_step", "num_samples_per_prompt",
             "loss_aggregation", "adv_estimator", "overlong_policy")
-    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}, "model": _model_sizes(tr.args)}
+    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep},
+             "model": _model_sizes(tr.args)}
     checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
                                world_size=tr.world_size)
 
@@ -418,7 +421,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 logger.log(metrics)
                 stopping = stop.requested(megatron_compat.device())
                 periodic = args.save_interval and step % args.save_interval == 0
-                if args.save and (step == args.train_iters or periodic or (stopping and args.save_on_interrupt)):
+                on_signal = stopping and args.save_on_interrupt
+                if args.save and (step == args.train_iters or periodic or on_signal):
                     _save(tr, step)
                 if stopping:
                     if tr.rank == 0:

@@ -31,8 +31,9 @@ from trainer_helpers import MODEL_ARGS, REPO
 pytestmark = pytest.mark.slow
 
 WORKER = REPO / "tests" / "trainer" / "reliability_worker.py"
-ON_POLICY = [*MODEL_ARGS, "--global-batch-size", "16", "--num-samples-per-prompt", "4", "--micro-batch-size", "4",
-             "--rollout-failure-prob", "0.1", "--lr", "3e-3", "--entropy-coef", "0.01"]
+ON_POLICY = [*MODEL_ARGS, "--global-batch-size", "16", "--num-samples-per-prompt", "4",
+             "--micro-batch-size", "4", "--rollout-failure-prob", "0.1", "--lr", "3e-3",
+             "--entropy-coef", "0.01"]
 
 
 def _start(plan: list, out: Path) -> subprocess.Popen:
@@ -111,8 +112,8 @@ def launches(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
     out = {}
     # 1. SIGINT after step 3 is logged
-    sig = _start([{"name": "sig", "argv": ON_POLICY + ["--train-iters", "1000", "--save", str(tmp / "ckS"),
-                                                       "--metrics-file", str(tmp / "sig.jsonl")]}], tmp / "l1")
+    sig_argv = ["--train-iters", "1000", "--save", str(tmp / "ckS"), "--metrics-file", str(tmp / "sig.jsonl")]
+    sig = _start([{"name": "sig", "argv": ON_POLICY + sig_argv}], tmp / "l1")
     _wait(lambda: len(_lines(tmp / "sig.jsonl")) >= 3, 300, sig)
     os.killpg(sig.pid, signal.SIGINT)
     out["sig_output"] = _finish(sig, 120)
@@ -129,9 +130,9 @@ def launches(tmp_path_factory):
     out["kill_rc"] = kill.returncode
 
     # 3. rank 1 stopped after step 1: rank 0 must end on its own within the timeout
-    stop = _start([{"name": "stop", "argv": ON_POLICY + ["--train-iters", "1000", "--distributed-timeout-minutes",
-                                                         "0.1", "--metrics-file", str(tmp / "stop.jsonl")]}],
-                  tmp / "l3")
+    stop_argv = ["--train-iters", "1000", "--distributed-timeout-minutes", "0.1", "--metrics-file",
+                 str(tmp / "stop.jsonl")]
+    stop = _start([{"name": "stop", "argv": ON_POLICY + stop_argv}], tmp / "l3")
     _wait(lambda: len(_lines(tmp / "stop.jsonl")) >= 1 and (tmp / "l3" / "pid1").exists(), 300, stop)
     pid1 = int((tmp / "l3" / "pid1").read_text())
     os.kill(pid1, signal.SIGSTOP)
@@ -146,25 +147,29 @@ def launches(tmp_path_factory):
 
     # 4. everything that ends normally, in one launch
     _bad_rollouts(tmp / "bad.jsonl")
-    offline = [*MODEL_ARGS, "--rollouts", str(tmp / "bad.jsonl"), "--global-batch-size", "8", "--micro-batch-size",
-               "4"]
+    offline = [*MODEL_ARGS, "--rollouts", str(tmp / "bad.jsonl"), "--global-batch-size", "8",
+               "--micro-batch-size", "4"]
     ref, ckc = tmp / "ckRef", tmp / "ckC"
     plan = [
         {"name": "ref", "argv": ON_POLICY + ["--train-iters", "6", "--save", str(ref), "--save-interval", "3",
                                              "--metrics-file", str(tmp / "ref.jsonl")]},
-        {"name": "sig_resume", "argv": ON_POLICY + ["--train-iters", "6", "--load", str(tmp / "ckS"), "--save",
-                                                    str(tmp / "ckS"), "--metrics-file", str(tmp / "sig.jsonl")]},
+        {"name": "sig_resume", "argv": ON_POLICY + ["--train-iters", "6", "--load", str(tmp / "ckS"),
+                                                    "--save", str(tmp / "ckS"),
+                                                    "--metrics-file", str(tmp / "sig.jsonl")]},
         {"name": "kill_resume", "argv": ON_POLICY + ["--train-iters", "2", "--load", str(tmp / "ckK")]},
-        {"name": "foreign", "argv": ON_POLICY + ["--train-iters", "2", "--save", str(ref)], "digest": str(ref)},
-        {"name": "mismatch", "argv": ON_POLICY + ["--hidden-size", "64", "--train-iters", "8", "--load", str(ref)]},
+        {"name": "foreign", "argv": ON_POLICY + ["--train-iters", "2", "--save", str(ref)],
+         "digest": str(ref)},
+        {"name": "mismatch", "argv": ON_POLICY + ["--hidden-size", "64", "--train-iters", "8",
+                                                  "--load", str(ref)]},
         {"name": "nothing_left", "argv": ON_POLICY + ["--train-iters", "6", "--load", str(ref)]},
         {"name": "corrupt", "argv": ON_POLICY + ["--train-iters", "7", "--load", str(ckc)],
          "ops": [{"op": "copy", "src": str(ref), "dst": str(ckc)},
                  {"op": "truncate", "path": str(ckc / "iter_0000006" / "__0_0.distcp"), "bytes": 100}]},
-        {"name": "fallback", "argv": ON_POLICY + ["--train-iters", "4", "--load", str(ckc), "--load-fallback"]},
+        {"name": "fallback", "argv": ON_POLICY + ["--train-iters", "4", "--load", str(ckc),
+                                                  "--load-fallback"]},
         {"name": "nonfinite", "argv": offline + ["--train-iters", "2"]},
-        {"name": "nonfinite_skip", "argv": offline + ["--train-iters", "2", "--on-nonfinite", "skip", "--save",
-                                                      str(tmp / "ckN")]},
+        {"name": "nonfinite_skip", "argv": offline + ["--train-iters", "2", "--on-nonfinite", "skip",
+                                                      "--save", str(tmp / "ckN")]},
         {"name": "init", "argv": ON_POLICY + ["--train-iters", "1", "--lr", "0", "--save", str(tmp / "ck0")]},
     ]
     proc = _start(plan, tmp / "l4")
