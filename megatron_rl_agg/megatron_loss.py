@@ -370,8 +370,16 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
     if loss_config.needs_groups and batch.get("group_ids") is None:
         raise ValueError("prompt_mean aggregation needs batch['group_ids'] ([B] int64 prompt-group ids, the "
                          "same id on every DP rank for rows of one prompt)")
-    check_loss_mask(batch["loss_mask"])                 # 0/1 only, once per mini-batch
     return n_rows, seq
+
+
+def _mask_problem(mask: torch.Tensor) -> Optional[str]:
+    """Why ``mask`` is not a 0/1 mask (this rank's message), or None; raised on every DP rank together."""
+    try:
+        check_loss_mask(mask)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Optional[torch.Tensor]:
@@ -415,8 +423,14 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     device = batch["tokens"].device
 
     # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
-    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size)], dtype=torch.int64, device=device)
-    num_mb = int(dist.all_reduce_max(n_local, dp_group).item())
+    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all.
+    problem = _mask_problem(batch["loss_mask"])
+    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size), problem is not None], dtype=torch.int64,
+                           device=device)
+    num_mb, any_bad = dist.all_reduce_max(n_local, dp_group).tolist()
+    if any_bad:
+        raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
+                                    "(that rank's error names them)")
     padded = num_mb * micro_batch_size
 
     # Global weights from the REAL rows only: padded rows have no loss token and are appended after,

@@ -118,6 +118,7 @@ def launches(tmp_path_factory):
     os.killpg(sig.pid, signal.SIGINT)
     out["sig_output"] = _finish(sig, 120)
     out["sig_stopped_after"] = _lines(tmp / "sig.jsonl")[-1]["step"]
+    out["sig_tracker"] = (tmp / "ckS" / "latest_checkpointed_iteration.txt").read_text().strip()
 
     # 2. rank 1 killed while step 2 is being saved (the step directory appears first)
     kill = _start([{"name": "kill", "argv": ON_POLICY + ["--train-iters", "4", "--save", str(tmp / "ckK"),
@@ -128,6 +129,7 @@ def launches(tmp_path_factory):
     out["kill_output"] = _finish(kill, 120)
     out["kill_seconds"] = time.monotonic() - t0
     out["kill_rc"] = kill.returncode
+    out["kill_tracker"] = (tmp / "ckK" / "latest_checkpointed_iteration.txt").read_text().strip()
 
     # 3. rank 1 stopped after step 1: rank 0 must end on its own within the timeout
     stop_argv = ["--train-iters", "1000", "--distributed-timeout-minutes", "0.1", "--metrics-file",
@@ -184,7 +186,7 @@ def test_sigint_then_resume_logs_each_step_once_with_the_uninterrupted_weights(l
     k = out["sig_stopped_after"]
     assert 3 <= k < 6, out["sig_output"][-3000:]
     assert "stopped by a signal after step" in out["sig_output"]
-    assert (tmp / "ckS" / "latest_checkpointed_iteration.txt").read_text().strip() == str(k)
+    assert out["sig_tracker"] == str(k)
     assert [m["step"] for m in out["r0"]["sig_resume"]["history"]] == list(range(k + 1, 7))
     assert [m["step"] for m in _lines(tmp / "sig.jsonl")] == [1, 2, 3, 4, 5, 6]
     ref, got = _flat(tmp / "ckRef" / "iter_0000006", tmp), _flat(tmp / "ckS" / "iter_0000006", tmp)
@@ -197,7 +199,7 @@ def test_killed_rank_ends_the_launch_and_the_previous_checkpoint_loads(launches)
     tmp, out = launches
     assert out["kill_rc"] != 0 and out["kill_seconds"] < 60
     assert "rank" in out["kill_output"] and "SIGKILL" in out["kill_output"], out["kill_output"][-3000:]
-    assert (tmp / "ckK" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert out["kill_tracker"] == "1"
     assert [m["step"] for m in out["r0"]["kill_resume"]["history"]] == [2]
 
 
