@@ -20,6 +20,7 @@ GPU (NCCL, bf16, Transformer Engine layer spec when it imports): scripts/gpu_smo
 rendezvous: scripts/launch.sh and docs/slurm_example.sbatch. Every flag: docs/training.md.
 """
 
+import os
 import sys
 
 
@@ -40,9 +41,15 @@ def main(argv=None) -> int:
     except (TrainerArgsError, RolloutFormatError, CheckpointError) as err:  # bad options, rows, checkpoints
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (NonFiniteError, DistributedTimeoutError) as err:   # the run stopped: nothing non-finite applied
+    except NonFiniteError as err:                  # the run stopped: nothing non-finite was applied
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except DistributedTimeoutError as err:
+        # A peer is stopped or gone: tearing the groups down could wait on it. Leave at once, without
+        # running the groups' destructors (which could abort), after flushing the message.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         destroy_distributed()
     return 0

@@ -78,12 +78,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    status = 1
-    try:
-        status = main()
-    finally:
-        from megatron_rl_agg.megatron_compat import destroy_distributed
+    status = main()
+    if status:
+        # The last entry failed: a peer may be stopped or gone, so tearing the groups down could wait on
+        # it; leave at once (as scripts/train_grpo.py does after a timeout).
+        sys.stdout.flush()
+        os._exit(status)
+    from megatron_rl_agg.megatron_compat import destroy_distributed
 
-        if status == 0:             # after a failure a peer may be gone: leave the group to the exit
-            destroy_distributed()
+    destroy_distributed()
     sys.exit(status)
