@@ -10,7 +10,8 @@ foreign checkpoints, non-finite updates. Four torchrun launches:
    every step once and whose final weights equal the reference's; the resume of (2) from step 1; a fresh
    run against the reference's --save (refused, every file untouched); a model mismatch; nothing left to
    train; a truncated latest checkpoint (error, then --load-fallback); a rollout file whose ratios
-   overflow (the same error on both ranks; with --on-nonfinite skip nothing reaches the checkpoint).
+   overflow (the same error on both ranks, also with the distributed optimizer; with --on-nonfinite skip
+   nothing reaches the checkpoint).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def launches(tmp_path_factory):
         {"name": "fallback", "argv": ON_POLICY + ["--train-iters", "4", "--load", str(ckc),
                                                   "--load-fallback"]},
         {"name": "nonfinite", "argv": offline + ["--train-iters", "2"]},
+        {"name": "nonfinite_distopt", "argv": offline + ["--train-iters", "1", "--use-distributed-optimizer"]},
         {"name": "nonfinite_skip", "argv": offline + ["--train-iters", "2", "--on-nonfinite", "skip",
                                                       "--save", str(tmp / "ckN")]},
         {"name": "init", "argv": ON_POLICY + ["--train-iters", "1", "--lr", "0", "--save", str(tmp / "ck0")]},
@@ -241,6 +243,8 @@ def test_nonfinite_update_stops_every_rank_and_skip_keeps_the_weights(launches):
     err = out["r0"]["nonfinite"]
     assert err["error"] == "NonFiniteError" and out["r1"]["nonfinite"] == err
     assert "step 1, update 1 of 1: non-finite" in err["message"] and "bad.jsonl:1" in err["message"]
+    # the same with the distributed optimizer (gradients sharded over DP: the norm is still global)
+    assert out["r0"]["nonfinite_distopt"] == out["r1"]["nonfinite_distopt"] == err
     skipped = out["r0"]["nonfinite_skip"]["history"]
     assert [m["num_skipped_updates"] for m in skipped] == [1, 1]
     weights, init = _flat(tmp / "ckN" / "iter_0000002", tmp), _flat(tmp / "ck0" / "iter_0000001", tmp)
