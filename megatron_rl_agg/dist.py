@@ -13,8 +13,8 @@ import time
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "world_group",
-           "unresponsive_ranks"]
+__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen",
+           "all_gather_stacked", "world_group", "unresponsive_ranks"]
 
 
 def _active(group) -> bool:
@@ -103,3 +103,38 @@ def all_gather_varlen(rows: torch.Tensor, group=None) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(size)]
     torch_dist.all_gather(gathered, padded, group=group)
     return torch.cat([g[:c] for g, c in zip(gathered, counts_list)], dim=0)
+
+
+class _AllGatherStacked(torch.autograd.Function):
+    """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
+
+    Backward: rank ``r``'s input feeds slice ``r`` of the output on EVERY rank, so its gradient is the sum
+    over ranks of their output gradients' slice ``r``: one all-reduce of the ``[C, *shape]`` gradient,
+    then this rank's slice.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        size = world_size(group)
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        torch_dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        return total[rank(ctx.group)], None
+
+
+def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order, ``[C, *tensor.shape]``, differentiable.
+
+    One all-gather forward; one all-reduce of the output gradient backward (each rank keeps its own
+    slice of the summed gradient, which is the exact gradient of its input). Shapes and dtypes must
+    agree on all ranks. Without a group: ``tensor.unsqueeze(0)``.
+    """
+    if not _active(group) or world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    return _AllGatherStacked.apply(tensor, group)
