@@ -246,4 +246,7 @@ def print_table(rows: list) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        megatron_compat.destroy_distributed()

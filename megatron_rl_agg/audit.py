@@ -254,13 +254,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.seq_length < 4:
         raise ValueError(f"--seq-length must be >= 4 (prompt + response), got {args.seq_length}")
-    if args.kl_coef < 0 or args.entropy_coef < 0:
-        raise ValueError(
-            f"--kl-coef and --entropy-coef must be >= 0, got {args.kl_coef}, {args.entropy_coef}")
+    for flag in ("kl_coef", "entropy_coef"):      # NaN fails every comparison: test finiteness first
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, "
+                             f"got {getattr(args, flag)}")
     if args.inject_bug == "kl_times_microbatches" and args.kl_coef == 0:
         raise ValueError("--inject-bug kl_times_microbatches scales the KL term: it needs --kl-coef > 0")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
-    if not tolerance > 0:
+    if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"--tolerance must be > 0, got {tolerance}")
     spec = _model_spec(args)          # the GPTSpec checks (top-k, dispatcher) before any process starts
     for lay in layouts:

@@ -8,15 +8,47 @@ no collective.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen",
-           "all_gather_stacked"]
+           "all_gather_stacked", "world_group", "unresponsive_ranks"]
 
 
 def _active(group) -> bool:
     return group is not None and torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_group():
+    """The default (world) process group, or None when torch.distributed is not initialised."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.group.WORLD
+    return None
+
+
+def unresponsive_ranks(tag: str, wait_s: float) -> list[int]:
+    """Global ranks that do not check in through the default rendezvous store within ``wait_s`` seconds.
+
+    Every live rank that calls it writes ``tag/<rank>`` and waits for the others' keys; no collective is
+    used (it is the tool for when collectives no longer complete). A SIGSTOPped or dead rank never
+    writes its key. Returns ``[]`` when there is no store to ask.
+    """
+    if world_group() is None:
+        return []
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        me, size = torch_dist.get_rank(), torch_dist.get_world_size()
+        store.set(f"{tag}/{me}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(size) if not store.check([f"{tag}/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, AttributeError, ValueError):   # the store itself is gone (its host died)
+        return []
 
 
 def world_size(group=None) -> int:

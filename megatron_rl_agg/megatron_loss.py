@@ -75,7 +75,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg import dist
-from megatron_rl_agg.aggregation import microbatch_mean_weights, token_weights
+from megatron_rl_agg.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
 from megatron_rl_agg.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.context_parallel import check_cp_seq_length, split_for_cp_rank
 from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
@@ -464,6 +464,15 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
     return n_rows, seq
 
 
+def _mask_problem(mask: torch.Tensor) -> Optional[str]:
+    """Why ``mask`` is not a 0/1 mask (this rank's message), or None; raised on every DP rank together."""
+    try:
+        check_loss_mask(mask)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Optional[torch.Tensor]:
     if t is None or t.shape[0] == n_rows:
         return t
@@ -531,8 +540,14 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     device = batch["tokens"].device
 
     # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
-    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size)], dtype=torch.int64, device=device)
-    num_mb = int(dist.all_reduce_max(n_local, dp_group).item())
+    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all.
+    problem = _mask_problem(batch["loss_mask"])
+    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size), problem is not None], dtype=torch.int64,
+                           device=device)
+    num_mb, any_bad = dist.all_reduce_max(n_local, dp_group).tolist()
+    if any_bad:
+        raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
+                                    "(that rank's error names them)")
     padded = num_mb * micro_batch_size
 
     # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
@@ -608,6 +623,24 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
+
+
+# LossConfig fields the weights of prepare_microbatches depend on: a loss evaluated with other values would
+# apply weights computed for another objective (and silently mis-scale it).
+_WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length")
+
+
+def _check_weights_match(micro_batch: Mapping[str, Any], loss_config: LossConfig) -> None:
+    prepared = micro_batch.get("loss_config")
+    if prepared is None or prepared is loss_config:
+        return
+    diff = [f"{k}={getattr(prepared, k)!r} (prepared) vs {getattr(loss_config, k)!r}" for k in _WEIGHT_FIELDS
+            if getattr(prepared, k) != getattr(loss_config, k)]
+    if (prepared.kl_coef > 0) != (loss_config.kl_coef > 0):
+        diff.append(f"kl_coef={prepared.kl_coef!r} (prepared) vs {loss_config.kl_coef!r}")
+    if diff:
+        raise ValueError("the micro-batch was prepared for another loss config (its weights belong to that "
+                         f"objective): {', '.join(diff)}; call prepare_microbatches with this config")
 
 
 def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], loss_config: LossConfig
@@ -715,6 +748,8 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
     Returns:
         ``partial(loss_func, micro_batch=..., loss_config=...)``: call it with the model output.
     """
+    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
+    _check_weights_match(micro_batch, cfg)
     check_megatron_setup(get_model_config(model), micro_batch, getattr(model, "ddp_config", None))
     if parallel_state.model_parallel_is_initialized():
         model_dp = parallel_state.get_data_parallel_world_size()
@@ -723,7 +758,6 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
                 f"micro-batches were prepared for dp_size={micro_batch['dp_size']} but the model's data-"
                 f"parallel size is {model_dp}: pass dp_group=parallel_state.get_data_parallel_group() to "
                 "prepare_microbatches")
-    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
     return functools.partial(loss_func, micro_batch=micro_batch, loss_config=cfg)
 
 

@@ -25,21 +25,38 @@ GPU (NCCL, bf16, Transformer Engine layer spec when it imports): scripts/gpu_smo
 rendezvous: scripts/launch.sh and docs/slurm_example.sbatch. Every flag: docs/training.md.
 """
 
+import os
 import sys
 
 
 def main(argv=None) -> int:
     # Imports inside main(): checkpoint saving starts a helper process that re-imports this file, which
     # then stays cheap and side-effect free.
+    from megatron_rl_agg.megatron_compat import destroy_distributed, quiet_warnings
+
+    quiet_warnings()                    # before anything imports megatron.core
     from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.checkpoint import CheckpointError
     from megatron_rl_agg.trainer.rollouts import RolloutFormatError
+    from megatron_rl_agg.trainer.safety import DistributedTimeoutError, NonFiniteError
     from megatron_rl_agg.trainer.train import run
 
     try:
         run(parse_args(argv))
-    except (TrainerArgsError, RolloutFormatError) as err:  # bad options or a bad rollout line: a message
+    except (TrainerArgsError, RolloutFormatError, CheckpointError) as err:  # bad options, rows, checkpoints
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:                  # the run stopped: nothing non-finite was applied
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except DistributedTimeoutError as err:
+        # A peer is stopped or gone: tearing the groups down could wait on it. Leave at once, without
+        # running the groups' destructors (which could abort), after flushing the message.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    finally:
+        destroy_distributed()
     return 0
 
 

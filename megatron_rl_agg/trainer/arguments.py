@@ -142,6 +142,23 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress-bar", action="store_true", help="disable the tqdm bar on rank 0")
 
 
+def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("reliability (docs/reliability.md)")
+    g.add_argument("--on-nonfinite", choices=("error", "skip"), default="error",
+                   help="a non-finite loss or gradient before an optimizer update: stop the run with an "
+                        "error naming the step and the term (error), or skip that update and count it in "
+                        "the metrics (num_skipped_updates); the weights never see it either way")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="Megatron-LM's flag: a collective that waits longer (a rank stopped or dead) ends "
+                        "the run with an error naming the ranks that did not answer")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="when the latest checkpoint of --load is incomplete or corrupt, resume from the "
+                        "newest complete one before it (default: stop with an error)")
+    g.add_argument("--save-on-interrupt", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGINT / SIGTERM finish the current step, save it to --save (when given) and "
+                        "exit cleanly; a second signal abandons the step at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (every option has a default, so a YAML file can supply any of them)."""
     parser = argparse.ArgumentParser(
@@ -152,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_data_args, _add_logging_args):
         add(parser)
     add_loss_aggregation_args(parser)
+    _add_reliability_args(parser)
     from megatron_rl_agg.packing import add_sequence_packing_args
     add_sequence_packing_args(parser)
     return parser
@@ -174,13 +192,12 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
     if unknown:
         raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
+    from megatron_rl_agg.trainer.validation import yaml_value
+
     for action in parser._actions:
-        # YAML values pass through the option's own type/choices check, like a command-line value.
-        if action.dest in out and action.type is not None and isinstance(out[action.dest], str):
-            out[action.dest] = action.type(out[action.dest])
-        if action.dest in out and action.choices is not None and out[action.dest] not in action.choices:
-            raise TrainerArgsError(f"{path}: {action.dest}={out[action.dest]!r} is not one of "
-                                   f"{list(action.choices)}")
+        # YAML values pass the option's own type / choices check, stricter than a command-line string.
+        if action.dest in out:
+            out[action.dest] = yaml_value(path, action, action.dest, out[action.dest])
     return out
 
 
@@ -191,7 +208,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(parser, pre.config))
     args = parser.parse_args(argv)
-    validate_args(args)
+    validate_args(args, parser)
     return args
 
 
@@ -202,12 +219,17 @@ def _positive(args, *names) -> None:
             raise TrainerArgsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Checks that need no process group; fills ``max_response_length`` for on-policy runs.
 
     On-policy runs default ``--max-response-length`` (the constant horizon of seq_mean_token_sum_norm)
-    to ``--max-new-tokens``, the longest response generation can produce.
+    to ``--max-new-tokens``, the longest response generation can produce. Number flags and model shapes
+    are checked by :mod:`.validation` (``parser``: the one that parsed ``args``, default
+    :func:`build_parser`).
     """
+    from megatron_rl_agg.trainer import validation
+
+    validation.check_number_flags(parser or build_parser(), args)
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "mini_batches_per_step", "num_layers", "hidden_size",
               "num_attention_heads", "seq_length",
@@ -224,6 +246,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
         if args.max_response_length is None:
             args.max_response_length = args.max_new_tokens
+    validation.check_model_shapes(args)
     _positive(args, "context_parallel_size")
     cp = args.context_parallel_size
     if cp > 1 and args.seq_length % (2 * cp):

@@ -31,7 +31,7 @@ import torch
 from megatron_rl_agg import dist, megatron_compat
 from megatron_rl_agg.advantages import compute_step_advantages
 from megatron_rl_agg.config import AdvantageConfig, LossConfig
-from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, task
+from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, safety, task
 from megatron_rl_agg.trainer.arguments import TrainerArgsError, check_world, virtual_pipeline_size
 from megatron_rl_agg.trainer.reporting import METRIC_KEYS, MetricsLogger
 from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
@@ -157,13 +157,19 @@ def _build_reference(args, spec) -> Optional[list]:
     """Frozen reference policy for --kl-coef > 0 (see :mod:`.reference`), else None."""
     if args.kl_coef == 0:
         return None
+    if args.ref_load:
+        checkpoint.check_model(args.ref_load, checkpoint.resolve_step(args.ref_load)[0], _model_sizes(args))
     return reference.build_reference(spec, _layer_spec(args, spec), seed=args.seed, ref_load=args.ref_load)
 
 
 def _build_source(args):
     if args.rollouts:
-        return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
-                             args.mini_batches_per_step)
+        source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
+                               args.mini_batches_per_step)
+        from megatron_rl_agg.trainer.validation import check_rollout_rows
+
+        check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
+        return source
     counting = task.CountingTask(min_count=args.task_min_count, max_count=args.task_max_count,
                                  max_distractors=args.task_max_distractors)
     counting.check_vocab(args.vocab_size)
@@ -183,13 +189,16 @@ def _build_source(args):
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """Initialise distributed state and Megatron's parallel groups, build model, optimizer, data."""
+    megatron_compat.quiet_warnings()
     from megatron.core import parallel_state
 
-    rank, world = megatron_compat.initialize_distributed()
+    checkpoint.check_save_dir(args.save, args.load)      # on every rank, before any collective
+    rank, world = megatron_compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     cp = args.context_parallel_size
     check_world(args, world)
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep)
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep,
+                                              timeout_minutes=args.distributed_timeout_minutes)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
     layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),
@@ -203,7 +212,12 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                       source=_build_source(args), layout=layout, rank=rank, world_size=world)
     if args.load:
         _check_resumable(args)
-        saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world)
+        step, note = checkpoint.resolve_step(args.load, fallback=args.load_fallback)
+        checkpoint.check_model(args.load, step, _model_sizes(args))
+        if rank == 0 and note:
+            print(f"[megatron_rl_agg] {note}")
+        saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world,
+                                           step=step)
         trainer.start_step = saved["step"]
         saved_args = saved.get("args", {})
         changed = {k: (v, getattr(args, k)) for k, v in saved_args.items() if getattr(args, k, v) != v}
@@ -215,6 +229,11 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                   f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
                   f"{world}): per-process RNG states not restored (the trainer's draws are counter-based)")
     return trainer
+
+
+def _model_sizes(args) -> dict:
+    """The architecture a checkpoint records and a load must match (:data:`checkpoint.MODEL_KEYS`)."""
+    return {k: getattr(args, k) for k in checkpoint.MODEL_KEYS}
 
 
 def _check_resumable(args) -> None:
@@ -320,7 +339,7 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
 
 
 _SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_truncated", "num_rows",
-           "num_stat_rows", "num_failed_samples", "num_tokens")
+           "num_stat_rows", "num_failed_samples", "num_tokens", "num_skipped_updates")
 
 
 def _combine(parts: list[dict]) -> dict:
@@ -353,8 +372,11 @@ def _schedule_inputs(tr: Trainer, micro: list) -> tuple[list, Any, int, int]:
     return packed, packed_forward_step, packed[0]["tokens"].shape[1], 1
 
 
-def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
-    """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm)."""
+def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tuple[list, float, bool, Any]:
+    """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm,
+    applied, MoE load-balancing loss or None). A non-finite loss term or gradient raises or, with
+    ``--on-nonfinite skip``, drops the update (``applied`` False, grad_norm NaN): see
+    :func:`.safety.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.megatron_loss import prepare_microbatches
@@ -370,8 +392,15 @@ def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
         forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
         seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
     aux = _load_balancing_loss(tr, len(micro))
+    if not safety.check_update(tr.optimizer, reports, step=step, index=index,
+                               num_updates=tr.args.mini_batches_per_step, policy=tr.args.on_nonfinite,
+                               source=tr.source, device=megatron_compat.device()):
+        for chunk in tr.chunks:
+            chunk.zero_grad_buffer()
+        tr.optimizer.zero_grad()
+        return reports, float("nan"), False, aux
     _, grad_norm, _ = tr.optimizer.step()
-    return reports, float(grad_norm) if grad_norm is not None else float("nan"), aux
+    return reports, float(grad_norm) if grad_norm is not None else float("nan"), True, aux
 
 
 def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
@@ -418,9 +447,10 @@ def train_step(tr: Trainer, step: int) -> dict:
     for chunk in tr.chunks:
         chunk.train()
     parts = []
-    for batch, stats in _step_batches(tr, step):
-        reports, grad_norm, aux = _run_update(tr, batch)
-        part = {**_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats}
+    for index, (batch, stats) in enumerate(_step_batches(tr, step)):
+        reports, grad_norm, applied, aux = _run_update(tr, batch, step, index)
+        part = {**_loss_metrics(tr, reports), "grad_norm": grad_norm,
+                "num_skipped_updates": int(not applied), **stats}
         if aux is not None:
             part["load_balancing_loss"] = aux
         parts.append(part)
@@ -438,7 +468,8 @@ def _save(tr: Trainer, step: int) -> None:
     keep = ("seed", "rollouts", "global_batch_size", "mini_batches_per_step", "num_samples_per_prompt",
             "loss_aggregation", "adv_estimator", "overlong_policy", "num_experts", "moe_router_topk",
             "moe_aux_loss_coeff")
-    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}}
+    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep},
+             "model": _model_sizes(tr.args)}
     checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
                                world_size=tr.world_size)
 
@@ -447,22 +478,49 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Train from ``args`` (see :mod:`.arguments`); returns every step's metrics (on every rank).
 
     Re-entrant: tears down Megatron's model-parallel state at the end, so one process can run several
-    layouts one after another (the tests do).
+    layouts one after another (the tests do). SIGINT / SIGTERM stop it after the current step (saved to
+    ``--save`` with ``--save-on-interrupt``, the default); a collective that exceeds
+    ``--distributed-timeout-minutes`` raises :class:`.safety.DistributedTimeoutError`.
     """
     tr = build_trainer(args)
+    if tr.start_step >= args.train_iters:
+        if tr.rank == 0:
+            print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
+                  f"--train-iters is {args.train_iters}; raise --train-iters to continue")
+        megatron_compat.destroy_model_parallel()
+        return []
+    if tr.rank == 0 and args.load:
+        # Lines after the loaded step are of steps this run trains again: keep each step once.
+        dropped = safety.truncate_metrics(args.metrics_file, tr.start_step)
+        if dropped:
+            print(f"[megatron_rl_agg] {args.metrics_file}: dropped {dropped} line(s) after step "
+                  f"{tr.start_step}, the step resumed from")
     logger = MetricsLogger(enabled=tr.rank == 0, metrics_file=args.metrics_file,
                            tensorboard_dir=args.tensorboard_dir, total_steps=args.train_iters,
                            start_step=tr.start_step, resume=bool(args.load),
                            progress_bar=not args.no_progress_bar)
     history = []
     try:
-        for step in range(tr.start_step + 1, args.train_iters + 1):
-            metrics = train_step(tr, step)
-            history.append(metrics)
-            logger.log(metrics)
-            periodic = args.save_interval and step % args.save_interval == 0
-            if args.save and (step == args.train_iters or periodic):
-                _save(tr, step)
+        with safety.StopSignal() as stop:
+            for step in range(tr.start_step + 1, args.train_iters + 1):
+                metrics = train_step(tr, step)
+                history.append(metrics)
+                logger.log(metrics)
+                stopping = stop.requested(megatron_compat.device())
+                periodic = args.save_interval and step % args.save_interval == 0
+                on_signal = stopping and args.save_on_interrupt
+                if args.save and (step == args.train_iters or periodic or on_signal):
+                    _save(tr, step)
+                if stopping:
+                    if tr.rank == 0:
+                        saved = f", saved to {args.save}" if args.save and args.save_on_interrupt else ""
+                        print(f"[megatron_rl_agg] stopped by a signal after step {step}{saved}; resume with "
+                              f"--load {args.save or '<dir>'}", flush=True)
+                    break
+    except RuntimeError as err:
+        if safety.is_timeout(err) and not isinstance(err, safety.NonFiniteError):
+            raise safety.describe_timeout(err, args.distributed_timeout_minutes) from err
+        raise
     finally:
         logger.close()
         megatron_compat.destroy_model_parallel()
