@@ -67,7 +67,8 @@ def enable_cpu_mode() -> bool:
     3. tensor factories given ``device="cuda"`` -> ``device="cpu"``;
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
-    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
+    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator;
+    7. ``torch.cuda.current_stream()`` -> ``torch.cpu.current_stream()`` (megatron-core >= 0.19).
 
     Returns True when CPU mode is (now) active.
     """
@@ -82,6 +83,7 @@ def enable_cpu_mode() -> bool:
     _redirect_tensor_cuda()
     _redirect_tensor_type()
     _install_cpu_rng_tracker()
+    _redirect_current_stream()
     _CPU_MODE = True
     return True
 
@@ -181,6 +183,15 @@ def _install_cpu_rng_tracker() -> None:
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     mp_random.initialize_rng_tracker(force_reset=True)
+
+
+def _redirect_current_stream() -> None:
+    # megatron-core 0.19, param_and_grad_buffer.start_grad_sync: before reducing a bucket group it
+    # takes torch.cuda.current_stream() and waits on the CUDA-graph events of its parameters (none
+    # exist without CUDA graphs). torch.cpu.current_stream() is torch's device-agnostic stand-in: its
+    # wait_event / wait_stream / record_event return at once, which is exact on the CPU, where every
+    # kernel has finished when its call returns.
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
 
 
 def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:

@@ -64,6 +64,7 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
@@ -81,8 +82,12 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
 
             def __init__(self):
                 super().__init__(config)
+                self.model_type = ModelType.encoder_or_decoder   # what the schedules look up
                 self.weight = torch.nn.Parameter(torch.ones(K))
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(self.weight)
+
+            def set_input_tensor(self, input_tensor):
+                """No pipeline stages here: nothing arrives from a previous stage."""
 
             def forward(self, x):
                 return self.weight * x
