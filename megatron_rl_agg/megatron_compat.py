@@ -18,6 +18,7 @@ several layouts in one process: :func:`initialize_distributed` (reads the torchr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "initialize_distributed",
     "initialize_model_parallel",
     "destroy_model_parallel",
+    "transformer_config_defaults",
 ]
 
 _CPU_MODE = False
@@ -271,3 +273,17 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def transformer_config_defaults() -> dict:
+    """``TransformerConfig`` keywords that spell the defaults in the current megatron-core's terms.
+
+    megatron-core 0.19 renamed ``cuda_graph_scope`` to ``cuda_graph_modules`` and kept the old
+    default ``"full"`` (the whole layer), which it rewrites to ``[]`` in ``__post_init__`` with a
+    "full scope is deprecated" warning on every config; ``[]`` means the same and warns not. Releases
+    without the field (<= 0.18) get no keyword. Pass these first, so explicit settings override them.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    names = {field.name for field in dataclasses.fields(TransformerConfig)}
+    return {"cuda_graph_modules": []} if "cuda_graph_modules" in names else {}

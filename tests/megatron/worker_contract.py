@@ -74,7 +74,7 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
         config = TransformerConfig(
             num_layers=1, hidden_size=K, num_attention_heads=1, context_parallel_size=cp,
             use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-            calculate_per_token_loss=per_token,
+            calculate_per_token_loss=per_token, **megatron_compat.transformer_config_defaults(),
         )
 
         class OneParameter(MegatronModule):
