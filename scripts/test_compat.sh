@@ -89,7 +89,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "${PIP[@]}" -c "$VENV/constraints.txt" -e ".[$EXTRAS]"
   echo "$WANT" > "$STAMP"
 fi
-got=$("$PY" -c "import megatron.core, torch; print(megatron.core.__version__, torch.__version__)")
+got=$("$PY" -W ignore -c "import megatron.core, torch; print(megatron.core.__version__, torch.__version__)")
 echo "[test_compat] megatron-core ${got% *} (${PYTHONPATH:+PYTHONPATH=$PYTHONPATH, }torch ${got#* })"
 if [ "${got% *}" != "$MCORE" ]; then
   echo "test_compat.sh: the environment imports megatron-core ${got% *}, not $MCORE" >&2
