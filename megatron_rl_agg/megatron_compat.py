@@ -18,6 +18,7 @@ several layouts in one process: :func:`initialize_distributed` (reads the torchr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "destroy_model_parallel",
     "destroy_distributed",
     "quiet_warnings",
+    "transformer_config_defaults",
 ]
 
 _CPU_MODE = False
@@ -70,8 +72,9 @@ def enable_cpu_mode() -> bool:
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
     6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator;
-    7. MoE (megatron-core 0.16): the router GEMM's missing ``te_general_gemm`` -> None (Megatron's
-       own ``torch.mm`` path); ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> a CPU
+    7. ``torch.cuda.current_stream()`` -> ``torch.cpu.current_stream()`` (megatron-core >= 0.19).
+    8. MoE (megatron-core 0.16): the router GEMM's missing ``te_general_gemm`` -> None (Megatron's
+       own ``torch.mm`` path); ``torch.cuda.Stream`` / ``stream`` -> a CPU
        stand-in stream whose waits, events and contexts do nothing; the alltoall dispatcher's
        split sizes -> host numpy arrays, as its device-to-host step makes them on a GPU; the
        uneven (split-size) all-gather / reduce-scatter along the first dimension (expert tensor
@@ -90,6 +93,7 @@ def enable_cpu_mode() -> bool:
     _redirect_tensor_cuda()
     _redirect_tensor_type()
     _install_cpu_rng_tracker()
+    _redirect_current_stream()
     _redirect_moe_router_gemm()
     _redirect_cuda_streams()
     _redirect_moe_split_sizes()
@@ -199,6 +203,13 @@ def _install_cpu_rng_tracker() -> None:
     mp_random.initialize_rng_tracker(force_reset=True)
 
 
+def _redirect_current_stream() -> None:
+    # megatron-core 0.19, param_and_grad_buffer.start_grad_sync: before reducing a bucket group it
+    # takes torch.cuda.current_stream() and waits on the CUDA-graph events of its parameters (none
+    # exist without CUDA graphs). torch.cpu.current_stream() is torch's device-agnostic stand-in: its
+    # wait_event / wait_stream / record_event return at once, which is exact on the CPU, where every
+    # kernel has finished when its call returns.
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
 def _redirect_moe_router_gemm() -> None:
     # transformer/moe/moe_utils.py imports te_general_gemm only when Transformer Engine imports, yet
     # RouterGatingLinearFunction tests `te_general_gemm is not None` (NameError without TE; the name
@@ -232,23 +243,20 @@ class _CpuStream:
         pass
 
 
-_CPU_STREAM = _CpuStream()
-
 
 def _redirect_cuda_streams() -> None:
     # transformer/moe/token_dispatcher.py (alltoall dispatcher): a class-level torch.cuda.Stream()
-    # for the device-to-host copy of the split sizes, torch.cuda.current_stream() comparisons and
-    # wait_stream, `with torch.cuda.stream(...)`, record_event() and event.synchronize(). Without CUDA
-    # each of these raises; on the CPU every copy is synchronous, so one no-op stream serves all.
+    # for the device-to-host copy of the split sizes, wait_stream on it, `with torch.cuda.stream(...)`,
+    # record_event() and event.synchronize() (torch.cuda.current_stream() is redirected above). Without
+    # CUDA each of these raises; on the CPU every copy is synchronous, so a no-op stream serves all.
     original_stream_context = torch.cuda.stream
 
     def stream_context(stream):
-        if stream is None or isinstance(stream, _CpuStream):
+        if stream is None or isinstance(stream, (_CpuStream, torch.cpu.Stream)):
             return contextlib.nullcontext()
         return original_stream_context(stream)
 
     torch.cuda.Stream = lambda *args, **kwargs: _CpuStream()
-    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
     torch.cuda.stream = stream_context
 
 
@@ -440,3 +448,17 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def transformer_config_defaults() -> dict:
+    """``TransformerConfig`` keywords that spell the defaults in the current megatron-core's terms.
+
+    megatron-core 0.19 renamed ``cuda_graph_scope`` to ``cuda_graph_modules`` and kept the old
+    default ``"full"`` (the whole layer), which it rewrites to ``[]`` in ``__post_init__`` with a
+    "full scope is deprecated" warning on every config; ``[]`` means the same and warns not. Releases
+    without the field (<= 0.18) get no keyword. Pass these first, so explicit settings override them.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    names = {field.name for field in dataclasses.fields(TransformerConfig)}
+    return {"cuda_graph_modules": []} if "cuda_graph_modules" in names else {}
