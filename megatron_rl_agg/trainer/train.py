@@ -301,7 +301,9 @@ def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
 
     from megatron_rl_agg.megatron_loss import prepare_microbatches
 
-    micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group)
+    # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
+    micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
+                                 vocab_size=tr.args.vocab_size)
     micro, step_func, seq_length, mbs = _schedule_inputs(tr, micro)
     for chunk in tr.chunks:
         chunk.zero_grad_buffer()
