@@ -387,15 +387,18 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
         seg_count(bad_row),
         _as_bits(ref), _as_bits(delta), _as_bits(m2),
     ], dim=1)
+    if dist.world_size(process_group) > 1:
+        fast = _boundary_exchange(r, ok, bad_row, seg_inv, table, mean_level=mean_level, std_level=std_level,
+                                  eps=eps, unbiased=unbiased, leave_one_out=leave_one_out, min_valid=min_valid,
+                                  process_group=process_group, expected_group_size=expected_group_size)
+        if fast is not None:
+            adv, kept_row, stats = fast
+            return adv.to(rewards.dtype), kept_row, stats
+    # One process, or ids out of ascending order over the ranks: every bucket to every rank.
     table = dist.all_gather_varlen(table, process_group)  # [sum_r S_r, 10], rank order
 
     # ---- checks that need every rank's data: the same outcome on every rank ----------------------
-    bad_ranks = table[table[:, _NBAD] > 0, _RANK].unique().tolist()
-    if bad_ranks:
-        here = [] if bad_row is None else torch.nonzero(bad_row).flatten().tolist()
-        where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
-        raise ValueError(f"rewards must be finite on valid rows: non-finite values on rank(s) {bad_ranks}"
-                         f"{where_here}. Mark failed samples invalid instead of passing NaN/inf.")
+    _raise_non_finite(table[table[:, _NBAD] > 0, _RANK].unique().tolist(), bad_row, my_rank)
     gid = table[:, _ID]
     n_buckets = gid.numel()
     starts = torch.ones(n_buckets, dtype=torch.bool, device=device)
@@ -452,6 +455,163 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
         "num_stat_rows": int(n_kept.sum()),
     }
     return adv.to(rewards.dtype), kept_row, stats
+
+
+def _raise_non_finite(bad_ranks, bad_row, my_rank):
+    if bad_ranks:
+        here = [] if bad_row is None else torch.nonzero(bad_row).flatten().tolist()
+        where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
+        raise ValueError(f"rewards must be finite on valid rows: non-finite values on rank(s) {bad_ranks}"
+                         f"{where_here}. Mark failed samples invalid instead of passing NaN/inf.")
+
+
+# Columns of the fixed-size record each rank sends in the boundary exchange (int64, floats as bits):
+# the packed flags, four per-rank sums, its first and its last bucket (_B_* columns each), then either one
+# (expected_group_size given) or two partial-group columns, and, when a level is "batch", the moments of
+# its interior kept groups.
+_X_FLAGS, _X_ROWS, _X_TRUNC, _X_DROPPED, _X_STATROWS, _X_FIRST = range(6)
+_B_ID, _B_N, _B_USABLE, _B_REF, _B_DELTA, _B_M2 = range(6)
+_X_LAST = _X_FIRST + 6
+_X_PARTIAL = _X_LAST + 6
+
+
+def boundary_record_width(*, batch_level: bool, expected_group_size_known: bool) -> int:
+    """int64 columns of one rank's boundary-exchange record: ``17 + (1 or 2) + (4 if batch level)``.
+
+    Each rank receives ``W`` records: ``8 W x width`` bytes per call of :func:`normalize_advantages` /
+    :func:`compute_step_advantages`, whatever the number of groups or rows.
+    """
+    return _X_PARTIAL + (1 if expected_group_size_known else 2) + (4 if batch_level else 0)
+
+
+def _boundary_exchange(r, ok, bad_row, seg_inv, table, *, mean_level, std_level, eps, unbiased,
+                       leave_one_out, min_valid, process_group, expected_group_size):
+    """The group statistics over ``W`` ranks from ONE fixed-size all-gather (O(W) bytes, not O(groups)).
+
+    Groups are contiguous, so when the group ids ascend along the global row order only a rank's first
+    and last bucket (``table`` rows 0 and ``S - 1``) can belong to a group that continues on another rank;
+    every other bucket (*interior*) is a whole group. Each rank sends one record: its first and last
+    bucket, ``(rows, truncated)`` totals, its interior groups' dropped count, kept stat rows and partial
+    count (or, without ``expected_group_size``, their largest usable count and how many reach it) and,
+    at a ``batch`` level, the Chan moments of its interior kept groups. Every rank then merges the
+    boundary buckets of all ranks in rank order exactly as the full gather does (so a group spanning
+    three or more ranks, through ranks holding only part of it, and ranks with no rows are handled), and
+    all the decisions below are taken from the same gathered records on every rank.
+
+    Returns ``(adv float64 [B], kept_row [B], stats)``, or None (identically on every rank) when the ids
+    do not ascend over the ranks; the caller then gathers every bucket.
+    """
+    device = table.device
+    n_seg = table.shape[0]
+    my_rank = dist.rank(process_group)
+    batch_level = "batch" in (mean_level, std_level)
+    ascending = bool((table[1:, _ID] > table[:-1, _ID]).all())
+
+    # this rank's buckets as groups (identity merge: the same rounding as the full gather's merge)
+    own = torch.arange(n_seg, device=device)
+    g_n, g_ref, g_delta, g_m2 = _merge_moments(table[:, _NSTAT], _from_bits(table[:, _REF]),
+                                               _from_bits(table[:, _DELTA]), _from_bits(table[:, _M2]), own,
+                                               n_seg)
+    g_usable = table[:, _USABLE]
+    interior = (own > 0) & (own < n_seg - 1)
+    kept_int = interior & (g_n >= min_valid)
+
+    def bucket(k):
+        if n_seg == 0:
+            return torch.zeros(6, dtype=torch.int64, device=device)
+        return table[k, [_ID, _NSTAT, _USABLE, _REF, _DELTA, _M2]]
+
+    if expected_group_size is not None:
+        partial = [(interior & (g_usable < expected_group_size)).sum()]
+    else:
+        top = torch.where(interior, g_usable, -1).max() if n_seg else torch.tensor(-1, device=device)
+        partial = [top, (interior & (g_usable == top)).sum()]
+    flags = n_seg * 4 + ascending * 2 + (bad_row is not None and bool(bad_row.any()))
+    fields = [torch.tensor([flags, int(table[:, _ROWS].sum()), int(table[:, _TRUNC].sum())],
+                           dtype=torch.int64, device=device),
+              torch.stack([(interior & ~kept_int).sum(), torch.where(kept_int, g_n, 0).sum()]),
+              bucket(0), bucket(n_seg - 1), torch.stack(partial).to(torch.int64)]
+    if batch_level:
+        b_n, b_ref, b_delta, b_m2 = _merge_moments(torch.where(kept_int, g_n, 0), g_ref, g_delta,
+                                                   torch.where(kept_int, g_m2, 0.0),
+                                                   torch.zeros(n_seg, dtype=torch.int64, device=device), 1)
+        fields.append(torch.cat([b_n, _as_bits(b_ref), _as_bits(b_delta), _as_bits(b_m2)]))
+    record = torch.cat(fields).unsqueeze(0)
+    rec = dist.all_gather_fixed(record, process_group)                        # [W, width]
+
+    # ---- identical on every rank from here ------------------------------------------------------
+    flags = rec[:, _X_FLAGS]
+    nseg_r = flags // 4
+    _raise_non_finite(torch.nonzero(flags % 2).flatten().tolist(), bad_row, my_rank)
+    world = rec.shape[0]
+    present = torch.stack([nseg_r >= 1, nseg_r >= 2], dim=1).reshape(-1)   # first, last bucket per rank
+    bk = torch.stack([rec[:, _X_FIRST:_X_FIRST + 6], rec[:, _X_LAST:_X_LAST + 6]], dim=1).reshape(-1, 6)
+    bk = bk[present]
+    ids = bk[:, _B_ID]
+    all_ascending = bool((((flags // 2) % 2 == 1) | (nseg_r == 0)).all()) and bool((ids[1:] >= ids[:-1]).all())
+    if not all_ascending:
+        return None
+    starts = torch.ones(ids.numel(), dtype=torch.bool, device=device)
+    starts[1:] = ids[1:] != ids[:-1]
+    b_idx = torch.cumsum(starts.long(), 0) - 1                              # boundary bucket -> group
+    n_b = int(starts.sum())
+    m_n, m_ref, m_delta, m_m2 = _merge_moments(bk[:, _B_N], _from_bits(bk[:, _B_REF]),
+                                               _from_bits(bk[:, _B_DELTA]), _from_bits(bk[:, _B_M2]), b_idx, n_b)
+    m_usable = torch.zeros(n_b, dtype=torch.int64, device=device).index_add_(0, b_idx, bk[:, _B_USABLE])
+    m_kept = m_n >= min_valid
+
+    # this rank's first / last bucket take the merged statistics of their groups
+    if n_seg:
+        first = int(present[:2 * my_rank].sum())             # position of this rank's first bucket
+        ends = torch.tensor([0, n_seg - 1], device=device)[:min(n_seg, 2)]
+        groups = b_idx[first:first + ends.numel()]
+        g_n, g_ref, g_delta, g_m2 = (t.index_put((ends,), v[groups]) for t, v in
+                                     ((g_n, m_n), (g_ref, m_ref), (g_delta, m_delta), (g_m2, m_m2)))
+    kept_g = g_n >= min_valid
+
+    if batch_level:
+        col = _X_PARTIAL + (1 if expected_group_size is not None else 2)
+        parts = rec[:, col:col + 4]
+        batch = _merge_moments(torch.cat([parts[:, 0], torch.where(m_kept, m_n, 0)]),
+                               torch.cat([_from_bits(parts[:, 1]), m_ref]),
+                               torch.cat([_from_bits(parts[:, 2]), m_delta]),
+                               torch.cat([_from_bits(parts[:, 3]), torch.where(m_kept, m_m2, 0.0)]),
+                               torch.zeros(world + n_b, dtype=torch.int64, device=device), 1)
+    else:  # unused by _group_coefficients
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        batch = (torch.zeros(1, dtype=torch.int64, device=device), zero, zero, zero)
+    center_ref, center_delta, mult = _group_coefficients(
+        (g_n, g_ref, g_delta, g_m2), kept_g, batch, mean_level=mean_level, std_level=std_level, eps=eps,
+        unbiased=unbiased, leave_one_out=leave_one_out)
+
+    row_mult = mult.index_select(0, seg_inv)
+    if mean_level == "none":
+        adv = r * row_mult
+    else:
+        if mean_level == "group":
+            center_ref = center_ref.index_select(0, seg_inv)
+            center_delta = center_delta.index_select(0, seg_inv)
+        adv = (r - center_ref).sub_(center_delta).mul_(row_mult)
+    adv = adv.masked_fill_(~ok, 0.0)
+    kept_row = kept_g.index_select(0, seg_inv)
+
+    n_groups = int((nseg_r - 2).clamp(min=0).sum()) + n_b
+    if expected_group_size is not None:
+        partial = int(rec[:, _X_PARTIAL].sum()) + int((m_usable < expected_group_size).sum())
+    else:
+        tops = rec[:, _X_PARTIAL]
+        reference = max(int(tops.max()), int(m_usable.max()) if n_b else -1, 0)
+        at_top = int(rec[tops == reference, _X_PARTIAL + 1].sum()) + int((m_usable == reference).sum())
+        partial = n_groups - at_top if n_groups else 0
+    stats = {
+        "num_groups": n_groups,
+        "num_partial_groups": partial,
+        "num_dropped_groups": int(rec[:, _X_DROPPED].sum()) + int((~m_kept).sum()),
+        "num_truncated": int(rec[:, _X_TRUNC].sum()),
+        "num_rows": int(rec[:, _X_ROWS].sum()),
+        "num_stat_rows": int(rec[:, _X_STATROWS].sum()) + int(torch.where(m_kept, m_n, 0).sum()),
+    }
+    return adv, kept_row, stats
 
 
 def _group_coefficients(group, kept_g, batch, *, mean_level, std_level, eps, unbiased, leave_one_out):
