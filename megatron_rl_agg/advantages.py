@@ -113,7 +113,7 @@ def normalize_advantages(
         rewards, group_sizes, group_ids, valid, mean_level, std_level, eps, leave_one_out, process_group)
     adv, _, _ = _normalize_core(rewards, seg, valid, usable=None, truncated=None, mean_level=mean_level,
                                 std_level=std_level, eps=eps, unbiased=unbiased, leave_one_out=leave_one_out,
-                                min_valid=0, process_group=process_group)
+                                min_valid=0, process_group=process_group, need_kept_row=False)
     return adv
 
 
@@ -296,13 +296,15 @@ def _as_sizes(group_sizes) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def _segment_moments(r, ok, inv, lengths):
-    """Per-segment ``(n, ref, delta, M2)`` of ``r[ok]`` in float64, without sum-of-squares cancellation.
+    """Per-segment ``(n, ref, delta, M2)`` of ``r[ok]`` in float64, without sum-of-squares cancellation,
+    and the centered rows ``c [B]``.
 
     Segments are runs of consecutive rows (``lengths``; ``inv`` maps rows to segments). ``ref`` is the
     largest valid value of the segment and ``delta = mean - ref = sum(x - ref) / n`` (shifted data): a
     common offset cancels exactly in ``x - ref`` before anything is summed, the mean is never rounded to
     the offset's precision, and a segment whose values are all equal gets ``delta == 0`` and ``M2 == 0``
-    bit-exactly. ``M2 = sum((x - ref) - delta)^2`` is the centered second pass.
+    bit-exactly. ``c = (x - ref) - delta`` on valid rows (0 elsewhere, whatever ``r`` holds there) and
+    ``M2 = sum c^2`` is the centered second pass; ``c`` times a segment's scale is its advantage.
     """
     f64 = torch.float64
     n_seg = lengths.numel()
@@ -317,8 +319,8 @@ def _segment_moments(r, ok, inv, lengths):
     shifted = torch.where(ok, r - ref.index_select(0, inv), 0.0)
     delta = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, shifted) / n.clamp(min=1)
     centered = shifted.sub_(delta.index_select(0, inv)).mul_(okf)  # in place: 1M-row temporaries add up
-    m2 = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, centered.mul_(centered))
-    return n.round().long(), ref, delta, m2
+    m2 = torch.zeros(n_seg, dtype=f64, device=r.device).index_add_(0, inv, centered * centered)
+    return n.round().long(), ref, delta, m2, centered
 
 
 def _merge_moments(n_b, ref_b, delta_b, m2_b, idx, n_out):
@@ -353,48 +355,67 @@ def _from_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, std_level, eps, unbiased,
-                    leave_one_out, min_valid, process_group, expected_group_size=None):
-    """One gather, then everything else replicated on every rank. Returns ``(adv, kept_row, stats)``.
+                    leave_one_out, min_valid, process_group, expected_group_size=None, need_kept_row=True):
+    """Statistics over every rank, then this rank's advantages. Returns ``(adv, kept_row, stats)``.
 
-    ``usable``/``truncated`` (``[B]`` bool or None) only feed the step statistics; None counts
-    ``stat_valid`` rows as usable and no row as truncated.
+    Ids that ascend along the global row order (the trainer's prompt indices; any single-process batch
+    of ascending ids) take :func:`_boundary_exchange`: one fixed-size all-gather, O(ranks) bytes. Other
+    orders gather every bucket (:func:`_full_gather`, O(groups) bytes), which also reports ids whose
+    groups are not contiguous. ``usable``/``truncated`` (``[B]`` bool or None) only feed the step
+    statistics; None counts ``stat_valid`` rows as usable and no row as truncated. ``kept_row`` is None
+    when ``need_kept_row`` is False.
     """
     seg_ids, seg_inv, lengths = seg
-    device = rewards.device
     r = rewards.detach().to(torch.float64)
-    n_seg = seg_ids.numel()
-    my_rank = dist.rank(process_group)
-
-    # A non-finite reward on a valid row is an error. One reduction detects it; only then is it located.
+    moments = _segment_moments(r, stat_valid, seg_inv, lengths)
+    # A non-finite reward on a valid row makes its segment's statistics non-finite (inf - inf, nan in a
+    # max, -inf in a mean): one check over the segments detects it; only then are the rows located, and
+    # the statistics recomputed without them, so that every rank still enters the same collectives.
     bad_row = None
-    if not torch.isfinite(torch.where(stat_valid, r, 0.0).sum()):
+    if not bool((torch.isfinite(moments[1]).all() & torch.isfinite(moments[2]).all()
+                 & torch.isfinite(moments[3]).all())):
         bad_row = stat_valid & ~torch.isfinite(r)
+        if bool(bad_row.any()):
+            moments = _segment_moments(r, stat_valid & ~bad_row, seg_inv, lengths)
+        else:
+            bad_row = None
     ok = stat_valid if bad_row is None else stat_valid & ~bad_row
-    n_stat, ref, delta, m2 = _segment_moments(r, ok, seg_inv, lengths)
 
     def seg_count(mask):
         if mask is None:
-            return torch.zeros(n_seg, dtype=torch.int64, device=device)
-        return torch.zeros(n_seg, dtype=torch.int64, device=device).index_add_(0, seg_inv, mask.long())
+            return torch.zeros(seg_ids.numel(), dtype=torch.int64, device=r.device)
+        return torch.zeros(seg_ids.numel(), dtype=torch.int64, device=r.device).index_add_(
+            0, seg_inv, mask.long())
 
+    local = dict(ids=seg_ids, rows=lengths, usable=moments[0] if usable is None else seg_count(usable),
+                 truncated=seg_count(truncated), bad_row=bad_row, moments=moments)
+    kw = dict(mean_level=mean_level, std_level=std_level, eps=eps, unbiased=unbiased,
+              leave_one_out=leave_one_out, min_valid=min_valid, process_group=process_group,
+              expected_group_size=expected_group_size)
+    out = _boundary_exchange(r, ok, seg_inv, local, need_kept_row=need_kept_row, **kw)
+    if out is None:
+        out = _full_gather(r, ok, seg_inv, local, **kw)
+    adv, kept_row, stats = out
+    return adv.to(rewards.dtype), kept_row, stats
+
+
+def _full_gather(r, ok, seg_inv, local, *, mean_level, std_level, eps, unbiased, leave_one_out, min_valid,
+                 process_group, expected_group_size):
+    """Every rank's every bucket to every rank (two collectives, O(groups) bytes), then everything
+    replicated; also the check that each group's rows are contiguous."""
+    device = r.device
+    seg_ids = local["ids"]
+    n_seg = seg_ids.numel()
+    my_rank = dist.rank(process_group)
+    n_stat, ref, delta, m2, _ = local["moments"]
+    bad_row = local["bad_row"]
+    zeros = torch.zeros(n_seg, dtype=torch.int64, device=device)
     table = torch.stack([
         torch.full((n_seg,), my_rank, dtype=torch.int64, device=device),
-        seg_ids,
-        lengths,
-        n_stat,
-        n_stat if usable is None else seg_count(usable),
-        seg_count(truncated),
-        seg_count(bad_row),
+        seg_ids, local["rows"], n_stat, local["usable"], local["truncated"],
+        zeros if bad_row is None else zeros.index_add(0, seg_inv, bad_row.long()),
         _as_bits(ref), _as_bits(delta), _as_bits(m2),
     ], dim=1)
-    if dist.world_size(process_group) > 1:
-        fast = _boundary_exchange(r, ok, bad_row, seg_inv, table, mean_level=mean_level, std_level=std_level,
-                                  eps=eps, unbiased=unbiased, leave_one_out=leave_one_out, min_valid=min_valid,
-                                  process_group=process_group, expected_group_size=expected_group_size)
-        if fast is not None:
-            adv, kept_row, stats = fast
-            return adv.to(rewards.dtype), kept_row, stats
-    # One process, or ids out of ascending order over the ranks: every bucket to every rank.
     table = dist.all_gather_varlen(table, process_group)  # [sum_r S_r, 10], rank order
 
     # ---- checks that need every rank's data: the same outcome on every rank ----------------------
@@ -454,7 +475,7 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
         "num_rows": int(table[:, _ROWS].sum()),
         "num_stat_rows": int(n_kept.sum()),
     }
-    return adv.to(rewards.dtype), kept_row, stats
+    return adv, kept_row, stats
 
 
 def _raise_non_finite(bad_ranks, bad_row, my_rank):
@@ -484,73 +505,76 @@ def boundary_record_width(*, batch_level: bool, expected_group_size_known: bool)
     return _X_PARTIAL + (1 if expected_group_size_known else 2) + (4 if batch_level else 0)
 
 
-def _boundary_exchange(r, ok, bad_row, seg_inv, table, *, mean_level, std_level, eps, unbiased,
-                       leave_one_out, min_valid, process_group, expected_group_size):
+def _boundary_exchange(r, ok, seg_inv, local, *, mean_level, std_level, eps, unbiased, leave_one_out,
+                       min_valid, process_group, expected_group_size, need_kept_row):
     """The group statistics over ``W`` ranks from ONE fixed-size all-gather (O(W) bytes, not O(groups)).
 
     Groups are contiguous, so when the group ids ascend along the global row order only a rank's first
-    and last bucket (``table`` rows 0 and ``S - 1``) can belong to a group that continues on another rank;
+    and last bucket (segments 0 and ``S - 1``) can belong to a group that continues on another rank;
     every other bucket (*interior*) is a whole group. Each rank sends one record: its first and last
     bucket, ``(rows, truncated)`` totals, its interior groups' dropped count, kept stat rows and partial
     count (or, without ``expected_group_size``, their largest usable count and how many reach it) and,
     at a ``batch`` level, the Chan moments of its interior kept groups. Every rank then merges the
-    boundary buckets of all ranks in rank order exactly as the full gather does (so a group spanning
-    three or more ranks, through ranks holding only part of it, and ranks with no rows are handled), and
-    all the decisions below are taken from the same gathered records on every rank.
+    boundary buckets of all ranks in rank order (so a group spanning three or more ranks, through ranks
+    holding only part of it, and ranks with no rows are handled), and all the decisions below are taken
+    from the same gathered records on every rank. With one process the record is its own result.
 
-    Returns ``(adv float64 [B], kept_row [B], stats)``, or None (identically on every rank) when the ids
-    do not ascend over the ranks; the caller then gathers every bucket.
+    Rows: ``A = c * mult`` with the centered rows ``c`` of :func:`_segment_moments` for a group that is
+    one bucket; the rows of a first / last bucket whose group continues elsewhere are recomputed from
+    the merged statistics, ``A = ((r - ref) - delta) * mult``.
+
+    Returns ``(adv float64 [B], kept_row [B] or None, stats)``, or None (identically on every rank)
+    when the ids do not ascend over the ranks.
     """
-    device = table.device
-    n_seg = table.shape[0]
+    device = r.device
+    seg_ids = local["ids"]
+    n_seg = seg_ids.numel()
     my_rank = dist.rank(process_group)
     batch_level = "batch" in (mean_level, std_level)
-    ascending = bool((table[1:, _ID] > table[:-1, _ID]).all())
+    bad_row = local["bad_row"]
+    g_n, g_ref, g_delta, g_m2, centered = local["moments"]     # this rank's buckets = its groups (so far)
+    g_usable = local["usable"]
+    ascending = bool((seg_ids[1:] > seg_ids[:-1]).all())
 
-    # this rank's buckets as groups (identity merge: the same rounding as the full gather's merge)
     own = torch.arange(n_seg, device=device)
-    g_n, g_ref, g_delta, g_m2 = _merge_moments(table[:, _NSTAT], _from_bits(table[:, _REF]),
-                                               _from_bits(table[:, _DELTA]), _from_bits(table[:, _M2]), own,
-                                               n_seg)
-    g_usable = table[:, _USABLE]
     interior = (own > 0) & (own < n_seg - 1)
     kept_int = interior & (g_n >= min_valid)
+    ends = own[[0, -1]] if n_seg else own.new_zeros(2)            # first and last bucket (equal if S = 1)
 
-    def bucket(k):
+    def buckets():
         if n_seg == 0:
-            return torch.zeros(6, dtype=torch.int64, device=device)
-        return table[k, [_ID, _NSTAT, _USABLE, _REF, _DELTA, _M2]]
+            return torch.zeros(12, dtype=torch.int64, device=device)
+        return torch.stack([seg_ids[ends], g_n[ends], g_usable[ends], _as_bits(g_ref[ends]),
+                            _as_bits(g_delta[ends]), _as_bits(g_m2[ends])], dim=1).reshape(-1)
 
     if expected_group_size is not None:
         partial = [(interior & (g_usable < expected_group_size)).sum()]
     else:
         top = torch.where(interior, g_usable, -1).max() if n_seg else torch.tensor(-1, device=device)
         partial = [top, (interior & (g_usable == top)).sum()]
-    flags = n_seg * 4 + ascending * 2 + (bad_row is not None and bool(bad_row.any()))
-    fields = [torch.tensor([flags, int(table[:, _ROWS].sum()), int(table[:, _TRUNC].sum())],
+    flags = n_seg * 4 + ascending * 2 + (bad_row is not None)
+    fields = [torch.tensor([flags, int(local["rows"].sum()), int(local["truncated"].sum())],
                            dtype=torch.int64, device=device),
               torch.stack([(interior & ~kept_int).sum(), torch.where(kept_int, g_n, 0).sum()]),
-              bucket(0), bucket(n_seg - 1), torch.stack(partial).to(torch.int64)]
+              buckets(), torch.stack(partial).to(torch.int64)]
     if batch_level:
         b_n, b_ref, b_delta, b_m2 = _merge_moments(torch.where(kept_int, g_n, 0), g_ref, g_delta,
                                                    torch.where(kept_int, g_m2, 0.0),
                                                    torch.zeros(n_seg, dtype=torch.int64, device=device), 1)
         fields.append(torch.cat([b_n, _as_bits(b_ref), _as_bits(b_delta), _as_bits(b_m2)]))
-    record = torch.cat(fields).unsqueeze(0)
-    rec = dist.all_gather_fixed(record, process_group)                        # [W, width]
+    rec = dist.all_gather_fixed(torch.cat(fields).unsqueeze(0), process_group)   # [W, width]
 
     # ---- identical on every rank from here ------------------------------------------------------
     flags = rec[:, _X_FLAGS]
     nseg_r = flags // 4
-    _raise_non_finite(torch.nonzero(flags % 2).flatten().tolist(), bad_row, my_rank)
-    world = rec.shape[0]
     present = torch.stack([nseg_r >= 1, nseg_r >= 2], dim=1).reshape(-1)   # first, last bucket per rank
-    bk = torch.stack([rec[:, _X_FIRST:_X_FIRST + 6], rec[:, _X_LAST:_X_LAST + 6]], dim=1).reshape(-1, 6)
+    bk = rec[:, _X_FIRST:_X_PARTIAL].reshape(-1, 6)                       # [2 W, 6]: first, last, ...
     bk = bk[present]
     ids = bk[:, _B_ID]
-    all_ascending = bool((((flags // 2) % 2 == 1) | (nseg_r == 0)).all()) and bool((ids[1:] >= ids[:-1]).all())
-    if not all_ascending:
+    if not (bool((((flags // 2) % 2 == 1) | (nseg_r == 0)).all()) and bool((ids[1:] >= ids[:-1]).all())):
         return None
+    _raise_non_finite(torch.nonzero(flags % 2).flatten().tolist(), bad_row, my_rank)
+    world = rec.shape[0]
     starts = torch.ones(ids.numel(), dtype=torch.bool, device=device)
     starts[1:] = ids[1:] != ids[:-1]
     b_idx = torch.cumsum(starts.long(), 0) - 1                              # boundary bucket -> group
@@ -558,15 +582,20 @@ def _boundary_exchange(r, ok, bad_row, seg_inv, table, *, mean_level, std_level,
     m_n, m_ref, m_delta, m_m2 = _merge_moments(bk[:, _B_N], _from_bits(bk[:, _B_REF]),
                                                _from_bits(bk[:, _B_DELTA]), _from_bits(bk[:, _B_M2]), b_idx, n_b)
     m_usable = torch.zeros(n_b, dtype=torch.int64, device=device).index_add_(0, b_idx, bk[:, _B_USABLE])
+    m_buckets = torch.zeros(n_b, dtype=torch.int64, device=device).index_add_(0, b_idx, torch.ones_like(b_idx))
     m_kept = m_n >= min_valid
 
-    # this rank's first / last bucket take the merged statistics of their groups
+    # this rank's first / last bucket take the merged statistics of their groups when those continue
+    # on another rank (one-bucket groups keep their own, so a single process uses c throughout)
+    merged_ends = []
     if n_seg:
         first = int(present[:2 * my_rank].sum())             # position of this rank's first bucket
-        ends = torch.tensor([0, n_seg - 1], device=device)[:min(n_seg, 2)]
-        groups = b_idx[first:first + ends.numel()]
-        g_n, g_ref, g_delta, g_m2 = (t.index_put((ends,), v[groups]) for t, v in
-                                     ((g_n, m_n), (g_ref, m_ref), (g_delta, m_delta), (g_m2, m_m2)))
+        for k, g in zip(ends[:min(n_seg, 2)].tolist(), b_idx[first:first + min(n_seg, 2)].tolist()):
+            if int(m_buckets[g]) > 1:
+                merged_ends.append(k)
+                g_n, g_ref, g_delta, g_m2 = (t.index_put((torch.tensor([k], device=device),), v[g].reshape(1))
+                                             for t, v in ((g_n, m_n), (g_ref, m_ref), (g_delta, m_delta),
+                                                          (g_m2, m_m2)))
     kept_g = g_n >= min_valid
 
     if batch_level:
@@ -585,15 +614,17 @@ def _boundary_exchange(r, ok, bad_row, seg_inv, table, *, mean_level, std_level,
         unbiased=unbiased, leave_one_out=leave_one_out)
 
     row_mult = mult.index_select(0, seg_inv)
-    if mean_level == "none":
-        adv = r * row_mult
+    if mean_level == "group":
+        adv = centered.mul_(row_mult)        # c is 0 on invalid rows; the moments' buffer is not reused
+        if merged_ends:
+            bounds = torch.cumsum(local["rows"], 0)
+            for k in merged_ends:
+                sl = slice(int(bounds[k]) - int(local["rows"][k]), int(bounds[k]))
+                adv[sl] = torch.where(ok[sl], ((r[sl] - center_ref[k]) - center_delta[k]) * mult[k], 0.0)
     else:
-        if mean_level == "group":
-            center_ref = center_ref.index_select(0, seg_inv)
-            center_delta = center_delta.index_select(0, seg_inv)
-        adv = (r - center_ref).sub_(center_delta).mul_(row_mult)
-    adv = adv.masked_fill_(~ok, 0.0)
-    kept_row = kept_g.index_select(0, seg_inv)
+        adv = r * row_mult if mean_level == "none" else (r - center_ref).sub_(center_delta).mul_(row_mult)
+        adv = adv.masked_fill_(~ok, 0.0)  # invalid rows: 0, whatever they hold (NaN * 0 would be NaN)
+    kept_row = kept_g.index_select(0, seg_inv) if need_kept_row else None
 
     n_groups = int((nseg_r - 2).clamp(min=0).sum()) + n_b
     if expected_group_size is not None:

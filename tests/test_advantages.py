@@ -365,18 +365,23 @@ def test_policy_errors():
 
 def test_one_gather_per_call():
     calls = []
-    real = agg_dist.all_gather_varlen
+    real = agg_dist.all_gather_fixed
 
     def counting(rows, group=None):
         calls.append(rows.shape)
         return real(rows, group)
 
-    with mock.patch.object(agg_dist, "all_gather_varlen", counting), \
+    with mock.patch.object(agg_dist, "all_gather_fixed", counting), \
+            mock.patch.object(agg_dist, "all_gather_varlen", side_effect=AssertionError("unexpected")), \
             mock.patch.object(agg_dist, "all_reduce_sum", side_effect=AssertionError("unexpected")):
         for sizes in ([1], [4, 4, 3, 1], [2] * 500):
             normalize_advantages(torch.randn(sum(sizes), dtype=torch.float64), group_sizes=sizes)
         step([1.0, 2.0, 3.0], [0, 0, 1], torch.tensor([0, 0, 1]).bool(), overlong_policy="mask")
-    assert len(calls) == 4
+    assert len(calls) == 4 and all(shape[0] == 1 for shape in calls)   # one record, whatever the groups
+    # ids out of ascending order: the record, then the gather of every bucket
+    with mock.patch.object(agg_dist, "all_gather_varlen", wraps=agg_dist.all_gather_varlen) as varlen:
+        normalize_advantages(torch.randn(5, dtype=torch.float64), group_ids=torch.tensor([4, 4, 1, 1, 1]))
+    assert varlen.call_count == 1 and varlen.call_args[0][0].shape == (2, 10)
 
 
 # ----------------------------------------------------------------------------------------------
