@@ -133,8 +133,9 @@ def main():
                           args.repeats, sync)
     assert torch.equal(adv, adv2)
     t_floor, adv_floor = timed(lambda: floor_index_add(rewards, valid, ids, args.groups), args.repeats, sync)
-    err = (adv_floor - adv).abs().max().item()
-    assert err < 1e-8, f"the floor disagrees with normalize_advantages by {err}"
+    # the floor's one-pass variance (sum of squares - n mean^2) cancels digits in tight groups
+    floor_err = (adv_floor - adv).abs().max().item()
+    assert floor_err < 1e-4, f"the floor disagrees with normalize_advantages by {floor_err}"
 
     n_loop = args.groups if args.loop_groups <= 0 else min(args.loop_groups, args.groups)
     rows_loop = int(sizes[:n_loop].sum())
@@ -154,7 +155,8 @@ def main():
           f"median of {args.repeats})")
     print(f"vectorized (group_sizes): {t_sizes * 1e3:9.1f} ms")
     print(f"floor (3 x index_add_):   {t_floor * 1e3:9.1f} ms  -> normalize_advantages / floor = "
-          f"{t_ids / t_floor:.2f}x (group_ids), {t_sizes / t_floor:.2f}x (group_sizes)")
+          f"{t_ids / t_floor:.2f}x (group_ids), {t_sizes / t_floor:.2f}x (group_sizes); "
+          f"max |floor - vectorized| {floor_err:.1e}")
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) during the run: {os.getloadavg()[0]:.1f}")
     for name, t in results.items():
