@@ -57,7 +57,8 @@ def main():
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 out = generation.generate(chunks, prompts, noise, seq_length=seq, max_new_tokens=new,
-                                          temperature=1.0, micro_batch_rows=args.micro_batch_rows, kv_cache=kv)
+                                          temperature=1.0, micro_batch_rows=args.micro_batch_rows,
+                                          kv_cache=kv)
                 runs.append(time.perf_counter() - start)
             result[kv], times[kv] = out, statistics.median(runs)
         if result[True] != result[False]:
@@ -69,7 +70,8 @@ def main():
                "speedup": times[False] / times[True], "recompute_s": times[False], "cached_s": times[True]}
         rows.append(row)
         print(f"{new:>4} new tokens  recompute {row['recompute_tok_s']:>9.0f} tok/s ({times[False]:.3f} s)  "
-              f"cached {row['cached_tok_s']:>9.0f} tok/s ({times[True]:.3f} s)  speed-up {row['speedup']:.1f}x",
+              f"cached {row['cached_tok_s']:>9.0f} tok/s ({times[True]:.3f} s)  "
+              f"speed-up {row['speedup']:.1f}x",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -34,18 +34,24 @@ baseline changes: ``sigma`` is still the std of *all* the valid rows of the leve
 With ``mean_level = std_level = "none"`` the advantage is the raw reward of the valid rows (no statistics,
 so rules 2-4 do not apply).
 
-Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean - ref, M2)`` and ONE
-:func:`megatron_rl_agg.dist.all_gather_varlen` (two collectives, whatever the number of groups) gives every
-rank every bucket; buckets of a group that continues on the next rank are merged with Chan's pairwise
-formula, so each group's statistics cover all its rows on all ranks. All the validation of ids and
-rewards that depends on other ranks' data happens after the gather, identically on every rank, so a bad
-batch raises the same error everywhere instead of leaving some ranks waiting in a collective.
+Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean - ref, M2)``.
+Groups are contiguous, so when the ids ascend along the global row order (the trainer's prompt indices)
+only a rank's first and last bucket can belong to a group that continues on another rank: ONE
+:func:`megatron_rl_agg.dist.all_gather_fixed` of a fixed-size record per rank (those two buckets and a
+few per-rank sums, :func:`boundary_record_width` int64) gives every rank what it needs, O(ranks) bytes
+whatever the number of groups; boundary buckets of one group are merged with Chan's pairwise formula, so
+each group's statistics cover all its rows on all ranks (a group may span any number of ranks). Ids in
+any other order fall back, identically on every rank, to :func:`megatron_rl_agg.dist.all_gather_varlen`
+of every bucket (two collectives, O(groups) bytes). All the validation of ids and rewards that depends
+on other ranks' data happens after an exchange, identically on every rank, so a bad batch raises the
+same error everywhere instead of leaving some ranks waiting in a collective.
 
 Numerics: float64 throughout; per bucket the mean is kept as ``ref + delta`` (``ref`` the largest valid
 reward, ``delta`` the mean of ``r - ref``) and ``M2`` is a centered second pass, so a large common offset
 cancels before any sum and never enters a square, and equal rewards give ``sigma == 0`` bit-exactly
-(rule 4). All reductions are vectorized segment reductions (``unique_consecutive``, ``index_add_``,
-``segment_reduce``, ``scatter_reduce_``): no Python loop over groups or rows.
+(rule 4); the advantage of a row is its centered value ``(r - ref) - delta`` from that second pass times
+its group's scale. All reductions are vectorized segment reductions (``unique_consecutive``,
+``index_add_``, ``segment_reduce``, ``scatter_reduce_``): no Python loop over groups or rows.
 
 This module never calls ``torch.distributed`` itself.
 """
@@ -104,7 +110,8 @@ def normalize_advantages(
         unbiased: std with ``n - 1`` (default) or ``n`` in the denominator.
         leave_one_out: baseline = mean of the other valid rows of the level (RLOO).
         process_group: the data-parallel group the rows are spread over; None = this process holds the
-            whole batch. Every rank of the group must call this function (one all-gather).
+            whole batch. Every rank of the group must call this function (one all-gather; see the
+            module docstring).
 
     Returns:
         ``[B]`` advantages in the dtype of ``rewards``. Statistics are computed in float64.
@@ -580,9 +587,11 @@ def _boundary_exchange(r, ok, seg_inv, local, *, mean_level, std_level, eps, unb
     b_idx = torch.cumsum(starts.long(), 0) - 1                              # boundary bucket -> group
     n_b = int(starts.sum())
     m_n, m_ref, m_delta, m_m2 = _merge_moments(bk[:, _B_N], _from_bits(bk[:, _B_REF]),
-                                               _from_bits(bk[:, _B_DELTA]), _from_bits(bk[:, _B_M2]), b_idx, n_b)
-    m_usable = torch.zeros(n_b, dtype=torch.int64, device=device).index_add_(0, b_idx, bk[:, _B_USABLE])
-    m_buckets = torch.zeros(n_b, dtype=torch.int64, device=device).index_add_(0, b_idx, torch.ones_like(b_idx))
+                                               _from_bits(bk[:, _B_DELTA]), _from_bits(bk[:, _B_M2]), b_idx,
+                                               n_b)
+    per_group = torch.zeros(n_b, dtype=torch.int64, device=device)
+    m_usable = per_group.index_add(0, b_idx, bk[:, _B_USABLE])
+    m_buckets = per_group.index_add(0, b_idx, torch.ones_like(b_idx))         # buckets per boundary group
     m_kept = m_n >= min_valid
 
     # this rank's first / last bucket take the merged statistics of their groups when those continue

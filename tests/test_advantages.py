@@ -463,7 +463,8 @@ def simulate_ranks(splits, fn, log=None):
 
         with mock.patch.object(agg_dist, "world_size", lambda group=None: world), \
                 mock.patch.object(agg_dist, "rank", lambda group=None: rank), \
-                mock.patch.object(agg_dist, "all_gather_varlen", collective(torch.cat, "all_gather_varlen")), \
+                mock.patch.object(agg_dist, "all_gather_varlen",
+                                  collective(torch.cat, "all_gather_varlen")), \
                 mock.patch.object(agg_dist, "all_gather_fixed", collective(torch.cat, "all_gather_fixed")), \
                 mock.patch.object(agg_dist, "all_reduce_sum",
                                   collective(lambda ts: torch.stack(ts).sum(0), "all_reduce_sum")), \
@@ -576,7 +577,8 @@ def test_group_spanning_many_ranks(order, levels):
     mean_level, std_level, loo = levels
     g = torch.Generator().manual_seed(3)
     n = sum(SPAN_SIZES)
-    rewards = torch.randint(0, 4, (n,), generator=g).double() + 0.25 * torch.randn(n, generator=g, dtype=torch.float64)
+    rewards = torch.randint(0, 4, (n,), generator=g).double()
+    rewards += 0.25 * torch.randn(n, generator=g, dtype=torch.float64)
     valid = torch.rand(n, generator=g) > 0.15
     truncated = torch.rand(n, generator=g) > 0.7
     ids = ids_from_sizes(SPAN_SIZES, stride=5, offset=2)
@@ -594,7 +596,8 @@ def test_group_spanning_many_ranks(order, levels):
     log = []
     outs = simulate_ranks(pieces, per_rank, log)
     names = [name for name, _ in log]
-    assert names == (["all_gather_fixed"] if order == "ascending" else ["all_gather_fixed", "all_gather_varlen"])
+    full = ["all_gather_fixed", "all_gather_varlen"]
+    assert names == (["all_gather_fixed"] if order == "ascending" else full)
     whole = compute_step_advantages(rewards, ids, truncated=truncated, sample_valid=valid, cfg=cfg)
     torch.testing.assert_close(torch.cat([o[0] for o in outs]), whole[0], rtol=1e-12, atol=1e-12)
     assert torch.equal(torch.cat([o[1] for o in outs]), whole[1])

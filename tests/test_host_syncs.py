@@ -46,7 +46,7 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         if func in _SYNC_OPS:
             self._note(str(func))
         elif func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default) and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None):
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
             self._note(f"{func} with a boolean mask")
         return func(*args, **kwargs)
 

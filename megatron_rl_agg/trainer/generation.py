@@ -169,7 +169,8 @@ def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new
         rows = torch.arange(num)
         while True:
             logits = forward.run_forward_only(chunk_list, step_tokens, micro_batch_rows, _cached_last_logits,
-                                              inference_context=context, position_offset=t + 1 - step_tokens.shape[1])
+                                              inference_context=context,
+                                              position_offset=t + 1 - step_tokens.shape[1])
             context.sequence_len_offset += step_tokens.shape[1]
             j = t - (real - 1)                                    # response index sampled at t, per row
             sampling = (j >= 0) & ~finished

@@ -57,7 +57,8 @@ def main():
                                   .clamp(min=1e-300)))
     for name, layout in LAYOUTS.items():
         megatron_compat.initialize_model_parallel(**layout)
-        spec = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_seq_length=SEQ)
+        spec = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+                       max_seq_length=SEQ)
         chunks = build_model(spec)
         init_weights(chunks, seed=11)
         result = {}
