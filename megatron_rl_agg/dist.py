@@ -23,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
-           "CollectiveTraffic", "count_collectives"]
+           "all_gather_stacked", "CollectiveTraffic", "count_collectives"]
 
 
 @dataclass
@@ -142,3 +142,38 @@ def all_gather_fixed(rows: torch.Tensor, group=None) -> torch.Tensor:
     torch_dist.all_gather(gathered, rows, group=group)
     _record("all_gather_fixed", len(gathered) * rows.nbytes)
     return torch.cat(gathered, dim=0)
+class _AllGatherStacked(torch.autograd.Function):
+    """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
+
+    Backward: rank ``r``'s input feeds slice ``r`` of the output on EVERY rank, so its gradient is the sum
+    over ranks of their output gradients' slice ``r``: one all-reduce of the ``[C, *shape]`` gradient,
+    then this rank's slice.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        size = world_size(group)
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        torch_dist.all_gather(parts, tensor.contiguous(), group=group)
+        _record("all_gather_stacked", size * tensor.nbytes)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        _record("all_gather_stacked", total.nbytes)
+        return total[rank(ctx.group)], None
+
+
+def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order, ``[C, *tensor.shape]``, differentiable.
+
+    One all-gather forward; one all-reduce of the output gradient backward (each rank keeps its own
+    slice of the summed gradient, which is the exact gradient of its input). Shapes and dtypes must
+    agree on all ranks. Without a group: ``tensor.unsqueeze(0)``.
+    """
+    if not _active(group) or world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    return _AllGatherStacked.apply(tensor, group)

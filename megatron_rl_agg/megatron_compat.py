@@ -64,7 +64,7 @@ def enable_cpu_mode() -> bool:
 
     1. ``torch.cuda.current_device()`` -> ``"cpu"``;
     2. ``torch.cuda.synchronize()`` -> no-op;
-    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``;
+    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``, and ``pin_memory=True`` -> False;
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
     6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
@@ -118,6 +118,10 @@ def _redirect_factories() -> None:
             dev = kwargs.get("device")
             if dev is not None and _is_cuda_device(dev):
                 kwargs["device"] = "cpu"
+            # rope_utils.get_pos_emb_on_this_cp_rank (RoPE under context parallelism) builds its index
+            # tensor with pin_memory=True, which raises without CUDA; there is no pinned memory to want.
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
             return _original(*args, **kwargs)
 
         setattr(torch, name, factory)

@@ -1,6 +1,6 @@
 """Train a GPT policy with GRPO-family RL on Megatron-Core, with exact loss aggregation.
 
-CPU, 2 processes (gloo; DP = 2 / (TP x PP)), the built-in counting task, on-policy:
+CPU, 2 processes (gloo; DP = 2 / (TP x PP x CP)), the built-in counting task, on-policy:
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train_grpo.py --config configs/cpu_demo.yaml
 
@@ -15,6 +15,11 @@ Offline rollouts (one JSON object per line, see docs/training.md), resume, refer
         --loss-aggregation seq_mean_token_mean --save ckpt --save-interval 10
     torchrun --nproc_per_node 2 scripts/train_grpo.py ... --load ckpt --train-iters 40
     torchrun --nproc_per_node 2 scripts/train_grpo.py ... --kl-coef 0.01 --ref-load ckpt
+
+Context parallelism and Megatron's 3-tuple loss contract (the same gradient as without it):
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train_grpo.py --config configs/cpu_demo.yaml \
+        --context-parallel-size 2 --calculate-per-token-loss
 
 GPU (NCCL, bf16, Transformer Engine layer spec when it imports): scripts/gpu_smoke.sh. Multi-node
 rendezvous: scripts/launch.sh and docs/slurm_example.sbatch. Every flag: docs/training.md.

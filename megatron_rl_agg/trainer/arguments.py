@@ -27,9 +27,17 @@ class TrainerArgsError(ValueError):
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("parallelism (Megatron-LM names; DP = world size / (TP x PP))")
+    g = parser.add_argument_group("parallelism (Megatron-LM names; DP = world size / (TP x PP x CP))")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP size: every row is split into 2 x CP zigzag chunks over CP ranks (--seq-length "
+                        "a multiple of 2 x CP; the local spec uses the plugin's CP attention, the Transformer "
+                        "Engine spec its own)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="Megatron's calculate_per_token_loss: the loss returns (loss, num_tokens, report) and "
+                        "Megatron divides the summed gradient by the total token count; the same gradient "
+                        "as without it")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per virtual pipeline stage (interleaved 1F1B); needs PP >= 2")
     g.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro-batch")
@@ -40,6 +48,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                    help="optimizer updates per training step: the step's rollouts (K x global batch size "
                         "rows) are split into K mini-batches of whole prompt groups, with the old log-probs "
                         "of all of them computed before the first update (PPO-style reuse)")
+    g.add_argument("--ddp-average-in-collective", action="store_true",
+                   help="Megatron DDP averages in the gradient collective instead of pre-scaling by 1/(DP x CP) "
+                        "and summing (the same gradient; refused with --calculate-per-token-loss)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over DP ranks (Megatron's DistributedOptimizer)")
 
@@ -193,6 +204,23 @@ def validate_args(args: argparse.Namespace) -> None:
             raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
         if args.max_response_length is None:
             args.max_response_length = args.max_new_tokens
+    _positive(args, "context_parallel_size")
+    cp = args.context_parallel_size
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise TrainerArgsError(
+            f"--seq-length {args.seq_length} must be a multiple of 2 x --context-parallel-size = {2 * cp} "
+            f"(context parallelism splits every row into 2 x CP equal chunks), e.g. --seq-length "
+            f"{-(-args.seq_length // (2 * cp)) * 2 * cp}")
+    if cp > 1 and getattr(args, "sequence_packing", False):
+        raise TrainerArgsError(
+            "--sequence-packing is not supported with --context-parallel-size > 1 (packed THD sequences "
+            "under context parallelism): drop --sequence-packing (padded rows give the same loss and "
+            "gradients), or use --context-parallel-size 1")
+    if args.calculate_per_token_loss and args.ddp_average_in_collective:
+        raise TrainerArgsError(
+            "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective: under the flag "
+            "the gradient is summed over the dp x cp ranks and divided once by the total token count, and "
+            "averaging in the collective would divide it by dp x cp as well; drop one of the two flags")
     if args.vocab_size % args.tensor_model_parallel_size:
         raise TrainerArgsError(f"--vocab-size {args.vocab_size} must be a multiple of "
                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")

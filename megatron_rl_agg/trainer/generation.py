@@ -12,7 +12,7 @@ logits over TP (fine at this size), every TP rank there draws the same token fro
 :func:`~megatron_rl_agg.trainer.forward.broadcast_from_last_stage` hands it to the other stages.
 
 Generation is KV-cached by default (Megatron-Core's ``StaticInferenceContext``, the cache its static
-inference engine uses, at any TP / PP / VPP layout): one prefill pass over the first ``min_len`` tokens
+inference engine uses, at any TP / PP / VPP layout; under context parallelism the prefix is recomputed): one prefill pass over the first ``min_len`` tokens
 (``min_len`` the shortest prompt), then one pass of ONE token per position, each attending to the cached
 keys and values. Rows are right-aligned in time: at position ``t`` a row whose prompt is longer than
 ``t + 1`` feeds its next prompt token, and a row whose prompt ended samples its response token
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl_agg import dist
 from megatron_rl_agg.trainer import forward, task
 from megatron_rl_agg.trainer.batching import shard_bounds
 from megatron_rl_agg.trainer.rollouts import Sample
@@ -76,11 +77,23 @@ def sample_tokens(logits: torch.Tensor, noise: torch.Tensor, temperature: float)
 
 
 def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
-    """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered)."""
+    """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered).
+
+    Under context parallelism the logits are this CP rank's zigzag shard: the rank holding the global
+    position (``position_ids`` of the shard) contributes its logits, the others zeros, and a sum over the
+    CP group gives every CP rank the row (``x + 0 == x`` exactly).
+    """
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     rows = torch.arange(logits.shape[0], device=logits.device)
-    picked = logits[rows, micro_batch["positions"]].float()                 # [b, V / tp]
+    group, cp_size, _ = forward.cp_layout()
+    if cp_size == 1:
+        picked = logits[rows, micro_batch["positions"]].float()             # [b, V / tp]
+    else:
+        held = micro_batch["position_ids"] == micro_batch["positions"].unsqueeze(1)      # [b, s]
+        local = held.long().argmax(dim=1)                                   # index in the shard (if held)
+        picked = torch.where(held.any(dim=1, keepdim=True), logits[rows, local].float(), 0.0)
+        picked = dist.all_reduce_sum(picked, group)
     return gather_from_tensor_model_parallel_region(picked)                 # [b, V]
 
 
@@ -92,7 +105,7 @@ def _cached_last_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor
 @torch.no_grad()
 def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
              seq_length: int, max_new_tokens: int, temperature: float,
-             micro_batch_rows: int, kv_cache: bool = True) -> list[tuple[list[int], str]]:
+             micro_batch_rows: int, kv_cache: Optional[bool] = None) -> list[tuple[list[int], str]]:
     """Sample one response per prompt with the model; returns ``[(response, finish_reason)]``.
 
     Args:
@@ -100,8 +113,10 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
             :func:`~megatron_rl_agg.trainer.forward.microbatch_multiple`.
-        kv_cache: KV-cached decoding (default); False recomputes the prefix for every token. Both draw
-            the same tokens from the same logits (see the module docstring).
+        kv_cache: KV-cached decoding; False recomputes the prefix for every token. Both draw the same
+            tokens from the same logits (see the module docstring). None (default): the cache, except
+            under context parallelism, where Megatron's static KV cache (whole sequences per rank) does
+            not apply and the prefix is recomputed, each CP rank holding its zigzag shard.
 
     A response ends at its first EOS (included, finish ``"stop"``) or after ``max_new_tokens`` tokens
     (finish ``"length"``). All model-parallel ranks of a pipeline see the same tokens, so they leave the
@@ -118,6 +133,12 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
                              f"--seq-length {seq_length} + 1")
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
         lengths[i] = len(p)
+    cp_size = forward.cp_layout()[1]
+    if kv_cache is None:
+        kv_cache = cp_size == 1
+    if kv_cache and cp_size > 1:
+        raise ValueError(f"kv_cache=True needs context_parallel_size 1, got {cp_size}: Megatron's static KV "
+                         "cache holds whole sequences; pass kv_cache=None or False under CP")
     if kv_cache:
         return _generate_cached(chunks, tokens, lengths, num, noise, seq_length=seq_length,
                                 max_new_tokens=max_new_tokens, temperature=temperature,

@@ -1,4 +1,4 @@
-"""The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / DP layout).
+"""The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / CP / DP layout).
 
 One step = ``K = --mini-batches-per-step`` optimizer updates (default 1), each on one mini-batch of whole
 prompt groups. Before the first update, for every mini-batch:
@@ -62,9 +62,25 @@ class Trainer:
 
     @property
     def dp_group(self):
+        """The data-parallel group WITHOUT context parallelism: rows, counts and advantages live on it (the
+        CP ranks of one DP rank hold the same rows)."""
         from megatron.core import parallel_state
 
         return parallel_state.get_data_parallel_group()
+
+    @property
+    def cp_group(self):
+        """The context-parallel group (None without CP)."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_context_parallel_group() if self.layout.get("cp", 1) > 1 else None
+
+    @property
+    def metrics_group(self):
+        """dp x cp: under CP every rank reports partial sums of its row shards."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _model_spec(args):
@@ -86,6 +102,11 @@ def _layer_spec(args, spec):
         from megatron_rl_agg.packing import packed_local_layer_spec
 
         return packed_local_layer_spec(normalization=spec.normalization)
+    if impl == "local" and args.context_parallel_size > 1:
+        # Megatron's local DotProductAttention refuses CP; the plugin's CP attention is its drop-in.
+        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+
+        return cp_local_layer_spec(normalization=spec.normalization)
     if impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
     if args.transformer_impl == "transformer_engine":
@@ -114,8 +135,10 @@ def _build_policy(args, spec):
     from megatron_rl_agg.model import build_model, build_optimizer, init_weights
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
-    chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config)
+                                               use_distributed_optimizer=args.use_distributed_optimizer,
+                                               average_in_collective=args.ddp_average_in_collective)
+    chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config,
+                         calculate_per_token_loss=args.calculate_per_token_loss)
     init_weights(chunks, seed=args.seed)            # layout-independent: a function of (seed, key) only
     optimizer = build_optimizer(
         chunks, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
@@ -158,13 +181,16 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
 
     rank, world = megatron_compat.initialize_distributed()
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed)
+    cp = args.context_parallel_size
+    if world % (tp * pp * cp):
+        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP x CP = {tp} x {pp} x {cp}")
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
     layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),
               "dp": parallel_state.get_data_parallel_world_size()}
+    if cp > 1:   # only when used, so checkpoints of CP-free runs keep their layout record
+        layout["cp"] = cp
     trainer = Trainer(args=args, chunks=chunks, optimizer=optimizer, ref_chunks=_build_reference(args, spec),
                       loss_cfg=LossConfig.from_args(args), adv_cfg=AdvantageConfig.from_args(args),
                       source=_build_source(args), layout=layout, rank=rank, world_size=world)
@@ -303,6 +329,7 @@ def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
 
     # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
+                                 cp_group=tr.cp_group, calculate_per_token_loss=tr.args.calculate_per_token_loss,
                                  vocab_size=tr.args.vocab_size)
     micro, step_func, seq_length, mbs = _schedule_inputs(tr, micro)
     for chunk in tr.chunks:
@@ -320,7 +347,7 @@ def _loss_metrics(tr: Trainer, reports: list) -> dict:
     """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
     from megatron_rl_agg.metrics import reduce_metrics
 
-    reduced = reduce_metrics(reports, tr.dp_group) if reports else None
+    reduced = reduce_metrics(reports, tr.metrics_group) if reports else None
     values = None
     if reduced is not None:
         values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
