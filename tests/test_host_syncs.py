@@ -99,17 +99,18 @@ CASES = [LossConfig(loss_aggregation=m, max_response_length=S, kl_coef=0.1, entr
 ]
 
 
-def run_loss(module, cfg, vocab_size):
+def run_loss(module, cfg, vocab_size, per_token=False):
     """prepare_microbatches once, then loss_func per micro-batch; returns the reads inside loss_func."""
     logits, batch = make_batch()
-    mbs = module.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=vocab_size)
+    mbs = module.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=vocab_size,
+                                      calculate_per_token_loss=per_token)
     assert len(mbs) == 3
     reads, losses = [], []
     for k, mb in enumerate(mbs):
         rows = logits[k * MICRO_BATCH:(k + 1) * MICRO_BATCH]
         rows = torch.cat([rows, rows.new_zeros(MICRO_BATCH - rows.shape[0], S, V)]).requires_grad_(True)
         with HostReads() as counter:
-            loss, report = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)
+            loss = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)[0]
         reads.append(counter.reads)
         loss.backward()
         losses.append(loss.detach())
@@ -125,6 +126,13 @@ def test_no_host_reads_in_loss_func(megatron_loss, cfg):
     reads_unchecked, losses_unchecked = run_loss(megatron_loss, cfg, vocab_size=None)
     assert [len(r) for r in reads_unchecked] == [1, 1, 1]   # bool(bad.any()): aten::_local_scalar_dense
     torch.testing.assert_close(torch.stack(losses), torch.stack(losses_unchecked), rtol=0, atol=0)
+
+
+def test_no_host_reads_with_per_token_loss(megatron_loss):
+    """Megatron's 3-tuple contract (calculate_per_token_loss): the same, no read per micro-batch."""
+    cfg = LossConfig(loss_aggregation="seq_mean_token_mean", kl_coef=0.1, entropy_coef=0.01)
+    reads, _ = run_loss(megatron_loss, cfg, vocab_size=V, per_token=True)
+    assert reads == [[], [], []]
 
 
 def test_counter_sees_each_kind_of_read():
