@@ -324,19 +324,65 @@ def microbatch_mean_weights(loss_mask: torch.Tensor, dtype: torch.dtype = torch.
 def _group_token_totals(gid: torch.Tensor, row_tok: torch.Tensor, process_group):
     """Per-row token total of the row's group, summed over every rank, and the global live-group count.
 
-    Each rank contributes one ``(id, tokens)`` bucket per local group run; the buckets of all ranks are
-    gathered (``all_gather_varlen``: two collectives, whatever the number of groups) and summed by id,
-    so a group whose rows sit on several ranks (or in several micro-batches) gets its full size.
+    Each rank summarizes its rows as one ``(id, tokens)`` bucket per local group run. When the ids ascend
+    along the global row order (checked from the exchanged records, identically on every rank), only a
+    rank's first and last bucket can belong to a group that continues on another rank, so ONE fixed-size
+    all-gather of ``[flags, first id, first tokens, last id, last tokens, live interior groups]`` per rank
+    (48 bytes, whatever the number of groups) gives every rank the totals of its boundary groups and the
+    live-group count: :func:`_boundary_totals`. Otherwise every bucket of every rank is gathered
+    (``all_gather_varlen``: two more collectives) and summed by id, so a group whose rows sit on several
+    ranks (or in several micro-batches) gets its full size either way.
     """
     local_ids, inverse = torch.unique_consecutive(gid, return_inverse=True)
     local_tok = torch.zeros(local_ids.numel(), dtype=torch.int64, device=gid.device)
     local_tok.index_add_(0, inverse, row_tok)
+    if dist.world_size(process_group) > 1:
+        fast = _boundary_totals(local_ids, local_tok, process_group)
+        if fast is not None:
+            seg_total, n_groups = fast
+            return seg_total[inverse], n_groups
     buckets = dist.all_gather_varlen(torch.stack([local_ids, local_tok], dim=1), process_group)
     all_ids, bucket_to_group = torch.unique(buckets[:, 0], return_inverse=True)   # sorted ids
     totals = torch.zeros(all_ids.numel(), dtype=torch.int64, device=gid.device)
     totals.index_add_(0, bucket_to_group, buckets[:, 1])
     row_group_total = totals[torch.searchsorted(all_ids, gid)]
     return row_group_total, (totals > 0).sum()
+
+
+def _boundary_totals(local_ids: torch.Tensor, local_tok: torch.Tensor, process_group):
+    """``(tokens of each local run's whole group [S], live groups over all ranks)`` from one all-gather of
+    a 6-column int64 record per rank, or None (on every rank) when the ids do not ascend over the ranks.
+
+    A rank's interior runs (all but its first and last) are whole groups; its first / last run takes the
+    sum of the boundary buckets of all ranks that carry the same id in a row (a group spanning three or
+    more ranks, ranks with no rows or one run included)."""
+    dev = local_ids.device
+    n_seg = local_ids.numel()
+    ascending = bool((local_ids[1:] > local_ids[:-1]).all())
+    own = torch.arange(n_seg, device=dev)
+    interior = (own > 0) & (own < n_seg - 1)
+    ends = torch.tensor([0, n_seg - 1], device=dev)[:min(n_seg, 2)]
+    first_last = torch.zeros(2, 2, dtype=torch.int64, device=dev)
+    if n_seg:
+        first_last[:, 0], first_last[:, 1] = local_ids[ends[[0, -1]]], local_tok[ends[[0, -1]]]
+    record = torch.cat([torch.tensor([n_seg * 2 + ascending], dtype=torch.int64, device=dev),
+                        first_last.reshape(-1), ((local_tok > 0) & interior).sum().reshape(1)])
+    rec = dist.all_gather_fixed(record.unsqueeze(0), process_group)          # [W, 6]
+    nseg_r = rec[:, 0] // 2
+    present = torch.stack([nseg_r >= 1, nseg_r >= 2], dim=1).reshape(-1)
+    bk = rec[:, 1:5].reshape(-1, 2)[present]                               # (id, tokens) in row order
+    ids = bk[:, 0]
+    if not (bool(((rec[:, 0] % 2 == 1) | (nseg_r == 0)).all()) and bool((ids[1:] >= ids[:-1]).all())):
+        return None
+    starts = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
+    starts[1:] = ids[1:] != ids[:-1]
+    b_idx = torch.cumsum(starts.long(), 0) - 1
+    totals = torch.zeros(int(starts.sum()), dtype=torch.int64, device=dev).index_add_(0, b_idx, bk[:, 1])
+    seg_total = local_tok
+    if n_seg:
+        first = int(present[:2 * dist.rank(process_group)].sum())
+        seg_total = local_tok.index_put((ends,), totals[b_idx[first:first + ends.numel()]])
+    return seg_total, rec[:, 5].sum() + (totals > 0).sum()
 
 
 def token_weights(loss_mask: torch.Tensor, mode: str, *,
@@ -351,8 +397,9 @@ def token_weights(loss_mask: torch.Tensor, mode: str, *,
     rows into micro-batches. Then ``sum over ranks of (w * values).sum() == aggregate(all rows)``.
 
     Collectives (over ``process_group``, none when it is None): one all-reduce of ``[N_tok, N_live]``
-    for the token/sequence modes, none for ``token_sum``, plus two all-gathers of the ``(group id,
-    tokens)`` buckets for ``prompt_mean``. None of them depends on the number of micro-batches.
+    for the token/sequence modes, none for ``token_sum``, plus, for ``prompt_mean``, one all-gather of a
+    48-byte boundary record per rank (three all-gathers when the group ids do not ascend over the ranks,
+    see :func:`_group_token_totals`). None of them depends on the number of micro-batches.
 
     Args:
         loss_mask: ``[B, T]`` 0/1 or bool, this rank's rows.

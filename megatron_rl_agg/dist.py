@@ -4,17 +4,66 @@ Every collective the plugin issues goes through one of the small wrappers below,
 collectives per optimizer step is easy to audit. ``group=None`` (or an uninitialised process group)
 means "this process is the whole world": every wrapper then returns its input unchanged and issues
 no collective.
+
+Traffic counter: inside ``with count_collectives() as c:`` every wrapper that communicates adds to ``c``,
+keyed by its name, one call per ``torch.distributed`` collective and the *payload*: the size in bytes of
+the collective's result on this rank: ``tensor.nbytes`` for an all-reduce, ``W * rows.nbytes`` for an
+all-gather over ``W`` ranks (the varlen gather: ``8 W`` bytes of row counts plus ``W`` times the padded
+rows). What a ring algorithm sends per rank is ``2 (W - 1) / W`` (all-reduce) or ``(W - 1) / W``
+(all-gather) of that. Wrappers that issue nothing (one rank, no group) record nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen",
-           "all_gather_stacked", "world_group", "unresponsive_ranks"]
+__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
+           "all_gather_stacked", "world_group", "unresponsive_ranks", "CollectiveTraffic", "count_collectives"]
+
+
+@dataclass
+class CollectiveTraffic:
+    """Calls and payload bytes per wrapper name, recorded while a :func:`count_collectives` block runs."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: int, calls: int = 1) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + calls
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+_COUNTERS: list[CollectiveTraffic] = []
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveTraffic]:
+    """Record every collective the wrappers issue inside the block (nested blocks each see all of them)."""
+    traffic = CollectiveTraffic()
+    _COUNTERS.append(traffic)
+    try:
+        yield traffic
+    finally:
+        _COUNTERS.remove(traffic)
+
+
+def _record(kind: str, nbytes: int, calls: int = 1) -> None:
+    for traffic in _COUNTERS:
+        traffic.add(kind, nbytes, calls)
 
 
 def _active(group) -> bool:
@@ -67,6 +116,7 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
         return tensor
     out = tensor.clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
+    _record("all_reduce_sum", out.nbytes)
     return out
 
 
@@ -76,6 +126,7 @@ def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
         return tensor
     out = tensor.clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
+    _record("all_reduce_max", out.nbytes)
     return out
 
 
@@ -102,9 +153,26 @@ def all_gather_varlen(rows: torch.Tensor, group=None) -> torch.Tensor:
     padded[: rows.shape[0]] = rows
     gathered = [torch.empty_like(padded) for _ in range(size)]
     torch_dist.all_gather(gathered, padded, group=group)
+    _record("all_gather_varlen", size * (n_local.nbytes + padded.nbytes), calls=2)
     return torch.cat([g[:c] for g, c in zip(gathered, counts_list)], dim=0)
 
 
+def all_gather_fixed(rows: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` in rank order when all ranks send the same shape (one collective).
+
+    Args:
+        rows: ``[n, k]`` with the same ``n``, ``k`` and dtype on every rank.
+
+    Returns:
+        ``[W * n, k]``, rank 0's rows first.
+    """
+    if not _active(group) or world_size(group) == 1:
+        return rows
+    rows = rows.contiguous()
+    gathered = [torch.empty_like(rows) for _ in range(world_size(group))]
+    torch_dist.all_gather(gathered, rows, group=group)
+    _record("all_gather_fixed", len(gathered) * rows.nbytes)
+    return torch.cat(gathered, dim=0)
 class _AllGatherStacked(torch.autograd.Function):
     """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
 
@@ -119,12 +187,14 @@ class _AllGatherStacked(torch.autograd.Function):
         size = world_size(group)
         parts = [torch.empty_like(tensor) for _ in range(size)]
         torch_dist.all_gather(parts, tensor.contiguous(), group=group)
+        _record("all_gather_stacked", size * tensor.nbytes)
         return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad):
         total = grad.contiguous().clone()
         torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        _record("all_gather_stacked", total.nbytes)
         return total[rank(ctx.group)], None
 
 

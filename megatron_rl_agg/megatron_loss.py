@@ -352,8 +352,19 @@ class _LogprobsEntropy(torch.autograd.Function):
         return work.view(ctx.shape), None, None, None, None, None
 
 
+def _check_label_range(labels: torch.Tensor, vocab: int, where: str = "") -> None:
+    """Raise unless every id of ``labels`` is in ``[0, vocab)`` (one device-to-host read of a flag)."""
+    bad = (labels < 0) | (labels >= vocab)
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise ValueError(f"label id {value} is outside the vocabulary [0, {vocab}){where}; labels must be "
+                         "token ids, masked positions included (use any valid id there, e.g. 0, and "
+                         "loss_mask 0)")
+
+
 def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
-                                        entropy_grad: bool = True, chunk_rows: Optional[int] = None
+                                        entropy_grad: bool = True, chunk_rows: Optional[int] = None,
+                                        check_labels: bool = True
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(label)`` and the entropy of ``softmax(logits)`` from vocab-parallel logits, in one pass.
 
@@ -369,6 +380,9 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
             copied to fp32 first and left unchanged.
         labels: ``logits.shape[:-1]`` integer global vocab ids in ``[0, V)`` (a bad id raises; checking
             it reads one flag back from the device).
+        check_labels: False skips that check (no device-to-host read): for callers that validated the
+            labels already, as :func:`loss_func` does when :func:`prepare_microbatches` checked the whole
+            mini-batch against ``vocab_size``. An unchecked out-of-range id would give a wrong log-prob.
         entropy_grad: False returns the entropy without gradient (a metric): the backward is then a
             single multiply, as cheap as Megatron's cross entropy's. True makes the entropy
             differentiable; its backward recomputes ``exp`` once per logit.
@@ -388,12 +402,8 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
     group, tp_rank, tp_size = _tp_layout()
     vocab_local = logits.shape[-1]
     vocab = vocab_local * tp_size
-    bad = (labels < 0) | (labels >= vocab)
-    if bool(bad.any()):
-        value = int(labels[bad].flatten()[0])
-        raise ValueError(f"label id {value} is outside the vocabulary [0, {vocab}) (vocab shard "
-                         f"{vocab_local} x tensor-parallel size {tp_size}); labels must be token ids, "
-                         "masked positions included (use any valid id there, e.g. 0, and loss_mask 0)")
+    if check_labels:
+        _check_label_range(labels, vocab, f" (vocab shard {vocab_local} x tensor-parallel size {tp_size})")
     rows = _chunk_rows(vocab_local, logits.device, chunk_rows)
     return _LogprobsEntropy.apply(logits, labels, bool(entropy_grad), rows, group, tp_rank * vocab_local)
 
@@ -482,7 +492,8 @@ def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Option
 
 def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
                          micro_batch_size: int, dp_group=None, *, cp_group=None,
-                         calculate_per_token_loss: bool = False) -> list[dict]:
+                         calculate_per_token_loss: bool = False, vocab_size: Optional[int] = None
+                         ) -> list[dict]:
     """Split this DP rank's share of one mini-batch into micro-batches carrying exact global weights.
 
     Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
@@ -515,6 +526,10 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             (the CP attention builds its causal mask from global positions).
         calculate_per_token_loss: the model's ``TransformerConfig.calculate_per_token_loss``; True makes
             :func:`loss_func` return Megatron's 3-tuple (see its docstring).
+        vocab_size: the model's (padded) vocabulary size ``V``. When given, every label of the mini-batch
+            is checked against ``[0, V)`` here, once (one device-to-host read), and :func:`loss_func`
+            then reads nothing back from the device (it only compares ``V`` with the logits' shape).
+            None: the check runs in :func:`loss_func`, one read per micro-batch.
 
     Returns:
         ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
@@ -522,12 +537,17 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
         ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
         ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
-        ``num_tokens`` over every micro-batch and dp x cp rank), and ``loss_config``. Pass
+        ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config`` and ``vocab_size`` (None when
+        unchecked). Pass
         ``num_microbatches=M`` and ``seq_length=S`` (the FULL length) to Megatron's schedule.
     """
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
     n_rows, seq = _check_batch(batch, loss_config)
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        _check_label_range(batch["labels"], vocab_size)
     dp_size = dist.world_size(dp_group)
     cp_size, cp_rank = dist.world_size(cp_group), dist.rank(cp_group)
     if cp_size > 1:
@@ -608,7 +628,8 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                 if mb[key] is not None and mb[key].dim() == 2:      # [b, S] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
-                  calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config, **extra)
+                  calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,
+                  vocab_size=vocab_size, **extra)
         micro_batches.append(mb)
     return micro_batches
 
@@ -678,10 +699,20 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     g_scale = micro_batch["total_tokens"] if per_token else scale
     u_scale = micro_batch["total_tokens"] / scale if per_token else 1.0
 
+    # Labels checked once per mini-batch by prepare_microbatches (vocab_size given): only the vocabulary
+    # is compared here, from shapes, so nothing is read back from the device in this function.
+    checked = micro_batch.get("vocab_size")
+    if checked is not None:
+        vocab = output_tensor.shape[-1] * _tp_layout()[2]
+        if vocab != checked:
+            raise ValueError(f"the labels were checked against vocab_size={checked} in prepare_microbatches "
+                             f"but the logits cover {vocab} ids (vocab shard {output_tensor.shape[-1]} x "
+                             f"tensor-parallel size {_tp_layout()[2]}); pass the model's padded vocabulary")
+
     # One in-place pass over the logits gives both (no [b, S, V/tp] temporary). Without an entropy bonus
     # the entropy is only the entropy/mean metric: no gradient, and the backward is a single multiply.
     logp, entropy = vocab_parallel_logprobs_and_entropy(                # [b, S] float32 each
-        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0)
+        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=checked is None)
 
     # Masked positions are replaced by harmless constants BEFORE the nonlinear terms (ratio 1, A = 0,
     # ref = logp): a weight of 0 alone would still let an inf/NaN there poison the backward (0 * inf).
@@ -720,9 +751,10 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         objective = objective + coef * share
 
     report["loss/sum"] = objective
-    report["clip_frac/mean"] = _pair(clipped[mask].sum(), n_tokens)
+    # where(), not clipped[mask]: boolean indexing sizes its output on the host (a device sync)
+    report["clip_frac/mean"] = _pair(torch.where(mask, clipped, 0).sum(), n_tokens)
     if loss_config.dual_clip_c is not None:
-        report["dual_clip_frac/mean"] = _pair(dual_clipped[mask].sum(), n_tokens)
+        report["dual_clip_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
     report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
     report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
     if per_token:

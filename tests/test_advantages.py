@@ -365,18 +365,23 @@ def test_policy_errors():
 
 def test_one_gather_per_call():
     calls = []
-    real = agg_dist.all_gather_varlen
+    real = agg_dist.all_gather_fixed
 
     def counting(rows, group=None):
         calls.append(rows.shape)
         return real(rows, group)
 
-    with mock.patch.object(agg_dist, "all_gather_varlen", counting), \
+    with mock.patch.object(agg_dist, "all_gather_fixed", counting), \
+            mock.patch.object(agg_dist, "all_gather_varlen", side_effect=AssertionError("unexpected")), \
             mock.patch.object(agg_dist, "all_reduce_sum", side_effect=AssertionError("unexpected")):
         for sizes in ([1], [4, 4, 3, 1], [2] * 500):
             normalize_advantages(torch.randn(sum(sizes), dtype=torch.float64), group_sizes=sizes)
         step([1.0, 2.0, 3.0], [0, 0, 1], torch.tensor([0, 0, 1]).bool(), overlong_policy="mask")
-    assert len(calls) == 4
+    assert len(calls) == 4 and all(shape[0] == 1 for shape in calls)   # one record, whatever the groups
+    # ids out of ascending order: the record, then the gather of every bucket
+    with mock.patch.object(agg_dist, "all_gather_varlen", wraps=agg_dist.all_gather_varlen) as varlen:
+        normalize_advantages(torch.randn(5, dtype=torch.float64), group_ids=torch.tensor([4, 4, 1, 1, 1]))
+    assert varlen.call_count == 1 and varlen.call_args[0][0].shape == (2, 10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,29 +437,57 @@ def test_offset_does_not_change_advantages(batch, seed):
     torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)
 
 
-def simulate_ranks(splits, fn):
-    """Run ``fn(rank)`` for each simulated DP rank through the real code path: a first pass records what
-    each rank would contribute to the all-gather, a second pass hands every rank the concatenation."""
+def simulate_ranks(splits, fn, log=None):
+    """Run ``fn(rank)`` for each simulated DP rank through the real code path, collective by collective:
+    pass ``k`` replays the results of the first ``k`` collectives and records what every rank hands to
+    collective ``k + 1``; once every rank has recorded it, its result (concatenation for the gathers,
+    sum / max for the all-reduces) is known. Every rank must issue the same sequence of collectives;
+    ``log`` (a list) receives ``(wrapper name, shape of rank 0's input)`` of each."""
     world = len(splits)
-    tables = [None] * world
+    results = []          # results[k]: the outcome of collective k (the same on every rank)
 
     class Recorded(Exception):
         pass
 
-    def run(rank, gather):
+    def run(rank, inputs):
+        calls = iter(range(1_000_000))
+
+        def collective(combine, name):
+            def call(t, group=None):
+                k = next(calls)
+                if k < len(results):
+                    return results[k]
+                inputs[rank] = (combine, t, name)
+                raise Recorded
+            return call
+
         with mock.patch.object(agg_dist, "world_size", lambda group=None: world), \
                 mock.patch.object(agg_dist, "rank", lambda group=None: rank), \
-                mock.patch.object(agg_dist, "all_gather_varlen", gather):
+                mock.patch.object(agg_dist, "all_gather_varlen",
+                                  collective(torch.cat, "all_gather_varlen")), \
+                mock.patch.object(agg_dist, "all_gather_fixed", collective(torch.cat, "all_gather_fixed")), \
+                mock.patch.object(agg_dist, "all_reduce_sum",
+                                  collective(lambda ts: torch.stack(ts).sum(0), "all_reduce_sum")), \
+                mock.patch.object(agg_dist, "all_reduce_max",
+                                  collective(lambda ts: torch.stack(ts).amax(0), "all_reduce_max")):
             return fn(rank)
 
-    for r in range(world):
-        def record(rows, group=None, r=r):
-            tables[r] = rows
-            raise Recorded
-
-        with pytest.raises(Recorded):
-            run(r, record)
-    return [run(r, lambda rows, group=None: torch.cat(tables)) for r in range(world)]
+    while True:
+        inputs = [None] * world
+        outs = []
+        for r in range(world):
+            try:
+                outs.append(run(r, inputs))
+            except Recorded:
+                pass
+        if len(outs) == world:
+            return outs
+        assert all(i is not None for i in inputs), "ranks issued different collectives"
+        assert len({name for _, _, name in inputs}) == 1, "ranks issued different collectives"
+        combine, _, name = inputs[0]
+        results.append(combine([t for _, t, _ in inputs]))
+        if log is not None:
+            log.append((name, tuple(inputs[0][1].shape)))
 
 
 @st.composite
@@ -527,3 +560,74 @@ def test_policy_split_over_ranks_matches_brute_force(data, trunc_bits, policy, m
                   "num_stat_rows": sum(stat_valid[i] for i in range(n) if group_of_row[i] not in dropped)}
     for _, _, stats in outs:
         assert stats == want_stats
+
+
+# A group of 6 rows over four ranks (2 rows | none | 1 row | 3 rows and the next group), a rank with no
+# rows, a rank holding one group only, and a rank starting and ending inside groups.
+SPAN_SIZES = [2, 6, 3, 1, 4]
+SPAN_BOUNDS = [0, 1, 4, 4, 5, 11, 11, 16]
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+@pytest.mark.parametrize("levels", [("group", "group", False), ("batch", "batch", False),
+                                    ("group", "batch", True), ("none", "group", False)])
+def test_group_spanning_many_ranks(order, levels):
+    """Ascending ids take the boundary exchange (ONE fixed-size all-gather); descending ids the full
+    gather of every bucket. Both equal the brute-force reference and give the same step statistics."""
+    mean_level, std_level, loo = levels
+    g = torch.Generator().manual_seed(3)
+    n = sum(SPAN_SIZES)
+    rewards = torch.randint(0, 4, (n,), generator=g).double()
+    rewards += 0.25 * torch.randn(n, generator=g, dtype=torch.float64)
+    valid = torch.rand(n, generator=g) > 0.15
+    truncated = torch.rand(n, generator=g) > 0.7
+    ids = ids_from_sizes(SPAN_SIZES, stride=5, offset=2)
+    if order == "descending":
+        ids = 100 - ids
+    pieces = list(zip(SPAN_BOUNDS, SPAN_BOUNDS[1:]))
+    cfg = AdvantageConfig(mean_level=mean_level, std_level=std_level, leave_one_out=loo,
+                          overlong_policy="zero_advantage", min_valid_group_size=2)
+
+    def per_rank(rank):
+        a, b = pieces[rank]
+        return compute_step_advantages(rewards[a:b], ids[a:b], truncated=truncated[a:b],
+                                       sample_valid=valid[a:b], cfg=cfg, process_group=object())
+
+    log = []
+    outs = simulate_ranks(pieces, per_rank, log)
+    names = [name for name, _ in log]
+    full = ["all_gather_fixed", "all_gather_varlen"]
+    assert names == (["all_gather_fixed"] if order == "ascending" else full)
+    whole = compute_step_advantages(rewards, ids, truncated=truncated, sample_valid=valid, cfg=cfg)
+    torch.testing.assert_close(torch.cat([o[0] for o in outs]), whole[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(torch.cat([o[1] for o in outs]), whole[1])
+    for o in outs:
+        assert o[2] == whole[2]
+    stat_valid = (valid & ~truncated).tolist()
+    count = {}
+    for gid, v in zip(ids.tolist(), stat_valid):
+        count[gid] = count.get(gid, 0) + v
+    dropped = {gid for gid, c in count.items() if c < 2}
+    _close(torch.cat([o[0] for o in outs]), reference(rewards.tolist(), ids.tolist(), stat_valid, mean_level,
+                                                      std_level, cfg.eps, True, loo, dropped))
+
+
+def test_boundary_exchange_payload_does_not_grow_with_groups():
+    """The boundary record is a fixed number of int64 per rank, whatever the number of groups."""
+    from megatron_rl_agg.advantages import boundary_record_width
+
+    assert boundary_record_width(batch_level=False, expected_group_size_known=False) == 19
+    assert boundary_record_width(batch_level=True, expected_group_size_known=True) == 22
+    for sizes in ([3] * 4, [3] * 400):
+        ids = ids_from_sizes(sizes)
+        n = ids.numel()
+        pieces = [(0, n // 3 + 1), (n // 3 + 1, n // 3 + 1), (n // 3 + 1, n)]
+        for kwargs, width in ((dict(), 19), (dict(std_level="batch"), 23)):
+            def per_rank(rank):
+                a, b = pieces[rank]
+                return normalize_advantages(torch.arange(a, b, dtype=torch.float64), group_ids=ids[a:b],
+                                            process_group=object(), **kwargs)
+
+            log = []
+            simulate_ranks(pieces, per_rank, log)
+            assert log == [("all_gather_fixed", (1, width))]

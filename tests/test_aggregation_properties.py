@@ -64,12 +64,17 @@ def thread_collectives(monkeypatch):
     def all_reduce_sum(t, group=None):
         return torch.stack(group.exchange(t)).sum(0) if isinstance(group, ThreadGroup) else t
 
-    def all_gather_varlen(rows, group=None):
+    def rank(group=None):
+        return group._local.rank if isinstance(group, ThreadGroup) else 0
+
+    def all_gather(rows, group=None):
         return torch.cat(group.exchange(rows)) if isinstance(group, ThreadGroup) else rows
 
     monkeypatch.setattr(agg_dist, "world_size", world_size)
+    monkeypatch.setattr(agg_dist, "rank", rank)
     monkeypatch.setattr(agg_dist, "all_reduce_sum", all_reduce_sum)
-    monkeypatch.setattr(agg_dist, "all_gather_varlen", all_gather_varlen)
+    monkeypatch.setattr(agg_dist, "all_gather_varlen", all_gather)
+    monkeypatch.setattr(agg_dist, "all_gather_fixed", all_gather)
 
 
 @st.composite
@@ -112,10 +117,13 @@ def _rank_objective(values, mask, gids, mode, mbs, horizon, group):
 
 @pytest.mark.parametrize("mode", GLOBAL_MODES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batch=minibatches())
-def test_weights_over_ranks_and_microbatches_equal_aggregate(thread_collectives, mode, batch):
+@given(batch=minibatches(), descending=st.booleans())
+def test_weights_over_ranks_and_microbatches_equal_aggregate(thread_collectives, mode, batch, descending):
     values, mask, sizes, bounds, mbs, horizon = batch
-    gids = torch.repeat_interleave(torch.arange(len(sizes)) * 7 + 3, torch.tensor(sizes))  # arbitrary ids
+    # arbitrary ids; ascending ones take the boundary exchange, descending ones the gather of every bucket
+    gids = torch.repeat_interleave(torch.arange(len(sizes)) * 7 + 3, torch.tensor(sizes))
+    if descending:
+        gids = 1000 - gids
     k = len(bounds) - 1
     group = ThreadGroup(k)
     args = [(values[a:b], mask[a:b], gids[a:b], mode, mbs, horizon, group) for a, b in zip(bounds, bounds[1:])]
@@ -123,7 +131,8 @@ def test_weights_over_ranks_and_microbatches_equal_aggregate(thread_collectives,
     ref = aggregate(values, mask, mode, group_sizes=sizes, max_response_length=horizon)
     assert torch.allclose(total, ref, rtol=1e-10, atol=1e-12), (total, ref)
     # counts are reduced once per mini-batch, whatever the number of micro-batches
-    expected_calls = {"token_sum": 0, "prompt_mean": 2}.get(mode, 1)
+    fallback = descending and k > 1 and len(sizes) > 1        # ids out of order: + the full gather
+    expected_calls = {"token_sum": 0, "prompt_mean": 2 + fallback}.get(mode, 1)
     assert group.calls == [expected_calls] * k
 
 

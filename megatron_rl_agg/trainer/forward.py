@@ -49,9 +49,16 @@ def microbatch_multiple() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size() if vpp else 1
 
 
-def _forward_step(data_iterator, model, *, output_fn: Callable):
+def _forward_step(data_iterator, model, *, output_fn: Callable, inference_context=None):
     micro_batch = next(data_iterator)
-    output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+    if inference_context is None:
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+    else:
+        # the KV cache rows of this micro-batch: rows [offset, offset + b) of the context's buffers
+        inference_context.batch_size_offset = micro_batch["row_offset"]
+        # Megatron's inference mode gathers the logits over TP itself (it asserts runtime_gather_output)
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], None,
+                       inference_context=inference_context, runtime_gather_output=True)
 
     def collect(output_tensor):
         # Megatron's forward-only path stores the second element of a 2-tuple; the loss is unused.
@@ -63,7 +70,8 @@ def _forward_step(data_iterator, model, *, output_fn: Callable):
 
 @torch.no_grad()
 def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: int, output_fn: Callable,
-                     extra: Optional[dict] = None, per_token: bool = False) -> Optional[torch.Tensor]:
+                     extra: Optional[dict] = None, per_token: bool = False, *, inference_context=None,
+                     position_offset: int = 0) -> Optional[torch.Tensor]:
     """``output_fn(logits, micro_batch)`` of every micro-batch of ``tokens``, concatenated over rows.
 
     Args:
@@ -77,6 +85,11 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
         extra: more ``[R, ...]`` tensors to slice into the micro-batches.
         per_token: ``output_fn`` returns ``[b, s, ...]`` per-token values; under CP they are gathered over
             the CP group (one all-gather per micro-batch) into ``[b, S, ...]`` full rows.
+        inference_context: a Megatron ``StaticInferenceContext`` for ``R`` rows (KV-cached decoding):
+            passed to the model, with ``batch_size_offset`` set to each micro-batch's first row; the
+            caller advances its ``sequence_len_offset``. The chunks must be in eval mode. The last
+            stage's logits are then the full vocabulary of the last position only, ``[b, 1, V]``.
+        position_offset: position id of ``tokens[:, 0]`` (the cached tokens precede it).
 
     Returns:
         ``[R, ...]`` on the last pipeline stage, None on the other stages.
@@ -94,14 +107,18 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     if num_mb * micro_batch_size != num_rows or num_mb % microbatch_multiple():
         raise ValueError(f"{num_rows} rows do not split into micro-batches of {micro_batch_size} rows whose "
                          f"count is a multiple of {microbatch_multiple()}")
-    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(num_rows, seq)
+    positions = torch.arange(position_offset, position_offset + seq, device=tokens.device)
+    positions = positions.unsqueeze(0).expand(num_rows, seq)
     columns = {"tokens": tokens, "position_ids": positions, **extra}
     cp_group, cp_size, cp_rank = cp_layout()
     if cp_size > 1:
+        if inference_context is not None:
+            raise ValueError(f"KV-cached decoding (inference_context) needs context_parallel_size 1, got "
+                             f"{cp_size}: Megatron's static KV cache holds whole sequences")
         columns = {k: split_for_cp_rank(v, cp_size, cp_rank, dim=1)
                    if v.dim() >= 2 and v.shape[1] == seq else v for k, v in columns.items()}
-    micro_batches = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in columns.items()}
-                     for i in range(num_mb)]
+    micro_batches = [{**{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in columns.items()},
+                      "row_offset": i * micro_batch_size} for i in range(num_mb)]
     if per_token and cp_size > 1:
         inner = output_fn
 
@@ -110,7 +127,8 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
 
     chunk_list = list(chunks)
     reports = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, output_fn=output_fn),
+        forward_step_func=functools.partial(_forward_step, output_fn=output_fn,
+                                            inference_context=inference_context),
         # interleaved schedules take one iterator per virtual stage, each reading every micro-batch
         data_iterator=[iter(micro_batches) for _ in chunk_list] if len(chunk_list) > 1
         else iter(micro_batches),

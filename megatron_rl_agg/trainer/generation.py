@@ -11,15 +11,22 @@ Token sampling is the Gumbel-max trick: ``argmax_v(z_v / T + g_v)`` with ``g_v =
 logits over TP (fine at this size), every TP rank there draws the same token from the same noise, and
 :func:`~megatron_rl_agg.trainer.forward.broadcast_from_last_stage` hands it to the other stages.
 
-Generation recomputes the whole prefix at every new token (no KV cache): rows are right-padded, attention
-is causal, so the logits at a row's last real position never see the padding.
+Generation is KV-cached by default (Megatron-Core's ``StaticInferenceContext``, the cache its static
+inference engine uses, at any TP / PP / VPP layout; under context parallelism the prefix is recomputed): one prefill pass over the first ``min_len`` tokens
+(``min_len`` the shortest prompt), then one pass of ONE token per position, each attending to the cached
+keys and values. Rows are right-aligned in time: at position ``t`` a row whose prompt is longer than
+``t + 1`` feeds its next prompt token, and a row whose prompt ended samples its response token
+``j = t - (len - 1)`` from the logits there with the noise of ``j``, exactly the draw of the recompute
+path, which runs the whole ``[R, S]`` prefix again for every new token (``kv_cache=False``; quadratic in
+the response length, kept as the reference the cached path is tested against). Rows are right-padded,
+attention is causal, so the logits at a row's last real position never see the padding.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -90,10 +97,15 @@ def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tens
     return gather_from_tensor_model_parallel_region(picked)                 # [b, V]
 
 
+def _cached_last_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+    """``[b, V]``: a cached pass materializes the full-vocabulary logits of its last position only."""
+    return logits[:, -1].float()
+
+
 @torch.no_grad()
 def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
              seq_length: int, max_new_tokens: int, temperature: float,
-             micro_batch_rows: int) -> list[tuple[list[int], str]]:
+             micro_batch_rows: int, kv_cache: Optional[bool] = None) -> list[tuple[list[int], str]]:
     """Sample one response per prompt with the model; returns ``[(response, finish_reason)]``.
 
     Args:
@@ -101,6 +113,10 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
             :func:`~megatron_rl_agg.trainer.forward.microbatch_multiple`.
+        kv_cache: KV-cached decoding; False recomputes the prefix for every token. Both draw the same
+            tokens from the same logits (see the module docstring). None (default): the cache, except
+            under context parallelism, where Megatron's static KV cache (whole sequences per rank) does
+            not apply and the prefix is recomputed, each CP rank holding its zigzag shard.
 
     A response ends at its first EOS (included, finish ``"stop"``) or after ``max_new_tokens`` tokens
     (finish ``"length"``). All model-parallel ranks of a pipeline see the same tokens, so they leave the
@@ -117,6 +133,16 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
                              f"--seq-length {seq_length} + 1")
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
         lengths[i] = len(p)
+    cp_size = forward.cp_layout()[1]
+    if kv_cache is None:
+        kv_cache = cp_size == 1
+    if kv_cache and cp_size > 1:
+        raise ValueError(f"kv_cache=True needs context_parallel_size 1, got {cp_size}: Megatron's static KV "
+                         "cache holds whole sequences; pass kv_cache=None or False under CP")
+    if kv_cache:
+        return _generate_cached(chunks, tokens, lengths, num, noise, seq_length=seq_length,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                micro_batch_rows=micro_batch_rows)
     responses: list[list[int]] = [[] for _ in range(num)]
     done = torch.zeros(num, dtype=torch.bool)
     for j in range(max_new_tokens):
@@ -133,6 +159,58 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         writable = lengths[:num] < seq_length
         tokens[torch.arange(num)[writable], lengths[:num][writable]] = nxt[writable]
         lengths[:num] += 1
+    return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
+
+
+def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new_tokens, temperature,
+                     micro_batch_rows):
+    """The KV-cached loop of :func:`generate` (``tokens`` ``[R', S]`` right-padded, ``lengths`` ``[R']``).
+
+    Pass ``k`` feeds position ``t = min_len - 1 + k`` (the prefill feeds ``0 .. min_len - 1``) and gets
+    the logits there; row ``i`` samples its token ``j = t - (len_i - 1)`` when ``0 <= j`` and it has not
+    finished, and a row that is still inside its prompt at ``t + 1`` feeds its prompt token there.
+    Every rank of the pipeline runs the same passes (the control flow depends only on the prompts and
+    on the sampled tokens, which every stage receives).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if num == 0:
+        return []
+    chunk_list = list(chunks)
+    modes = [c.training for c in chunk_list]
+    for c in chunk_list:
+        c.eval()          # Megatron applies the inference context only to modules in eval mode
+    try:
+        context = StaticInferenceContext(tokens.shape[0], seq_length)
+        real = lengths[:num]
+        t = int(real.min()) - 1
+        step_tokens = tokens[:, :t + 1]
+        responses: list[list[int]] = [[] for _ in range(num)]
+        finished = torch.zeros(num, dtype=torch.bool)
+        rows = torch.arange(num)
+        while True:
+            logits = forward.run_forward_only(chunk_list, step_tokens, micro_batch_rows, _cached_last_logits,
+                                              inference_context=context,
+                                              position_offset=t + 1 - step_tokens.shape[1])
+            context.sequence_len_offset += step_tokens.shape[1]
+            j = t - (real - 1)                                    # response index sampled at t, per row
+            sampling = (j >= 0) & ~finished
+            if logits is not None:   # last stage: sample on the host, where the noise lives
+                picked = noise[rows, j.clamp(0, max_new_tokens - 1)]
+                logits = sample_tokens(logits[:num].cpu(), picked, temperature)
+            nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
+            for i in torch.nonzero(sampling).flatten().tolist():
+                responses[i].append(int(nxt[i]))
+            finished |= sampling & ((nxt == task.EOS) | (j == max_new_tokens - 1))
+            if bool(finished.all()):
+                break
+            t += 1
+            generated = rows[real <= t]                           # rows whose position t is a response token
+            tokens[generated, t] = nxt[generated]
+            step_tokens = tokens[:, t:t + 1]
+    finally:
+        for c, mode in zip(chunk_list, modes):
+            c.train(mode)
     return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
 
 

@@ -381,8 +381,10 @@ def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tupl
 
     from megatron_rl_agg.megatron_loss import prepare_microbatches
 
+    # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
-                                 cp_group=tr.cp_group, calculate_per_token_loss=tr.args.calculate_per_token_loss)
+                                 cp_group=tr.cp_group, calculate_per_token_loss=tr.args.calculate_per_token_loss,
+                                 vocab_size=tr.args.vocab_size)
     micro, step_func, seq_length, mbs = _schedule_inputs(tr, micro)
     for chunk in tr.chunks:
         chunk.zero_grad_buffer()

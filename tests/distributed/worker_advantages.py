@@ -7,8 +7,11 @@ for many level combinations, leave-one-out and the step policies:
 * ``normalize_advantages`` / ``compute_step_advantages`` on the slice with the DP process group equal
   the single-process result on the whole batch (``process_group=None``) to 1e-12 in float64 (relative
   where above 1), and the step statistics are identical;
-* every call issues exactly one ``dist.all_gather_varlen`` (= two torch.distributed all-gathers) and no
-  other collective, whatever the number of groups;
+* every call issues exactly one ``dist.all_gather_fixed`` (one torch.distributed all-gather of one
+  fixed-size record per rank: its boundary buckets) and no other collective, whatever the number of
+  groups, and the traffic counter reports ``W x 8 x record width`` bytes; with the ids in descending
+  order (not ascending over the ranks) the call falls back to the gather of every bucket and still
+  matches;
 * a batch that is bad on one rank only (non-finite reward, a group id split across non-adjacent ranks)
   raises the same ValueError on every rank instead of leaving ranks behind in a collective.
 
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as torch_dist
 
 from megatron_rl_agg import dist as agg_dist
-from megatron_rl_agg.advantages import compute_step_advantages, normalize_advantages
+from megatron_rl_agg.advantages import boundary_record_width, compute_step_advantages, normalize_advantages
 from megatron_rl_agg.config import AdvantageConfig
 
 TOL = 1e-12
@@ -38,7 +41,7 @@ LEVEL_COMBOS = [(m, s, False) for m, s in itertools.product(("group", "batch", "
 class CollectiveCounter:
     """Counts calls to the plugin's collective wrappers and to the torch.distributed collectives."""
 
-    WRAPPERS = ("all_gather_varlen", "all_reduce_sum", "all_reduce_max")
+    WRAPPERS = ("all_gather_varlen", "all_gather_fixed", "all_reduce_sum", "all_reduce_max")
     RAW = ("all_gather", "all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter")
 
     def __init__(self):
@@ -120,7 +123,7 @@ def check_close(name, got, want):
 def run_cases(group, label):
     rank, world = torch_dist.get_rank(group), torch_dist.get_world_size(group)
     worst, checks = 0.0, 0
-    gathers_per_call = set()
+    gathers_per_call, fallback_calls = set(), set()
     for ci, case in enumerate(cases(world)):
         a, b = case["bounds"][rank], case["bounds"][rank + 1]
         share = {k: case[k][a:b] for k in ("rewards", "ids", "valid", "truncated", "sample_valid")}
@@ -130,10 +133,22 @@ def run_cases(group, label):
                           unbiased=unbiased)
                 want = normalize_advantages(case["rewards"], group_sizes=case["sizes"], **kw)[a:b]
                 kw["valid"] = share["valid"]
-                with CollectiveCounter() as counter:
+                with CollectiveCounter() as counter, agg_dist.count_collectives() as traffic:
                     got = normalize_advantages(share["rewards"], group_ids=share["ids"], process_group=group,
                                                **kw)
                 gathers_per_call.add(tuple(sorted(counter.counts.items())))
+                width = boundary_record_width(batch_level="batch" in (mean_level, std_level),
+                                              expected_group_size_known=False)
+                if traffic.bytes != {"all_gather_fixed": world * 8 * width}:
+                    raise AssertionError(f"{label} case {ci}: traffic {traffic.bytes}, expected "
+                                         f"{world} x 8 x {width} bytes")
+                if mean_level == std_level == "group" and not loo:
+                    # descending ids: the full gather of every bucket, the same advantages
+                    with CollectiveCounter() as counter:
+                        back = normalize_advantages(share["rewards"], group_ids=-share["ids"],
+                                                    process_group=group, **kw)
+                    fallback_calls.add(tuple(sorted(counter.counts.items())))
+                    check_close(f"{label} case {ci} descending ids", back, got)
                 worst = max(worst, check_close(f"{label} case {ci} {mean_level}/{std_level} loo={loo} "
                                                f"unbiased={unbiased}", got, want))
                 checks += 1
@@ -154,11 +169,14 @@ def run_cases(group, label):
             if got[2] != want[2]:
                 raise AssertionError(f"{label} case {ci} {est}/{policy}: stats {got[2]} != {want[2]}")
             checks += 1
-    # the same collectives for every call, whatever the number of groups: one varlen all-gather,
-    # i.e. two torch.distributed all-gathers (row counts, then rows)
-    expected = (("all_gather_varlen", 1), ("torch.all_gather", 2))
+    # the same collectives for every call, whatever the number of groups: one fixed-size all-gather
+    expected = (("all_gather_fixed", 1), ("torch.all_gather", 1))
     if gathers_per_call != {expected}:
         raise AssertionError(f"{label}: collectives per call {gathers_per_call}, expected {expected}")
+    # descending ids: the boundary records, then the varlen gather (row counts, then rows)
+    expected = (("all_gather_fixed", 1), ("all_gather_varlen", 1), ("torch.all_gather", 3))
+    if fallback_calls != {expected}:
+        raise AssertionError(f"{label}: fallback collectives {fallback_calls}, expected {expected}")
     return worst, checks
 
 

@@ -1,0 +1,176 @@
+"""Device-to-host reads inside ``loss_func``: none per micro-batch once the mini-batch is prepared.
+
+On a GPU every read of a device value by the host (``item``, ``bool``/``int``/``float`` of a tensor,
+``tolist``, and ops whose output size depends on the data: ``nonzero``, boolean-mask indexing,
+``masked_select``, ``unique``) waits for the device and stalls the pipeline schedule. On a CPU nothing
+stalls, so the reads are counted instead: :class:`HostReads` sees every aten op (including those run by
+``autograd.Function`` forwards and by C++ conversions such as ``bool(t)``, which call
+``aten::_local_scalar_dense``) and patches the two conversions that bypass the dispatcher.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.utils._python_dispatch
+
+from megatron_rl_agg import megatron_compat
+from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS
+from megatron_rl_agg.config import LossConfig
+
+B, S, V = 7, 6, 11
+GROUP_SIZES = [3, 2, 2]
+ROW_TOKENS = [5, 2, 0, 4, 1, 3, 5]
+MICRO_BATCH = 3          # three micro-batches (3 + 3 + 1 real rows)
+
+_aten = torch.ops.aten
+# ops that read a device value to the host (scalar conversion) or size their output from the data
+_SYNC_OPS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
+             _aten.unique_consecutive.default, _aten._unique2.default, _aten.unique_dim.default,
+             _aten.repeat_interleave.Tensor}
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device-to-host reads while active: ``reads`` lists ``(op, count)`` in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+        self._patches = []
+
+    def _note(self, name):
+        self.reads.append(name)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS:
+            self._note(str(func))
+        elif func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self._note(f"{func} with a boolean mask")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, _name=name, **k):
+                self._note(f"Tensor.{_name}")
+                return _real(t, *a, **k)
+
+            patch = mock.patch.object(torch.Tensor, name, counted)
+            patch.start()
+            self._patches.append(patch)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for patch in self._patches:
+            patch.stop()
+        return super().__exit__(*exc)
+
+
+@pytest.fixture(scope="module")
+def megatron_loss():
+    megatron_compat.initialize_distributed()
+    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    from megatron_rl_agg import megatron_loss as module
+    yield module
+    megatron_compat.destroy_model_parallel()
+
+
+def make_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, S)
+    for i, k in enumerate(ROW_TOKENS):
+        mask[i, S - 1 - k: S - 1] = 1
+    labels = torch.randint(0, V, (B, S), generator=g)
+    batch = dict(tokens=torch.randint(0, V, (B, S), generator=g), labels=labels, loss_mask=mask,
+                 advantages=torch.randn(B, generator=g), old_logprobs=-torch.rand(B, S, generator=g) - 1.5,
+                 ref_logprobs=-torch.rand(B, S, generator=g) - 1.5,
+                 group_ids=torch.repeat_interleave(torch.arange(3), torch.tensor(GROUP_SIZES)))
+    return torch.randn(B, S, V, generator=g), batch
+
+
+CASES = [LossConfig(loss_aggregation=m, max_response_length=S, kl_coef=0.1, entropy_coef=0.01)
+         for m in LOSS_AGGREGATIONS] + [
+    LossConfig(loss_aggregation="prompt_mean", kl_coef=0.2, kl_aggregation="token_mean", entropy_coef=0.05,
+               entropy_aggregation="prompt_mean", dual_clip_c=2.0),
+    LossConfig(loss_aggregation="token_mean", entropy_coef=0.0),
+]
+
+
+def run_loss(module, cfg, vocab_size, per_token=False):
+    """prepare_microbatches once, then loss_func per micro-batch; returns the reads inside loss_func."""
+    logits, batch = make_batch()
+    mbs = module.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=vocab_size,
+                                      calculate_per_token_loss=per_token)
+    assert len(mbs) == 3
+    reads, losses = [], []
+    for k, mb in enumerate(mbs):
+        rows = logits[k * MICRO_BATCH:(k + 1) * MICRO_BATCH]
+        rows = torch.cat([rows, rows.new_zeros(MICRO_BATCH - rows.shape[0], S, V)]).requires_grad_(True)
+        with HostReads() as counter:
+            loss = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)[0]
+        reads.append(counter.reads)
+        loss.backward()
+        losses.append(loss.detach())
+    return reads, losses
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.loss_aggregation}-{c.kl_aggregation}-"
+                                                     f"{c.entropy_aggregation}-{c.entropy_coef}")
+def test_no_host_reads_in_loss_func(megatron_loss, cfg):
+    reads, losses = run_loss(megatron_loss, cfg, vocab_size=V)
+    assert reads == [[], [], []]
+    # the same numbers as the per-micro-batch check (which reads one flag per micro-batch)
+    reads_unchecked, losses_unchecked = run_loss(megatron_loss, cfg, vocab_size=None)
+    assert [len(r) for r in reads_unchecked] == [1, 1, 1]   # bool(bad.any()): aten::_local_scalar_dense
+    torch.testing.assert_close(torch.stack(losses), torch.stack(losses_unchecked), rtol=0, atol=0)
+
+
+def test_no_host_reads_with_per_token_loss(megatron_loss):
+    """Megatron's 3-tuple contract (calculate_per_token_loss): the same, no read per micro-batch."""
+    cfg = LossConfig(loss_aggregation="seq_mean_token_mean", kl_coef=0.1, entropy_coef=0.01)
+    reads, _ = run_loss(megatron_loss, cfg, vocab_size=V, per_token=True)
+    assert reads == [[], [], []]
+
+
+def test_counter_sees_each_kind_of_read():
+    t = torch.tensor([0.0, 2.0, 3.0])
+    with HostReads() as counter:
+        t.sum().item()
+        bool(t.any())
+        float(t[0])
+        t.tolist()
+        t[t > 1].sum()
+        torch.nonzero(t)
+    assert len(counter.reads) >= 6, counter.reads
+    with HostReads() as counter:
+        torch.where(t > 1, t, 0.0).sum()
+    assert counter.reads == []
+
+
+def test_bad_labels_caught_once_per_minibatch(megatron_loss):
+    _, batch = make_batch()
+    cfg = LossConfig(loss_aggregation="token_mean")
+    for bad in (V, -1):
+        labels = batch["labels"].clone()
+        labels[5, 1] = bad           # in the second micro-batch
+        with pytest.raises(ValueError, match=rf"label id {bad} is outside the vocabulary \[0, {V}\)"):
+            megatron_loss.prepare_microbatches({**batch, "labels": labels}, cfg, MICRO_BATCH, vocab_size=V)
+    with HostReads() as counter:
+        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=V)
+    label_reads = len(counter.reads)
+    with HostReads() as counter:
+        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH)
+    assert label_reads - len(counter.reads) == 1    # one check for the three micro-batches
+    with pytest.raises(ValueError, match="vocab_size must be a positive int or None, got 0"):
+        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=0)
+
+
+def test_loss_func_refuses_a_different_vocabulary(megatron_loss):
+    logits, batch = make_batch()
+    cfg = LossConfig(loss_aggregation="token_mean")
+    mb = megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=V + 1)[0]
+    with pytest.raises(ValueError, match=rf"checked against vocab_size={V + 1} .* cover {V} ids"):
+        megatron_loss.loss_func(logits[:MICRO_BATCH].clone(), micro_batch=mb, loss_config=cfg)
