@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-VOCAB = 96
+VOCAB = 90
 
 
 def hf_config(family: str):
