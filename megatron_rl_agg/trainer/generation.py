@@ -41,6 +41,7 @@ class RolloutSpec:
     """What one on-policy step generates."""
 
     task: task.CountingTask
+    """The counting task, or a text prompt file's ``megatron_rl_agg.hf.prompts.TextTask``."""
     num_prompts: int
     """Prompts per step (``--global-batch-size / --num-samples-per-prompt``)."""
     samples_per_prompt: int
@@ -80,14 +81,16 @@ def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tens
 @torch.no_grad()
 def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
              seq_length: int, max_new_tokens: int, temperature: float,
-             micro_batch_rows: int) -> list[tuple[list[int], str]]:
+             micro_batch_rows: int, eos_ids: Sequence[int] = (task.EOS,)) -> list[tuple[list[int], str]]:
     """Sample one response per prompt with the model; returns ``[(response, finish_reason)]``.
 
     Args:
         prompts: ``R`` prompts (this rank's rows); ``len(prompt) + max_new_tokens <= seq_length + 1``.
-        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows.
+        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows; logits past ``V`` (TP vocabulary
+            padding of an imported model) are never sampled.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
             :func:`~megatron_rl_agg.trainer.forward.microbatch_multiple`.
+        eos_ids: token ids that end a response (a tokenizer's EOS and ``generation_config``'s).
 
     A response ends at its first EOS (included, finish ``"stop"``) or after ``max_new_tokens`` tokens
     (finish ``"length"``). All model-parallel ranks of a pipeline see the same tokens, so they leave the
@@ -106,21 +109,31 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         lengths[i] = len(p)
     responses: list[list[int]] = [[] for _ in range(num)]
     done = torch.zeros(num, dtype=torch.bool)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.int64)
     for j in range(max_new_tokens):
         logits = forward.run_forward_only(chunks, tokens, micro_batch_rows, _last_position_logits,
                                           extra={"positions": lengths - 1})
         if logits is not None:   # last stage: sample on the host, where the noise lives
-            logits = sample_tokens(logits[:num].cpu(), noise[:, j], temperature)
+            logits = sample_tokens(logits[:num, : noise.shape[-1]].cpu(), noise[:, j], temperature)
         nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
         for i in torch.nonzero(~done).flatten().tolist():
             responses[i].append(int(nxt[i]))
-        done |= nxt == task.EOS
+        done |= torch.isin(nxt, eos)
         if bool(done.all()) or j == max_new_tokens - 1:
             break
         writable = lengths[:num] < seq_length
         tokens[torch.arange(num)[writable], lengths[:num][writable]] = nxt[writable]
         lengths[:num] += 1
-    return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
+    eos_set = set(eos.tolist())
+    return [(r, "stop" if r and r[-1] in eos_set else "length") for r in responses]
+
+
+def _step_prompts(spec: RolloutSpec, step: int) -> list:
+    """The step's prompts: a text prompt file's seeded epoch order (``megatron_rl_agg.hf.prompts``), or
+    the counting task's draws."""
+    if hasattr(spec.task, "step_prompts"):
+        return spec.task.step_prompts(spec.num_prompts, step)
+    return spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
 
 
 def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[int, int], *, dp_size: int,
@@ -137,7 +150,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
         ``(samples, group_ids, num_failed)``: surviving samples in global row order with their prompt
         index as group id, and how many of this rank's rows were lost.
     """
-    prompts = spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
+    prompts = _step_prompts(spec, step)
     lost = torch.rand(spec.num_rows, generator=step_generator(spec.seed, step, "failure")) < spec.failure_prob
     lo, hi = shard_bounds(rows[1] - rows[0], dp_size, dp_rank)
     start, end = rows[0] + lo, rows[0] + hi
@@ -145,13 +158,15 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
     n = spec.samples_per_prompt
     outputs = generate(chunks, [prompts[g // n] for g in rows], gumbel_noise(spec, step, slice(start, end)),
                        seq_length=seq_length, max_new_tokens=spec.max_new_tokens,
-                       temperature=spec.temperature, micro_batch_rows=micro_batch_rows)
+                       temperature=spec.temperature, micro_batch_rows=micro_batch_rows,
+                       eos_ids=getattr(spec.task, "eos_ids", (task.EOS,)))
+    score = getattr(spec.task, "reward", task.reward)
     samples, gids = [], []
     for g, (response, finish) in zip(rows, outputs):
         if bool(lost[g]):
             continue
         prompt = prompts[g // n]
-        samples.append(Sample(g // n, tuple(prompt), tuple(response), task.reward(prompt, response), finish,
+        samples.append(Sample(g // n, tuple(prompt), tuple(response), score(prompt, response), finish,
                               None, f"step {step} row {g}"))
         gids.append(g // n)
     return samples, gids, int(lost[start:end].sum())

@@ -11,12 +11,13 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 VOCAB = 90
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
     """The transformers config of one tiny test model (4 layers, so PP2 x VPP2 has a layer per stage)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+    common.update(overrides)
     if family == "llama":  # Llama-3 rope scaling, untied embeddings
         return LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -56,3 +57,48 @@ def hf_logits(model_dir_or_model, tokens: torch.Tensor) -> torch.Tensor:
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+
+
+def train_tokenizer(path: str, texts, vocab_size: int = 320, chat_template: bool = True):
+    """A byte-level BPE tokenizer trained offline on ``texts`` (milliseconds), saved as a Hugging Face
+    tokenizer directory (with a chat template) that ``AutoTokenizer`` reloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def prompt_texts(path: str):
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            obj = json.loads(line)
+            yield obj["question"]
+            yield obj["answer"]
+
+
+def save_trainer_model(path: str, family: str = "qwen2", vocab_size: int = 384, seed: int = 0):
+    """A tiny model whose vocabulary matches a trained tokenizer, for trainer runs."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(family, vocab_size=vocab_size, max_position_embeddings=256, num_hidden_layers=2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    return model
