@@ -123,3 +123,44 @@ def save_hf(chunks: list, args, out_dir: Optional[str] = None) -> Optional[str]:
     ckpt = hf_checkpoint(args.hf_checkpoint)
     return export_hf(chunks, ckpt.arch, out_dir or args.save_hf, source_config=ckpt.config,
                      source_dir=ckpt.model_dir, tokenizer_dir=args.tokenizer or ckpt.model_dir)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``megatron-rl-agg export-hf``."""
+    parser.add_argument("--hf-checkpoint", required=True,
+                        help="the Hugging Face directory the run started from (architecture, config, tokenizer)")
+    parser.add_argument("--load", required=True, help="trainer checkpoint directory (its --save)")
+    parser.add_argument("--out", required=True, help="Hugging Face directory to write (atomically)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer files to copy (default: --hf-checkpoint)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the exported weights (default: the config's torch_dtype)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                        help="TP size to load at (under torchrun; any layout loads any checkpoint)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size to load at")
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    """``megatron-rl-agg export-hf``: a trainer checkpoint (``dist_checkpointing``, any layout) -> a Hugging
+    Face directory. Runs in one process (or under torchrun at the given TP / PP); returns 0."""
+    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.hf.export import export_hf
+    from megatron_rl_agg.hf.load import gpt_spec_from_hf
+    from megatron_rl_agg.model import build_model
+    from megatron_rl_agg.trainer import checkpoint
+
+    ckpt = hf_checkpoint(args.hf_checkpoint)     # checks config and tensors before any process group
+    step = checkpoint.latest_step(args.load) if args.step is None else args.step
+    megatron_compat.initialize_distributed()
+    megatron_compat.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    try:
+        spec = gpt_spec_from_hf(ckpt.arch, tp=args.tensor_model_parallel_size)
+        chunks = build_model(spec, wrap_ddp=False)
+        checkpoint.load_model_weights(args.load, chunks, step)
+        out = export_hf(chunks, ckpt.arch, args.out, source_config=ckpt.config, source_dir=ckpt.model_dir,
+                        tokenizer_dir=args.tokenizer or ckpt.model_dir, dtype=args.dtype)
+        if out is not None:
+            print(f"[megatron_rl_agg] exported step {step} of {args.load} to {out}")
+    finally:
+        megatron_compat.destroy_model_parallel()
+    return 0
