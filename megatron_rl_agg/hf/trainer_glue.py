@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 __all__ = ["add_hf_args", "validate_hf_args", "hf_checkpoint", "hf_model_spec", "load_hf_policy",
-           "text_task", "save_hf"]
+           "text_task", "text_tokenizer", "save_hf", "add_export_args", "export_checkpoint"]
 
 
 def add_hf_args(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +114,21 @@ def text_task(args):
         answer_key=args.answer_key, apply_chat_template=args.apply_chat_template, seed=args.seed,
         max_prompt_tokens=args.seq_length + 1 - args.max_new_tokens,
         eos_ids=eos_token_ids(tokenizer, args.hf_checkpoint), vocab_size=args.vocab_size)
+
+
+def text_tokenizer(args):
+    """``text -> token ids`` of ``--tokenizer`` (default the checkpoint), loaded on first use, no special
+    tokens added: offline rollout text is tokenized as written."""
+    from megatron_rl_agg.hf.prompts import load_tokenizer
+
+    state = {}
+
+    def tokenize(text: str) -> list[int]:
+        if "tok" not in state:
+            state["tok"] = load_tokenizer(args.tokenizer or args.hf_checkpoint)
+        return state["tok"](text, add_special_tokens=False)["input_ids"]
+
+    return tokenize
 
 
 def save_hf(chunks: list, args, out_dir: Optional[str] = None) -> Optional[str]:

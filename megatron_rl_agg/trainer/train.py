@@ -150,8 +150,13 @@ def _build_reference(args, spec) -> Optional[list]:
 
 def _build_source(args):
     if args.rollouts:
+        tokenize = None
+        if args.tokenizer or args.hf_checkpoint:   # text prompts / responses in the file
+            from megatron_rl_agg.hf.trainer_glue import text_tokenizer
+
+            tokenize = text_tokenizer(args)
         return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
-                             args.mini_batches_per_step)
+                             args.mini_batches_per_step, tokenize=tokenize)
     if args.prompt_data:
         from megatron_rl_agg.hf.trainer_glue import text_task
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+EXTRA_FAMILIES = ("mistral",)          # falls out of the Llama mapping; checked at TP2 only
 VOCAB = 90
 
 
 def hf_config(family: str, **overrides):
     """The transformers config of one tiny test model (4 layers, so PP2 x VPP2 has a layer per stage)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
@@ -26,7 +27,9 @@ def hf_config(family: str, **overrides):
         return Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
     if family == "qwen3":  # q/k norm, head_dim != hidden / heads
         return Qwen3Config(**common, tie_word_embeddings=False, head_dim=16, rope_theta=1000000.0)
-    raise ValueError(f"family {family!r}; valid: {FAMILIES}")
+    if family == "mistral":  # full attention (sliding_window null), as Mistral 7B v0.3
+        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0)
+    raise ValueError(f"family {family!r}; valid: {FAMILIES + EXTRA_FAMILIES}")
 
 
 def build_hf_model(family: str, seed: int = 0):

@@ -226,3 +226,15 @@ def test_trainer_flag_errors(llama_dir):
     assert (args.num_layers, args.hidden_size, args.vocab_size) == (4, 32, 90)
     with pytest.raises(TrainerArgsError, match="vocabulary 90 is not a multiple of --tensor-model-parallel-size 4"):
         parse_args(["--hf-checkpoint", str(llama_dir), "--tensor-model-parallel-size", "4"])
+
+
+def test_text_rollouts_need_a_tokenizer(tmp_path):
+    from megatron_rl_agg.trainer.rollouts import RolloutFormatError, read_rollouts
+
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"prompt_id": 0, "prompt": "2 + 2 =", "response": " 4", "reward": 1.0,
+                                "finish_reason": "stop"}) + "\n")
+    with pytest.raises(RolloutFormatError, match=r"text.jsonl:1: 'prompt' is text; text rollouts need a tokenizer"):
+        read_rollouts(str(path))
+    (sample,) = read_rollouts(str(path), vocab_size=10, tokenize=lambda text: [len(text) % 10, 1])
+    assert sample.prompt == (7, 1) and sample.response == (2, 1)

@@ -1,7 +1,8 @@
-"""The trainer on Hugging Face models (one 2-process torchrun launch of four runs):
+"""The trainer on Hugging Face models (one 2-process torchrun launch of five runs):
 
 * offline rollouts whose behaviour log-probs come from transformers give a step-1 ratio of 1 at TP2 and PP2
-  (``ppo_kl`` ~ 0, nothing clipped with a clip band of 1e-3);
+  (``ppo_kl`` ~ 0, nothing clipped with a clip band of 1e-3), with token ids or with text the trainer
+  tokenizes;
 * end to end: a tiny Qwen2 model + a BPE tokenizer trained here (with a chat template) + the shipped prompt
   file + ``math_verify`` run 2 on-policy GRPO steps at DP2 and TP2; ``--save-hf`` writes a directory
   transformers loads, and ``megatron-rl-agg export-hf`` of the saved trainer checkpoint gives the same
@@ -30,18 +31,24 @@ PROMPTS = HERE.parents[1] / "examples" / "gsm8k_mini.jsonl"
 VOCAB = 384
 
 
-def _offline_rollouts(model, path: pathlib.Path) -> None:
-    """4 groups x 4 samples of random token rows, log-probs of the responses under ``model``."""
+def _offline_rollouts(model, path: pathlib.Path, tokenizer=None) -> None:
+    """4 groups x 4 samples, log-probs of the responses under ``model``: random token rows, or (with a
+    tokenizer) text rows, short questions and answers, that the trainer tokenizes itself."""
     g = torch.Generator().manual_seed(5)
+    words = "the answer is 7 apples so 3 + 4 = 7 and each friend gets 2".split()
     lines = []
     for gid in range(4):
         prompt = torch.randint(0, VOCAB, (int(torch.randint(3, 8, (), generator=g)),), generator=g).tolist()
+        if tokenizer is not None:
+            prompt = f"Question {gid}: how many apples?"
         for _ in range(4):
             response = torch.randint(0, VOCAB, (int(torch.randint(2, 9, (), generator=g)),), generator=g).tolist()
-            tokens = torch.tensor([prompt + response])
+            if tokenizer is not None:
+                response = " " + " ".join(words[int(i)] for i in torch.randint(0, len(words), (4,), generator=g))
+            ids = [tokenizer.encode(x, add_special_tokens=False) if tokenizer else x for x in (prompt, response)]
             with torch.no_grad():
-                logp = torch.log_softmax(model(tokens).logits.double(), -1)[0]
-            lp = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(response)]
+                logp = torch.log_softmax(model(torch.tensor([ids[0] + ids[1]])).logits.double(), -1)[0]
+            lp = [float(logp[len(ids[0]) - 1 + i, t]) for i, t in enumerate(ids[1])]
             lines.append({"prompt_id": gid, "prompt": prompt, "response": response,
                           "reward": float(torch.rand((), generator=g)), "finish_reason": "stop", "logprobs": lp})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -51,17 +58,20 @@ def _offline_rollouts(model, path: pathlib.Path) -> None:
 def trainer_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_trainer")
     model_dir = root / "model"
-    train_tokenizer(str(model_dir), prompt_texts(str(PROMPTS)))
+    tokenizer = train_tokenizer(str(model_dir), prompt_texts(str(PROMPTS)))
     model = save_trainer_model(str(model_dir), vocab_size=VOCAB)
     _offline_rollouts(model, root / "rollouts.jsonl")
+    _offline_rollouts(model, root / "text_rollouts.jsonl", tokenizer)
     common = ["--hf-checkpoint", str(model_dir), "--no-progress-bar", "--micro-batch-size", "4", "--lr", "1e-3"]
     offline = [*common, "--rollouts", str(root / "rollouts.jsonl"), "--global-batch-size", "16",
                "--seq-length", "24", "--train-iters", "1", "--clip-eps-low", "1e-3", "--clip-eps-high", "1e-3"]
     online = [*common, "--prompt-data", str(PROMPTS), "--reward", "math_verify", "--seq-length", "96",
               "--max-new-tokens", "4", "--global-batch-size", "8", "--num-samples-per-prompt", "4",
               "--train-iters", "2"]
+    text = [*offline, "--rollouts", str(root / "text_rollouts.jsonl"), "--seq-length", "48"]  # later flags win
     plan = [{"name": "offline_tp2", "argv": [*offline, "--tensor-model-parallel-size", "2"]},
             {"name": "offline_pp2", "argv": [*offline, "--pipeline-model-parallel-size", "2"]},
+            {"name": "offline_text_pp2", "argv": [*text, "--pipeline-model-parallel-size", "2"]},
             {"name": "online_dp2", "argv": [*online, "--save-hf", str(root / "hf_dp2"), "--save", str(root / "ckpt")]},
             {"name": "online_tp2", "argv": [*online, "--tensor-model-parallel-size", "2",
                                             "--save-hf", str(root / "hf_tp2")]}]
@@ -69,11 +79,12 @@ def trainer_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["offline_tp2", "offline_pp2"])
+@pytest.mark.parametrize("name", ["offline_tp2", "offline_pp2", "offline_text_pp2"])
 def test_transformers_logprobs_give_ratio_one(trainer_run, name):
     _, results = trainer_run
     (step,) = results[name]
     assert step["num_tokens"] > 0
+    print(name, {k: step[k] for k in ("ppo_kl", "clip_frac", "num_tokens")})
     assert abs(step["ppo_kl"]) < 1e-6, step
     assert step["clip_frac"] == 0.0, step
 
