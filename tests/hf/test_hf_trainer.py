@@ -27,6 +27,8 @@ sys.path.insert(0, str(HERE))
 from hf_models import prompt_texts, save_trainer_model, train_tokenizer  # noqa: E402
 from trainer_helpers import torchrun  # noqa: E402
 
+from megatron_rl_agg.hf.prompts import load_tokenizer  # noqa: E402
+
 PROMPTS = HERE.parents[1] / "examples" / "gsm8k_mini.jsonl"
 VOCAB = 384
 
@@ -58,8 +60,11 @@ def _offline_rollouts(model, path: pathlib.Path, tokenizer=None) -> None:
 def trainer_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_trainer")
     model_dir = root / "model"
-    tokenizer = train_tokenizer(str(model_dir), prompt_texts(str(PROMPTS)))
+    train_tokenizer(str(model_dir), prompt_texts(str(PROMPTS)))
     model = save_trainer_model(str(model_dir), vocab_size=VOCAB)
+    # Loaded as the trainer loads it: with config.json present, AutoTokenizer picks the model family's
+    # tokenizer class (Qwen2's splits digits), which can tokenize differently from the trained object.
+    tokenizer = load_tokenizer(str(model_dir))
     _offline_rollouts(model, root / "rollouts.jsonl")
     _offline_rollouts(model, root / "text_rollouts.jsonl", tokenizer)
     common = ["--hf-checkpoint", str(model_dir), "--no-progress-bar", "--micro-batch-size", "4", "--lr", "1e-3"]
