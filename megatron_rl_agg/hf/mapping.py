@@ -1,4 +1,5 @@
-"""Per-tensor mapping between Hugging Face names and Megatron-Core dist-checkpointing keys (pure python).
+"""Per-tensor mapping between Hugging Face names and Megatron-Core dist-checkpointing keys (pure: no
+torch.distributed, no Megatron).
 
 A Megatron tensor of global key ``key`` (transformer layers stacked along a leading layer axis, see
 :mod:`megatron_rl_agg.model`) at layer ``i`` is the concatenation along dim 0 of row *blocks* of Hugging

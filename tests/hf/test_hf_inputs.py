@@ -238,3 +238,24 @@ def test_text_rollouts_need_a_tokenizer(tmp_path):
         read_rollouts(str(path))
     (sample,) = read_rollouts(str(path), vocab_size=10, tokenize=lambda text: [len(text) % 10, 1])
     assert sample.prompt == (7, 1) and sample.response == (2, 1)
+
+
+def test_core_imports_without_the_hf_extra():
+    import subprocess
+
+    code = r"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("transformers", "safetensors", "tokenizers", "math_verify", "pyarrow"):
+            raise ImportError(f"blocked {name}")
+sys.meta_path.insert(0, Block())
+import megatron_rl_agg, megatron_rl_agg.hf
+from megatron_rl_agg.trainer.arguments import parse_args
+args = parse_args(["--train-iters", "1"])
+assert args.hf_checkpoint is None and args.reward == "math_verify"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(HERE.parents[1]))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
