@@ -10,7 +10,9 @@ wrapped by a counter that records the call, the process group it ran on and the 
 * ``megatron``: everything else in the step: the model's own TP collectives, the schedule and
   ``finalize_model_grads`` (DDP gradient all-reduce), identical with Megatron's plain loss.
 
-For each layout (dp2: data parallel; tp2: tensor parallel) and each number of micro-batches M = 1, 2, 4, 8
+For each layout (dp2: data parallel; tp2: tensor parallel; cp2: context parallel; ``+flag``: with
+``calculate_per_token_loss=True``, the loss returning Megatron's 3-tuple) and each number of micro-batches
+M = 1, 2, 4, 8
 (the mini-batch is fixed, so the micro-batch size shrinks as M grows) it prints the counts per optimizer
 step, split by group. ``plain`` is the same step with Megatron's plain token-mean loss (see
 bench_step_overhead.py), for comparison of the ``megatron`` column.
@@ -104,7 +106,7 @@ def plain_forward_step(data_iterator, model):
     return output, loss_func
 
 
-def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length):
+def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length, flag=False):
     """One optimizer step's forward-backward (and metric reduction); returns counts per (context, group)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -113,7 +115,11 @@ def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length):
     from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
     from megatron_rl_agg.metrics import reduce_metrics
 
+    from megatron_rl_agg.context_parallel import split_for_cp_rank
+
     dp_group = parallel_state.get_data_parallel_group()
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_group = parallel_state.get_context_parallel_group() if cp_size > 1 else None
     for chunk in chunks:
         chunk.zero_grad_buffer()
     counter.counts.clear()
@@ -121,20 +127,24 @@ def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length):
         with counter.within("advantages"):
             normalize_advantages(batch["rewards"], group_ids=batch["group_ids"], process_group=dp_group)
         with counter.within("prepare"):
-            micro_batches = prepare_microbatches(batch, cfg, mbs, dp_group=dp_group)
+            micro_batches = prepare_microbatches(batch, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
+                                                 calculate_per_token_loss=flag)
         fn = forward_step
     else:
         positions = torch.arange(seq_length).expand(mbs, -1)
         micro_batches = [{"tokens": batch["tokens"][k:k + mbs], "labels": batch["labels"][k:k + mbs],
                           "loss_mask": batch["loss_mask"][k:k + mbs], "position_ids": positions}
                          for k in range(0, batch["tokens"].shape[0], mbs)]
+        cp_rank = parallel_state.get_context_parallel_rank()
+        micro_batches = [{k: split_for_cp_rank(v, cp_size, cp_rank) for k, v in mb.items()}
+                         for mb in micro_batches]
         fn = plain_forward_step
     reports = get_forward_backward_func()(
         forward_step_func=fn, data_iterator=iter(micro_batches), model=chunks,
         num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
     if variant == "plugin":
         with counter.within("metrics"):
-            reduce_metrics(reports, dp_group)
+            reduce_metrics(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
     return dict(counter.counts)
 
 
@@ -170,21 +180,24 @@ def main(argv=None) -> None:
     full["ref_logprobs"] = torch.full((args.rows, seq), -4.2)
     full.pop("group_sizes")
     rows_out = []
-    for layout, tp in (("dp2", 1), ("tp2", 2)):
-        megatron_compat.initialize_model_parallel(tp, 1, seed=1)
-        counter.groups = {id(parallel_state.get_data_parallel_group()): "dp",
+    for layout, tp, cp, flag in (("dp2", 1, 1, False), ("tp2", 2, 1, False), ("cp2", 1, 2, False),
+                                 ("dp2+flag", 1, 1, True), ("cp2+flag", 1, 2, True)):
+        megatron_compat.initialize_model_parallel(tp, 1, cp=cp, seed=1)
+        counter.groups = {id(parallel_state.get_data_parallel_group(with_context_parallel=True)): "dpcp",
+                          id(parallel_state.get_context_parallel_group()): "cp",
+                          id(parallel_state.get_data_parallel_group()): "dp",
                           id(parallel_state.get_tensor_model_parallel_group()): "tp"}
-        chunks = build_model(spec)
+        chunks = build_model(spec, calculate_per_token_loss=flag)
         init_weights(chunks, seed=1)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         local_rows = args.rows // dp
         batch = {k: v[dp_rank * local_rows:(dp_rank + 1) * local_rows] for k, v in full.items()}
         for m in args.microbatches:
             mbs = local_rows // m
-            counts = {"plain": one_step(counter, chunks, batch, None, mbs, "plain", seq)}
+            counts = {"plain": one_step(counter, chunks, batch, None, mbs, "plain", seq, flag)}
             for name, kw in CONFIGS.items():
                 cfg = LossConfig(max_response_length=seq, **kw)
-                counts[name] = one_step(counter, chunks, batch, cfg, mbs, "plugin", seq)
+                counts[name] = one_step(counter, chunks, batch, cfg, mbs, "plugin", seq, flag)
             for name, c in counts.items():
                 rows_out.append({"layout": layout, "M": m, "config": name,
                                  "counts": {f"{ctx}/{grp}": n for (ctx, grp), n in sorted(c.items())}})
@@ -214,8 +227,9 @@ def print_table(rows: list) -> None:
     """Per optimizer step, on groups of more than one process (groups of one move no data)."""
     plain = {(r["layout"], r["M"]): r["counts"] for r in rows if r["config"] == "plain"}
     print("collectives per optimizer step, rank 0, groups of more than one process only")
-    head = (f"{'layout':<6} {'M':>2} {'config':<28} {'prepare':>7} {'metrics':>7} {'advant':>6} "
-            f"{'loss DP/mb':>10} {'loss TP/mb':>10} {'step total':>10} {'plain total':>11} {'added':>5}")
+    head = (f"{'layout':<8} {'M':>2} {'config':<28} {'prepare':>7} {'metrics':>7} {'advant':>6} "
+            f"{'loss DP/mb':>10} {'loss TP/mb':>10} {'CP/mb':>6} {'step total':>10} {'plain total':>11} "
+            f"{'added':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -223,12 +237,16 @@ def print_table(rows: list) -> None:
             continue
         c, m = r["counts"], r["M"]
         total, base = _count(c), _count(plain[(r["layout"], m)])
-        loss_dp, loss_tp = _count(c, "loss", "dp") / m, _count(c, "loss", "tp") / m
-        print(f"{r['layout']:<6} {m:>2} {r['config']:<28} {_count(c, 'prepare'):>7} "
+        loss_dp = (_count(c, "loss", "dp") + _count(c, "loss", "dpcp")) / m
+        loss_tp, cp_mb = _count(c, "loss", "tp") / m, _count(c, None, "cp") / m
+        print(f"{r['layout']:<8} {m:>2} {r['config']:<28} {_count(c, 'prepare'):>7} "
               f"{_count(c, 'metrics'):>7} "
-              f"{_count(c, 'advantages'):>6} {loss_dp:>10.2f} {loss_tp:>10.2f} "
+              f"{_count(c, 'advantages'):>6} {loss_dp:>10.2f} {loss_tp:>10.2f} {cp_mb:>6.2f} "
               f"{total:>10} {base:>11} {total - base:>5}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        megatron_compat.destroy_distributed()

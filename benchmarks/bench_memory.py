@@ -186,4 +186,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        megatron_compat.destroy_distributed()

@@ -70,6 +70,9 @@ _OVERLONG_POLICIES = ("keep", "zero_advantage", "mask")
 # Columns of the per-(rank, group) bucket table exchanged between ranks. Everything is int64 so that a
 # single all-gather carries both exact integer ids/counts and float64 statistics: the float columns are
 # the IEEE bit patterns (Tensor.view(torch.int64)), which a gather copies without touching.
+# Largest accepted |reward|: squares of deviations stay far below float64's 1.8e308.
+MAX_ABS_REWARD = 1e150
+
 _RANK, _ID, _ROWS, _NSTAT, _USABLE, _TRUNC, _NBAD, _REF, _DELTA, _M2 = range(10)
 
 
@@ -366,9 +369,12 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
     my_rank = dist.rank(process_group)
 
     # A non-finite reward on a valid row is an error. One reduction detects it; only then is it located.
+    # |r| is bounded too: the centered squares of the std overflow float64 near 1e154, which would turn
+    # every advantage of the group into 0 without an error.
     bad_row = None
-    if not torch.isfinite(torch.where(stat_valid, r, 0.0).sum()):
-        bad_row = stat_valid & ~torch.isfinite(r)
+    size = torch.where(stat_valid, r.abs(), 0.0)
+    if size.numel() and (not torch.isfinite(size.sum()) or size.max() > MAX_ABS_REWARD):
+        bad_row = stat_valid & ~(torch.isfinite(r) & (r.abs() <= MAX_ABS_REWARD))
     ok = stat_valid if bad_row is None else stat_valid & ~bad_row
     n_stat, ref, delta, m2 = _segment_moments(r, ok, seg_inv, lengths)
 
@@ -394,8 +400,9 @@ def _normalize_core(rewards, seg, stat_valid, *, usable, truncated, mean_level, 
     if bad_ranks:
         here = [] if bad_row is None else torch.nonzero(bad_row).flatten().tolist()
         where_here = f"; on this rank (rank {my_rank}) rows {here[:20]}" if here else ""
-        raise ValueError(f"rewards must be finite on valid rows: non-finite values on rank(s) {bad_ranks}"
-                         f"{where_here}. Mark failed samples invalid instead of passing NaN/inf.")
+        raise ValueError(f"rewards must be finite on valid rows, with |r| <= {MAX_ABS_REWARD:g}: other "
+                         f"values on rank(s) {bad_ranks}{where_here}. Mark failed samples invalid instead of "
+                         "passing NaN/inf; rescale rewards of larger magnitude (the advantages are scale-free).")
     gid = table[:, _ID]
     n_buckets = gid.numel()
     starts = torch.ones(n_buckets, dtype=torch.bool, device=device)

@@ -116,7 +116,10 @@ def resolve_aggregation(name: str) -> str:
     Raises:
         ValueError: naming ``name`` and listing every canonical name and every alias.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise TypeError(f"a loss aggregation mode is a str, got {name!r} ({type(name).__name__}); valid "
+                        f"names: {', '.join(LOSS_AGGREGATIONS)}")
+    key = name.strip().lower()
     if key not in _LOOKUP:
         aliases = ", ".join(f"{a} -> {c}" for a, c in _LOOKUP.items() if a != c)
         raise ValueError(
@@ -134,10 +137,32 @@ def get_aggregation(name: str) -> AggregationMode:
 # input checks
 # ----------------------------------------------------------------------------------------------
 
-def _as_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+def _as_mask(loss_mask: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+    """The mask as bool after checking it is a ``[B, T]`` tensor of 0/1 (or bool).
+
+    A mask of other values (0.5, 2, -1, NaN) has no meaning as a set of loss tokens: converting it to
+    bool would silently count every non-zero entry as a full token. One reduction and one host read per
+    call (once per mini-batch: these functions are not called per micro-batch).
+    """
+    if not isinstance(loss_mask, torch.Tensor):
+        raise TypeError(f"loss_mask must be a torch.Tensor [B, T] of 0/1 or bool, got "
+                        f"{type(loss_mask).__name__}")
     if loss_mask.dim() != 2:
         raise ValueError(f"loss_mask must be [B, T], got shape {tuple(loss_mask.shape)}")
+    if loss_mask.dtype != torch.bool and check_values:
+        if loss_mask.is_complex():
+            raise TypeError(f"loss_mask must be 0/1 or bool, got dtype {loss_mask.dtype}")
+        bad = (loss_mask != 0) & (loss_mask != 1)
+        if bool(bad.any()):
+            value = loss_mask[bad][0].item()
+            raise ValueError(f"loss_mask must hold only 0 and 1 (or be bool); found {value!r} "
+                             f"({int(bad.sum())} such entries); pass (mask > 0) for a soft mask")
     return loss_mask.to(torch.bool)
+
+
+def check_loss_mask(loss_mask: torch.Tensor) -> None:
+    """Raise unless ``loss_mask`` is a ``[B, T]`` tensor of 0/1 or bool (one host read)."""
+    _as_mask(loss_mask)
 
 
 def group_ids_from_sizes(group_sizes: Sequence[int], num_rows: int,
@@ -158,10 +183,14 @@ def group_ids_from_sizes(group_sizes: Sequence[int], num_rows: int,
 
 
 def _check_group_ids(group_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"group_ids must be a torch.Tensor [B] of dtype int64 or int32, got "
+                        f"{type(group_ids).__name__}; use torch.as_tensor(ids, dtype=torch.int64)")
     if group_ids.dim() != 1 or group_ids.shape[0] != num_rows:
         raise ValueError(f"group_ids must be [B]=[{num_rows}], got shape {tuple(group_ids.shape)}")
     if group_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+        raise TypeError(f"group_ids dtype {group_ids.dtype} is not supported; accepted: torch.int64, "
+                        "torch.int32")
     group_ids = group_ids.to(torch.int64)
     n_runs = torch.unique_consecutive(group_ids).numel()
     n_unique = torch.unique(group_ids).numel()
@@ -179,7 +208,7 @@ def _resolve_groups(mode: AggregationMode, num_rows: int, device, group_sizes, g
     if group_sizes is not None and group_ids is not None:
         raise ValueError("give either group_sizes or group_ids, not both")
     if group_ids is not None:
-        return _check_group_ids(group_ids.to(device), num_rows)
+        return _check_group_ids(group_ids, num_rows).to(device)
     if group_sizes is None:
         raise ValueError(
             f"loss aggregation {mode.name!r} needs prompt groups: pass group_sizes (single process) "
@@ -231,8 +260,19 @@ def aggregate(values: torch.Tensor, loss_mask: torch.Tensor, mode: str, *,
     """
     spec = get_aggregation(mode)
     m = _as_mask(loss_mask)
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point torch.Tensor [B, T], got "
+                        f"{getattr(values, 'dtype', type(values).__name__)}")
     if values.shape != m.shape:
         raise ValueError(f"values {tuple(values.shape)} and loss_mask {tuple(m.shape)} differ in shape")
+    out_dtype = values.dtype
+    # Sums and counts in float64: an fp16 / bf16 sum over more than 65504 tokens (or of large values)
+    # would overflow or lose the count; the result is cast back to the input dtype.
+    values = values.to(torch.float64)
+    return _aggregate64(values, m, spec, group_sizes, max_response_length, micro_batch_size).to(out_dtype)
+
+
+def _aggregate64(values, m, spec, group_sizes, max_response_length, micro_batch_size) -> torch.Tensor:
     v = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
     row_sum = v.sum(dim=1)                                  # [B]  sum_t l*m
     row_tok = m.sum(dim=1).to(values.dtype)                 # [B]  |o_i|
@@ -274,9 +314,10 @@ def microbatch_mean_weights(loss_mask: torch.Tensor, dtype: torch.dtype = torch.
     """``[b, T]`` weights ``m / max(sum m, 1)``: the token mean of ONE micro-batch.
 
     Used for the legacy mode and for the default KL/entropy terms, whose coefficients keep Megatron's
-    per-micro-batch averaging.
+    per-micro-batch averaging. Called per micro-batch, so it does not read the mask's values back to the
+    host: check the whole mini-batch's mask once with :func:`check_loss_mask`.
     """
-    m = _as_mask(loss_mask).to(dtype)
+    m = _as_mask(loss_mask, check_values=False).to(dtype)
     return m / m.sum().clamp(min=1)
 
 

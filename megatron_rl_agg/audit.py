@@ -17,11 +17,14 @@ Launching (see docs/audit.md)::
                                                          # the layouts that need exactly W processes
 
 Layout grammar. A layout is a list of factors ``dp<N>``, ``tp<N>``, ``pp<N>``, ``vpp<N>`` (virtual
-stages per pipeline rank) and ``m<N>`` (micro-batches per DP rank), each at most once, written together
+stages per pipeline rank), ``cp<N>`` (context parallelism: each row split into ``2 N`` zigzag chunks)
+and ``m<N>`` (micro-batches per DP rank), each at most once, written together
 (``pp2vpp2m4``) or joined by ``+`` (``pp2+vpp2+m4``); omitted factors are 1 (no virtual stages), except
 ``m`` with virtual stages, which defaults to ``pp`` (the interleaved schedule needs a multiple of ``pp``).
 Layouts are separated by ``,``, ``;`` or whitespace, inside one ``--layouts`` value or across several:
-``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts. A layout needs ``dp * tp * pp`` processes.
+``--layouts dp2,m4,tp2,pp2,pp2vpp2`` is five layouts; ``cp2 cp2+dp2 cp2+tp2 cp2+pp2`` are four CP
+layouts. A layout needs ``dp * tp * pp * cp`` processes. ``--calculate-per-token-loss`` runs every layout
+with Megatron's ``calculate_per_token_loss=True`` (the loss returns its 3-tuple).
 
 What a row checks. The loss is the plugin's full RL loss: PPO clipped policy gradient + ``kl_coef`` x KL
 - ``entropy_coef`` x entropy, all three with gradient. By default KL and entropy are aggregated with the
@@ -39,6 +42,9 @@ Self-test (``--inject-bug``). Deliberately wrong correction factors, to show the
 * ``local_token_count``: the global weights are computed from this DP rank's counts only (tokens, live
   rows, group sizes of the rank) instead of the counts summed over the DP group. Layouts with ``dp > 1``
   must FAIL for every mode that has a global count (all but ``token_sum``, ``token_mean_legacy``).
+* ``cp_token_count``: the global weights are counted over the dp x cp group instead of the DP group
+  (every CP rank of a DP rank holds the same full rows, so each row is counted ``cp`` times). Layouts with
+  ``cp > 1`` must FAIL for every mode that has a global count.
 """
 
 from __future__ import annotations
@@ -74,12 +80,12 @@ __all__ = [
     "exit_status",
 ]
 
-AUDIT_BUGS = ("kl_times_microbatches", "local_token_count")
+AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count")
 DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 PASS, FAIL = "PASS", "FAIL"
 
-_FACTOR = re.compile(r"(vpp|dp|tp|pp|m)(\d+)")
+_FACTOR = re.compile(r"(vpp|dp|tp|pp|cp|m)(\d+)")
 _LAYOUT_SEPARATORS = re.compile(r"[\s;,]+")
 
 
@@ -94,11 +100,9 @@ def _parse_one(text: str) -> Layout:
     while pos < len(compact):
         match = _FACTOR.match(compact, pos)
         if match is None:
-            hint = " (context parallelism is not supported by the loss)" if compact[pos:].startswith("cp") \
-                else ""
             raise ValueError(
-                f"bad layout {text!r} at {compact[pos:]!r}{hint}: a layout is factors dp<N>, tp<N>, pp<N>, "
-                "vpp<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4'); "
+                f"bad layout {text!r} at {compact[pos:]!r}: a layout is factors dp<N>, tp<N>, pp<N>, "
+                "vpp<N>, cp<N>, m<N> written together or joined by '+' (e.g. 'dp2+m4', 'tp2', 'pp2vpp2m4'); "
                 "separate layouts with ',', ';' or spaces")
         items.append(match.group(0))
         pos = match.end()
@@ -141,8 +145,8 @@ def parse_layouts(texts: Sequence[str] | str) -> list[Layout]:
 
 def layout_name(layout: Layout) -> str:
     """Short canonical spelling: only the factors that differ from 1, e.g. ``pp2+vpp2+m4``; ``m1`` alone."""
-    parts = [f"{k}{v}" for k, v in (("dp", layout.dp), ("tp", layout.tp), ("pp", layout.pp))
-             if v != 1]
+    parts = [f"{k}{v}" for k, v in (("cp", layout.cp), ("dp", layout.dp), ("tp", layout.tp),
+                                     ("pp", layout.pp)) if v != 1]
     if layout.vpp is not None:
         parts.append(f"vpp{layout.vpp}")
     if layout.num_microbatches != 1 or not parts:
@@ -159,7 +163,7 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("what to check")
     g.add_argument("--layouts", nargs="+", default=[DEFAULT_LAYOUTS], metavar="LAYOUT",
                    help="layouts separated by ',', ';' or spaces; a layout is dp<N>, tp<N>, pp<N>, vpp<N>, "
-                        "m<N> written together or joined by '+', e.g. 'dp2+m4,tp2,pp2vpp2m4' "
+                        "cp<N>, m<N> written together or joined by '+', e.g. 'dp2+m4,tp2,pp2vpp2m4,cp2+dp2' "
                         f"(default: {DEFAULT_LAYOUTS})")
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
                    help="aggregation modes (aliases accepted) or 'all' (default): "
@@ -169,7 +173,11 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default 1e-4, or 5e-2 with --bf16)")
     g.add_argument("--inject-bug", choices=AUDIT_BUGS, default=None,
                    help="SELF-TEST OF THE AUDIT ONLY: inject a wrong correction factor and expect FAIL rows "
-                        "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1)")
+                        "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1; "
+                        "cp_token_count: layouts with cp > 1)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="run every layout with Megatron's calculate_per_token_loss=True (the loss returns "
+                        "the 3-tuple (loss, num_tokens, report))")
     g.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     m = parser.add_argument_group("model (tiny by default; raise for a real model on GPUs)")
     m.add_argument("--num-layers", type=int, default=4, help="must be divisible by pp * vpp of every layout")
@@ -231,13 +239,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.seq_length < 4:
         raise ValueError(f"--seq-length must be >= 4 (prompt + response), got {args.seq_length}")
-    if args.kl_coef < 0 or args.entropy_coef < 0:
-        raise ValueError(
-            f"--kl-coef and --entropy-coef must be >= 0, got {args.kl_coef}, {args.entropy_coef}")
+    for flag in ("kl_coef", "entropy_coef"):      # NaN fails every comparison: test finiteness first
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, "
+                             f"got {getattr(args, flag)}")
     if args.inject_bug == "kl_times_microbatches" and args.kl_coef == 0:
         raise ValueError("--inject-bug kl_times_microbatches scales the KL term: it needs --kl-coef > 0")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
-    if not tolerance > 0:
+    if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"--tolerance must be > 0, got {tolerance}")
     for lay in layouts:
         name = layout_name(lay)
@@ -253,6 +262,10 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError(
                 f"layout {name}: --num-attention-heads {args.num_attention_heads} and --vocab-size "
                 f"{args.vocab_size} must be divisible by tp = {lay.tp}")
+        if args.seq_length % (2 * lay.cp):
+            raise ValueError(
+                f"layout {name}: --seq-length {args.seq_length} is not divisible by 2 * cp = {2 * lay.cp} "
+                "(context parallelism splits every row into 2 * cp equal chunks)")
         if lay.vpp is not None and lay.num_microbatches % lay.pp:
             raise ValueError(
                 f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
@@ -425,6 +438,8 @@ def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path:
             argv += ["--" + flag.replace("_", "-"), str(value)]
     if args.bf16:
         argv.append("--bf16")
+    if args.calculate_per_token_loss:
+        argv.append("--calculate-per-token-loss")
     return argv
 
 
@@ -605,10 +620,12 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
     from megatron_rl_agg.model import build_model, gather_full_grads, init_weights
 
-    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, seed=args.seed)
-    chunks = build_model(spec)
+    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed)
+    flag = bool(args.calculate_per_token_loss)
+    chunks = build_model(spec, calculate_per_token_loss=flag)
     init_weights(chunks, seed=args.seed)
     dp_group = parallel_state.get_data_parallel_group()
+    cp_group = parallel_state.get_context_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
     rows = args.batch_size // lay.dp
     mbs = rows // lay.num_microbatches
@@ -620,7 +637,8 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
         cfg = _loss_config(plan, args, mode)
         for chunk in chunks:
             chunk.zero_grad_buffer()
-        micro_batches = prepare_microbatches(local, cfg, mbs, dp_group=dp_group)
+        micro_batches = prepare_microbatches(local, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
+                                             calculate_per_token_loss=flag)
         _inject(args.inject_bug, micro_batches, local, cfg, mbs)
         iters = [iter(micro_batches) for _ in chunks]
         forward_backward(forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
@@ -641,7 +659,16 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
             mb["loss_config"] = wrong
         return
     # local_token_count: global weights from this rank's counts only (process_group=None).
+    # cp_token_count: counts summed over dp x cp, where the CP ranks of a DP rank hold the same rows.
+    from megatron.core import parallel_state
+
     from megatron_rl_agg.aggregation import token_weights
+    from megatron_rl_agg.context_parallel import split_for_cp_rank
+
+    group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+             if bug == "cp_token_count" else None)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
 
     for key, mode in (("pg_weights", cfg.loss_aggregation), ("kl_weights", cfg.kl_aggregation),
                       ("entropy_weights", cfg.entropy_aggregation)):
@@ -649,7 +676,7 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
                 or not get_aggregation(mode).exact_global:
             continue
         w = token_weights(local["loss_mask"], mode, group_ids=local["group_ids"],
-                          max_response_length=cfg.max_response_length, process_group=None,
+                          max_response_length=cfg.max_response_length, process_group=group,
                           dtype=torch.float64)
         for k, mb in enumerate(micro_batches):
-            mb[key] = w[k * mbs:(k + 1) * mbs]
+            mb[key] = split_for_cp_rank(w[k * mbs:(k + 1) * mbs], cp_size, cp_rank, dim=1)

@@ -42,11 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_rl_agg.megatron_compat import destroy_distributed, quiet_warnings
+
+    quiet_warnings()
     args = build_parser().parse_args(argv)
     if args.command == "check-invariance":
         from megatron_rl_agg.audit import check_invariance
 
-        return check_invariance(args)
+        try:
+            return check_invariance(args)
+        finally:
+            destroy_distributed()       # a worker never exits with a live process group
     if args.command == "export-hf":
         from megatron_rl_agg.hf.trainer_glue import export_checkpoint
 

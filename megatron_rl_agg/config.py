@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +49,25 @@ def _choice(value, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def _finite(value, what: str, *, low: float, low_open: bool = False, high: float = math.inf,
+            high_open: bool = True) -> float:
+    """``value`` as a float when it is a finite real number in the given range, else a ValueError naming
+    it (NaN fails every comparison, so a bare ``value < 0`` would let it through)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a finite number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not above:
+        raise ValueError(f"{what} must be {'>' if low_open else '>='} {low:g}"
+                         f"{'' if high == math.inf else ' and < ' + format(high, 'g')}, got {value!r}")
+    if not below:
+        raise ValueError(f"{what} must be in {'(' if low_open else '['}{low:g}, {high:g}"
+                         f"{')' if high_open else ']'}, got {value!r}")
+    return float(value)
 
 
 def resolve_term_aggregation(name: str, what: str = "kl/entropy aggregation") -> str:
@@ -92,13 +112,11 @@ class LossConfig:
         self.kl_aggregation = resolve_term_aggregation(self.kl_aggregation, "kl_aggregation")
         self.entropy_aggregation = resolve_term_aggregation(self.entropy_aggregation, "entropy_aggregation")
         _choice(self.kl_estimator, KL_ESTIMATORS, "kl_estimator")
-        for name in ("kl_coef", "entropy_coef", "clip_eps_low", "clip_eps_high"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.clip_eps_low >= 1:
-            raise ValueError(f"clip_eps_low must be in [0, 1), got {self.clip_eps_low!r}")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
-            raise ValueError(f"dual_clip_c must be > 1 (or unset), got {self.dual_clip_c!r}")
+        for name in ("kl_coef", "entropy_coef", "clip_eps_high"):
+            setattr(self, name, _finite(getattr(self, name), name, low=0.0))
+        self.clip_eps_low = _finite(self.clip_eps_low, "clip_eps_low", low=0.0, high=1.0)
+        if self.dual_clip_c is not None:
+            self.dual_clip_c = _finite(self.dual_clip_c, "dual_clip_c", low=1.0, low_open=True)
         if self.max_response_length is not None and (
                 isinstance(self.max_response_length, bool) or not isinstance(self.max_response_length, int)
                 or self.max_response_length <= 0):
@@ -159,8 +177,7 @@ class AdvantageConfig:
         if self.leave_one_out and self.mean_level != "group":
             raise ValueError(f"leave_one_out needs mean_level='group', got {self.mean_level!r}")
         _choice(self.overlong_policy, OVERLONG_POLICIES, "overlong_policy")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        self.eps = _finite(self.eps, "eps", low=0.0, low_open=True)
         if isinstance(self.min_valid_group_size, bool) or not isinstance(self.min_valid_group_size, int) \
                 or self.min_valid_group_size < 1:
             raise ValueError(f"min_valid_group_size must be an int >= 1, got {self.min_valid_group_size!r}")

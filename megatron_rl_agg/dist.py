@@ -8,14 +8,47 @@ no collective.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen"]
+__all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen",
+           "all_gather_stacked", "world_group", "unresponsive_ranks"]
 
 
 def _active(group) -> bool:
     return group is not None and torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_group():
+    """The default (world) process group, or None when torch.distributed is not initialised."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.group.WORLD
+    return None
+
+
+def unresponsive_ranks(tag: str, wait_s: float) -> list[int]:
+    """Global ranks that do not check in through the default rendezvous store within ``wait_s`` seconds.
+
+    Every live rank that calls it writes ``tag/<rank>`` and waits for the others' keys; no collective is
+    used (it is the tool for when collectives no longer complete). A SIGSTOPped or dead rank never
+    writes its key. Returns ``[]`` when there is no store to ask.
+    """
+    if world_group() is None:
+        return []
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        me, size = torch_dist.get_rank(), torch_dist.get_world_size()
+        store.set(f"{tag}/{me}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(size) if not store.check([f"{tag}/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, AttributeError, ValueError):   # the store itself is gone (its host died)
+        return []
 
 
 def world_size(group=None) -> int:
@@ -70,3 +103,38 @@ def all_gather_varlen(rows: torch.Tensor, group=None) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(size)]
     torch_dist.all_gather(gathered, padded, group=group)
     return torch.cat([g[:c] for g, c in zip(gathered, counts_list)], dim=0)
+
+
+class _AllGatherStacked(torch.autograd.Function):
+    """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
+
+    Backward: rank ``r``'s input feeds slice ``r`` of the output on EVERY rank, so its gradient is the sum
+    over ranks of their output gradients' slice ``r``: one all-reduce of the ``[C, *shape]`` gradient,
+    then this rank's slice.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        size = world_size(group)
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        torch_dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        return total[rank(ctx.group)], None
+
+
+def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order, ``[C, *tensor.shape]``, differentiable.
+
+    One all-gather forward; one all-reduce of the output gradient backward (each rank keeps its own
+    slice of the summed gradient, which is the exact gradient of its input). Shapes and dtypes must
+    agree on all ranks. Without a group: ``tensor.unsqueeze(0)``.
+    """
+    if not _active(group) or world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    return _AllGatherStacked.apply(tensor, group)

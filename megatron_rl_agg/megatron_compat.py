@@ -34,6 +34,8 @@ __all__ = [
     "initialize_distributed",
     "initialize_model_parallel",
     "destroy_model_parallel",
+    "destroy_distributed",
+    "quiet_warnings",
 ]
 
 _CPU_MODE = False
@@ -67,8 +69,9 @@ def enable_cpu_mode() -> bool:
 
     1. ``torch.cuda.current_device()`` -> ``"cpu"``;
     2. ``torch.cuda.synchronize()`` -> no-op;
-    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``, in Megatron's modules only (their
-       global ``torch`` becomes a view of torch with those factories; other libraries see torch as is);
+    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``, and ``pin_memory=True`` -> False, in
+       Megatron's modules only (their global ``torch`` becomes a view of torch with those factories; other
+       libraries see torch as is);
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
     6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
@@ -128,6 +131,10 @@ class _MegatronTorch(types.ModuleType):
                 dev = kwargs.get("device")
                 if dev is not None and _is_cuda_device(dev):
                     kwargs["device"] = "cpu"
+                # rope_utils.get_pos_emb_on_this_cp_rank (RoPE under context parallelism) builds its index
+                # tensor with pin_memory=True, which raises without CUDA; there is no pinned memory to want.
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False
                 return _original(*args, **kwargs)
 
             setattr(self, name, factory)
@@ -252,7 +259,46 @@ def _install_cpu_rng_tracker() -> None:
     mp_random.initialize_rng_tracker(force_reset=True)
 
 
-def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
+# Warnings megatron-core prints once per process on a machine without Transformer Engine / apex, one
+# deprecation it raises from its own defaults, and two that torch raises about the calls
+# dist_checkpointing makes on every load. Each names a fallback that is the intended path on CPU (torch
+# norm, torch Adam, local multi-tensor helpers) or an API megatron-core itself chose, so they carry no
+# information for a user. Matched by message start, category and module, so any other warning shows.
+_KNOWN_HARMLESS = (
+    ("Transformer Engine and Apex are not installed", UserWarning, "megatron"),
+    ("Apex is not installed", UserWarning, "megatron"),
+    ("full scope is deprecated", UserWarning, "megatron"),
+    ("`load_state_dict` is deprecated", FutureWarning, "megatron"),
+    ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, "torch"),
+    ("MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning, "megatron"),
+    ("Warning: tp_group is None, using default tp group", DeprecationWarning, "megatron"),
+)
+
+
+def quiet_warnings() -> None:
+    """Filter :data:`_KNOWN_HARMLESS` in this process; call it before megatron.core is imported (most
+    are raised at import time)."""
+    import warnings
+
+    for message, category, module in _KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's groups and the default process group (safe to call when none exist).
+
+    Every entry point calls it before exiting: a process that exits with a live gloo / NCCL group can
+    abort in the group's destructor ("terminate called without an active exception").
+    """
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return                          # no group, so no Megatron groups either (nothing to import)
+    destroy_model_parallel()
+    torch_dist.destroy_process_group()
+
+
+def initialize_distributed(timeout_minutes: float = 10) -> tuple[int, int]:
     """Initialise the default process group from the torchrun environment.
 
     Reads ``RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT`` via ``env://``). Without
@@ -285,7 +331,7 @@ def initialize_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234,
-                              cp: int = 1) -> None:
+                              cp: int = 1, timeout_minutes: float | None = None) -> None:
     """Create Megatron's model-parallel groups and seed the RNG tracker.
 
     The data-parallel size is ``world_size / (tp * pp * cp)``. Any previous model-parallel state is
@@ -296,6 +342,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         vpp: virtual pipeline stages per pipeline rank (interleaved schedule), or None.
         seed: base seed; Megatron derives the TP-rank dropout seed from it
             (``seed + 2718 + tp_rank``) and seeds the default generator with ``seed``.
+        timeout_minutes: collective timeout of the new groups (Megatron's default: 30 minutes; the
+            default group keeps the one given to :func:`initialize_distributed`).
     """
     import torch.distributed as torch_dist
     from megatron.core import parallel_state
@@ -318,6 +366,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        **({} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}),
     )
     torch.manual_seed(seed)
     mp_random.model_parallel_cuda_manual_seed(seed)

@@ -1,50 +1,66 @@
-"""The Megatron-Core loss function: exact RL loss aggregation under any TP / PP / DP layout.
+"""The Megatron-Core loss function: exact RL loss aggregation under any TP / PP / CP / DP layout.
 
 Use (one optimizer step on one mini-batch)::
 
     micro_batches = prepare_microbatches(batch, loss_config, micro_batch_size,
-                                         dp_group=parallel_state.get_data_parallel_group())
+                                         dp_group=parallel_state.get_data_parallel_group(),
+                                         cp_group=parallel_state.get_context_parallel_group(),
+                                         calculate_per_token_loss=config.calculate_per_token_loss)
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
         num_microbatches=len(micro_batches), seq_length=S, micro_batch_size=micro_batch_size,
         forward_only=False)
-    metrics = reduce_metrics(reports, parallel_state.get_data_parallel_group())
+    metrics = reduce_metrics(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
-The gradient-scale contract (derivation; see also docs/megatron_integration.md)
-------------------------------------------------------------------------------
-Megatron's schedule (``forward_step_calc_loss``) takes the 2-tuple ``(loss, report)`` our loss function
-returns, multiplies ``loss`` by the context-parallel size (1 here, CP > 1 is refused) and divides it by
-``M``, the number of micro-batches; Megatron DDP then averages the gradients over the ``D`` DP ranks.
-So, for parameters ``theta``, the gradient the optimizer sees is
+The gradient-scale contract (derivation; see also docs/aggregation.md)
+----------------------------------------------------------------------
+Notation: ``M`` micro-batches per rank, ``D`` the data-parallel size WITHOUT context parallelism, ``C``
+the context-parallel size (every CP rank of a DP rank holds a zigzag shard of the same rows).
 
-    g = (1 / D) * sum_{ranks r} (1 / M) * sum_{micro-batches k} grad loss_{r,k}          (1)
+2-tuple ``(loss, report)`` (``calculate_per_token_loss=False``). Megatron's schedule
+(``forward_step_calc_loss``) multiplies ``loss`` by ``C`` and divides it by ``M``; Megatron DDP
+pre-scales the gradients by ``1 / (D C)`` and sums them over the dp x cp ranks. So, for parameters
+``theta``, the gradient the optimizer sees is
 
-Policy term. :func:`prepare_microbatches` computes once per mini-batch the global per-token weights
-``w`` of the chosen mode (``aggregation.token_weights``: the counts are summed over the DP group), so
-that ``sum_{r,k} sum_t w_t * pg_t`` IS the aggregated objective ``J`` of the whole mini-batch. The loss
+    g = (1 / (D C)) * sum_{ranks r in dp x cp} (C / M) * sum_{micro-batches k} grad loss_{r,k}
+      = (1 / (M D)) * sum_{r,k} grad loss_{r,k}                                          (1)
+
+(the ``C`` cancels). Policy term. :func:`prepare_microbatches` computes once per mini-batch the global
+per-token weights ``w`` of the chosen mode from the FULL rows (``aggregation.token_weights``: counts
+summed over the DP group), then gives each CP rank its zigzag slice, so that
+``sum_{r,k} sum_t w_t * pg_t`` over all dp x cp ranks IS the aggregated objective ``J``. The loss
 function returns ``loss_{r,k} = M * D * sum_t w_t * pg_t``; put into (1) the ``M * D`` cancels and
 
     g = sum_{r,k} grad(sum_t w_t * pg_t) = grad J                                         (2)
 
-exactly, whatever ``M``, ``D``, the micro-batch size, TP or PP (TP ranks hold replicas of the same loss;
-under PP the loss lives on the last stage and its gradient reaches the other stages through the
-pipeline, each stage's DDP averaging over its own ``D`` ranks).
+exactly, whatever ``M``, ``D``, ``C``, the micro-batch size, TP or PP (TP ranks hold replicas of the
+same loss; under PP the loss lives on the last stage and its gradient reaches the other stages through
+the pipeline; under CP each rank's attention gathers the other shards' keys and values, and their
+gradients flow back to them).
+
+3-tuple ``(loss, n, report)`` (``calculate_per_token_loss=True``). The schedule leaves ``loss`` unscaled,
+DDP sums the gradients over dp x cp with no pre-scale, and ``finalize_model_grads`` divides them by
+``N``, the sum of the returned ``n`` over micro-batches and dp x cp ranks. With ``n = b * S / C`` (the
+shard's routed tokens) ``N`` is known while preparing (one all-reduce), and ``loss_{r,k} = N * sum_t w_t
+* pg_t`` gives ``g = (1 / N) * sum_{r,k} N * grad(...) = grad J``                        (3)
 
 KL and entropy terms. By default (``kl_aggregation = entropy_aggregation = "microbatch_mean"``) each is
-the plain token mean of its micro-batch and is NOT multiplied: (1) averages it over micro-batches and
-ranks, so ``kl_coef`` and ``entropy_coef`` keep their usual meaning (a coefficient on a mean KL /
-entropy per token) and the size of their gradient does not grow with ``M`` or ``D``. The same is true of
-every other loss that reaches Megatron's averaging unscaled (e.g. MoE auxiliary losses). When
-``kl_aggregation`` / ``entropy_aggregation`` names a mode, that term gets global weights of the mode and
-the same ``M * D`` factor, i.e. exact global aggregation like the policy term.
+the token mean of its micro-batch: the shard sum ``sum_shard x / n_full`` with ``n_full`` the whole
+micro-batch's tokens (all CP shards), NOT multiplied under the 2-tuple (and multiplied by ``N / (M D)``
+under the 3-tuple, the same gradient): (1) averages it over micro-batches and DP ranks, so ``kl_coef``
+and ``entropy_coef`` keep their usual meaning (a coefficient on a mean KL / entropy per token) and the
+size of their gradient does not grow with ``M``, ``D`` or ``C``. The same is true of every other loss
+that reaches Megatron's averaging unscaled (e.g. MoE auxiliary losses). When ``kl_aggregation`` /
+``entropy_aggregation`` names a mode, that term gets global weights of the mode and the factor of the
+policy term, i.e. exact global aggregation.
 
-``token_mean_legacy`` is Megatron's own behaviour: the micro-batch token mean, unscaled, so (1) makes it
-a mean of micro-batch means (which depends on how the mini-batch is split).
+``token_mean_legacy`` is Megatron's own behaviour: the micro-batch token mean, scaled like a
+``microbatch_mean`` term, so (1) makes it a mean of micro-batch means (which depends on how the
+mini-batch is split).
 
-Refused: ``TransformerConfig.calculate_per_token_loss=True`` (DDP would sum instead of average and
-finalize_model_grads would divide by a token count our 2-tuple never reports, silently rescaling every
-term) and context parallelism (each CP rank would see a slice of every sequence, which the per-row and
-per-group weights here do not model).
+Refused (:func:`check_megatron_setup`): micro-batches prepared for another ``calculate_per_token_loss``
+or CP size than the model's (a 2-tuple under the flag is ``D * C`` times too large), the flag with
+``average_in_collective=True``, and packed (THD) sequences under CP with the local spec.
 """
 
 from __future__ import annotations
@@ -59,8 +75,9 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg import dist
-from megatron_rl_agg.aggregation import microbatch_mean_weights, token_weights
+from megatron_rl_agg.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
 from megatron_rl_agg.config import MICROBATCH_MEAN, LossConfig
+from megatron_rl_agg.context_parallel import check_cp_seq_length, split_for_cp_rank
 from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
 
 __all__ = [
@@ -80,33 +97,69 @@ LEGACY_MODE = "token_mean_legacy"
 # Per-row tensors of a mini-batch that are sliced into micro-batches (None-valued keys are kept None).
 _ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
              "ref_logprobs", "attention_mask")
+# Per-token ([b, S]) tensors of a micro-batch that context parallelism splits along the sequence.
+_TOKEN_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
+               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights")
 
 
 # ----------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------
 
-def check_megatron_setup(model_config: Any) -> None:
-    """Raise ValueError for the Megatron settings this loss cannot scale exactly.
+def check_megatron_setup(model_config: Any, micro_batch: Optional[Mapping[str, Any]] = None,
+                         ddp_config: Any = None) -> None:
+    """Raise ValueError for a Megatron setup the prepared micro-batches cannot scale exactly.
 
     Args:
         model_config: the model's ``TransformerConfig`` (``megatron.core.utils.get_model_config(model)``).
+        micro_batch: one dict from :func:`prepare_microbatches` (None: check the config alone).
+        ddp_config: the DDP wrapper's ``DistributedDataParallelConfig`` (None: not checked).
+
+    Refused, each with its reason:
+
+    - ``calculate_per_token_loss=True`` with micro-batches prepared without it: the loss would return a
+      2-tuple, which the schedule scales by ``C / M`` whatever the flag, while DDP under the flag SUMS the
+      gradients over the dp x cp ranks (no ``1 / (D C)`` pre-scale) and ``finalize_model_grads`` skips its
+      division by the token total (0: a 2-tuple reports none): the gradient would come out ``D * C`` times
+      too large (``D`` times without CP).
+      And the converse (micro-batches for the flag, a model without it): the schedule would divide each
+      ``N``-scaled 3-tuple loss by its ``n`` and ``M``, a factor ``N / (n M)`` too large.
+    - ``calculate_per_token_loss=True`` with ``average_in_collective=True``: Megatron then divides the
+      summed gradient by the dp x cp size as well as by the token total (megatron-core asserts against it).
+    - micro-batches prepared for another context-parallel size than the model's.
     """
-    if getattr(model_config, "calculate_per_token_loss", False):
+    flag = bool(getattr(model_config, "calculate_per_token_loss", False))
+    if flag and ddp_config is not None and getattr(ddp_config, "average_in_collective", False):
         raise ValueError(
-            "calculate_per_token_loss=True is not supported by megatron_rl_agg's loss function: with it "
-            "Megatron DDP sums gradients over DP ranks instead of averaging and finalize_model_grads divides "
-            "by a token count that a 2-tuple loss never reports, so every term would be silently rescaled. "
-            "The policy term is already an exact global aggregate; set calculate_per_token_loss=False "
-            "(Megatron-LM: drop --calculate-per-token-loss).")
-    cp_size = max(int(getattr(model_config, "context_parallel_size", 1) or 1),
-                  parallel_state.get_context_parallel_world_size()
-                  if parallel_state.model_parallel_is_initialized() else 1)
-    if cp_size > 1:
+            "calculate_per_token_loss=True cannot be combined with average_in_collective=True: under the flag "
+            "the gradient is a SUM over dp x cp ranks divided once by the total token count, and "
+            "average_in_collective would divide it by the dp x cp size as well. Set "
+            "average_in_collective=False (the default), or calculate_per_token_loss=False")
+    model_cp = max(int(getattr(model_config, "context_parallel_size", 1) or 1),
+                   parallel_state.get_context_parallel_world_size()
+                   if parallel_state.model_parallel_is_initialized() else 1)
+    if micro_batch is None:
+        return
+    prepared = bool(micro_batch.get("calculate_per_token_loss", False))
+    if flag and not prepared:
         raise ValueError(
-            f"context_parallel_size={cp_size} is not supported by megatron_rl_agg's loss function: each CP "
-            "rank holds a slice of every sequence, so per-row and per-group counts and the loss would need "
-            "CP reductions this loss does not do. Use context_parallel_size=1 (trade CP for TP or DP).")
+            "the model has calculate_per_token_loss=True but the micro-batches were prepared without it: the "
+            "loss would return a 2-tuple, which the schedule scales by cp/M whatever the flag while DDP sums "
+            "(instead of averaging) over the dp x cp ranks, so every gradient would be D x CP times too large "
+            "(D times without context parallelism). "
+            "Pass calculate_per_token_loss=True to prepare_microbatches (the loss then returns Megatron's "
+            "3-tuple), or set calculate_per_token_loss=False in the TransformerConfig")
+    if prepared and not flag:
+        raise ValueError(
+            "the micro-batches were prepared with calculate_per_token_loss=True but the model's "
+            "TransformerConfig has calculate_per_token_loss=False: the schedule would divide each 3-tuple "
+            "loss by its token count and DDP average it, not the scale the loss was built for. Make both "
+            "agree (prepare_microbatches(..., calculate_per_token_loss=...) and the TransformerConfig)")
+    if micro_batch.get("cp_size", 1) != model_cp:
+        raise ValueError(
+            f"micro-batches were prepared for context-parallel size {micro_batch.get('cp_size', 1)} but the "
+            f"model's is {model_cp}: pass cp_group=parallel_state.get_context_parallel_group() to "
+            "prepare_microbatches")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +426,15 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
     return n_rows, seq
 
 
+def _mask_problem(mask: torch.Tensor) -> Optional[str]:
+    """Why ``mask`` is not a 0/1 mask (this rank's message), or None; raised on every DP rank together."""
+    try:
+        check_loss_mask(mask)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Optional[torch.Tensor]:
     if t is None or t.shape[0] == n_rows:
         return t
@@ -381,12 +443,20 @@ def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Option
 
 
 def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
-                         micro_batch_size: int, dp_group=None) -> list[dict]:
+                         micro_batch_size: int, dp_group=None, *, cp_group=None,
+                         calculate_per_token_loss: bool = False) -> list[dict]:
     """Split this DP rank's share of one mini-batch into micro-batches carrying exact global weights.
 
     Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
     all-reduce(max) of the micro-batch count plus the ``token_weights`` counts of each distinct mode in
-    use; none per micro-batch).
+    use, plus one all-reduce(sum) of the routed-token total under ``calculate_per_token_loss``; none per
+    micro-batch and none over the CP group).
+
+    Context parallelism: every CP rank of a DP rank passes the SAME full rows. All weights are computed
+    from the full rows (counts over ``dp_group`` only: the CP ranks of one DP rank hold the same rows, a
+    count over dp x cp would count each row C times), then every per-token tensor is cut to this CP rank's
+    zigzag shard (:func:`megatron_rl_agg.context_parallel.split_for_cp_rank`), as Megatron's
+    ``get_batch_on_this_cp_rank`` cuts the model inputs.
 
     Args:
         batch: this rank's rows:
@@ -399,23 +469,47 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
         loss_config: the loss settings.
         micro_batch_size: rows per micro-batch.
-        dp_group: the data-parallel group whose ranks together hold the mini-batch (None: single process).
+        dp_group: the data-parallel group WITHOUT context parallelism
+            (``parallel_state.get_data_parallel_group()``) whose ranks together hold the mini-batch
+            (None: single process).
+        cp_group: the context-parallel group (``parallel_state.get_context_parallel_group()``; None: no
+            CP). ``S`` must be a multiple of ``2 * C``; a per-row ``attention_mask`` is refused under CP
+            (the CP attention builds its causal mask from global positions).
+        calculate_per_token_loss: the model's ``TransformerConfig.calculate_per_token_loss``; True makes
+            :func:`loss_func` return Megatron's 3-tuple (see its docstring).
 
     Returns:
         ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
-        padded with fully masked rows, which change nothing). Each holds the sliced row tensors plus
-        ``pg_weights``, ``kl_weights``, ``entropy_weights`` (``[b, S]`` float64), ``num_microbatches``
-        (``M``), ``dp_size`` and ``loss_config``. Pass ``num_microbatches=M`` to Megatron's schedule.
+        padded with fully masked rows, which change nothing). Each holds the sliced row tensors (``[b, S / C]``
+        per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
+        ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
+        ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
+        ``num_tokens`` over every micro-batch and dp x cp rank), and ``loss_config``. Pass
+        ``num_microbatches=M`` and ``seq_length=S`` (the FULL length) to Megatron's schedule.
     """
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
     n_rows, seq = _check_batch(batch, loss_config)
     dp_size = dist.world_size(dp_group)
+    cp_size, cp_rank = dist.world_size(cp_group), dist.rank(cp_group)
+    if cp_size > 1:
+        check_cp_seq_length(seq, cp_size)
+        if batch.get("attention_mask") is not None:
+            raise ValueError(
+                f"an attention_mask cannot be split for context parallelism (context_parallel_size="
+                f"{cp_size}): the CP attention builds the causal mask from global zigzag positions; pass "
+                "attention_mask=None")
     device = batch["tokens"].device
 
     # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
-    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size)], dtype=torch.int64, device=device)
-    num_mb = int(dist.all_reduce_max(n_local, dp_group).item())
+    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all.
+    problem = _mask_problem(batch["loss_mask"])
+    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size), problem is not None], dtype=torch.int64,
+                           device=device)
+    num_mb, any_bad = dist.all_reduce_max(n_local, dp_group).tolist()
+    if any_bad:
+        raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
+                                    "(that rank's error names them)")
     padded = num_mb * micro_batch_size
 
     # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
@@ -450,15 +544,33 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         # and NaN times a zero weight is still NaN in the backward pass.
         attn = torch.cat([attn, attn[-1:].expand((padded - n_rows,) + tuple(attn.shape[1:]))], dim=0)
 
+    extra: dict[str, Any] = {}
+    if calculate_per_token_loss:
+        # Megatron sums the returned num_tokens over micro-batches and dp x cp ranks (finalize_model_grads)
+        # and divides the gradient by that total N. num_tokens is the shard's ROUTED token count b * S / C
+        # (padding included: the scale an MoE aux loss is built for). The C CP ranks of a DP rank hold
+        # equal shards, so N = sum over DP ranks of M * b * S: one all-reduce over the DP group.
+        local_routed = torch.tensor([float(num_mb * micro_batch_size * seq)], dtype=torch.float64,
+                                    device=device)
+        extra = {"num_tokens": torch.tensor(micro_batch_size * (seq // cp_size), dtype=torch.int32,
+                                            device=device),
+                 "total_tokens": dist.all_reduce_sum(local_routed, dp_group)[0]}
+
     micro_batches = []
     for k in range(num_mb):
         sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
         mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
         mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == padded else attn
+        # The micro-batch mean divides by the WHOLE micro-batch's tokens (all CP shards): full rows here.
         local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
         for key, w in global_w.items():
             mb[key] = w[sl] if w is not None else local_mean
-        mb.update(num_microbatches=num_mb, dp_size=dp_size, loss_config=loss_config)
+        if cp_size > 1:
+            for key in _TOKEN_KEYS:
+                if mb[key] is not None and mb[key].dim() == 2:      # [b, S] (advantages may be [b])
+                    mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
+        mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
+                  calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config, **extra)
         micro_batches.append(mb)
     return micro_batches
 
@@ -475,20 +587,44 @@ def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
 
 
+# LossConfig fields the weights of prepare_microbatches depend on: a loss evaluated with other values would
+# apply weights computed for another objective (and silently mis-scale it).
+_WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length")
+
+
+def _check_weights_match(micro_batch: Mapping[str, Any], loss_config: LossConfig) -> None:
+    prepared = micro_batch.get("loss_config")
+    if prepared is None or prepared is loss_config:
+        return
+    diff = [f"{k}={getattr(prepared, k)!r} (prepared) vs {getattr(loss_config, k)!r}" for k in _WEIGHT_FIELDS
+            if getattr(prepared, k) != getattr(loss_config, k)]
+    if (prepared.kl_coef > 0) != (loss_config.kl_coef > 0):
+        diff.append(f"kl_coef={prepared.kl_coef!r} (prepared) vs {loss_config.kl_coef!r}")
+    if diff:
+        raise ValueError("the micro-batch was prepared for another loss config (its weights belong to that "
+                         f"objective): {', '.join(diff)}; call prepare_microbatches with this config")
+
+
 def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], loss_config: LossConfig
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """RL loss of one micro-batch in Megatron's 2-tuple form ``(loss, report)``.
+              ) -> tuple:
+    """RL loss of one micro-batch: Megatron's 2-tuple ``(loss, report)``, or under
+    ``calculate_per_token_loss`` its 3-tuple ``(loss, num_tokens, report)``.
 
     Args:
-        output_tensor: ``[b, S, V / tp]`` vocab-parallel logits of the last pipeline stage.
+        output_tensor: ``[b, s, V / tp]`` vocab-parallel logits of the last pipeline stage (``s = S / C``,
+            this CP rank's zigzag shard).
         micro_batch: one dict from :func:`prepare_microbatches`.
         loss_config: the loss settings (also the ``microbatch_mean`` vs global choice of KL / entropy).
 
     Returns:
-        ``loss`` (0-d float32), scaled as derived in the module docstring:
+        2-tuple (flag off): ``loss`` (0-d float32), scaled as derived in the module docstring:
         ``M * D * (sum w_pg * pg + kl_coef * sum w_kl * kl - entropy_coef * sum w_H * H)`` for the
-        globally weighted terms, plus the unscaled micro-batch means of ``microbatch_mean`` terms; and
-        ``report`` with unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.metrics`):
+        globally weighted terms, plus the unscaled shard sums ``sum_shard x / n_full`` of
+        ``microbatch_mean`` terms (``n_full`` the whole micro-batch's tokens, all CP shards).
+        3-tuple (flag on): the same sums with the factor ``N`` (total routed tokens) in place of ``M * D``
+        and ``N / (M * D)`` in place of 1, then ``num_tokens = b * s`` (int32), then the report.
+        ``report`` holds unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.metrics`;
+        reduce them over the dp x cp group under CP, each shard holding part of every row):
         ``policy_loss/sum``, ``kl_loss/sum``, ``entropy_loss/sum`` and ``loss/sum`` (each micro-batch's
         share of the objective the gradient is of, so their totals over micro-batches and DP ranks are
         that objective's terms), and ``(sum, count)`` token means ``kl/mean``, ``entropy/mean``,
@@ -498,6 +634,11 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     mask = micro_batch["loss_mask"].to(torch.bool)
     n_tokens = mask.sum()
     scale = micro_batch["num_microbatches"] * micro_batch["dp_size"]   # M * D of equation (2)
+    per_token = micro_batch.get("calculate_per_token_loss", False)
+    # Factor on globally weighted terms (g) and on micro-batch means (u): 2-tuple M*D and 1 (equation (2));
+    # 3-tuple N and N / (M*D) (equation (3)). The report's shares are the same in both contracts.
+    g_scale = micro_batch["total_tokens"] if per_token else scale
+    u_scale = micro_batch["total_tokens"] / scale if per_token else 1.0
 
     # One in-place pass over the logits gives both (no [b, S, V/tp] temporary). Without an entropy bonus
     # the entropy is only the entropy/mean metric: no gradient, and the backward is a single multiply.
@@ -520,7 +661,7 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     pg_local = _weighted_sum(micro_batch["pg_weights"], pg)
     # Legacy: Megatron's own averaging (1) is the objective; its per-micro-batch share is pg_local / (M D).
     pg_share = pg_local / scale if legacy else pg_local
-    loss = pg_local if legacy else pg_local * scale
+    loss = pg_local * (u_scale if legacy else g_scale)
     objective = pg_share.detach()
     report = {"policy_loss/sum": pg_share.detach()}
 
@@ -534,7 +675,7 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         local = _weighted_sum(micro_batch[f"{name}_weights"], values)
         global_mode = mode != MICROBATCH_MEAN
         if coef != 0:
-            loss = loss + coef * (local * scale if global_mode else local)
+            loss = loss + coef * local * (g_scale if global_mode else u_scale)
         share = (local if global_mode else local / scale).detach()
         report[f"{name}_loss/sum"] = share
         report[f"{name}/mean"] = _pair(values.sum(), n_tokens)
@@ -546,6 +687,8 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         report["dual_clip_frac/mean"] = _pair(dual_clipped[mask].sum(), n_tokens)
     report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
     report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
+    if per_token:
+        return loss.to(torch.float32), micro_batch["num_tokens"], report
     return loss.to(torch.float32), report
 
 
@@ -553,9 +696,11 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
                    ) -> functools.partial:
     """The loss function for one micro-batch, as Megatron's schedule expects it from ``forward_step``.
 
-    Checks the setup (raises for ``calculate_per_token_loss`` or context parallelism, see
-    :func:`check_megatron_setup`, and for a ``dp_size`` that is not the model's data-parallel size,
-    which would silently mis-scale the gradient), then binds :func:`loss_func` with ``functools.partial``.
+    Checks the setup (raises where the micro-batches were prepared for another
+    ``calculate_per_token_loss`` or context-parallel size than the model's, or the flag meets
+    ``average_in_collective``, see :func:`check_megatron_setup`, and for a ``dp_size`` that is not the
+    model's data-parallel size, which would silently mis-scale the gradient), then binds
+    :func:`loss_func` with ``functools.partial``.
 
     Args:
         micro_batch: one dict from :func:`prepare_microbatches`.
@@ -565,7 +710,9 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
     Returns:
         ``partial(loss_func, micro_batch=..., loss_config=...)``: call it with the model output.
     """
-    check_megatron_setup(get_model_config(model))
+    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
+    _check_weights_match(micro_batch, cfg)
+    check_megatron_setup(get_model_config(model), micro_batch, getattr(model, "ddp_config", None))
     if parallel_state.model_parallel_is_initialized():
         model_dp = parallel_state.get_data_parallel_world_size()
         if micro_batch["dp_size"] != model_dp:
@@ -573,7 +720,6 @@ def make_loss_func(micro_batch: Mapping[str, Any], model: Any, loss_config: Opti
                 f"micro-batches were prepared for dp_size={micro_batch['dp_size']} but the model's data-"
                 f"parallel size is {model_dp}: pass dp_group=parallel_state.get_data_parallel_group() to "
                 "prepare_microbatches")
-    cfg = micro_batch["loss_config"] if loss_config is None else loss_config
     return functools.partial(loss_func, micro_batch=micro_batch, loss_config=cfg)
 
 

@@ -43,7 +43,7 @@ __all__ = [
     "gather_full_params",
 ]
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "m": "num_microbatches"}
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "dp": "dp", "m": "num_microbatches"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,13 +56,15 @@ class Layout:
     """Pipeline-parallel size."""
     vpp: int | None = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B), or None."""
+    cp: int = 1
+    """Context-parallel size (each row split into 2 * cp zigzag chunks over cp ranks)."""
     dp: int = 1
-    """Data-parallel size."""
+    """Data-parallel size (without context parallelism)."""
     num_microbatches: int = 1
     """Micro-batches per data-parallel rank and optimizer step."""
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "num_microbatches"):
+        for name in ("tp", "pp", "cp", "dp", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
@@ -70,13 +72,15 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        """Processes the layout needs: ``tp * pp * dp``."""
-        return self.tp * self.pp * self.dp
+        """Processes the layout needs: ``tp * pp * cp * dp``."""
+        return self.tp * self.pp * self.cp * self.dp
 
     def __str__(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp is not None:
             parts.append(f"vpp{self.vpp}")
+        if self.cp != 1:
+            parts.append(f"cp{self.cp}")
         parts += [f"dp{self.dp}", f"m{self.num_microbatches}"]
         return ",".join(parts)
 
@@ -84,7 +88,7 @@ class Layout:
 def parse_layout(text: str) -> Layout:
     """Parse ``"dp2,m2"``, ``"tp2"``, ``"pp2,vpp2,m4"`` ... into a :class:`Layout`.
 
-    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``dp``, ``m`` (micro-batches),
+    Comma-separated ``<key><int>`` items, keys ``tp``, ``pp``, ``vpp``, ``cp``, ``dp``, ``m`` (micro-batches),
     each at most once, case-insensitive; omitted keys take the :class:`Layout` defaults.
     """
     values = {}
@@ -257,7 +261,10 @@ def get_transformer_config(spec: GPTSpec, **overrides):
 
 
 def default_layer_spec(spec: GPTSpec):
-    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec."""
+    """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec (with
+    :class:`megatron_rl_agg.cp_attention.ContextParallelDotProductAttention` under context parallelism,
+    which the local ``DotProductAttention`` refuses)."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import gpt_layer_specs
 
     if torch.cuda.is_available():
@@ -268,6 +275,10 @@ def default_layer_spec(spec: GPTSpec):
         else:
             return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
                 qk_layernorm=spec.qk_layernorm)
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+
+        return cp_local_layer_spec(normalization=spec.normalization)
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization,
                                                     qk_layernorm=spec.qk_layernorm)
 
@@ -333,6 +344,11 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
         return chunks
     if ddp_config is None:
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    if config.calculate_per_token_loss and ddp_config.average_in_collective:
+        raise ValueError(
+            "calculate_per_token_loss=True cannot be combined with average_in_collective=True: under the flag "
+            "gradients are summed over dp x cp and divided once by the total token count; averaging in the "
+            "collective would divide by the dp x cp size as well. Set average_in_collective=False")
     chunks = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                 disable_bucketing=index > 0)

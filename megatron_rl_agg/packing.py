@@ -262,6 +262,11 @@ def pack_micro_batch(
     tokens = batch.get("tokens")
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError("batch['tokens'] must be a [B, S] tensor to pack a micro-batch")
+    if int(batch.get("cp_size", 1) or 1) > 1:
+        raise ValueError(
+            f"pack_micro_batch cannot pack a micro-batch prepared for context parallelism (cp_size="
+            f"{batch['cp_size']}): its rows are already zigzag shards. Packed (THD) sequences under CP are "
+            "not supported here; use padded micro-batches under CP, or context_parallel_size=1 to pack")
     if batch.get("attention_mask") is not None:
         raise ValueError("pack_micro_batch needs attention_mask=None: packed attention is causal within "
                          "each row by construction (cu_seqlens); a custom mask cannot be packed")

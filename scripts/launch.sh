@@ -7,7 +7,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 bash scripts/launch.sh --config ...
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 bash scripts/launch.sh --config ...
 #
-# Every argument is passed to the trainer (docs/training.md). DP = world size / (TP x PP) with
+# Every argument is passed to the trainer (docs/training.md). DP = world size / (TP x PP x CP) with
 # world size = NNODES x NPROC_PER_NODE. Backend: NCCL when CUDA is available, gloo otherwise.
 # PYTHON selects the interpreter (default: .venv/bin/python if present, else python3).
 set -euo pipefail

@@ -50,7 +50,13 @@ def test_issue_comma_list_is_five_layouts():
         parse_layouts("pp2vpp2pp4")
 
 
-@pytest.mark.parametrize("text,match", [("cp2", "context parallelism"), ("dp2,x3", "bad layout"),
+def test_context_parallel_layouts():
+    assert parse_layouts("cp2 cp2+dp2 cp2tp2 cp2+pp2+m4") == [
+        Layout(cp=2), Layout(cp=2, dp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2, num_microbatches=4)]
+    assert [lay.world_size for lay in parse_layouts("cp2 cp2+dp2")] == [2, 4]
+
+
+@pytest.mark.parametrize("text,match", [("cp0", "cp=0"), ("dp2,x3", "bad layout"),
                                         ("tp", "bad layout"), ("vpp2", "vpp"), ("dp0", "dp=0"),
                                         (" ; ", "no layout")])
 def test_bad_layouts(text, match):
@@ -58,7 +64,8 @@ def test_bad_layouts(text, match):
         parse_layouts(text)
 
 
-@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8"])
+@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8", "cp2",
+                                  "cp2+dp2+m2", "cp2+tp2", "cp2+pp2+m4"])
 def test_layout_name_round_trips(text):
     (layout,) = parse_layouts(text)
     assert layout_name(layout) == text
@@ -78,6 +85,7 @@ def test_layout_name_round_trips(text):
     (["--kl-aggregation", "token_mean_legacy"], "--kl-aggregation must be one of"),
     (["--inject-bug", "kl_times_microbatches", "--kl-coef", "0"], "needs --kl-coef > 0"),
     (["--tolerance", "0"], "--tolerance must be > 0"),
+    (["--layouts", "cp2", "--seq-length", "30"], "--seq-length 30 is not divisible by 2 * cp = 4"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     extra = ["--num-layers", "6"] if argv[:2] == ["--layouts", "pp4"] else []
@@ -86,7 +94,7 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 
 def test_inject_bug_choices_are_the_documented_ones(capsys):
-    assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count")
+    assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count", "cp_token_count")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["check-invariance", "--inject-bug", "off_by_one"])
     assert "kl_times_microbatches" in capsys.readouterr().err
@@ -193,10 +201,10 @@ def _audit(tmp_path, argv, *, torchrun_nproc=None):
 
 @pytest.mark.slow
 def test_clean_run_passes_everywhere(tmp_path):
-    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2+m2 tp2+m2 pp2vpp2m4"])
-    assert set(status.values()) == {"PASS"} and len(status) == 7 * 3, stdout
+    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2+m2 tp2+m2 pp2vpp2m4 cp2+m2"])
+    assert set(status.values()) == {"PASS"} and len(status) == 7 * 4, stdout
     assert code == 0
-    assert "21 PASS, 0 FAIL" in stdout
+    assert "28 PASS, 0 FAIL" in stdout
 
 
 @pytest.mark.slow
@@ -217,3 +225,13 @@ def test_injected_local_count_fails_where_dp_gt_1(tmp_path):
     assert code == 1
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2+m2") for m in GLOBAL_COUNT_MODES}
     assert "FAIL token_mean @ dp2+m2" in stdout and "SELF-TEST" in stdout
+
+
+@pytest.mark.slow
+def test_injected_cp_count_fails_where_cp_gt_1_under_the_per_token_flag(tmp_path):
+    # Weights counted over dp x cp count every row twice at cp2; at dp2 the dp x cp group is the DP group.
+    argv = ["--layouts", "cp2+m2 dp2+m2", "--inject-bug", "cp_token_count", "--calculate-per-token-loss"]
+    code, stdout, status = _audit(tmp_path, argv, torchrun_nproc=2)
+    assert code == 1
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "cp2+m2") for m in GLOBAL_COUNT_MODES}
+    assert "FAIL token_mean @ cp2+m2" in stdout and "SELF-TEST" in stdout

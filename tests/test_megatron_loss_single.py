@@ -58,20 +58,31 @@ def make_batch(seed=0, row_tokens=ROW_TOKENS):
     return logits, batch
 
 
-def run_schedule(module, logits, batch, cfg, micro_batch_size):
-    """What Megatron's schedule does with 2-tuples at D = 1: sum over micro-batches of loss / M."""
+def run_schedule(module, logits, batch, cfg, micro_batch_size, per_token=False):
+    """What Megatron's schedule and DDP do at D = 1: with 2-tuples the sum over micro-batches of loss / M;
+    with 3-tuples (``calculate_per_token_loss``) the sum of the unscaled losses, divided once by the total
+    of the returned token counts (finalize_model_grads)."""
     logits = logits.clone().requires_grad_(True)
-    mbs = module.prepare_microbatches(batch, cfg, micro_batch_size)
-    total, reports = 0.0, []
+    mbs = module.prepare_microbatches(batch, cfg, micro_batch_size, calculate_per_token_loss=per_token)
+    total, reports, n_total = 0.0, [], 0
     for k, mb in enumerate(mbs):
         rows = logits[k * micro_batch_size: (k + 1) * micro_batch_size]
         pad = micro_batch_size - rows.shape[0]
         if pad:
             rows = torch.cat([rows, torch.zeros(pad, S, V)])
         # The model's output is a fresh tensor; the vocab-parallel cross entropy rewrites it in place.
-        loss, report = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)
-        total = total + loss / len(mbs)
+        out = module.loss_func(rows * 1.0, micro_batch=mb, loss_config=cfg)
+        if per_token:
+            loss, n, report = out
+            assert n.dtype == torch.int32 and n.dim() == 0     # Megatron adds it to an int32 total
+            n_total += int(n)
+            total = total + loss
+        else:
+            loss, report = out
+            total = total + loss / len(mbs)
         reports.append(report)
+    if per_token:
+        total = total / n_total
     total.backward()
     return logits.grad, reduce_metrics(reports), len(mbs)
 
@@ -397,22 +408,75 @@ def tiny_model(**overrides):
     return chunks
 
 
-def test_calculate_per_token_loss_is_refused(megatron_loss):
+def test_two_tuple_under_calculate_per_token_loss_is_refused_with_the_reason(megatron_loss):
     (model,) = tiny_model(calculate_per_token_loss=True)
     _, batch = make_batch()
     mbs = megatron_loss.prepare_microbatches(batch, config("token_mean"), 7)
-    with pytest.raises(ValueError, match=r"calculate_per_token_loss=True is not supported.*set "
-                                         r"calculate_per_token_loss=False"):
+    with pytest.raises(ValueError, match=r"prepared without it.*D x CP times too large.*"
+                                         r"calculate_per_token_loss=True to prepare_microbatches"):
         megatron_loss.forward_step(iter(mbs), model)
 
 
-def test_context_parallel_is_refused(megatron_loss):
+def test_three_tuple_without_the_flag_is_refused(megatron_loss):
+    (model,) = tiny_model()
+    _, batch = make_batch()
+    mbs = megatron_loss.prepare_microbatches(batch, config("token_mean"), 7, calculate_per_token_loss=True)
+    with pytest.raises(ValueError, match=r"prepared with calculate_per_token_loss=True but the model"):
+        megatron_loss.forward_step(iter(mbs), model)
+
+
+def test_per_token_loss_with_average_in_collective_is_refused(megatron_loss):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=True)
+    with pytest.raises(ValueError, match=r"cannot be combined with average_in_collective=True"):
+        tiny_model(calculate_per_token_loss=True, ddp_config=ddp)
+
+
+def test_context_parallel_size_mismatch_is_refused(megatron_loss):
     from megatron_rl_agg.model import GPTSpec, get_transformer_config
     cfg = get_transformer_config(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2,
                                          vocab_size=V, max_seq_length=S), context_parallel_size=2)
-    with pytest.raises(ValueError,
-                       match=r"context_parallel_size=2 is not supported.*context_parallel_size=1"):
-        megatron_loss.check_megatron_setup(cfg)
+    _, batch = make_batch()
+    (mb,) = megatron_loss.prepare_microbatches(batch, config("token_mean"), 7)
+    megatron_loss.check_megatron_setup(cfg)          # the config alone is fine: CP is supported
+    with pytest.raises(ValueError, match=r"prepared for context-parallel size 1 but the model's is 2"):
+        megatron_loss.check_megatron_setup(cfg, mb)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.loss_aggregation}-{c.kl_aggregation}-"
+                                                     f"{c.entropy_aggregation}")
+@pytest.mark.parametrize("micro_batch_size", [7, 3])
+def test_per_token_loss_three_tuple_gives_the_same_gradient(megatron_loss, cfg, micro_batch_size):
+    """Under the flag (sum of unscaled 3-tuple losses / N) every mode, global and micro-batch-mean KL /
+    entropy included, has the 2-tuple path's gradient and metrics."""
+    logits, batch = make_batch()
+    grad, metrics, _ = run_schedule(megatron_loss, logits, batch, cfg, micro_batch_size)
+    grad_flag, metrics_flag, _ = run_schedule(megatron_loss, logits, batch, cfg, micro_batch_size,
+                                              per_token=True)
+    torch.testing.assert_close(grad_flag, grad, rtol=1e-5, atol=1e-8)
+    for key, value in metrics.items():
+        assert metrics_flag[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_per_token_loss_arithmetic_written_out(megatron_loss):
+    """b = 3 rows of S = 6 per micro-batch, M = ceil(7 / 3) = 3: each micro-batch reports the routed
+    tokens n = b * S = 18 (padding included) and N = M * b * S = 54. A token_sum policy term (w = mask)
+    returns N * sum(mask * pg); a micro-batch-mean KL returns (N / (M * D)) * sum(kl) / n_tokens with
+    D = 1, i.e. 18 * the micro-batch's KL token mean."""
+    logits, batch = make_batch()
+    batch["advantages"] = torch.zeros(B)                 # no policy term: the KL alone
+    cfg = config("token_sum", kl_coef=1.0, kl_estimator="k1")
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
+    assert len(mbs) == 3
+    assert [int(mb["num_tokens"]) for mb in mbs] == [18, 18, 18]
+    assert float(mbs[0]["total_tokens"]) == 54.0
+    mb = mbs[0]
+    loss, n, _ = megatron_loss.loss_func(logits[:3].clone(), micro_batch=mb, loss_config=cfg)
+    logp = losses.logprobs_from_logits(logits[:3], batch["labels"][:3])
+    kl = (logp - batch["ref_logprobs"][:3]) * batch["loss_mask"][:3]          # k1 = log p - log p_ref
+    expected = 18.0 * kl.sum() / batch["loss_mask"][:3].sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert int(n) == 18
 
 
 def test_forward_step_runs_a_real_model(megatron_loss):

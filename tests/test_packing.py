@@ -345,3 +345,9 @@ def test_packed_forward_step_refuses_unequal_packs_under_pp(megatron_single_rank
                                                    moe_token_dispatcher_type="alltoall"))
     with pytest.raises(ValueError, match="without 'packed_seq_params'"):
         packed_forward_step(iter([_padded_batch([2, 1], 3)]), Holder())
+
+
+def test_micro_batch_prepared_for_context_parallelism_is_refused():
+    batch = {"tokens": torch.ones(2, 4, dtype=torch.int64), "loss_mask": torch.ones(2, 4), "cp_size": 2}
+    with pytest.raises(ValueError, match=r"context parallelism \(cp_size=2\).*context_parallel_size=1"):
+        pack_micro_batch(batch, torch.tensor([4, 4]))

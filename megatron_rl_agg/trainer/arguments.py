@@ -27,9 +27,17 @@ class TrainerArgsError(ValueError):
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("parallelism (Megatron-LM names; DP = world size / (TP x PP))")
+    g = parser.add_argument_group("parallelism (Megatron-LM names; DP = world size / (TP x PP x CP))")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP size: every row is split into 2 x CP zigzag chunks over CP ranks (--seq-length "
+                        "a multiple of 2 x CP; the local spec uses the plugin's CP attention, the Transformer "
+                        "Engine spec its own)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="Megatron's calculate_per_token_loss: the loss returns (loss, num_tokens, report) and "
+                        "Megatron divides the summed gradient by the total token count; the same gradient "
+                        "as without it")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per virtual pipeline stage (interleaved 1F1B); needs PP >= 2")
     g.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro-batch")
@@ -40,6 +48,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                    help="optimizer updates per training step: the step's rollouts (K x global batch size "
                         "rows) are split into K mini-batches of whole prompt groups, with the old log-probs "
                         "of all of them computed before the first update (PPO-style reuse)")
+    g.add_argument("--ddp-average-in-collective", action="store_true",
+                   help="Megatron DDP averages in the gradient collective instead of pre-scaling by 1/(DP x CP) "
+                        "and summing (the same gradient; refused with --calculate-per-token-loss)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over DP ranks (Megatron's DistributedOptimizer)")
 
@@ -111,6 +122,23 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress-bar", action="store_true", help="disable the tqdm bar on rank 0")
 
 
+def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("reliability (docs/reliability.md)")
+    g.add_argument("--on-nonfinite", choices=("error", "skip"), default="error",
+                   help="a non-finite loss or gradient before an optimizer update: stop the run with an "
+                        "error naming the step and the term (error), or skip that update and count it in "
+                        "the metrics (num_skipped_updates); the weights never see it either way")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="Megatron-LM's flag: a collective that waits longer (a rank stopped or dead) ends "
+                        "the run with an error naming the ranks that did not answer")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="when the latest checkpoint of --load is incomplete or corrupt, resume from the "
+                        "newest complete one before it (default: stop with an error)")
+    g.add_argument("--save-on-interrupt", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGINT / SIGTERM finish the current step, save it to --save (when given) and "
+                        "exit cleanly; a second signal abandons the step at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (every option has a default, so a YAML file can supply any of them)."""
     parser = argparse.ArgumentParser(
@@ -123,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_rl_agg.hf.trainer_glue import add_hf_args
     add_hf_args(parser)
     add_loss_aggregation_args(parser)
+    _add_reliability_args(parser)
     from megatron_rl_agg.packing import add_sequence_packing_args
     add_sequence_packing_args(parser)
     return parser
@@ -145,13 +174,12 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
     if unknown:
         raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
+    from megatron_rl_agg.trainer.validation import yaml_value
+
     for action in parser._actions:
-        # YAML values pass through the option's own type/choices check, like a command-line value.
-        if action.dest in out and action.type is not None and isinstance(out[action.dest], str):
-            out[action.dest] = action.type(out[action.dest])
-        if action.dest in out and action.choices is not None and out[action.dest] not in action.choices:
-            raise TrainerArgsError(f"{path}: {action.dest}={out[action.dest]!r} is not one of "
-                                   f"{list(action.choices)}")
+        # YAML values pass the option's own type / choices check, stricter than a command-line string.
+        if action.dest in out:
+            out[action.dest] = yaml_value(path, action, action.dest, out[action.dest])
     return out
 
 
@@ -162,7 +190,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(parser, pre.config))
     args = parser.parse_args(argv)
-    validate_args(args)
+    validate_args(args, parser)
     return args
 
 
@@ -173,15 +201,21 @@ def _positive(args, *names) -> None:
             raise TrainerArgsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Checks that need no process group; fills ``max_response_length`` for on-policy runs.
 
     On-policy runs default ``--max-response-length`` (the constant horizon of seq_mean_token_sum_norm)
-    to ``--max-new-tokens``, the longest response generation can produce.
+    to ``--max-new-tokens``, the longest response generation can produce. Number flags and model shapes
+    are checked by :mod:`.validation` (``parser``: the one that parsed ``args``, default
+    :func:`build_parser`).
     """
     from megatron_rl_agg.hf.trainer_glue import validate_hf_args
 
     validate_hf_args(args, TrainerArgsError)     # --hf-checkpoint sets the size flags from config.json
+
+    from megatron_rl_agg.trainer import validation
+
+    validation.check_number_flags(parser or build_parser(), args)
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "mini_batches_per_step", "num_layers", "hidden_size",
               "num_attention_heads", "seq_length",
@@ -201,6 +235,24 @@ def validate_args(args: argparse.Namespace) -> None:
             raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
         if args.max_response_length is None:
             args.max_response_length = args.max_new_tokens
+    validation.check_model_shapes(args)
+    _positive(args, "context_parallel_size")
+    cp = args.context_parallel_size
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise TrainerArgsError(
+            f"--seq-length {args.seq_length} must be a multiple of 2 x --context-parallel-size = {2 * cp} "
+            f"(context parallelism splits every row into 2 x CP equal chunks), e.g. --seq-length "
+            f"{-(-args.seq_length // (2 * cp)) * 2 * cp}")
+    if cp > 1 and getattr(args, "sequence_packing", False):
+        raise TrainerArgsError(
+            "--sequence-packing is not supported with --context-parallel-size > 1 (packed THD sequences "
+            "under context parallelism): drop --sequence-packing (padded rows give the same loss and "
+            "gradients), or use --context-parallel-size 1")
+    if args.calculate_per_token_loss and args.ddp_average_in_collective:
+        raise TrainerArgsError(
+            "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective: under the flag "
+            "the gradient is summed over the dp x cp ranks and divided once by the total token count, and "
+            "averaging in the collective would divide it by dp x cp as well; drop one of the two flags")
     if args.vocab_size % args.tensor_model_parallel_size:
         raise TrainerArgsError(f"--vocab-size {args.vocab_size} must be a multiple of "
                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")

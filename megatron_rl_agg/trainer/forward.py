@@ -1,10 +1,15 @@
-"""Forward-only passes through Megatron's schedules, at any TP / PP / VPP layout.
+"""Forward-only passes through Megatron's schedules, at any TP / PP / VPP / CP layout.
 
 The trainer needs three no-gradient passes: next-token logits for sampling, the behaviour log-probs of an
 offline batch without them, and the frozen reference policy's log-probs for the KL term. All three run
 through ``get_forward_backward_func()(forward_only=True)``, so pipeline stages exchange activations exactly
 as in training, and return a per-row result that only exists on the last pipeline stage.
 :func:`broadcast_from_last_stage` then gives it to every stage of the pipeline.
+
+Under context parallelism every CP rank of a DP rank passes the same full rows; each runs the model on its
+zigzag shard (``context_parallel.split_for_cp_rank``, as in training) and a per-token result is gathered
+over the CP group back into full rows (``per_token=True``); a per-row result that one CP rank owns is
+summed over the CP group by its ``output_fn`` (see :mod:`.generation`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,21 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_rl_agg import dist
+from megatron_rl_agg.context_parallel import merge_cp_shards, split_for_cp_rank
 from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs
 
-__all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple"]
+__all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple",
+           "cp_layout"]
+
+
+def cp_layout() -> tuple[Optional[object], int, int]:
+    """``(group, size, rank)`` of the context-parallel group; ``(None, 1, 0)`` without CP."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return None, 1, 0
+    return parallel_state.get_context_parallel_group(), size, parallel_state.get_context_parallel_rank()
 
 
 def microbatch_multiple() -> int:
@@ -46,16 +63,20 @@ def _forward_step(data_iterator, model, *, output_fn: Callable):
 
 @torch.no_grad()
 def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: int, output_fn: Callable,
-                     extra: Optional[dict] = None) -> Optional[torch.Tensor]:
+                     extra: Optional[dict] = None, per_token: bool = False) -> Optional[torch.Tensor]:
     """``output_fn(logits, micro_batch)`` of every micro-batch of ``tokens``, concatenated over rows.
 
     Args:
         chunks: the model chunks (DDP-wrapped or bare ``GPTModel``).
         tokens: ``[R, S]`` int64 inputs; ``R`` a multiple of ``micro_batch_size`` times
             :func:`microbatch_multiple` (the caller pads).
-        output_fn: maps the last stage's ``[b, S, V / tp]`` vocab-parallel logits and the micro-batch dict
-            (``tokens``, ``position_ids`` and the row slices of ``extra``) to a ``[b, ...]`` tensor.
+        output_fn: maps the last stage's ``[b, s, V / tp]`` vocab-parallel logits and the micro-batch dict
+            (``tokens``, ``position_ids`` and the row slices of ``extra``) to a ``[b, ...]`` tensor. Under
+            CP, ``s = S / CP``: ``tokens``, ``position_ids`` (the global positions of the shard) and every
+            ``[R, S]`` entry of ``extra`` are this CP rank's zigzag shard.
         extra: more ``[R, ...]`` tensors to slice into the micro-batches.
+        per_token: ``output_fn`` returns ``[b, s, ...]`` per-token values; under CP they are gathered over
+            the CP group (one all-gather per micro-batch) into ``[b, S, ...]`` full rows.
 
     Returns:
         ``[R, ...]`` on the last pipeline stage, None on the other stages.
@@ -75,8 +96,18 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
                          f"count is a multiple of {microbatch_multiple()}")
     positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(num_rows, seq)
     columns = {"tokens": tokens, "position_ids": positions, **extra}
+    cp_group, cp_size, cp_rank = cp_layout()
+    if cp_size > 1:
+        columns = {k: split_for_cp_rank(v, cp_size, cp_rank, dim=1)
+                   if v.dim() >= 2 and v.shape[1] == seq else v for k, v in columns.items()}
     micro_batches = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in columns.items()}
                      for i in range(num_mb)]
+    if per_token and cp_size > 1:
+        inner = output_fn
+
+        def output_fn(logits, micro_batch):      # [b, s, ...] shard -> [b, S, ...] full rows
+            return merge_cp_shards(dist.all_gather_stacked(inner(logits, micro_batch), cp_group), dim=1)
+
     chunk_list = list(chunks)
     reports = get_forward_backward_func()(
         forward_step_func=functools.partial(_forward_step, output_fn=output_fn),
@@ -120,5 +151,6 @@ def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tenso
     Used for the frozen reference policy and for behaviour log-probs an offline file does not carry;
     values at masked positions are meaningless and are ignored by the loss.
     """
-    out = run_forward_only(chunks, tokens, micro_batch_size, _label_logprobs, extra={"labels": labels})
+    out = run_forward_only(chunks, tokens, micro_batch_size, _label_logprobs, extra={"labels": labels},
+                           per_token=True)
     return broadcast_from_last_stage(out, tuple(tokens.shape), torch.float32)

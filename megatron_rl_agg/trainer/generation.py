@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_rl_agg import dist
 from megatron_rl_agg.trainer import forward, task
 from megatron_rl_agg.trainer.batching import shard_bounds
 from megatron_rl_agg.trainer.rollouts import Sample
@@ -70,11 +71,23 @@ def sample_tokens(logits: torch.Tensor, noise: torch.Tensor, temperature: float)
 
 
 def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
-    """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered)."""
+    """Full-vocabulary logits at each row's position ``positions[b]``: ``[b, V]`` (TP-gathered).
+
+    Under context parallelism the logits are this CP rank's zigzag shard: the rank holding the global
+    position (``position_ids`` of the shard) contributes its logits, the others zeros, and a sum over the
+    CP group gives every CP rank the row (``x + 0 == x`` exactly).
+    """
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     rows = torch.arange(logits.shape[0], device=logits.device)
-    picked = logits[rows, micro_batch["positions"]].float()                 # [b, V / tp]
+    group, cp_size, _ = forward.cp_layout()
+    if cp_size == 1:
+        picked = logits[rows, micro_batch["positions"]].float()             # [b, V / tp]
+    else:
+        held = micro_batch["position_ids"] == micro_batch["positions"].unsqueeze(1)      # [b, s]
+        local = held.long().argmax(dim=1)                                   # index in the shard (if held)
+        picked = torch.where(held.any(dim=1, keepdim=True), logits[rows, local].float(), 0.0)
+        picked = dist.all_reduce_sum(picked, group)
     return gather_from_tensor_model_parallel_region(picked)                 # [b, V]
 
 

@@ -54,8 +54,10 @@ class MetricsLogger:
             self._writer.flush()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                  loss=f"{metrics['policy_loss']:+.4f}")
+            # Figures that move: the policy loss of a group-normalized objective is ~0 by construction.
+            self._bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_loss']:.2e}",
+                                  grad_norm=f"{metrics['grad_norm']:.3g}",
+                                  entropy=f"{metrics['entropy']:.3f}")
 
     def close(self) -> None:
         for obj in (self._file, self._writer, self._bar):

@@ -12,9 +12,10 @@ ended. Offline files hold one JSON object per line::
   (``--tokenizer`` / ``--hf-checkpoint``) either may instead be text, tokenized as is (no special tokens
   added: a prompt carries its chat template already); ``logprobs`` then count the tokenizer's tokens.
 * ``reward``: finite number; ``finish_reason``: ``"stop"`` (ended with EOS) or ``"length"`` (truncated).
-* ``logprobs`` (optional): one finite log-probability ``<= 0`` per response token, from the policy that
-  sampled it. Without it the trainer recomputes the old log-probs with the current model before the
-  update, so the importance ratio of the first update is exactly 1.
+* ``logprobs`` (optional): one finite log-probability in ``[-88, 0]`` per response token, from the policy
+  that sampled it (below -88 the importance ratio overflows float32). Without it the trainer recomputes
+  the old log-probs with the current model before the update, so the importance ratio of the first update
+  is exactly 1.
 
 Files are parsed with :func:`json.loads` only: nothing is executed or unpickled. Every bad line raises a
 :class:`RolloutFormatError` naming the file, the line number and what is wrong.
@@ -40,6 +41,13 @@ __all__ = [
 FINISH_REASONS = ("stop", "length")
 _REQUIRED = ("prompt_id", "prompt", "response", "reward", "finish_reason")
 _OPTIONAL = ("logprobs",)
+
+# Lowest behaviour log-prob accepted. The ratio exp(logp - old_logp) <= exp(-old_logp) (logp <= 0) is
+# finite in float32 / bf16 only while -old_logp < log(3.4e38) = 88.72: a lower value makes an infinite
+# ratio, hence a NaN loss, inevitable as soon as the current policy gives the token any real mass. A
+# sampled token of probability below e^-88 (1e-38) does not occur: such a value means wrong units, a sign
+# error or a masked position written as a large negative number.
+MIN_LOGPROB = -88.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,13 @@ def _sample_from_obj(obj, vocab_size: Optional[int], source: str, tokenize=None)
     if logprobs is not None:
         if not isinstance(logprobs, list) or not all(_is_number(x) and x <= 0 for x in logprobs):
             raise ValueError(f"'logprobs' must be a list of finite numbers <= 0, got {str(logprobs)[:80]}")
+        low = [(i, x) for i, x in enumerate(logprobs) if x < MIN_LOGPROB]
+        if low:
+            i, x = low[0]
+            raise ValueError(f"'logprobs'[{i}] = {x!r} is below {MIN_LOGPROB}: the importance ratio "
+                             f"exp(logp - old_logp) would overflow float32 (exp(88.7) is its largest "
+                             f"value); behaviour log-probs must be natural-log probabilities of the "
+                             f"sampled tokens ({len(low)} such value(s) on this line)")
         if len(logprobs) != len(response):
             raise ValueError(f"'logprobs' has {len(logprobs)} entries for {len(response)} response tokens")
         logprobs = tuple(float(x) for x in logprobs)

@@ -1,4 +1,4 @@
-"""The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / DP layout).
+"""The GRPO-family training loop on Megatron-Core (any TP / PP / VPP / CP / DP layout).
 
 One step = ``K = --mini-batches-per-step`` optimizer updates (default 1), each on one mini-batch of whole
 prompt groups. Before the first update, for every mini-batch:
@@ -31,7 +31,7 @@ import torch
 from megatron_rl_agg import dist, megatron_compat
 from megatron_rl_agg.advantages import compute_step_advantages
 from megatron_rl_agg.config import AdvantageConfig, LossConfig
-from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, task
+from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, safety, task
 from megatron_rl_agg.trainer.arguments import TrainerArgsError, virtual_pipeline_size
 from megatron_rl_agg.trainer.reporting import METRIC_KEYS, MetricsLogger
 from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
@@ -62,9 +62,25 @@ class Trainer:
 
     @property
     def dp_group(self):
+        """The data-parallel group WITHOUT context parallelism: rows, counts and advantages live on it (the
+        CP ranks of one DP rank hold the same rows)."""
         from megatron.core import parallel_state
 
         return parallel_state.get_data_parallel_group()
+
+    @property
+    def cp_group(self):
+        """The context-parallel group (None without CP)."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_context_parallel_group() if self.layout.get("cp", 1) > 1 else None
+
+    @property
+    def metrics_group(self):
+        """dp x cp: under CP every rank reports partial sums of its row shards."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _model_spec(args):
@@ -90,6 +106,11 @@ def _layer_spec(args, spec):
         from megatron_rl_agg.packing import packed_local_layer_spec
 
         return packed_local_layer_spec(normalization=spec.normalization)
+    if impl == "local" and args.context_parallel_size > 1:
+        # Megatron's local DotProductAttention refuses CP; the plugin's CP attention is its drop-in.
+        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+
+        return cp_local_layer_spec(normalization=spec.normalization)
     if impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization,
                                                         qk_layernorm=spec.qk_layernorm)
@@ -119,8 +140,10 @@ def _build_policy(args, spec):
     from megatron_rl_agg.model import build_model, build_optimizer, init_weights
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
-    chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config)
+                                               use_distributed_optimizer=args.use_distributed_optimizer,
+                                               average_in_collective=args.ddp_average_in_collective)
+    chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config,
+                         calculate_per_token_loss=args.calculate_per_token_loss)
     if args.hf_checkpoint:                          # each rank reads only the slices it holds
         from megatron_rl_agg.hf.trainer_glue import load_hf_policy
 
@@ -138,6 +161,8 @@ def _build_reference(args, spec) -> Optional[list]:
     """Frozen reference policy for --kl-coef > 0 (see :mod:`.reference`), else None."""
     if args.kl_coef == 0:
         return None
+    if args.ref_load:
+        checkpoint.check_model(args.ref_load, checkpoint.resolve_step(args.ref_load)[0], _model_sizes(args))
     init_fn = None
     if args.hf_checkpoint:
         from megatron_rl_agg.hf.trainer_glue import load_hf_policy
@@ -155,8 +180,12 @@ def _build_source(args):
             from megatron_rl_agg.hf.trainer_glue import text_tokenizer
 
             tokenize = text_tokenizer(args)
-        return OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
-                             args.mini_batches_per_step, tokenize=tokenize)
+        source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
+                               args.mini_batches_per_step, tokenize=tokenize)
+        from megatron_rl_agg.trainer.validation import check_rollout_rows
+
+        check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
+        return source
     if args.prompt_data:
         from megatron_rl_agg.hf.trainer_glue import text_task
 
@@ -181,23 +210,34 @@ def _build_source(args):
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """Initialise distributed state and Megatron's parallel groups, build model, optimizer, data."""
+    megatron_compat.quiet_warnings()
     from megatron.core import parallel_state
 
-    rank, world = megatron_compat.initialize_distributed()
+    checkpoint.check_save_dir(args.save, args.load)      # on every rank, before any collective
+    rank, world = megatron_compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), seed=args.seed)
+    cp = args.context_parallel_size
+    if world % (tp * pp * cp):
+        raise TrainerArgsError(f"world size {world} is not a multiple of TP x PP x CP = {tp} x {pp} x {cp}")
+    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed,
+                                              timeout_minutes=args.distributed_timeout_minutes)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
     layout = {"tp": tp, "pp": pp, "vpp": virtual_pipeline_size(args),
               "dp": parallel_state.get_data_parallel_world_size()}
+    if cp > 1:   # only when used, so checkpoints of CP-free runs keep their layout record
+        layout["cp"] = cp
     trainer = Trainer(args=args, chunks=chunks, optimizer=optimizer, ref_chunks=_build_reference(args, spec),
                       loss_cfg=LossConfig.from_args(args), adv_cfg=AdvantageConfig.from_args(args),
                       source=_build_source(args), layout=layout, rank=rank, world_size=world)
     if args.load:
         _check_resumable(args)
-        saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world)
+        step, note = checkpoint.resolve_step(args.load, fallback=args.load_fallback)
+        checkpoint.check_model(args.load, step, _model_sizes(args))
+        if rank == 0 and note:
+            print(f"[megatron_rl_agg] {note}")
+        saved = checkpoint.load_checkpoint(args.load, chunks, optimizer, layout, rank=rank, world_size=world,
+                                           step=step)
         trainer.start_step = saved["step"]
         saved_args = saved.get("args", {})
         changed = {k: (v, getattr(args, k)) for k, v in saved_args.items() if getattr(args, k, v) != v}
@@ -209,6 +249,11 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                   f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
                   f"{world}): per-process RNG states not restored (the trainer's draws are counter-based)")
     return trainer
+
+
+def _model_sizes(args) -> dict:
+    """The architecture a checkpoint records and a load must match (:data:`checkpoint.MODEL_KEYS`)."""
+    return {k: getattr(args, k) for k in checkpoint.MODEL_KEYS}
 
 
 def _check_resumable(args) -> None:
@@ -299,7 +344,7 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
 
 
 _SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_truncated", "num_rows",
-           "num_stat_rows", "num_failed_samples", "num_reward_failures", "num_tokens")
+           "num_stat_rows", "num_failed_samples", "num_reward_failures", "num_tokens", "num_skipped_updates")
 
 
 def _combine(parts: list[dict]) -> dict:
@@ -332,13 +377,16 @@ def _schedule_inputs(tr: Trainer, micro: list) -> tuple[list, Any, int, int]:
     return packed, packed_forward_step, packed[0]["tokens"].shape[1], 1
 
 
-def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
-    """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm)."""
+def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tuple[list, float, bool]:
+    """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm,
+    applied). A non-finite loss term or gradient raises or, with ``--on-nonfinite skip``, drops the
+    update (``applied`` False, grad_norm NaN): see :func:`.safety.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.megatron_loss import prepare_microbatches
 
-    micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group)
+    micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
+                                 cp_group=tr.cp_group, calculate_per_token_loss=tr.args.calculate_per_token_loss)
     micro, step_func, seq_length, mbs = _schedule_inputs(tr, micro)
     for chunk in tr.chunks:
         chunk.zero_grad_buffer()
@@ -347,15 +395,22 @@ def _run_update(tr: Trainer, batch: dict) -> tuple[list, float]:
     reports = get_forward_backward_func()(
         forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
         seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
+    if not safety.check_update(tr.optimizer, reports, step=step, index=index,
+                               num_updates=tr.args.mini_batches_per_step, policy=tr.args.on_nonfinite,
+                               source=tr.source, device=megatron_compat.device()):
+        for chunk in tr.chunks:
+            chunk.zero_grad_buffer()
+        tr.optimizer.zero_grad()
+        return reports, float("nan"), False
     _, grad_norm, _ = tr.optimizer.step()
-    return reports, float(grad_norm) if grad_norm is not None else float("nan")
+    return reports, float(grad_norm) if grad_norm is not None else float("nan"), True
 
 
 def _loss_metrics(tr: Trainer, reports: list) -> dict:
     """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
     from megatron_rl_agg.metrics import reduce_metrics
 
-    reduced = reduce_metrics(reports, tr.dp_group) if reports else None
+    reduced = reduce_metrics(reports, tr.metrics_group) if reports else None
     values = None
     if reduced is not None:
         values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
@@ -373,9 +428,10 @@ def train_step(tr: Trainer, step: int) -> dict:
     for chunk in tr.chunks:
         chunk.train()
     parts = []
-    for batch, stats in _step_batches(tr, step):
-        reports, grad_norm = _run_update(tr, batch)
-        parts.append({**_loss_metrics(tr, reports), "grad_norm": grad_norm, **stats})
+    for index, (batch, stats) in enumerate(_step_batches(tr, step)):
+        reports, grad_norm, applied = _run_update(tr, batch, step, index)
+        parts.append({**_loss_metrics(tr, reports), "grad_norm": grad_norm,
+                      "num_skipped_updates": int(not applied), **stats})
     combined = {"step": step, **_combine(parts), "lr": tr.args.lr,
                 "step_time_s": round(time.perf_counter() - start, 4)}
     # documented keys first, in docs/training.md's order, then the rest
@@ -389,7 +445,8 @@ def train_step(tr: Trainer, step: int) -> dict:
 def _save(tr: Trainer, step: int) -> None:
     keep = ("seed", "rollouts", "global_batch_size", "mini_batches_per_step", "num_samples_per_prompt",
             "loss_aggregation", "adv_estimator", "overlong_policy")
-    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep}}
+    state = {"layout": tr.layout, "args": {k: getattr(tr.args, k) for k in keep},
+             "model": _model_sizes(tr.args)}
     checkpoint.save_checkpoint(tr.args.save, step, tr.chunks, tr.optimizer, state, rank=tr.rank,
                                world_size=tr.world_size)
 
@@ -404,26 +461,54 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Train from ``args`` (see :mod:`.arguments`); returns every step's metrics (on every rank).
 
     Re-entrant: tears down Megatron's model-parallel state at the end, so one process can run several
-    layouts one after another (the tests do).
+    layouts one after another (the tests do). SIGINT / SIGTERM stop it after the current step (saved to
+    ``--save`` with ``--save-on-interrupt``, the default); a collective that exceeds
+    ``--distributed-timeout-minutes`` raises :class:`.safety.DistributedTimeoutError`.
     """
     tr = build_trainer(args)
+    if tr.start_step >= args.train_iters:
+        if tr.rank == 0:
+            print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
+                  f"--train-iters is {args.train_iters}; raise --train-iters to continue")
+        megatron_compat.destroy_model_parallel()
+        return []
+    if tr.rank == 0 and args.load:
+        # Lines after the loaded step are of steps this run trains again: keep each step once.
+        dropped = safety.truncate_metrics(args.metrics_file, tr.start_step)
+        if dropped:
+            print(f"[megatron_rl_agg] {args.metrics_file}: dropped {dropped} line(s) after step "
+                  f"{tr.start_step}, the step resumed from")
     logger = MetricsLogger(enabled=tr.rank == 0, metrics_file=args.metrics_file,
                            tensorboard_dir=args.tensorboard_dir, total_steps=args.train_iters,
                            start_step=tr.start_step, resume=bool(args.load),
                            progress_bar=not args.no_progress_bar)
     history = []
     try:
-        for step in range(tr.start_step + 1, args.train_iters + 1):
-            metrics = train_step(tr, step)
-            history.append(metrics)
-            logger.log(metrics)
-            periodic = args.save_interval and step % args.save_interval == 0
-            if args.save and (step == args.train_iters or periodic):
-                _save(tr, step)
-            if args.save_hf and periodic and step != args.train_iters:
-                _save_hf(tr)
-        if args.save_hf:                 # after the last step (or, with --train-iters 0, the conversion)
-            _save_hf(tr)
+        with safety.StopSignal() as stop:
+            for step in range(tr.start_step + 1, args.train_iters + 1):
+                metrics = train_step(tr, step)
+                history.append(metrics)
+                logger.log(metrics)
+                stopping = stop.requested(megatron_compat.device())
+                periodic = args.save_interval and step % args.save_interval == 0
+                on_signal = stopping and args.save_on_interrupt
+                if args.save and (step == args.train_iters or periodic or on_signal):
+                    _save(tr, step)
+                if args.save_hf and periodic and step != args.train_iters and not stopping:
+                    _save_hf(tr)
+                if stopping:
+                    if tr.rank == 0:
+                        saved = f", saved to {args.save}" if args.save and args.save_on_interrupt else ""
+                        print(f"[megatron_rl_agg] stopped by a signal after step {step}{saved}; resume with "
+                              f"--load {args.save or '<dir>'}", flush=True)
+                    break
+            else:
+                if args.save_hf:         # after the last step (or, with --train-iters 0, the conversion)
+                    _save_hf(tr)
+    except RuntimeError as err:
+        if safety.is_timeout(err) and not isinstance(err, safety.NonFiniteError):
+            raise safety.describe_timeout(err, args.distributed_timeout_minutes) from err
+        raise
     finally:
         logger.close()
         megatron_compat.destroy_model_parallel()

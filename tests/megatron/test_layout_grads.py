@@ -1,5 +1,6 @@
 """Real Megatron-Core (GPTModel, DDP, schedules, optimizer) on CPU/gloo: the full gradient of a global
-token-mean loss after one forward-backward is the same at every TP/PP/VPP/DP/micro-batch layout.
+token-mean loss after one forward-backward is the same at every TP/PP/VPP/CP/DP/micro-batch layout, and
+with ``calculate_per_token_loss=True`` (Megatron's 3-tuple contract) at DP2, CP2 and CP2 x TP2.
 
 The worker (``worker_layout_grads.py``) documents the loss and the scale factors. The reference is
 the one-process, one-micro-batch run; every other layout must match it to 1e-5 relative per tensor
@@ -27,8 +28,8 @@ WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
 TOL = 1e-5
 # One process: the reference, micro-batching, a repeat of the reference, the negative control.
 SINGLE = ["dp1,m1", "dp1,m4", "dp1,m1", "dp1,m4:mbmean"]
-TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4", "dp2,m2:distopt"]
-FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2"]
+TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4", "dp2,m2:distopt", "cp2,m2", "cp2,m2:flag", "dp2,m2:flag"]
+FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2", "cp2,dp2,m2", "cp2,tp2,m2:flag"]
 
 
 def _load(directory, items):
@@ -41,17 +42,18 @@ def _load(directory, items):
     ("tp2", Layout(tp=2)),
     ("pp2,m4", Layout(pp=2, num_microbatches=4)),
     (" PP2, vpp2 ,m4", Layout(pp=2, vpp=2, num_microbatches=4)),
+    ("cp2,dp2,m2", Layout(cp=2, dp=2, num_microbatches=2)),
     ("tp2,pp2,dp2,m8", Layout(tp=2, pp=2, dp=2, num_microbatches=8)),
 ])
 def test_parse_layout(text, expected):
     layout = parse_layout(text)
     assert layout == expected
     assert parse_layout(str(layout)) == layout
-    assert layout.world_size == expected.tp * expected.pp * expected.dp
+    assert layout.world_size == expected.tp * expected.pp * expected.cp * expected.dp
 
 
 @pytest.mark.parametrize("text,message", [
-    ("cp2", "bad layout item 'cp2'"),
+    ("xp2", "bad layout item 'xp2'"),
     ("tp2,tp4", "sets 'tp' twice"),
     ("dp", "bad layout item 'dp'"),
     ("vpp2,m4", "needs vpp >= 2 and pp >= 2"),

@@ -1,10 +1,12 @@
-"""The plugin's loss function on real Megatron-Core (GPTModel fp32 with tied embeddings, Megatron DDP,
-the real schedules, gloo on CPU): the full gradient of every non-legacy aggregation mode after one
-forward-backward is the same at (DP1, M1), (DP1, M4), (DP2, M2), (TP2), (PP2, M4) and (PP2, VPP2, M4).
+"""The plugin's loss function on real Megatron-Core (GPTModel fp32 with tied embeddings and RoPE, Megatron
+DDP, the real schedules, gloo on CPU): the full gradient of every non-legacy aggregation mode after one
+forward-backward is the same at (DP1, M1), (DP1, M4), (DP2, M2), (TP2), (PP2, M4), (PP2, VPP2, M4), and
+under context parallelism at CP2, CP2 x DP2, CP2 x TP2 and CP2 x PP2, each CP layout also with
+``calculate_per_token_loss=True`` (Megatron's 3-tuple contract; DP2 too).
 
 The global mini-batch (see ``worker_loss_invariance.py``) has unequal row lengths, a fully masked row and
-prompt groups split across micro-batches and across DP ranks. Two launches cover every layout: one
-process (``dp1,m1``, ``dp1,m4``) and two processes (the rest). Differences are
+prompt groups split across micro-batches and across DP ranks. Three launches cover every layout: one
+process (``dp1,m1``, ``dp1,m4``), two processes and four processes (the rest). Differences are
 ``max|g - g_ref| / max|g_ref|`` per parameter tensor (``torchrun_utils.max_rel_diff``), against the
 one-process, one-micro-batch run.
 """
@@ -32,13 +34,14 @@ _spec.loader.exec_module(worker)
 TOL = 1e-5
 EXACT = [m for m in worker.MODES if m != "token_mean_legacy"] + ["global_kl_entropy"]
 REF_LAYOUT = "dp1,m1"
+NPROCS = (1, 2, 4)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both launches; ``{nproc: (out_dir, wall seconds)}``."""
     out = {}
-    for nproc in (1, 2):
+    for nproc in NPROCS:
         directory = tmp_path_factory.mktemp(f"loss_invariance_{nproc}")
         start = time.perf_counter()
         stdout = run_torchrun(WORKER_PATH, nproc, [directory], timeout=400)
@@ -49,7 +52,7 @@ def runs(tmp_path_factory):
 
 def layouts(tag="pg"):
     table = worker.LAYOUTS if tag == "pg" else worker.KL_LAYOUTS
-    return [(nproc, text, mbs) for nproc in (1, 2) for text, mbs in table[nproc]]
+    return [(nproc, text, mbs) for nproc in NPROCS for text, mbs in table[nproc]]
 
 
 def result(runs, nproc, tag, layout, config):
@@ -111,8 +114,9 @@ def test_legacy_differs_where_microbatch_token_counts_differ(runs):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_and_entropy_gradient_does_not_grow_with_micro_batches(runs, estimator):
     """Default micro-batch-mean KL and entropy (advantages 0, so no policy gradient): with micro-batches of
-    equal token counts the gradient at M = 4 and at DP2 x M2 equals the one at M = 1; a term multiplied by
-    the micro-batch count (or not averaged over DP) would be 4x (2x) larger."""
+    equal token counts the gradient at M = 4, at DP2 x M2 and at CP2 x M4 (flag off and on) equals the one
+    at M = 1; a term multiplied by the micro-batch count (or not averaged over DP, or divided by a CP
+    shard's token count instead of the whole micro-batch's) would be 4x (2x) larger."""
     ref = result(runs, 1, "kl", REF_LAYOUT, f"kl_{estimator}")
     assert max(g.abs().max() for g in ref["grads"].values()) > 1e-4
     for nproc, layout, _ in layouts("kl"):
@@ -150,6 +154,10 @@ def test_tp2_fused_logprobs_entropy_kernel(runs):
             assert (c["forward_all_reduces"], c["backward_all_reduces"]) == (2, 0), name
 
 
-def test_context_parallel_refused_at_runtime(runs):
-    message = load_result(runs[2][0], "cp2_refusal")["message"]
-    assert message is not None and "context_parallel_size=2 is not supported" in message
+def test_context_parallel_and_per_token_loss_layouts_are_covered(runs):
+    """The CP and calculate_per_token_loss layouts of the issue ran (flag off and on)."""
+    texts = {text for _, text, _ in layouts()}
+    for layout in ("cp2,m4", "cp2,dp2,m2", "cp2,tp2,m4", "cp2,pp2,m4"):
+        assert layout in texts and f"{layout}:flag" in texts
+    assert "dp2,m2:flag" in texts
+    assert {"cp2,m4", "cp2,m4:flag"} <= {text for _, text, _ in layouts("kl")}

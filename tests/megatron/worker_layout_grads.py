@@ -4,9 +4,12 @@
         tests/megatron/worker_layout_grads.py OUT_DIR dp2,m2 tp2 pp2,m4 pp2,vpp2,m4
 
 Each layout string (see ``megatron_rl_agg.model.parse_layout``) must use every process
-(tp * pp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
+(tp * pp * cp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
 (the legacy objective), used as a negative control; ``:distopt`` uses Megatron's distributed
-optimizer with overlapped gradient reduce-scatter. For each item, in order, the worker
+optimizer with overlapped gradient reduce-scatter; ``:flag`` sets ``calculate_per_token_loss=True`` and
+returns Megatron's 3-tuple. Under context parallelism (``cp2``) every CP rank keeps its zigzag shard of
+the rows (``context_parallel.split_for_cp_rank``) and the local spec's core attention is the plugin's
+``ContextParallelDotProductAttention``. For each item, in order, the worker
 
 1. (re)initialises Megatron's model-parallel state and builds the chunks (tied embeddings, gated
    MLP, grouped-query attention);
@@ -20,8 +23,10 @@ optimizer with overlapped gradient reduce-scatter. For each item, in order, the 
 The loss: the mini-batch has rows of unequal length (one fully masked); every layout sees the same
 rows. With ``N`` the loss-token count of the whole mini-batch (all-reduced over DP) and
 ``w = mask / N``, each micro-batch returns ``sum(ce * w) * num_microbatches * dp_size``:
-the schedule divides by ``num_microbatches`` and DDP averages over ``dp_size`` ranks, so the
-gradient is that of ``sum_all_rows(ce * w)``, the global token mean, at every layout.
+the schedule divides by ``num_microbatches`` (and multiplies by the CP size) and DDP averages over the
+``dp_size * cp`` ranks, so the gradient is that of ``sum_all_rows(ce * w)``, the global token mean, at
+every layout. Under ``:flag`` each micro-batch returns ``(sum(ce * w) * R, b * s, report)`` with ``R`` the
+routed tokens of the whole mini-batch: DDP sums and ``finalize_model_grads`` divides by ``R``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torchrun_utils import save_result  # noqa: E402
 
 from megatron_rl_agg import dist  # noqa: E402
 from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.context_parallel import split_for_cp_rank  # noqa: E402
 from megatron_rl_agg.model import (  # noqa: E402
     GPTSpec, build_model, build_optimizer, gather_full_grads, gather_full_params, init_weights,
     parse_layout,
@@ -83,18 +89,21 @@ def microbatches(inputs, labels, weights, layout, dp_rank):
     ], mbs
 
 
-def ce_loss_func(weights, scale, per_token_ce):
-    """2-tuple loss contract: ``(sum(ce * w) * scale, report)``; the report keeps the unscaled sum."""
+def ce_loss_func(weights, scale, num_tokens, per_token_ce):
+    """2-tuple loss contract ``(sum(ce * w) * scale, report)``, or with ``num_tokens`` (an int32 tensor)
+    the 3-tuple ``(sum(ce * w) * scale, num_tokens, report)``; the report keeps the unscaled sum."""
     weighted = (per_token_ce.float() * weights).sum()
-    return weighted * scale, {"weighted_ce_sum": weighted.detach()}
+    report = {"weighted_ce_sum": weighted.detach()}
+    if num_tokens is not None:
+        return weighted * scale, num_tokens, report
+    return weighted * scale, report
 
 
 def ce_forward_step(data_iterator, model):
-    tokens, labels, weights, scale = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    tokens, labels, weights, scale, positions, num_tokens = next(data_iterator)
     # With labels, GPTModel returns Megatron's vocab-parallel per-token cross entropy [b, s].
     output = model(tokens, positions, None, labels=labels)
-    return output, partial(ce_loss_func, weights, scale)
+    return output, partial(ce_loss_func, weights, scale, num_tokens)
 
 
 def logits_check_loss_func(labels, logits):
@@ -117,8 +126,7 @@ def logits_check_loss_func(labels, logits):
 
 
 def logits_forward_step(data_iterator, model):
-    tokens, labels, _, _ = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    tokens, labels, _, _, positions, _ = next(data_iterator)
     logits = model(tokens, positions, None)  # no labels: logits [b, s, vocab/tp] on the last stage
     return logits, partial(logits_check_loss_func, labels)
 
@@ -129,17 +137,17 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     layout_text, _, variant = item.partition(":")
-    if variant not in ("", "mbmean", "distopt"):
-        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'mbmean', 'distopt'")
+    if variant not in ("", "mbmean", "distopt", "flag"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'mbmean', 'distopt', 'flag'")
     layout = parse_layout(layout_text)
     world = torch_dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"layout {layout_text!r} needs {layout.world_size} processes, got {world}")
-    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
-    distopt = variant == "distopt"
+    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
+    distopt, flag = variant == "distopt", variant == "flag"
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt,
                                                overlap_grad_reduce=distopt)
-    chunks = build_model(SPEC, ddp_config=ddp_config)
+    chunks = build_model(SPEC, ddp_config=ddp_config, calculate_per_token_loss=flag)
     init_weights(chunks, seed=SEED)
     optimizer = build_optimizer(chunks, lr=1e-3, clip_grad=0.05, use_distributed_optimizer=distopt)
 
@@ -156,6 +164,16 @@ def run_item(item: str, index: int, out_dir: str) -> str:
         # schedule divides by num_microbatches, DDP averages over dp ranks: undo both.
         scale = float(layout.num_microbatches * layout.dp)
         batches = [(x, y, m / n_tokens.clamp(min=1), scale) for x, y, m in mbs_rows]
+    num_tokens = None
+    if flag:   # 3-tuple: n = the shard's routed tokens; Megatron divides the summed gradient by their total
+        num_tokens = torch.tensor(mbs * SEQ_LEN // layout.cp, dtype=torch.int32)
+        routed = float(inputs.shape[0] * SEQ_LEN)
+        batches = [(x, y, w, routed) for x, y, w, _ in batches]
+    cp_rank = parallel_state.get_context_parallel_rank()
+    positions = torch.arange(SEQ_LEN).expand(mbs, SEQ_LEN)
+    batches = [tuple(split_for_cp_rank(t, layout.cp, cp_rank) for t in (x, y, w)) + (scale,)
+               + (split_for_cp_rank(positions, layout.cp, cp_rank), num_tokens)
+               for x, y, w, scale in batches]
 
     fwd_bwd = get_forward_backward_func()
 

@@ -70,9 +70,14 @@ CONFIGS["global_kl_entropy"] = LossConfig(loss_aggregation="seq_mean_token_mean"
 KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coef=0.05, **PG)
               for est in ("k1", "k2", "k3")}
 
+# A ":flag" suffix runs the layout with calculate_per_token_loss=True (Megatron's 3-tuple contract).
 LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)],
-           2: [("dp2,m2", 2), ("tp2", 8), ("pp2,m4", 2), ("pp2,vpp2,m4", 2)]}
-KL_LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)], 2: [("dp2,m2", 2)]}
+           2: [("dp2,m2", 2), ("tp2", 8), ("pp2,m4", 2), ("pp2,vpp2,m4", 2), ("cp2,m4", 2),
+               ("cp2,m4:flag", 2), ("dp2,m2:flag", 2)],
+           4: [("cp2,dp2,m2", 2), ("cp2,tp2,m4", 2), ("cp2,pp2,m4", 2), ("cp2,dp2,m2:flag", 2),
+               ("cp2,tp2,m4:flag", 2), ("cp2,pp2,m4:flag", 2)]}
+KL_LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)], 2: [("dp2,m2", 2), ("cp2,m4", 2), ("cp2,m4:flag", 2)],
+              4: []}
 
 
 def make_batch(row_tokens, seed=SEED):
@@ -110,7 +115,7 @@ def rank_share(batch, dp_rank, dp_size):
     return {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in batch.items()}
 
 
-def run_config(chunks, batch, cfg, mbs, dp_group):
+def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     """One forward-backward of ``cfg`` on the rank's share; returns (full grads, reduced metrics)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -120,7 +125,9 @@ def run_config(chunks, batch, cfg, mbs, dp_group):
     from megatron_rl_agg.model import gather_full_grads
 
     share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
-    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group)
+    cp_group = parallel_state.get_context_parallel_group()
+    micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
+                                         calculate_per_token_loss=flag)
     for chunk in chunks:
         chunk.zero_grad_buffer()
     iterator = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
@@ -128,8 +135,10 @@ def run_config(chunks, batch, cfg, mbs, dp_group):
         forward_step_func=forward_step, data_iterator=iterator, model=chunks,
         num_microbatches=len(micro_batches), seq_length=SEQ, micro_batch_size=mbs, forward_only=False)
     grads = gather_full_grads(chunks)
-    # Reports exist on the last pipeline stage only; reduce them over its DP group there.
-    metrics = reduce_metrics(reports, dp_group) if parallel_state.is_pipeline_last_stage() else {}
+    # Reports exist on the last pipeline stage only; reduce them over its dp x cp group there (each CP
+    # rank reports partial sums of its shards).
+    metrics = (reduce_metrics(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
+               if parallel_state.is_pipeline_last_stage() else {})
     gathered = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, metrics)
     return grads, next(m for m in gathered if m)
@@ -144,13 +153,15 @@ def run_layouts(out_dir, layouts, configs, batch, tag):
 
     for layout_text, mbs in layouts:
         start = time.perf_counter()
-        layout = parse_layout(layout_text)
-        megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
-        chunks = build_model(SPEC)
+        layout_only, _, variant = layout_text.partition(":")
+        layout = parse_layout(layout_only)
+        megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
+        flag = variant == "flag"
+        chunks = build_model(SPEC, calculate_per_token_loss=flag)
         init_weights(chunks, seed=SEED)
         dp_group = parallel_state.get_data_parallel_group()
         for name, cfg in configs.items():
-            grads, metrics = run_config(chunks, batch, cfg, mbs, dp_group)
+            grads, metrics = run_config(chunks, batch, cfg, mbs, dp_group, flag)
             if torch_dist.get_rank() == 0:
                 save_result(out_dir, f"{tag}-{layout_text}-{name}",
                             {"grads": grads, "metrics": metrics, "micro_batch_size": mbs})
@@ -290,21 +301,6 @@ def tp2_fused_check(out_dir):
         save_result(out_dir, "tp2_fused", {"per_rank": gathered})
 
 
-def cp2_refusal(out_dir):
-    from megatron_rl_agg.megatron_loss import check_megatron_setup
-    from megatron_rl_agg.model import get_transformer_config
-
-    megatron_compat.initialize_model_parallel(cp=2, seed=SEED)
-    try:
-        check_megatron_setup(get_transformer_config(SPEC))
-        message = None
-    except ValueError as err:
-        message = str(err)
-    megatron_compat.destroy_model_parallel()
-    if torch_dist.get_rank() == 0:
-        save_result(out_dir, "cp2_refusal", {"message": message})
-
-
 def main(out_dir):
     megatron_compat.initialize_distributed()
     world = torch_dist.get_world_size()
@@ -316,10 +312,9 @@ def main(out_dir):
     run_layouts(out_dir, KL_LAYOUTS[world], KL_CONFIGS, kl_batch, "kl")
     if world == 1:
         reference_objectives(out_dir, batch)
-    else:
+    elif world == 2:
         tp2_vocab_parallel_check(out_dir)
         tp2_fused_check(out_dir)
-        cp2_refusal(out_dir)
     torch_dist.barrier()
     if torch_dist.get_rank() == 0:
         print(f"total {time.perf_counter() - start:.2f} s", flush=True)

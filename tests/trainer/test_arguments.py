@@ -45,6 +45,13 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--ref-load", "x"], "--ref-load is only used with --kl-coef > 0"),
     (["--rollouts", "f.jsonl", "--loss-aggregation", "dr_grpo"], "--max-response-length"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be a positive integer"),
+    (["--context-parallel-size", "2", "--seq-length", "18"],
+     r"--seq-length 18 must be a multiple of 2 x --context-parallel-size = 4 .*--seq-length 20"),
+    (["--context-parallel-size", "2", "--sequence-packing"],
+     "--sequence-packing is not supported with --context-parallel-size > 1"),
+    (["--calculate-per-token-loss", "--ddp-average-in-collective"],
+     "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective"),
+    (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer"),
 ])
 def test_bad_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):

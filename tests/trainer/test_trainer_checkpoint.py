@@ -2,10 +2,10 @@
 
 * Resume: 4 uninterrupted on-policy steps vs 2 steps, save, resume for steps 3-4 (partial groups from
   lost samples, a KL term to the frozen reference): the resumed steps' metrics are the same numbers.
-* On-policy generation at TP2, PP2 and PP2 x VPP2 samples what DP2 samples (same initial weights,
+* On-policy generation at TP2, PP2, PP2 x VPP2 and CP2 samples what DP2 samples (same initial weights,
   counter-based sampling noise), so the first two steps' rollouts and losses agree with the DP2 run.
 * Cross-layout load: a checkpoint saved at TP1/PP1 (DP2) after step 1 of an offline run, loaded at TP2,
-  PP2 and PP2 x VPP2; step 2 there matches step 2 of the uninterrupted TP1/PP1 run. The file carries
+  PP2, PP2 x VPP2 and CP2 (with --calculate-per-token-loss); step 2 there matches step 2 of the uninterrupted TP1/PP1 run. The file carries
   behaviour log-probs, so step 2's policy loss depends on the loaded logits (ratio != 1), as do its
   entropy and gradient norm.
 """
@@ -28,6 +28,7 @@ ON_POLICY_LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    "cp2": ["--context-parallel-size", "2"],
 }
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
@@ -58,6 +59,8 @@ def runs(tmp_path_factory):
         {"name": "off_vpp", "argv": offline + ["--train-iters", "2", "--load", ck2,
                                                "--pipeline-model-parallel-size", "2",
                                                "--num-layers-per-virtual-pipeline-stage", "1"]},
+        {"name": "off_cp2", "argv": offline + ["--train-iters", "2", "--load", ck2,
+                                               "--context-parallel-size", "2", "--calculate-per-token-loss"]},
     ]
     for name, flags in ON_POLICY_LAYOUTS.items():
         plan.append({"name": f"onp_{name}", "argv": ON_POLICY + ["--train-iters", "2"] + flags})
@@ -78,7 +81,7 @@ def test_resume_reproduces_uninterrupted_metrics(runs):
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("layout", ["off_tp2", "off_pp2", "off_vpp"])
+@pytest.mark.parametrize("layout", ["off_tp2", "off_pp2", "off_vpp", "off_cp2"])
 def test_checkpoint_loads_at_another_layout(runs, layout):
     _, results = runs
     assert [m["step"] for m in results[layout]] == [2]

@@ -1,8 +1,9 @@
 """End-to-end trainer on real Megatron-Core (torchrun + gloo): step-1 loss from the file alone, grad-norm
 invariance across layouts, padding that changes nothing.
 
-Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2 and the per-mode,
-per-overlong-policy runs) and one of 1 process (DP1 with 4 micro-batches).
+Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2, CP2 and CP2 / DP2 with
+``--calculate-per-token-loss``, and the per-mode, per-overlong-policy runs) and one of 1 process (DP1 with
+4 micro-batches).
 """
 
 import json
@@ -32,7 +33,12 @@ LAYOUTS = {  # name -> (nproc, flags); every layout runs 4 micro-batches of the 
     "pp2vpp2": (2, ["--micro-batch-size", "4", "--pipeline-model-parallel-size", "2",
                     "--num-layers-per-virtual-pipeline-stage", "1"]),
     "dp1m4": (1, ["--micro-batch-size", "4"]),
+    # context parallelism and Megatron's calculate_per_token_loss (3-tuple) contract
+    "cp2": (2, ["--micro-batch-size", "4", "--context-parallel-size", "2"]),
+    "cp2flag": (2, ["--micro-batch-size", "4", "--context-parallel-size", "2", "--calculate-per-token-loss"]),
+    "dp2flag": (2, ["--micro-batch-size", "2", "--calculate-per-token-loss"]),
 }
+NEW_LAYOUTS = ("cp2", "cp2flag", "dp2flag")
 
 
 def _argv(path, mode, extra=(), policy="keep", gbs=16):
@@ -49,6 +55,8 @@ def runs(tmp_path_factory):
     plan2, plan1 = [], []
     for mode in MODES + ["token_mean_legacy"]:
         for name, (nproc, flags) in LAYOUTS.items():
+            if mode == "token_mean_legacy" and name in NEW_LAYOUTS:
+                continue
             (plan2 if nproc == 2 else plan1).append({"name": f"{mode}/{name}",
                                                      "argv": _argv(tmp / "r.jsonl", mode, flags)})
     for mode in MODES:
@@ -65,7 +73,7 @@ def runs(tmp_path_factory):
             plan2.append({"name": f"{mode}/{name}/packed",
                           "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS[name][1] + ["--sequence-packing"])})
     for mode in PACKED_MODES:
-        for name in ("dp2", "tp2", "pp2vpp2"):
+        for name in ("dp2", "tp2", "pp2vpp2", "cp2"):
             flags = LAYOUTS[name][1] + ["--mini-batches-per-step", "2", "--lr", "1e-2"]
             plan2.append({"name": f"{mode}/{name}/k2", "argv": _argv(tmp / "r.jsonl", mode, flags, gbs=8)})
     results = torchrun(plan2, 2, tmp)
@@ -110,6 +118,17 @@ def test_step1_policy_loss_equals_file_aggregate(runs, mode, policy):
     got = results[f"{mode}/dp2" if policy == "keep" else f"{mode}/dp2/{policy}"][0]["policy_loss"]
     # abs: A enters the loss in float32 (rounding ~6e-8 per unit advantage)
     assert got == pytest.approx(_expected_policy_loss(rows, mode, policy), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["cp2", "cp2flag", "dp2flag"])
+@pytest.mark.parametrize("mode", MODES)
+def test_step1_policy_loss_under_context_parallelism_and_per_token_loss(runs, mode, layout):
+    """At CP2 (rows split into zigzag shards, partial sums reduced over dp x cp), with and without
+    calculate_per_token_loss, the step-1 policy loss is still -sum(w * A) of the file."""
+    rows, results = runs
+    line = results[f"{mode}/{layout}"][0]
+    assert line["policy_loss"] == pytest.approx(_expected_policy_loss(rows, mode, "keep"), rel=1e-6, abs=1e-7)
+    assert line["num_tokens"] == sum(len(r["response"]) for r in rows)
 
 
 def test_overlong_policies_differ_on_this_file(runs):
@@ -175,7 +194,7 @@ def test_two_mini_batches_per_step_are_layout_invariant(runs, mode):
     ref = results[f"{mode}/dp2/k2"][0]
     assert ref["num_rows"] == 14 and ref["num_groups"] == 5
     assert ref["ppo_kl"] != 0
-    for name in ("tp2", "pp2vpp2"):
+    for name in ("tp2", "pp2vpp2", "cp2"):     # cp2: old log-probs gathered over the CP group
         got = results[f"{mode}/{name}/k2"][0]
         for key in ("policy_loss", "grad_norm", "entropy", "ppo_kl", "clip_frac"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (name, key)

@@ -36,4 +36,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        from megatron_rl_agg.megatron_compat import destroy_distributed
+
+        destroy_distributed()
+    sys.exit(status)
