@@ -16,11 +16,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_rl_agg", "megatron_rl_agg.*"]),
     package_data={"megatron_rl_agg": ["py.typed"]},
-    # CI pins torch==2.13.0 (CPU build) and megatron-core==0.16.1; install torch first so pip never
-    # resolves a CUDA build on a CPU machine (see README).
+    # CI pins torch==2.13.0 (CPU build) and runs the suite on megatron-core 0.16.1 and 0.19.2 (the
+    # newest; scripts/test_compat.sh); install torch first so pip never resolves a CUDA build on a CPU
+    # machine (see README). The megatron-core upper bound is the first release not tested: an
+    # environment with any tested release keeps it (pip never downgrades it to satisfy this package).
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.13,<0.18",
+        "megatron-core>=0.13,<0.20",
         "numpy",
         "packaging",
         "psutil",  # megatron-core's torch_dist checkpoint save needs it

@@ -18,6 +18,7 @@ several layouts in one process: :func:`initialize_distributed` (reads the torchr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import importlib.abc
@@ -36,6 +37,7 @@ __all__ = [
     "destroy_model_parallel",
     "destroy_distributed",
     "quiet_warnings",
+    "transformer_config_defaults",
 ]
 
 _CPU_MODE = False
@@ -74,7 +76,8 @@ def enable_cpu_mode() -> bool:
        libraries see torch as is);
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
-    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator.
+    6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator;
+    7. ``torch.cuda.current_stream()`` -> ``torch.cpu.current_stream()`` (megatron-core >= 0.19).
 
     Returns True when CPU mode is (now) active.
     """
@@ -89,6 +92,7 @@ def enable_cpu_mode() -> bool:
     _redirect_tensor_cuda()
     _redirect_tensor_type()
     _install_cpu_rng_tracker()
+    _redirect_current_stream()
     _CPU_MODE = True
     return True
 
@@ -259,6 +263,15 @@ def _install_cpu_rng_tracker() -> None:
     mp_random.initialize_rng_tracker(force_reset=True)
 
 
+def _redirect_current_stream() -> None:
+    # megatron-core 0.19, param_and_grad_buffer.start_grad_sync: before reducing a bucket group it
+    # takes torch.cuda.current_stream() and waits on the CUDA-graph events of its parameters (none
+    # exist without CUDA graphs). torch.cpu.current_stream() is torch's device-agnostic stand-in: its
+    # wait_event / wait_stream / record_event return at once, which is exact on the CPU, where every
+    # kernel has finished when its call returns.
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
+
+
 # Warnings megatron-core prints once per process on a machine without Transformer Engine / apex, one
 # deprecation it raises from its own defaults, and two that torch raises about the calls
 # dist_checkpointing makes on every load. Each names a fallback that is the intended path on CPU (torch
@@ -378,3 +391,17 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def transformer_config_defaults() -> dict:
+    """``TransformerConfig`` keywords that spell the defaults in the current megatron-core's terms.
+
+    megatron-core 0.19 renamed ``cuda_graph_scope`` to ``cuda_graph_modules`` and kept the old
+    default ``"full"`` (the whole layer), which it rewrites to ``[]`` in ``__post_init__`` with a
+    "full scope is deprecated" warning on every config; ``[]`` means the same and warns not. Releases
+    without the field (<= 0.18) get no keyword. Pass these first, so explicit settings override them.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    names = {field.name for field in dataclasses.fields(TransformerConfig)}
+    return {"cuda_graph_modules": []} if "cuda_graph_modules" in names else {}

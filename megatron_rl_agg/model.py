@@ -226,6 +226,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
             f"each virtual stage needs the same number of layers"
         )
     kwargs = dict(
+        **megatron_compat.transformer_config_defaults(),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_attention_heads,

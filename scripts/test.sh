@@ -3,9 +3,13 @@
 #
 #   bash scripts/test.sh                 # everything (what CI runs)
 #   bash scripts/test.sh -m "not slow"   # the quick subset: no multi-process torchrun tests
+#   COMPAT_MCORE= bash scripts/test.sh   # megatron-core 0.16.1 only
 #
 # torch is installed first, pinned to the 2.13.0 CPU build, so that no later requirement lets pip
-# resolve a CUDA build of torch. megatron-core is pinned to 0.16.1 for CI (setup.py allows a range).
+# resolve a CUDA build of torch. The suite runs on megatron-core 0.16.1 (.venv/), then again on each
+# release in COMPAT_MCORE (default 0.19.2, the newest; scripts/test_compat.sh builds its environment,
+# .venv-mcore-<version>/, with the extras of the install line below). The pytest arguments go to every
+# run; the exit status is non-zero if any run failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON:-python3.11}
@@ -15,4 +19,11 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check megatron-core==0.16.1 -e ".[test,hf]"
 export OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest "$@"
+status=0
+echo "[test] megatron-core 0.16.1"
+.venv/bin/python -m pytest "$@" || status=$?
+for version in ${COMPAT_MCORE-0.19.2}; do
+  echo "[test] megatron-core $version (scripts/test_compat.sh)"
+  bash scripts/test_compat.sh "$version" "$@" || status=$?
+done
+exit "$status"

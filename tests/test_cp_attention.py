@@ -72,4 +72,6 @@ def test_cp_local_layer_spec_swaps_only_the_core_attention():
     spec, stock = cp_local_layer_spec(), get_gpt_layer_local_spec()
     assert spec.submodules.self_attention.submodules.core_attention is ContextParallelDotProductAttention
     assert stock.submodules.self_attention.submodules.core_attention is not ContextParallelDotProductAttention
-    assert spec.submodules.mlp == stock.submodules.mlp
+    # megatron-core 0.19 spells the MLP as a functools.partial, which compares by identity (a deep
+    # copy is a new object); its repr names the function and every keyword, so compare those.
+    assert repr(spec.submodules.mlp) == repr(stock.submodules.mlp)

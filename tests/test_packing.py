@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from megatron_rl_agg import aggregation
+from megatron_rl_agg import aggregation, megatron_compat
 from megatron_rl_agg.packing import (
     add_sequence_packing_args,
     block_causal_mask,
@@ -212,7 +212,8 @@ def test_packed_attention_equals_padded_and_per_row(megatron_single_rank, pad_to
     from megatron_rl_agg.packing import PackedDotProductAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                            attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True)
+                            attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
+                            **megatron_compat.transformer_config_defaults())
     attn = PackedDotProductAttention(cfg, 1, AttnMaskType.causal, "self")
     lengths, width, hn = [5, 2, 7, 1], 7, 8
     g = torch.Generator().manual_seed(3)
@@ -249,7 +250,8 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
     from megatron_rl_agg.packing import PackedDotProductAttention, packed_local_layer_spec
 
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
-                            attention_dropout=0.0, use_cpu_initialization=True)
+                            attention_dropout=0.0, use_cpu_initialization=True,
+                            **megatron_compat.transformer_config_defaults())
     attn = PackedDotProductAttention(cfg, 1, AttnMaskType.causal, "self")
     x = torch.randn(4, 2, 8)
     cu = torch.tensor([0, 1, 4], dtype=torch.int32)
@@ -334,7 +336,7 @@ def test_packed_forward_step_refuses_unequal_packs_under_pp(megatron_single_rank
             super().__init__()
             self.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
                                             pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-                                            **kwargs)
+                                            **megatron_compat.transformer_config_defaults(), **kwargs)
 
     packed, _ = pack_micro_batch(_padded_batch([2, 1], 3), torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="equal_length=True\\) or set variable_seq_lengths=True"):

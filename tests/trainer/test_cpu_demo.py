@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +15,9 @@ STEPS = 150
 
 
 def test_cpu_demo_short_run_reward_rises(tmp_path):
-    env = {**os.environ, "SKIP_SETUP": "1", "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    # VENV: the environment running the tests (scripts/test_compat.sh runs them in another one).
+    env = {**os.environ, "SKIP_SETUP": "1", "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "VENV": sys.prefix}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "run_cpu_demo.sh"), "--train-iters", str(STEPS),
                            "--no-progress-bar"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
