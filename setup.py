@@ -37,6 +37,10 @@ setup(
         # installed from source (see docs/training.md, GPU installation); neither is ever imported
         # unconditionally.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # Hugging Face checkpoints in and out, tokenizers and chat templates, text prompt files
+        # (JSONL; Parquet through pyarrow), the math_verify reward (megatron_rl_agg.hf).
+        "hf": ["transformers>=4.51", "safetensors>=0.4", "tokenizers>=0.21", "math-verify>=0.7",
+               "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["megatron-rl-agg=megatron_rl_agg.cli:main"]},
     classifiers=[

@@ -21,7 +21,10 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import importlib.abc
 import os
+import sys
+import types
 
 import torch
 
@@ -68,7 +71,9 @@ def enable_cpu_mode() -> bool:
 
     1. ``torch.cuda.current_device()`` -> ``"cpu"``;
     2. ``torch.cuda.synchronize()`` -> no-op;
-    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``, and ``pin_memory=True`` -> False;
+    3. tensor factories given ``device="cuda"`` -> ``device="cpu"``, and ``pin_memory=True`` -> False, in
+       Megatron's modules only (their global ``torch`` becomes a view of torch with those factories; other
+       libraries see torch as is);
     4. ``Tensor.cuda()`` -> the tensor itself;
     5. ``Tensor.type()`` (no argument) on a CPU tensor -> the ``torch.cuda.*`` type name;
     6. Megatron's CUDA RNG tracker -> a tracker that forks the CPU generator;
@@ -123,24 +128,89 @@ def _redirect_synchronize() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
+class _MegatronTorch(types.ModuleType):
+    """What the name ``torch`` means inside Megatron-Core's modules in CPU mode: the real ``torch`` module
+    for every attribute except the tensor factories of ``_FACTORIES``, which map ``device="cuda"`` to
+    ``device="cpu"``. Only Megatron's module globals are pointed at it, so ``torch.tensor`` & co. stay the
+    untouched originals for every other library (a global wrapper made transformers' ``from_pretrained``
+    leave rotary ``inv_freq`` buffers uninitialized: wrong logits, no error)."""
+
+    def __init__(self):
+        super().__init__("torch", getattr(torch, "__doc__", None))
+        for name in _FACTORIES:
+            original = getattr(torch, name)
+
+            @functools.wraps(original)
+            def factory(*args, _original=original, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and _is_cuda_device(dev):
+                    kwargs["device"] = "cpu"
+                # rope_utils.get_pos_emb_on_this_cp_rank (RoPE under context parallelism) builds its index
+                # tensor with pin_memory=True, which raises without CUDA; there is no pinned memory to want.
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False
+                return _original(*args, **kwargs)
+
+            setattr(self, name, factory)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_MEGATRON_TORCH: "_MegatronTorch | None" = None
+
+
+def _point_at_cpu_torch(module) -> None:
+    """Rebind the global ``torch`` of one ``megatron.*`` module to the CPU-mode view."""
+    if getattr(module, "__dict__", {}).get("torch") is torch:
+        module.torch = _MEGATRON_TORCH
+
+
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Points every ``megatron.*`` module imported after :func:`enable_cpu_mode` at the CPU-mode view too,
+    right after the module body runs (Megatron imports some modules lazily, inside functions)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original = loader.exec_module
+
+        def exec_module(module, _original=original):
+            _original(module)
+            _point_at_cpu_torch(module)
+
+        # A per-module loader proxy: the original loader object (shared by every module of a path
+        # finder) is left alone.
+        proxy = types.SimpleNamespace(create_module=loader.create_module, exec_module=exec_module)
+        for attr in ("get_resource_reader", "is_package", "get_source", "get_code", "get_filename"):
+            if hasattr(loader, attr):
+                setattr(proxy, attr, getattr(loader, attr))
+        spec.loader = proxy
+        return spec
+
+
 def _redirect_factories() -> None:
     # Literal device="cuda" in Megatron's tensor factories (see _FACTORIES). The wrapper only
-    # rewrites the device keyword; positional arguments and every other keyword pass through.
-    for name in _FACTORIES:
-        original = getattr(torch, name)
-
-        @functools.wraps(original)
-        def factory(*args, _original=original, **kwargs):
-            dev = kwargs.get("device")
-            if dev is not None and _is_cuda_device(dev):
-                kwargs["device"] = "cpu"
-            # rope_utils.get_pos_emb_on_this_cp_rank (RoPE under context parallelism) builds its index
-            # tensor with pin_memory=True, which raises without CUDA; there is no pinned memory to want.
-            if kwargs.get("pin_memory"):
-                kwargs["pin_memory"] = False
-            return _original(*args, **kwargs)
-
-        setattr(torch, name, factory)
+    # rewrites the device keyword; positional arguments and every other keyword pass through. It is
+    # installed only where Megatron looks the factories up (its modules' global ``torch``), never on the
+    # torch module itself.
+    global _MEGATRON_TORCH
+    _MEGATRON_TORCH = _MegatronTorch()
+    for name, module in list(sys.modules.items()):
+        if name == "megatron" or name.startswith("megatron."):
+            _point_at_cpu_torch(module)
+    sys.meta_path.insert(0, _MegatronImportHook())
 
 
 def _redirect_tensor_cuda() -> None:

@@ -184,6 +184,19 @@ class GPTSpec:
     moe_aux_loss_coeff: float = 0.0
     """Coefficient of the load-balancing auxiliary loss (Switch-Transformer / GShard ``aux_loss``:
     ``coeff * E / (k * T^2) * sum_e tokens_e * sum_t p_{t,e}`` per layer); 0 turns it off."""
+    # Fields Hugging Face decoders need (megatron_rl_agg.hf sets them from config.json).
+    add_qkv_bias: bool = False
+    """Biases on the fused QKV projection only (Qwen2), with ``add_bias_linear=False``."""
+    qk_layernorm: bool = False
+    """Per-head norm of queries and keys before RoPE (Qwen3)."""
+    kv_channels: int | None = None
+    """Per-head width; None means hidden_size / num_attention_heads."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    rotary_base: float = 10000.0
+    """RoPE base (Hugging Face ``rope_theta``)."""
+    rope_scaling_factor: float | None = None
+    """Llama-3 rope scaling factor (Megatron's fixed low 1 / high 4 / original 8192), or None."""
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_length"):
@@ -299,6 +312,10 @@ def get_transformer_config(spec: GPTSpec, **overrides):
         add_bias_linear=spec.add_bias_linear,
         gated_linear_unit=spec.swiglu,
         activation_func=F.silu if spec.swiglu else F.gelu,
+        add_qkv_bias=spec.add_qkv_bias,
+        qk_layernorm=spec.qk_layernorm,
+        kv_channels=spec.kv_channels,
+        layernorm_epsilon=spec.layernorm_epsilon,
     )
     if spec.variable_seq_lengths:
         kwargs["moe_token_dispatcher_type"] = "alltoall"
@@ -413,13 +430,16 @@ def default_layer_spec(spec: GPTSpec):
 
     if _use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None)
+            num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None,
+            qk_layernorm=spec.qk_layernorm)
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
         from megatron_rl_agg.cp_attention import cp_local_layer_spec
 
-        return cp_local_layer_spec(num_experts=spec.num_experts, normalization=spec.normalization)
+        return cp_local_layer_spec(num_experts=spec.num_experts, normalization=spec.normalization,
+                                   qk_layernorm=spec.qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=spec.num_experts,
-                                                   normalization=spec.normalization)
+                                                    normalization=spec.normalization,
+                                                    qk_layernorm=spec.qk_layernorm)
 
 
 def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_config=None,
@@ -483,6 +503,9 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=spec.tie_embeddings,
             position_embedding_type=spec.position_embedding_type,
+            rotary_base=spec.rotary_base,
+            rope_scaling=spec.rope_scaling_factor is not None,
+            rope_scaling_factor=spec.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
         )
         for param in model.parameters():

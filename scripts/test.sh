@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON_BIN" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check megatron-core==0.16.1 -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check megatron-core==0.16.1 -e ".[test,hf]"
 export OMP_NUM_THREADS=1
 status=0
 echo "[test] megatron-core 0.16.1"

@@ -7,7 +7,8 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "megatron_rl_agg"
-PURE = ["aggregation.py", "advantages.py", "losses.py", "metrics.py", "config.py", "context_parallel.py"]
+PURE = ["aggregation.py", "advantages.py", "losses.py", "metrics.py", "config.py", "context_parallel.py",
+        "hf/config.py", "hf/mapping.py", "hf/rewards.py", "hf/prompts.py"]
 
 
 def distributed_or_megatron_uses(path: pathlib.Path) -> set[str]:

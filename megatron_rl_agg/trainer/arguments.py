@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_parallel_args, _add_model_args, _add_moe_args, _add_optimizer_args, _add_checkpoint_args,
                 _add_data_args, _add_logging_args):
         add(parser)
+    from megatron_rl_agg.hf.trainer_glue import add_hf_args
+    add_hf_args(parser)
     add_loss_aggregation_args(parser)
     _add_reliability_args(parser)
     from megatron_rl_agg.packing import add_sequence_packing_args
@@ -227,13 +229,20 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     are checked by :mod:`.validation` (``parser``: the one that parsed ``args``, default
     :func:`build_parser`).
     """
+    from megatron_rl_agg.hf.trainer_glue import validate_hf_args
+
+    validate_hf_args(args, TrainerArgsError)     # --hf-checkpoint sets the size flags from config.json
+
     from megatron_rl_agg.trainer import validation
 
     validation.check_number_flags(parser or build_parser(), args)
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
               "global_batch_size", "mini_batches_per_step", "num_layers", "hidden_size",
               "num_attention_heads", "seq_length",
-              "vocab_size", "train_iters", "num_samples_per_prompt", "max_new_tokens")
+              "vocab_size", "num_samples_per_prompt", "max_new_tokens")
+    if args.train_iters < 0 or (args.train_iters == 0 and not args.save_hf):
+        raise TrainerArgsError(f"--train-iters must be a positive integer (0 only with --save-hf, to convert "
+                               f"without training), got {args.train_iters!r}")
     if args.rollouts is None:
         if args.global_batch_size % args.num_samples_per_prompt:
             raise TrainerArgsError(

@@ -49,6 +49,7 @@ class RolloutSpec:
     """What one on-policy step generates."""
 
     task: task.CountingTask
+    """The counting task, or a text prompt file's ``megatron_rl_agg.hf.prompts.TextTask``."""
     num_prompts: int
     """Prompts per step (``--global-batch-size / --num-samples-per-prompt``)."""
     samples_per_prompt: int
@@ -105,18 +106,21 @@ def _cached_last_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor
 @torch.no_grad()
 def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
              seq_length: int, max_new_tokens: int, temperature: float,
-             micro_batch_rows: int, kv_cache: Optional[bool] = None) -> list[tuple[list[int], str]]:
+             micro_batch_rows: int, kv_cache: Optional[bool] = None,
+             eos_ids: Sequence[int] = (task.EOS,)) -> list[tuple[list[int], str]]:
     """Sample one response per prompt with the model; returns ``[(response, finish_reason)]``.
 
     Args:
         prompts: ``R`` prompts (this rank's rows); ``len(prompt) + max_new_tokens <= seq_length + 1``.
-        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows.
+        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows; logits past ``V`` (TP vocabulary
+            padding of an imported model) are never sampled.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
             :func:`~megatron_rl_agg.trainer.forward.microbatch_multiple`.
         kv_cache: KV-cached decoding; False recomputes the prefix for every token. Both draw the same
             tokens from the same logits (see the module docstring). None (default): the cache, except
             under context parallelism, where Megatron's static KV cache (whole sequences per rank) does
             not apply and the prefix is recomputed, each CP rank holding its zigzag shard.
+        eos_ids: token ids that end a response (a tokenizer's EOS and ``generation_config``'s).
 
     A response ends at its first EOS (included, finish ``"stop"``) or after ``max_new_tokens`` tokens
     (finish ``"length"``). All model-parallel ranks of a pipeline see the same tokens, so they leave the
@@ -142,28 +146,38 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
     if kv_cache:
         return _generate_cached(chunks, tokens, lengths, num, noise, seq_length=seq_length,
                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                micro_batch_rows=micro_batch_rows)
+                                micro_batch_rows=micro_batch_rows, eos_ids=eos_ids)
     responses: list[list[int]] = [[] for _ in range(num)]
     done = torch.zeros(num, dtype=torch.bool)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.int64)
     for j in range(max_new_tokens):
         logits = forward.run_forward_only(chunks, tokens, micro_batch_rows, _last_position_logits,
                                           extra={"positions": lengths - 1})
         if logits is not None:   # last stage: sample on the host, where the noise lives
-            logits = sample_tokens(logits[:num].cpu(), noise[:, j], temperature)
+            logits = sample_tokens(logits[:num, : noise.shape[-1]].cpu(), noise[:, j], temperature)
         nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
         for i in torch.nonzero(~done).flatten().tolist():
             responses[i].append(int(nxt[i]))
-        done |= nxt == task.EOS
+        done |= torch.isin(nxt, eos)
         if bool(done.all()) or j == max_new_tokens - 1:
             break
         writable = lengths[:num] < seq_length
         tokens[torch.arange(num)[writable], lengths[:num][writable]] = nxt[writable]
         lengths[:num] += 1
-    return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
+    eos_set = set(eos.tolist())
+    return [(r, "stop" if r and r[-1] in eos_set else "length") for r in responses]
+
+
+def _step_prompts(spec: RolloutSpec, step: int) -> list:
+    """The step's prompts: a text prompt file's seeded epoch order (``megatron_rl_agg.hf.prompts``), or
+    the counting task's draws."""
+    if hasattr(spec.task, "step_prompts"):
+        return spec.task.step_prompts(spec.num_prompts, step)
+    return spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
 
 
 def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new_tokens, temperature,
-                     micro_batch_rows):
+                     micro_batch_rows, eos_ids):
     """The KV-cached loop of :func:`generate` (``tokens`` ``[R', S]`` right-padded, ``lengths`` ``[R']``).
 
     Pass ``k`` feeds position ``t = min_len - 1 + k`` (the prefill feeds ``0 .. min_len - 1``) and gets
@@ -188,6 +202,7 @@ def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new
         responses: list[list[int]] = [[] for _ in range(num)]
         finished = torch.zeros(num, dtype=torch.bool)
         rows = torch.arange(num)
+        eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.int64)
         while True:
             logits = forward.run_forward_only(chunk_list, step_tokens, micro_batch_rows, _cached_last_logits,
                                               inference_context=context,
@@ -197,11 +212,11 @@ def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new
             sampling = (j >= 0) & ~finished
             if logits is not None:   # last stage: sample on the host, where the noise lives
                 picked = noise[rows, j.clamp(0, max_new_tokens - 1)]
-                logits = sample_tokens(logits[:num].cpu(), picked, temperature)
+                logits = sample_tokens(logits[:num, : noise.shape[-1]].cpu(), picked, temperature)
             nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
             for i in torch.nonzero(sampling).flatten().tolist():
                 responses[i].append(int(nxt[i]))
-            finished |= sampling & ((nxt == task.EOS) | (j == max_new_tokens - 1))
+            finished |= sampling & (torch.isin(nxt, eos) | (j == max_new_tokens - 1))
             if bool(finished.all()):
                 break
             t += 1
@@ -211,7 +226,8 @@ def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new
     finally:
         for c, mode in zip(chunk_list, modes):
             c.train(mode)
-    return [(r, "stop" if r and r[-1] == task.EOS else "length") for r in responses]
+    eos_set = set(eos.tolist())
+    return [(r, "stop" if r and r[-1] in eos_set else "length") for r in responses]
 
 
 def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[int, int], *, dp_size: int,
@@ -228,7 +244,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
         ``(samples, group_ids, num_failed)``: surviving samples in global row order with their prompt
         index as group id, and how many of this rank's rows were lost.
     """
-    prompts = spec.task.sample_prompts(spec.num_prompts, step_generator(spec.seed, step, "prompts"))
+    prompts = _step_prompts(spec, step)
     lost = torch.rand(spec.num_rows, generator=step_generator(spec.seed, step, "failure")) < spec.failure_prob
     lo, hi = shard_bounds(rows[1] - rows[0], dp_size, dp_rank)
     start, end = rows[0] + lo, rows[0] + hi
@@ -236,13 +252,15 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
     n = spec.samples_per_prompt
     outputs = generate(chunks, [prompts[g // n] for g in rows], gumbel_noise(spec, step, slice(start, end)),
                        seq_length=seq_length, max_new_tokens=spec.max_new_tokens,
-                       temperature=spec.temperature, micro_batch_rows=micro_batch_rows)
+                       temperature=spec.temperature, micro_batch_rows=micro_batch_rows,
+                       eos_ids=getattr(spec.task, "eos_ids", (task.EOS,)))
+    score = getattr(spec.task, "reward", task.reward)
     samples, gids = [], []
     for g, (response, finish) in zip(rows, outputs):
         if bool(lost[g]):
             continue
         prompt = prompts[g // n]
-        samples.append(Sample(g // n, tuple(prompt), tuple(response), task.reward(prompt, response), finish,
+        samples.append(Sample(g // n, tuple(prompt), tuple(response), score(prompt, response), finish,
                               None, f"step {step} row {g}"))
         gids.append(g // n)
     return samples, gids, int(lost[start:end].sum())

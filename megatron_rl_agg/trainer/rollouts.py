@@ -8,7 +8,9 @@ ended. Offline files hold one JSON object per line::
 
 * ``prompt_id``: str or int; the rows of one prompt group are consecutive lines (a group may be partial,
   e.g. when the rollout service dropped samples), and an id may not reappear after another group.
-* ``prompt``: non-empty list of token ids; ``response``: list of token ids (may be empty).
+* ``prompt``: non-empty list of token ids; ``response``: list of token ids (may be empty). With a tokenizer
+  (``--tokenizer`` / ``--hf-checkpoint``) either may instead be text, tokenized as is (no special tokens
+  added: a prompt carries its chat template already); ``logprobs`` then count the tokenizer's tokens.
 * ``reward``: finite number; ``finish_reason``: ``"stop"`` (ended with EOS) or ``"length"`` (truncated).
 * ``logprobs`` (optional): one finite log-probability in ``[-88, 0]`` per response token, from the policy
   that sampled it (below -88 the importance ratio overflows float32). Without it the trainer recomputes
@@ -81,8 +83,13 @@ def _is_number(x) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
 
-def _token_list(obj: dict, key: str, vocab_size: Optional[int], allow_empty: bool) -> tuple[int, ...]:
+def _token_list(obj: dict, key: str, vocab_size: Optional[int], allow_empty: bool,
+                tokenize=None) -> tuple[int, ...]:
     toks = obj[key]
+    if isinstance(toks, str):
+        if tokenize is None:
+            raise ValueError(f"{key!r} is text; text rollouts need a tokenizer (--tokenizer or --hf-checkpoint)")
+        toks = list(tokenize(toks))
     if not isinstance(toks, list) or not all(_is_int(t) for t in toks):
         raise ValueError(f"{key!r} must be a list of ints, got {str(toks)[:80]}")
     if not toks and not allow_empty:
@@ -94,7 +101,7 @@ def _token_list(obj: dict, key: str, vocab_size: Optional[int], allow_empty: boo
     return tuple(toks)
 
 
-def _sample_from_obj(obj, vocab_size: Optional[int], source: str) -> Sample:
+def _sample_from_obj(obj, vocab_size: Optional[int], source: str, tokenize=None) -> Sample:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in _REQUIRED if k not in obj]
@@ -105,8 +112,8 @@ def _sample_from_obj(obj, vocab_size: Optional[int], source: str) -> Sample:
     pid = obj["prompt_id"]
     if not (isinstance(pid, str) or _is_int(pid)):
         raise ValueError(f"'prompt_id' must be a str or an int, got {pid!r}")
-    prompt = _token_list(obj, "prompt", vocab_size, allow_empty=False)
-    response = _token_list(obj, "response", vocab_size, allow_empty=True)
+    prompt = _token_list(obj, "prompt", vocab_size, allow_empty=False, tokenize=tokenize)
+    response = _token_list(obj, "response", vocab_size, allow_empty=True, tokenize=tokenize)
     if not _is_number(obj["reward"]):
         raise ValueError(f"'reward' must be a finite number, got {obj['reward']!r}")
     if obj["finish_reason"] not in FINISH_REASONS:
@@ -128,18 +135,23 @@ def _sample_from_obj(obj, vocab_size: Optional[int], source: str) -> Sample:
     return Sample(pid, prompt, response, float(obj["reward"]), obj["finish_reason"], logprobs, source)
 
 
-def parse_rollout_line(line: str, source: str, vocab_size: Optional[int] = None) -> Sample:
-    """Parse one JSONL line; ``source`` (e.g. ``"file.jsonl:12"``) prefixes every error message."""
+def parse_rollout_line(line: str, source: str, vocab_size: Optional[int] = None, tokenize=None) -> Sample:
+    """Parse one JSONL line; ``source`` (e.g. ``"file.jsonl:12"``) prefixes every error message.
+
+    ``tokenize`` (text -> token ids) turns a text ``prompt`` / ``response`` into tokens."""
     try:
-        return _sample_from_obj(json.loads(line), vocab_size, source)
+        return _sample_from_obj(json.loads(line), vocab_size, source, tokenize)
     except json.JSONDecodeError as err:
         raise RolloutFormatError(f"{source}: invalid JSON ({err.msg} at column {err.colno})") from None
     except ValueError as err:
         raise RolloutFormatError(f"{source}: {err}") from None
 
 
-def read_rollouts(path: str, vocab_size: Optional[int] = None) -> list[Sample]:
+def read_rollouts(path: str, vocab_size: Optional[int] = None, tokenize=None) -> list[Sample]:
     """All samples of a JSONL rollout file (blank lines skipped), groups checked for contiguity.
+
+    ``tokenize`` (text -> token ids, e.g. a Hugging Face tokenizer without special tokens) lets
+    ``prompt`` and ``response`` be strings.
 
     Raises:
         RolloutFormatError: a bad line (file and line number in the message), a prompt id that
@@ -149,7 +161,7 @@ def read_rollouts(path: str, vocab_size: Optional[int] = None) -> list[Sample]:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if line.strip():
-                samples.append(parse_rollout_line(line, f"{path}:{lineno}", vocab_size))
+                samples.append(parse_rollout_line(line, f"{path}:{lineno}", vocab_size, tokenize))
     if not samples:
         raise RolloutFormatError(f"{path}: no samples (the file is empty)")
     group_spans(samples)

@@ -38,8 +38,9 @@ class OfflineSource:
 
     expected_group_size: Optional[int] = None
 
-    def __init__(self, path: str, global_batch_size: int, vocab_size: int, mini_batches_per_step: int = 1):
-        self.samples = rollouts.read_rollouts(path, vocab_size=vocab_size)
+    def __init__(self, path: str, global_batch_size: int, vocab_size: int, mini_batches_per_step: int = 1,
+                 tokenize=None):
+        self.samples = rollouts.read_rollouts(path, vocab_size=vocab_size, tokenize=tokenize)
         with_lp = {s.logprobs is not None for s in self.samples}
         if len(with_lp) > 1:
             first = next(s for s in self.samples if s.logprobs is None)

@@ -86,6 +86,10 @@ class Trainer:
 def _model_spec(args):
     from megatron_rl_agg.model import GPTSpec
 
+    if args.hf_checkpoint:
+        from megatron_rl_agg.hf.trainer_glue import hf_model_spec
+
+        return hf_model_spec(args)
     return GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
                    num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
                    max_seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size, bf16=args.bf16,
@@ -105,15 +109,16 @@ def _layer_spec(args, spec):
         # Megatron's local attention has no THD path; the packing module's spec adds one.
         from megatron_rl_agg.packing import packed_local_layer_spec
 
-        return packed_local_layer_spec(normalization=spec.normalization)
+        return packed_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local" and args.context_parallel_size > 1:
         # Megatron's local DotProductAttention refuses CP; the plugin's CP attention is its drop-in.
         from megatron_rl_agg.cp_attention import cp_local_layer_spec
 
-        return cp_local_layer_spec(normalization=spec.normalization)
+        return cp_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=spec.num_experts,
-                                                        normalization=spec.normalization)
+                                                        normalization=spec.normalization,
+                                                        qk_layernorm=spec.qk_layernorm)
     if args.transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
@@ -121,7 +126,8 @@ def _layer_spec(args, spec):
             raise TrainerArgsError(
                 f"--transformer-impl transformer_engine: {err}; use local or auto") from None
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-        num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None)
+        num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None,
+        qk_layernorm=spec.qk_layernorm)
 
 
 def _te_available() -> bool:
@@ -145,7 +151,12 @@ def _build_policy(args, spec):
                                                average_in_collective=args.ddp_average_in_collective)
     chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config,
                          calculate_per_token_loss=args.calculate_per_token_loss)
-    init_weights(chunks, seed=args.seed)            # layout-independent: a function of (seed, key) only
+    if args.hf_checkpoint:                          # each rank reads only the slices it holds
+        from megatron_rl_agg.hf.trainer_glue import load_hf_policy
+
+        load_hf_policy(chunks, args)
+    else:
+        init_weights(chunks, seed=args.seed)        # layout-independent: a function of (seed, key) only
     optimizer = build_optimizer(
         chunks, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -159,20 +170,37 @@ def _build_reference(args, spec) -> Optional[list]:
         return None
     if args.ref_load:
         checkpoint.check_model(args.ref_load, checkpoint.resolve_step(args.ref_load)[0], _model_sizes(args))
-    return reference.build_reference(spec, _layer_spec(args, spec), seed=args.seed, ref_load=args.ref_load)
+    init_fn = None
+    if args.hf_checkpoint:
+        from megatron_rl_agg.hf.trainer_glue import load_hf_policy
+
+        def init_fn(ref):
+            load_hf_policy(ref, args)
+    return reference.build_reference(spec, _layer_spec(args, spec), seed=args.seed, ref_load=args.ref_load,
+                                     init_fn=init_fn)
 
 
 def _build_source(args):
     if args.rollouts:
+        tokenize = None
+        if args.tokenizer or args.hf_checkpoint:   # text prompts / responses in the file
+            from megatron_rl_agg.hf.trainer_glue import text_tokenizer
+
+            tokenize = text_tokenizer(args)
         source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
-                               args.mini_batches_per_step)
+                               args.mini_batches_per_step, tokenize=tokenize)
         from megatron_rl_agg.trainer.validation import check_rollout_rows
 
         check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
         return source
-    counting = task.CountingTask(min_count=args.task_min_count, max_count=args.task_max_count,
-                                 max_distractors=args.task_max_distractors)
-    counting.check_vocab(args.vocab_size)
+    if args.prompt_data:
+        from megatron_rl_agg.hf.trainer_glue import text_task
+
+        counting = text_task(args)          # prompts checked against --seq-length and the vocabulary
+    else:
+        counting = task.CountingTask(min_count=args.task_min_count, max_count=args.task_max_count,
+                                     max_distractors=args.task_max_distractors)
+        counting.check_vocab(args.vocab_size)
     if counting.max_prompt_length + args.max_new_tokens > args.seq_length + 1:
         raise TrainerArgsError(
             f"--seq-length {args.seq_length} is too short: prompts of up to {counting.max_prompt_length} "
@@ -295,6 +323,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     from megatron.core import parallel_state
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    failures_before = _reward_failures(tr)
     step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
     rows = rows.to(megatron_compat.device())
@@ -302,7 +331,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
         rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
         expected_group_size=tr.source.expected_group_size)
     rows = replace(rows, loss_mask=rows.loss_mask * keep_row.unsqueeze(1).to(rows.loss_mask.dtype))
-    stats.update(_row_sums(step_rows, tr.dp_group))
+    stats.update(_row_sums(step_rows, tr.dp_group, _reward_failures(tr) - failures_before))
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
@@ -312,13 +341,22 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     return batch, stats
 
 
-def _row_sums(step_rows, dp_group) -> dict:
-    """Reward and response-length sums and lost samples over the rows on all DP ranks (one all-reduce)."""
+def _reward_failures(tr: Trainer) -> int:
+    """Samples whose text reward raised so far on this rank (scored 0; see ``megatron_rl_agg.hf.rewards``)."""
+    scorer = getattr(getattr(getattr(tr.source, "spec", None), "task", None), "scorer", None)
+    return scorer.num_failures if scorer is not None else 0
+
+
+def _row_sums(step_rows, dp_group, reward_failures: int = 0) -> dict:
+    """Reward and response-length sums, lost samples and reward failures over the rows on all DP ranks (one
+    all-reduce)."""
     samples = step_rows.samples
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
-                          float(step_rows.num_failed)], dtype=torch.float64, device=megatron_compat.device())
-    reward_sum, length_sum, num_failed = dist.all_reduce_sum(local, dp_group).tolist()
-    return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed)}
+                          float(step_rows.num_failed), float(reward_failures)], dtype=torch.float64,
+                         device=megatron_compat.device())
+    reward_sum, length_sum, num_failed, failures = dist.all_reduce_sum(local, dp_group).tolist()
+    return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed),
+            "num_reward_failures": int(failures)}
 
 
 def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
@@ -339,7 +377,7 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
 
 
 _SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_truncated", "num_rows",
-           "num_stat_rows", "num_failed_samples", "num_tokens", "num_skipped_updates")
+           "num_stat_rows", "num_failed_samples", "num_reward_failures", "num_tokens", "num_skipped_updates")
 
 
 def _combine(parts: list[dict]) -> dict:
@@ -476,6 +514,12 @@ def _save(tr: Trainer, step: int) -> None:
                                world_size=tr.world_size)
 
 
+def _save_hf(tr: Trainer) -> None:
+    from megatron_rl_agg.hf.trainer_glue import save_hf
+
+    save_hf(tr.chunks, tr.args)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Train from ``args`` (see :mod:`.arguments`); returns every step's metrics (on every rank).
 
@@ -513,12 +557,17 @@ def run(args: argparse.Namespace) -> list[dict]:
                 on_signal = stopping and args.save_on_interrupt
                 if args.save and (step == args.train_iters or periodic or on_signal):
                     _save(tr, step)
+                if args.save_hf and periodic and step != args.train_iters and not stopping:
+                    _save_hf(tr)
                 if stopping:
                     if tr.rank == 0:
                         saved = f", saved to {args.save}" if args.save and args.save_on_interrupt else ""
                         print(f"[megatron_rl_agg] stopped by a signal after step {step}{saved}; resume with "
                               f"--load {args.save or '<dir>'}", flush=True)
                     break
+            else:
+                if args.save_hf:         # after the last step (or, with --train-iters 0, the conversion)
+                    _save_hf(tr)
     except RuntimeError as err:
         if safety.is_timeout(err) and not isinstance(err, safety.NonFiniteError):
             raise safety.describe_timeout(err, args.distributed_timeout_minutes) from err

@@ -1,0 +1,12 @@
+"""Hugging Face glue: checkpoints in and out at any TP / PP / VPP layout, tokenizers, text prompts, rewards.
+
+Needs the ``hf`` extra (``pip install megatron_rl_agg[hf]``: transformers, safetensors, tokenizers,
+math-verify, pyarrow); the core package imports without it. Modules:
+
+* :mod:`.config`: ``config.json`` (v4 and v5 rope layouts) -> architecture, with refusals;
+* :mod:`.mapping`: per-tensor name / layout mapping (query-group QKV, ``fc1 = [gate; up]``);
+* :mod:`.load`: lazy per-rank safetensors reads into GPTModel chunks;
+* :mod:`.export`: chunks -> safetensors + config + tokenizer files, atomically.
+
+See ``docs/models.md``.
+"""
