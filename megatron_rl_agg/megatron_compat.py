@@ -292,7 +292,11 @@ def _redirect_moe_router_gemm() -> None:
 
 class _CpuStream:
     """Stand-in for ``torch.cuda.Stream`` on the CPU: kernels run in order on the host, so waiting
-    on a stream or an event has nothing to wait for."""
+    on a stream or an event has nothing to wait for. A class, not a factory function: other libraries
+    use ``torch.cuda.Stream`` in annotations (``torch.cuda.Stream | None``) and ``isinstance`` checks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
     def wait_stream(self, stream) -> None:
         pass
@@ -326,7 +330,7 @@ def _redirect_cuda_streams() -> None:
             return contextlib.nullcontext()
         return original_stream_context(stream)
 
-    torch.cuda.Stream = lambda *args, **kwargs: _CpuStream()
+    torch.cuda.Stream = _CpuStream
     torch.cuda.stream = stream_context
 
 
