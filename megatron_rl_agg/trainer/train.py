@@ -104,7 +104,10 @@ def _layer_spec(args, spec):
 
     impl = args.transformer_impl
     if impl == "auto":
-        impl = "transformer_engine" if _te_available() else "local"
+        # Transformer Engine's spec on CUDA when TE imports (the model module's own test of it).
+        from megatron_rl_agg.model import _use_transformer_engine
+
+        impl = "transformer_engine" if _use_transformer_engine() else "local"
     if args.sequence_packing and impl == "local":
         # Megatron's local attention has no THD path; the packing module's spec adds one.
         from megatron_rl_agg.packing import packed_local_layer_spec
@@ -128,17 +131,6 @@ def _layer_spec(args, spec):
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None,
         qk_layernorm=spec.qk_layernorm)
-
-
-def _te_available() -> bool:
-    """Transformer Engine's spec is used (``--transformer-impl auto``) on CUDA when TE imports."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _build_policy(args, spec):
