@@ -38,6 +38,9 @@ __all__ = [
     "destroy_distributed",
     "quiet_warnings",
     "transformer_config_defaults",
+    "spec_module",
+    "spec_submodules",
+    "moe_metric_per_layer",
 ]
 
 _CPU_MODE = False
@@ -504,6 +507,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     if vpp is not None and (vpp < 2 or pp < 2):
         raise ValueError(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=None otherwise")
     destroy_model_parallel()
+    global _GROUPS_BEFORE_LAYOUT
+    _GROUPS_BEFORE_LAYOUT = set(_registered_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -516,12 +521,48 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     mp_random.model_parallel_cuda_manual_seed(seed)
 
 
+# The process groups that existed when initialize_model_parallel last ran (None: it has not run, or its
+# layout was torn down since).
+_GROUPS_BEFORE_LAYOUT: "set | None" = None
+
+
+def _registered_groups() -> list:
+    """Every process group torch.distributed holds, the default one included (none before init)."""
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return []
+    return list(torch_dist.distributed_c10d._world.pg_map)
+
+
 def destroy_model_parallel() -> None:
-    """Tear down Megatron's model-parallel groups (safe to call when none exist)."""
+    """Tear down Megatron's model-parallel groups (safe to call when none exist).
+
+    Megatron's MoE metrics tracker is reset too (:func:`moe_metric_per_layer`): it keeps a per-layer
+    tensor sized by the first model that recorded into it, and the groups of that layout.
+
+    Megatron's ``parallel_state.destroy_model_parallel`` only drops its references to most groups (it
+    destroys the ``*_GLOO`` ones): torch.distributed keeps the rest registered, each with its gloo / NCCL
+    threads and connections. A process that runs layout after layout (the trainer's ``run`` is
+    re-entrant; the tests run dozens per launch) would keep them all: measured with megatron-core 0.19.2,
+    ~60 threads and ~90 file descriptors more per trainer run, and collectives that slow down as they pile
+    up (a 2-process launch of 55 runs took 10 min instead of 1). So every group registered since
+    :func:`initialize_model_parallel` set this layout up (Megatron's, and any the model, DDP or the
+    trainer created for it) is destroyed too; the default group and groups that existed before stay.
+    """
+    global _GROUPS_BEFORE_LAYOUT
+    import torch.distributed as torch_dist
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _reset_moe_metrics()
+    before, _GROUPS_BEFORE_LAYOUT = _GROUPS_BEFORE_LAYOUT, None
+    if before is None:
+        return
+    for group in _registered_groups():
+        if group not in before and group is not torch_dist.GroupMember.WORLD:
+            torch_dist.destroy_process_group(group)
 
 
 def transformer_config_defaults() -> dict:
@@ -536,3 +577,70 @@ def transformer_config_defaults() -> dict:
 
     names = {field.name for field in dataclasses.fields(TransformerConfig)}
     return {"cuda_graph_modules": []} if "cuda_graph_modules" in names else {}
+
+
+def spec_module(spec):
+    """The class a layer-spec entry builds, or None for an entry that is not a spec.
+
+    megatron-core <= 0.18 writes every entry as a ``ModuleSpec(module=..., submodules=...)``; 0.19
+    writes the MLP / MoE / expert entries as ``functools.partial(cls, submodules=...)`` builders. A
+    plain class (``WrappedTorchNorm``) is its own module.
+    """
+    if isinstance(spec, functools.partial):
+        return spec.func
+    if isinstance(spec, type):
+        return spec
+    return getattr(spec, "module", None)
+
+
+def spec_submodules(spec):
+    """The ``submodules`` of a layer-spec entry in either form (see :func:`spec_module`), or None."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords.get("submodules")
+    return getattr(spec, "submodules", None)
+
+
+def moe_metric_per_layer(name: str = "load_balancing_loss") -> "torch.Tensor | None":
+    """One MoE metric Megatron's routers recorded since the last call, per layer (``[num_layers]``,
+    summed over micro-batches), reduced across ranks as Megatron reduces it (sum over PP stages and the
+    router's reduce group, average over DP); the tracker is then zeroed for the next step. None if no
+    layer recorded ``name``. Collective: every rank must call it.
+
+    megatron-core 0.17 and later keep the tracker in ``moe_logging.MoEMetricsTracker`` (the old
+    ``moe_utils`` functions are deprecated wrappers that warn); 0.16 in a module dict of ``moe_utils``.
+    The reduction of 0.19 is ``MoEMetricsTracker._sync_metrics``, which its deprecation notice names as
+    the replacement of ``reduce_aux_losses_tracker_across_ranks``.
+    """
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if name not in tracker:
+            return None
+        moe_utils.reduce_aux_losses_tracker_across_ranks([name])
+        values = tracker[name]["values"].clone()
+        moe_utils.clear_aux_losses_tracker()
+        return values
+    tracker = get_moe_metrics_tracker()
+    if name not in tracker.metrics:
+        return None
+    tracker._sync_metrics([name])
+    values = tracker.metrics[name].values.clone()
+    tracker.clear()
+    return values
+
+
+def _reset_moe_metrics() -> None:
+    """Forget every MoE metric entry (its per-layer size and groups), as at process start."""
+    if "megatron.core.transformer.moe" not in sys.modules:
+        return                                  # no MoE module imported: nothing recorded
+    try:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()      # the module's dict itself (0.16)
+        return
+    destroy_moe_metrics_tracker()

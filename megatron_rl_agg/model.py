@@ -541,12 +541,14 @@ def _grouped_experts(layer_spec) -> bool:
     """
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
-    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    from .megatron_compat import spec_module, spec_submodules
+
+    mlp = getattr(spec_submodules(layer_spec), "mlp", None)
+    experts = getattr(spec_submodules(mlp), "experts", None)
     if experts is None:
         raise ValueError("GPTSpec.num_experts is set but the layer spec has no MoE experts; build it with "
                          "get_gpt_layer_*_spec(num_experts=...) or use default_layer_spec(spec)")
-    return getattr(experts, "module", experts) is not SequentialMLP
+    return spec_module(experts) is not SequentialMLP
 
 
 def unwrap(chunk):

@@ -440,21 +440,16 @@ def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
     MoE layers and micro-batches (and, by Megatron's tracker reduction, over PP stages and DP ranks).
 
     The router adds each micro-batch's per-layer loss to Megatron's tracker; the reduction is Megatron's
-    ``reduce_aux_losses_tracker_across_ranks`` (all-reduce over PP, then average over DP: collectives on
-    every rank), after which the tracker is cleared for the next update. None for a dense model.
+    (all-reduce over PP, then average over DP: collectives on every rank, ``megatron_compat.
+    moe_metric_per_layer``), after which the tracker is cleared for the next update. None for a dense
+    model.
     """
     if tr.args.num_experts is None or tr.args.moe_aux_loss_coeff == 0:
         return None
-    from megatron.core.transformer.moe import moe_utils
-
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    if "load_balancing_loss" not in tracker:
+    values = megatron_compat.moe_metric_per_layer("load_balancing_loss")
+    if values is None:
         raise RuntimeError("no MoE load-balancing loss was tracked in this update (expected one per layer)")
-    moe_utils.reduce_aux_losses_tracker_across_ranks()
-    values = tracker["load_balancing_loss"]["values"]
-    aux = float(values.sum()) / (values.numel() * num_microbatches)
-    moe_utils.clear_aux_losses_tracker()
-    return aux
+    return float(values.sum()) / (values.numel() * num_microbatches)
 
 
 def _loss_metrics(tr: Trainer, reports: list) -> dict:

@@ -7,6 +7,7 @@ transformers leave the rotary ``inv_freq`` buffer uninitialized (garbage values,
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -46,8 +47,12 @@ if mode == "cpu_mode":
 
 def _run(model_dir, out, mode):
     repo = str(HERE.parents[1])
+    # The caller's PYTHONPATH is kept behind the repository: the compatibility run puts its unpacked
+    # megatron-core there (scripts/test_compat.sh).
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "NO_VCS_VERSION": "1"}
     subprocess.run([sys.executable, "-c", SCRIPT, str(model_dir), str(out), mode], check=True, cwd=repo,
-                   env={"PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+                   env=env, timeout=300)
     return torch.load(out)
 
 

@@ -81,16 +81,10 @@ def batch_for(config: str) -> dict:
 def aux_loss_total() -> float:
     """Sum over layers of the load-balancing losses Megatron tracked in this step (unscaled by the
     coefficient, summed over micro-batches and over the tracker's reduce group), then cleared."""
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
-
-    tracker = get_moe_layer_wise_logging_tracker()
-    if "load_balancing_loss" not in tracker:
-        return float("nan")
-    reduce_aux_losses_tracker_across_ranks()
-    total = float(tracker["load_balancing_loss"]["values"].sum())
-    clear_aux_losses_tracker()
-    return total
+    values = megatron_compat.moe_metric_per_layer("load_balancing_loss")
+    if values is None:
+        raise RuntimeError("no MoE load-balancing loss was tracked in this step (expected one per layer)")
+    return float(values.sum())
 
 
 def run_config(chunks, batch, cfg, mbs, flag=False):
@@ -209,14 +203,19 @@ def run_aux_parts(out_dir: str) -> None:
     megatron_compat.destroy_model_parallel()
 
 
-def main(argv):
+def run(argv):
+    """``argv = [out_dir, *items]`` in a process group that is up (``tests/worker_jobs.py``)."""
     out_dir, items = argv[0], argv[1:]
-    megatron_compat.initialize_distributed()
     for item in items:
         start = time.perf_counter()
         run_aux_parts(out_dir) if item == "aux-parts" else run_item(out_dir, item)
         if torch_dist.get_rank() == 0:
             print(f"{item}: {time.perf_counter() - start:.2f} s", flush=True)
+
+
+def main(argv):
+    megatron_compat.initialize_distributed()
+    run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 
