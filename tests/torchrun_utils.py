@@ -8,6 +8,7 @@ model-parallel state in between, and save one result file per layout with :func:
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -19,7 +20,9 @@ import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-__all__ = ["REPO_ROOT", "run_torchrun", "result_path", "save_result", "load_result", "max_rel_diff"]
+JOBS_WORKER = pathlib.Path(__file__).with_name("worker_jobs.py")
+
+__all__ = ["REPO_ROOT", "run_torchrun", "run_jobs", "result_path", "save_result", "load_result", "max_rel_diff"]
 
 
 def run_torchrun(script, nproc: int, args=(), *, timeout: float = 300, env=None) -> str:
@@ -58,6 +61,16 @@ def run_torchrun(script, nproc: int, args=(), *, timeout: float = 300, env=None)
             f"--- stdout tail ---\n{stdout[-2000:]}\n--- stderr tail ---\n{stderr[-6000:]}"
         )
     return stdout
+
+
+def run_jobs(nproc: int, jobs, jobs_file, *, timeout: float) -> str:
+    """Run ``jobs`` (``[(worker script, argv)]``, each script defining ``run(argv)``) in ONE torchrun
+    launch of ``nproc`` processes (``tests/worker_jobs.py``); ``jobs_file`` is where the job list is
+    written. Returns the combined stdout; raises as :func:`run_torchrun`."""
+    jobs_file = pathlib.Path(jobs_file)
+    jobs_file.write_text(json.dumps([{"script": str(script), "argv": [str(a) for a in argv]}
+                                     for script, argv in jobs]))
+    return run_torchrun(JOBS_WORKER, nproc, [jobs_file], timeout=timeout)
 
 
 def result_path(directory, name: str) -> pathlib.Path:

@@ -1,5 +1,5 @@
-"""Hugging Face Llama / Qwen2 / Qwen3 checkpoints imported at TP1, TP2, PP2 and PP2 x VPP2 (one 2-process
-torchrun launch) give transformers' fp32 logits to 1e-5; the export from every layout is bit-exact and
+"""Hugging Face Llama / Qwen2 / Qwen3 checkpoints imported at TP1, TP2, PP2 and PP2 x VPP2 (one job of the
+session's 2-process launch) give transformers' fp32 logits to 1e-5; the export from every layout is bit-exact and
 transformers loads it with the same logits; deliberately wrong mappings fail the same comparison."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from hf_models import EXTRA_FAMILIES, FAMILIES, VOCAB, hf_logits, save_hf_model  # noqa: E402
-from torchrun_utils import run_torchrun  # noqa: E402
 
 LAYOUTS = ("tp1", "tp2", "pp2", "pp2,vpp2")
 TOL = 1e-5
@@ -33,15 +32,23 @@ def _tensors(model_dir: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def layout_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_layouts")
-    tokens = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+def _tokens():
+    return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def worker_jobs(root):
+    """The Hugging Face models and their logits, then one job of the session's shared 2-process launch
+    (``tests/conftest.py``)."""
+    tokens = _tokens()
     for family in FAMILIES + EXTRA_FAMILIES:
         model = save_hf_model(family, str(root / family))
         torch.save({"tokens": tokens, "logits": hf_logits(model, tokens)}, root / f"{family}.pt")
-    run_torchrun(HERE / "worker_hf_layouts.py", 2, [root], timeout=900)
-    return root, tokens
+    return [(2, HERE / "worker_hf_layouts.py", [root], 900)]
+
+
+@pytest.fixture(scope="module")
+def layout_run(shared_jobs):
+    return shared_jobs, _tokens()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The trainer on Hugging Face models (one 2-process torchrun launch of five runs):
+"""The trainer on Hugging Face models (five runs, one job of the session's 2-process launch):
 
 * offline rollouts whose behaviour log-probs come from transformers give a step-1 ratio of 1 at TP2 and PP2
   (``ppo_kl`` ~ 0, nothing clipped with a clip band of 1e-3), with token ids or with text the trainer
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "trainer"))
 sys.path.insert(0, str(HERE))
 
 from hf_models import prompt_texts, save_trainer_model, train_tokenizer  # noqa: E402
-from trainer_helpers import torchrun  # noqa: E402
+from trainer_helpers import trainer_job, trainer_results  # noqa: E402
 
 from megatron_rl_agg.hf.prompts import load_tokenizer  # noqa: E402
 
@@ -57,8 +57,13 @@ def _offline_rollouts(model, path: pathlib.Path, tokenizer=None) -> None:
 
 
 @pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_trainer")
+def trainer_run(shared_jobs):
+    return shared_jobs, trainer_results(shared_jobs, 2)
+
+
+def worker_jobs(root):
+    """The tokenizer, model and rollout files, then the runs as one job of the session's shared 2-process
+    launch (``tests/conftest.py``)."""
     model_dir = root / "model"
     train_tokenizer(str(model_dir), prompt_texts(str(PROMPTS)))
     model = save_trainer_model(str(model_dir), vocab_size=VOCAB)
@@ -80,7 +85,7 @@ def trainer_run(tmp_path_factory):
             {"name": "online_dp2", "argv": [*online, "--save-hf", str(root / "hf_dp2"), "--save", str(root / "ckpt")]},
             {"name": "online_tp2", "argv": [*online, "--tensor-model-parallel-size", "2",
                                             "--save-hf", str(root / "hf_tp2")]}]
-    return root, torchrun(plan, 2, root, timeout=900)
+    return [trainer_job(plan, 2, root, 900)]
 
 
 @pytest.mark.slow

@@ -42,8 +42,12 @@ def _logit_diff(chunks, tokens, ref):
     return (out[..., : ref.shape[-1]] - ref).abs().max().item()
 
 
-def main(root: str) -> None:
-    rank, _ = megatron_compat.initialize_distributed()
+def run(argv: list[str]) -> None:
+    """``argv = [root]`` in a process group that is up (``tests/worker_jobs.py``)."""
+    import torch.distributed as torch_dist
+
+    root = argv[0]
+    rank = torch_dist.get_rank()
     for family in FAMILIES:
         data = torch.load(os.path.join(root, f"{family}.pt"))
         tokens, ref = data["tokens"], data["logits"]
@@ -72,9 +76,14 @@ def main(root: str) -> None:
             if result["diff"] is not None and forward_owner(rank):
                 torch.save(result, os.path.join(root, f"result-{family}-{text}.pt"))
             megatron_compat.destroy_model_parallel()
-    import torch.distributed as torch_dist
 
-    torch_dist.destroy_process_group()
+
+def main(root: str) -> None:
+    megatron_compat.initialize_distributed()
+    try:
+        run([root])
+    finally:
+        megatron_compat.destroy_distributed()
 
 
 def forward_owner(rank: int) -> bool:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 
 from megatron_rl_agg.model import Layout, parse_layout  # noqa: E402
 
@@ -75,11 +75,15 @@ def test_max_rel_diff_is_relative_to_each_tensor_scale():
         max_rel_diff({"z": torch.ones(2)}, {"z": torch.zeros(2)})
 
 
+def worker_jobs(directory):
+    """This module's share of the session's shared launches (``tests/conftest.py``)."""
+    return [(1, WORKER, [directory / "n1", *SINGLE], 300), (2, WORKER, [directory / "n2", *TWO], 300),
+            (4, WORKER, [directory / "n4", *FOUR], 400)]
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layout_grads_1")
-    run_torchrun(WORKER, 1, [out, *SINGLE], timeout=300)
-    return _load(out, SINGLE)
+def single(shared_jobs):
+    return _load(shared_jobs / "n1", SINGLE)
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +125,10 @@ def test_microbatch_mean_negative_control(single, reference):
 
 
 @pytest.mark.slow
-def test_two_process_layouts(reference, tmp_path):
-    run_torchrun(WORKER, 2, [tmp_path, *TWO], timeout=300)
-    _assert_matches_reference(_load(tmp_path, TWO), reference)
+def test_two_process_layouts(reference, shared_jobs):
+    _assert_matches_reference(_load(shared_jobs / "n2", TWO), reference)
 
 
 @pytest.mark.slow
-def test_four_process_layouts(reference, tmp_path):
-    run_torchrun(WORKER, 4, [tmp_path, *FOUR], timeout=400)
-    _assert_matches_reference(_load(tmp_path, FOUR), reference)
+def test_four_process_layouts(reference, shared_jobs):
+    _assert_matches_reference(_load(shared_jobs / "n4", FOUR), reference)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import sys
-import time
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +36,16 @@ REF_LAYOUT = "dp1,m1"
 NPROCS = (1, 2, 4)
 
 
+def worker_jobs(directory):
+    """This module's share of the session's shared launches (``tests/conftest.py``): the worker
+    runs the layouts of the launch's world size."""
+    return [(nproc, WORKER_PATH, [directory / f"n{nproc}"], 400) for nproc in NPROCS]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Both launches; ``{nproc: (out_dir, wall seconds)}``."""
-    out = {}
-    for nproc in NPROCS:
-        directory = tmp_path_factory.mktemp(f"loss_invariance_{nproc}")
-        start = time.perf_counter()
-        stdout = run_torchrun(WORKER_PATH, nproc, [directory], timeout=400)
-        out[nproc] = (directory, time.perf_counter() - start)
-        print(f"\nworker_loss_invariance nproc={nproc}: {out[nproc][1]:.1f} s wall\n{stdout}")
-    return out
+def runs(shared_jobs):
+    """``{nproc: (out_dir,)}``."""
+    return {nproc: (shared_jobs / f"n{nproc}",) for nproc in NPROCS}
 
 
 def layouts(tag="pg"):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import worker_contract as worker  # noqa: E402
-from torchrun_utils import load_result, run_torchrun  # noqa: E402
+from torchrun_utils import load_result  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("worker_contract.py")
 
@@ -88,17 +88,23 @@ def test_contract_one_process(world_of_one, length, per_token):
     )
 
 
+LAYOUTS = ["dp2", "cp2"]
+
+
+def worker_jobs(directory):
+    """This module's share of the session's shared launches (``tests/conftest.py``)."""
+    return [(2, WORKER, [directory, *LAYOUTS], 300)]
+
+
 @pytest.mark.slow
-def test_contract_dp2_cp2(tmp_path):
+def test_contract_dp2_cp2(shared_jobs):
     import megatron.core
 
-    layouts = ["dp2", "cp2"]
-    run_torchrun(WORKER, 2, [tmp_path, *layouts], timeout=300)
-    for layout in layouts:
+    for layout in LAYOUTS:
         dp, cp = worker.parse(layout)
         for length, per_token in worker.CASES:
             name = worker.case_name(length, per_token)
-            result = load_result(tmp_path, f"{layout}-{name}")
+            result = load_result(shared_jobs, f"{layout}-{name}")
             # The workers import the megatron-core this process imports (scripts/test_compat.sh puts an
             # unpacked release on PYTHONPATH; run_torchrun must keep it).
             assert result["megatron_core"] == megatron.core.__version__
@@ -110,5 +116,5 @@ def test_contract_dp2_cp2(tmp_path):
             )
         # The C factor is not a D factor: at equal world size the 2-tuple gradients differ by exactly
         # the ratio the formulas predict, so a schedule that scaled by D instead of C fails above.
-    dp2, cp2 = (load_result(tmp_path, f"{lay}-2tuple-default")["grad"].double() for lay in layouts)
+    dp2, cp2 = (load_result(shared_jobs, f"{lay}-2tuple-default")["grad"].double() for lay in LAYOUTS)
     assert torch.allclose(cp2, 2 * dp2, rtol=1e-6), (dp2.tolist(), cp2.tolist())

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from torchrun_utils import load_result, max_rel_diff, run_torchrun  # noqa: E402
+from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +41,19 @@ def _load(directory, items):
     return {item: load_result(directory, f"{index:02d}-{item}") for index, item in enumerate(items)}
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packing_1")
-    run_torchrun(WORKER, 1, [out, *SINGLE], timeout=300)
-    return _load(out, SINGLE)
+def worker_jobs(directory):
+    """This module's share of the session's shared launches (``tests/conftest.py``)."""
+    return [(1, WORKER, [directory / "n1", *SINGLE], 300), (2, WORKER, [directory / "n2", *TWO], 300)]
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packing_2")
-    run_torchrun(WORKER, 2, [out, *TWO], timeout=300)
-    return _load(out, TWO)
+def single(shared_jobs):
+    return _load(shared_jobs / "n1", SINGLE)
+
+
+@pytest.fixture(scope="module")
+def two(shared_jobs):
+    return _load(shared_jobs / "n2", TWO)
 
 
 def _norm_rel(got: dict, ref: dict) -> tuple[float, str]:

@@ -123,11 +123,12 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
         megatron_compat.destroy_model_parallel()
 
 
-def main(out_dir: str, layouts: list[str]) -> None:
+def run(argv: list[str]) -> None:
+    """``argv = [out_dir, *layouts]`` in a process group that is up (``tests/worker_jobs.py``)."""
     import megatron.core
     import torch.distributed as torch_dist
 
-    megatron_compat.initialize_distributed()
+    out_dir, layouts = argv[0], argv[1:]
     for text in layouts:
         dp, cp = parse(text)
         if dp * cp != torch_dist.get_world_size():
@@ -137,6 +138,13 @@ def main(out_dir: str, layouts: list[str]) -> None:
             if torch_dist.get_rank() == 0:
                 save_result(out_dir, f"{text}-{case_name(length, per_token)}",
                             {"grad": grad, "dp": dp, "cp": cp, "megatron_core": megatron.core.__version__})
+
+
+def main(out_dir: str, layouts: list[str]) -> None:
+    import torch.distributed as torch_dist
+
+    megatron_compat.initialize_distributed()
+    run([out_dir, *layouts])
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 

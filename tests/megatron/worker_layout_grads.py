@@ -207,14 +207,19 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     return f"{item}: loss {loss:.6f} grad_norm {float(grad_norm):.6f}"
 
 
-def main(argv):
+def run(argv):
+    """``argv = [out_dir, *items]`` in a process group that is up (``tests/worker_jobs.py``)."""
     out_dir, items = argv[0], argv[1:]
-    megatron_compat.initialize_distributed()
     for index, item in enumerate(items):
         start = time.perf_counter()
         line = run_item(item, index, out_dir)
         if torch_dist.get_rank() == 0:
             print(f"{line} ({time.perf_counter() - start:.2f} s)", flush=True)
+
+
+def main(argv):
+    megatron_compat.initialize_distributed()
+    run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 

@@ -301,8 +301,10 @@ def tp2_fused_check(out_dir):
         save_result(out_dir, "tp2_fused", {"per_rank": gathered})
 
 
-def main(out_dir):
-    megatron_compat.initialize_distributed()
+def run(argv):
+    """``argv = [out_dir]``: this world size's layouts, in a process group that is up
+    (``tests/worker_jobs.py``)."""
+    out_dir = argv[0]
     world = torch_dist.get_world_size()
     start = time.perf_counter()
     batch = make_batch(ROW_TOKENS)
@@ -318,6 +320,11 @@ def main(out_dir):
     torch_dist.barrier()
     if torch_dist.get_rank() == 0:
         print(f"total {time.perf_counter() - start:.2f} s", flush=True)
+
+
+def main(out_dir):
+    megatron_compat.initialize_distributed()
+    run([out_dir])
     torch_dist.destroy_process_group()
 
 

@@ -185,14 +185,19 @@ def run_item(item: str, index: int, out_dir: str) -> str:
            f"packed {result[mode]['terms_packed']['loss/sum']:.8f}" if owner else ""
 
 
-def main(argv):
+def run(argv):
+    """``argv = [out_dir, *items]`` in a process group that is up (``tests/worker_jobs.py``)."""
     out_dir, items = argv[0], argv[1:]
-    megatron_compat.initialize_distributed()
     for index, item in enumerate(items):
         start = time.perf_counter()
         line = run_item(item, index, out_dir)
         if line:
             print(f"{line} ({time.perf_counter() - start:.2f} s)", flush=True)
+
+
+def main(argv):
+    megatron_compat.initialize_distributed()
+    run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 

@@ -1,13 +1,13 @@
 """KV-cached on-policy generation (Megatron-Core's StaticInferenceContext) against the recompute path:
 the same tokens for the same noise, from logits within 1e-5, at TP1 (DP2), TP2, PP2 and PP2 x VPP2, all
-in ONE 2-process torchrun launch (``worker_generation.py``)."""
+in one job (``worker_generation.py``) of the session's 2-process launch."""
 
 import pathlib
 
 import pytest
 import torch
 
-from tests.torchrun_utils import load_result, run_torchrun
+from tests.torchrun_utils import load_result
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +15,14 @@ WORKER = pathlib.Path(__file__).with_name("worker_generation.py")
 LAYOUTS = ("tp1", "tp2", "pp2", "pp2vpp2")
 
 
+def worker_jobs(directory):
+    """One job of the session's shared 2-process launch (``tests/conftest.py``)."""
+    return [(2, WORKER, [directory], 600)]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("generation")
-    run_torchrun(WORKER, 2, [out], timeout=600)
-    return {name: load_result(out, name) for name in LAYOUTS}
+def results(shared_jobs):
+    return {name: load_result(shared_jobs, name) for name in LAYOUTS}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,4 +1,4 @@
-"""Save / resume with dist_checkpointing on real Megatron-Core (one 2-process torchrun launch).
+"""Save / resume with dist_checkpointing on real Megatron-Core (one job of the session's 2-process launch).
 
 * Resume: 4 uninterrupted on-policy steps vs 2 steps, save, resume for steps 3-4 (partial groups from
   lost samples, a KL term to the frozen reference): the resumed steps' metrics are the same numbers.
@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from trainer_helpers import MODEL_ARGS, torchrun, write_rollouts
+from trainer_helpers import MODEL_ARGS, trainer_job, trainer_results, write_rollouts
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +40,9 @@ EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allt
 SKIP = {"step_time_s"}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
+def worker_jobs(tmp):
+    """The runs, in order (resumes follow their saves), as one job of the session's shared launches
+    (``tests/conftest.py``)."""
     write_rollouts(tmp / "lp.jsonl", [4, 3, 4, 1, 2, 2], seed=11, with_logprobs=True)
     offline = [*MODEL_ARGS, "--rollouts", str(tmp / "lp.jsonl"), "--global-batch-size", "16",
                "--micro-batch-size", "4", "--loss-aggregation", "seq_mean_token_mean", "--lr", "3e-3",
@@ -79,7 +79,12 @@ def runs(tmp_path_factory):
     for name, flags in (("ep1", []), ("ep2", EP2)):
         plan.append({"name": f"moe_onp_{name}", "argv": ON_POLICY + MOE + flags + [
             "--train-iters", "2", "--mini-batches-per-step", "2", "--global-batch-size", "16"]})
-    return tmp, torchrun(plan, 2, tmp)
+    return [trainer_job(plan, 2, tmp, 600)]
+
+
+@pytest.fixture(scope="module")
+def runs(shared_jobs):
+    return shared_jobs, trainer_results(shared_jobs, 2)
 
 
 def test_resume_reproduces_uninterrupted_metrics(runs):

@@ -2,8 +2,9 @@
 invariance across layouts, padding that changes nothing.
 
 Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2, CP2 and CP2 / DP2 with
-``--calculate-per-token-loss``, the per-mode, per-overlong-policy runs and the MoE runs at EP1 / EP2) and
-one of 1 process (DP1 with 4 micro-batches, dense and MoE).
+``--calculate-per-token-loss``, the per-overlong-policy runs and the MoE runs at EP1 / EP2) and one of 1
+process (DP1 with 4 micro-batches, dense and MoE). Every mode runs at DP2 and DP1 x M4, and at three of
+the other six layouts (``LAYOUT_MODES``).
 """
 
 import json
@@ -13,7 +14,7 @@ import torch
 
 from megatron_rl_agg.advantages import normalize_advantages
 from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
-from trainer_helpers import MODEL_ARGS, torchrun, write_rollouts
+from trainer_helpers import MODEL_ARGS, read_rollouts, trainer_job, trainer_results, write_rollouts
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,20 @@ LAYOUTS = {  # name -> (nproc, flags); every layout runs 4 micro-batches of the 
     "dp2flag": (2, ["--micro-batch-size", "2", "--calculate-per-token-loss"]),
 }
 NEW_LAYOUTS = ("cp2", "cp2flag", "dp2flag")
+# Every mode runs at dp2 (the file-aggregate checks) and dp1m4 (the grad-norm reference); each other
+# layout runs three modes, so that every mode meets three of them (the loss-level tests in
+# tests/megatron check every mode at every layout; these check the trainer's wiring of each layout).
+LAYOUT_MODES = {
+    "dp2": MODES, "dp1m4": MODES,
+    "tp2": ["token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"],
+    "pp2": ["token_mean", "seq_mean_token_sum", "prompt_mean"],
+    "pp2vpp2": ["token_mean", "seq_mean_token_sum_norm", "prompt_mean"],
+    "cp2": ["token_sum", "seq_mean_token_mean", "prompt_mean"],
+    "cp2flag": ["token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"],
+    "dp2flag": ["token_sum", "seq_mean_token_mean", "seq_mean_token_sum"],
+}
+# the overlong policies, with one mode per kind of count a dropped row changes: tokens, rows, groups
+POLICY_MODES = ("token_mean", "seq_mean_token_mean", "prompt_mean")
 # MoE (4 experts, top-2, aux loss on): every layout cuts the 16 rows into the same four micro-batches of
 # 4 rows (the aux loss is a per-micro-batch statistic), EP1 at DP1 and DP2, EP2 with both dispatchers,
 # and EP2 with --calculate-per-token-loss (3-tuple; its routed-token count keeps the aux loss's scale).
@@ -59,19 +74,17 @@ def _argv(path, mode, extra=(), policy="keep", gbs=16):
             *MODEL_ARGS, *extra]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("layouts")
-    rows = write_rollouts(tmp / "r.jsonl", GROUPS, seed=3, truncated_groups={2})
+def worker_jobs(tmp):
+    """The runs, as two jobs of the session's shared launches (``tests/conftest.py``)."""
+    write_rollouts(tmp / "r.jsonl", GROUPS, seed=3, truncated_groups={2})
     padded = write_rollouts(tmp / "r10.jsonl", [3, 4, 3], seed=5)
     plan2, plan1 = [], []
-    for mode in MODES + ["token_mean_legacy"]:
-        for name, (nproc, flags) in LAYOUTS.items():
-            if mode == "token_mean_legacy" and name in NEW_LAYOUTS:
-                continue
+    for name, (nproc, flags) in LAYOUTS.items():
+        # token_mean_legacy: at the two reference layouts, whose micro-batch splits differ
+        for mode in LAYOUT_MODES[name] + (["token_mean_legacy"] if name in ("dp2", "dp1m4") else []):
             (plan2 if nproc == 2 else plan1).append({"name": f"{mode}/{name}",
                                                      "argv": _argv(tmp / "r.jsonl", mode, flags)})
-    for mode in MODES:
+    for mode in POLICY_MODES:
         for policy in POLICIES[1:]:        # "keep" is the default: the dp2 layout run above
             plan2.append({"name": f"{mode}/dp2/{policy}",
                           "argv": _argv(tmp / "r.jsonl", mode, LAYOUTS["dp2"][1], policy)})
@@ -91,13 +104,14 @@ def runs(tmp_path_factory):
     for name, (nproc, flags) in MOE_LAYOUTS.items():
         (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
                                                  "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
-    # Two 2-process launches of ~40 runs each: one launch of all of them comes close to the per-launch
-    # guard of trainer_helpers.torchrun on a 2-core machine.
-    half = len(plan2) // 2
-    results = torchrun(plan2[:half], 2, tmp)
-    results.update(torchrun(plan2[half:], 2, tmp))
-    results.update(torchrun(plan1, 1, tmp))
-    return rows, results
+    return [trainer_job(plan2, 2, tmp, 600), trainer_job(plan1, 1, tmp, 300)]
+
+
+@pytest.fixture(scope="module")
+def runs(shared_jobs):
+    results = trainer_results(shared_jobs, 2)
+    results.update(trainer_results(shared_jobs, 1))
+    return read_rollouts(shared_jobs / "r.jsonl"), results
 
 
 def _file_tensors(rows):
@@ -130,8 +144,8 @@ def _expected_policy_loss(rows, mode, policy):
     return aggregate(values, loss_mask, mode, group_sizes=GROUPS, max_response_length=HORIZON).item()
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, policy", [(mode, "keep") for mode in MODES]
+                         + [(mode, policy) for mode in POLICY_MODES for policy in POLICIES[1:]])
 def test_step1_policy_loss_equals_file_aggregate(runs, mode, policy):
     rows, results = runs
     got = results[f"{mode}/dp2" if policy == "keep" else f"{mode}/dp2/{policy}"][0]["policy_loss"]
@@ -139,8 +153,7 @@ def test_step1_policy_loss_equals_file_aggregate(runs, mode, policy):
     assert got == pytest.approx(_expected_policy_loss(rows, mode, policy), rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize("layout", ["cp2", "cp2flag", "dp2flag"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout, mode", [(name, mode) for name in NEW_LAYOUTS for mode in LAYOUT_MODES[name]])
 def test_step1_policy_loss_under_context_parallelism_and_per_token_loss(runs, mode, layout):
     """At CP2 (rows split into zigzag shards, partial sums reduced over dp x cp), with and without
     calculate_per_token_loss, the step-1 policy loss is still -sum(w * A) of the file."""
@@ -161,12 +174,14 @@ def test_overlong_policies_differ_on_this_file(runs):
 @pytest.mark.parametrize("mode", MODES)
 def test_step1_grad_norm_is_layout_invariant(runs, mode):
     _, results = runs
-    norms = {name: results[f"{mode}/{name}"][0]["grad_norm"] for name in LAYOUTS}
+    names = [name for name in LAYOUTS if mode in LAYOUT_MODES[name]]
+    assert len(names) == 5                       # dp2, dp1m4 and three others
+    norms = {name: results[f"{mode}/{name}"][0]["grad_norm"] for name in names}
     ref = norms["dp1m4"]
     assert ref > 0
     for name, value in norms.items():
         assert value == pytest.approx(ref, rel=1e-4), norms
-    losses = {name: results[f"{mode}/{name}"][0]["policy_loss"] for name in LAYOUTS}
+    losses = {name: results[f"{mode}/{name}"][0]["policy_loss"] for name in names}
     for value in losses.values():
         assert value == pytest.approx(losses["dp1m4"], rel=1e-5, abs=1e-7), losses
 

@@ -13,25 +13,27 @@ import json
 import sys
 
 
-def main() -> int:
+def run(argv: list[str]) -> None:
+    """``argv = [PLAN.json, RESULTS.json]``; the trainer initialises the process group unless it is up
+    (``tests/worker_jobs.py`` runs this in a shared launch)."""
+    from megatron_rl_agg.megatron_compat import initialize_distributed
     from megatron_rl_agg.trainer.arguments import parse_args
-    from megatron_rl_agg.trainer.train import run
+    from megatron_rl_agg.trainer.train import run as train
 
-    plan_path, out_path = sys.argv[1], sys.argv[2]
+    plan_path, out_path = argv[0], argv[1]
     with open(plan_path, encoding="utf-8") as fh:
         plan = json.load(fh)
     results = {}
-    rank = None
     for entry in plan:
-        history = run(parse_args(entry["argv"]))
-        results[entry["name"]] = history
-        if rank is None:
-            from megatron_rl_agg.megatron_compat import initialize_distributed
-
-            rank, _ = initialize_distributed()      # already initialised by run(): returns (rank, world)
+        results[entry["name"]] = train(parse_args(entry["argv"]))
+    rank, _ = initialize_distributed()      # already initialised by the trainer: returns (rank, world)
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as fh:
             json.dump(results, fh)
+
+
+def main() -> int:
+    run(sys.argv[1:3])
     return 0
 
 

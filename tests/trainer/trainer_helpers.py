@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer tests: synthetic rollout files and the torchrun launcher."""
+"""Shared pieces of the trainer tests: synthetic rollout files, and trainer plans as jobs of the session's
+shared torchrun launches (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from tests.torchrun_utils import run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "trainer" / "torchrun_worker.py"
@@ -42,9 +42,19 @@ def write_rollouts(path: Path, group_sizes, *, seed: int, truncated_groups=(), w
     return rows
 
 
-def torchrun(plan: list, nproc: int, tmp_path: Path, timeout: int = 900) -> dict:
-    """Run ``plan`` (``[{"name", "argv"}]``) in one torchrun launch; returns ``{name: [step metrics]}``."""
-    plan_file, out_file = tmp_path / f"plan_{nproc}.json", tmp_path / f"results_{nproc}.json"
+def trainer_job(plan: list, nproc: int, directory: Path, seconds: int = 600) -> tuple:
+    """``plan`` (``[{"name", "argv"}]``) as a job of the session's shared launches (``tests/conftest.py``):
+    writes the plan into ``directory``; :func:`trainer_results` reads what it produced."""
+    plan_file, out_file = directory / f"plan_{nproc}.json", directory / f"results_{nproc}.json"
     plan_file.write_text(json.dumps(plan))
-    run_torchrun(WORKER, nproc, [plan_file, out_file], timeout=timeout)
-    return json.loads(out_file.read_text())
+    return nproc, WORKER, [plan_file, out_file], seconds
+
+
+def trainer_results(directory: Path, nproc: int) -> dict:
+    """``{name: [step metrics]}`` of the :func:`trainer_job` of ``nproc`` processes in ``directory``."""
+    return json.loads((directory / f"results_{nproc}.json").read_text())
+
+
+def read_rollouts(path: Path) -> list:
+    """The rows of a JSONL rollout file (as :func:`write_rollouts` returned them)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -44,9 +44,10 @@ def record_logits(lengths, kv_cache):
     return seen, lambda: setattr(generation, "sample_tokens", real)
 
 
-def main():
-    out_dir = sys.argv[1]
-    rank, _ = megatron_compat.initialize_distributed()
+def run(argv):
+    """``argv = [out_dir]`` in a process group that is up (``tests/worker_jobs.py``)."""
+    out_dir = argv[0]
+    rank = torch_dist.get_rank()
     counting = task.CountingTask()
     g = torch.Generator().manual_seed(5)
     prompts = counting.sample_prompts(ROWS, g)
@@ -89,6 +90,14 @@ def main():
         elif ref != got:
             raise AssertionError(f"{name}: rank {rank} tokens differ between the paths")
         megatron_compat.destroy_model_parallel()
+
+
+def main():
+    megatron_compat.initialize_distributed()
+    try:
+        run(sys.argv[1:])
+    finally:
+        megatron_compat.destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""torchrun worker: run the jobs of several worker scripts in ONE launch (one process group).
+
+    torchrun --nproc_per_node N tests/worker_jobs.py JOBS.json
+
+JOBS.json is a list of ``{"script": path, "argv": [str]}``. Each script is a worker of its own (it keeps
+its ``main`` for a standalone launch) that also defines ``run(argv)``: the work of ``main`` in a process
+group that is already up, with its model-parallel state destroyed on return. This process initialises
+the default group once, runs every job in order (a job that raises ends the launch: a collective left
+half-entered on some ranks cannot be recovered from), and destroys the group at the end.
+
+Start-up dominates a CPU launch (importing torch and Megatron-Core takes ~6-9 s per process), so the
+Megatron tests collect their jobs into one launch per process count (``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def _load(script: str):
+    path = pathlib.Path(script)
+    spec = importlib.util.spec_from_file_location(f"_job_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(jobs_file: str) -> None:
+    import torch.distributed as torch_dist
+
+    from megatron_rl_agg import megatron_compat
+
+    jobs = json.loads(pathlib.Path(jobs_file).read_text())
+    megatron_compat.initialize_distributed()
+    modules = {}
+    for job in jobs:
+        if job["script"] not in modules:
+            modules[job["script"]] = _load(job["script"])
+        start = time.perf_counter()
+        modules[job["script"]].run(job["argv"])
+        torch_dist.barrier()
+        if torch_dist.get_rank() == 0:
+            print(f"[worker_jobs] {pathlib.Path(job['script']).name} {' '.join(job['argv'][1:])[:120]}: "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    finally:
+        from megatron_rl_agg.megatron_compat import destroy_distributed
+
+        destroy_distributed()
