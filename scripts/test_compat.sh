@@ -24,7 +24,8 @@
 #        GPU) is installed as well;
 #   3. this package reinstalled editable without dependencies, so its console script runs this
 #      environment's Python.
-# Then `python -m pytest <pytest args>` runs with PYTHONPATH exported, so every torchrun worker the
+# SKIP_SETUP=1 leaves .venv/ as it is (scripts/test.sh has just set it up); COMPAT_BUILD_ONLY=1 stops
+# once the environment is ready. Then `python -m pytest <pytest args>` runs with PYTHONPATH exported, so every torchrun worker the
 # tests start (tests/torchrun_utils.py prepends the repository root and keeps the rest) imports the
 # same megatron-core. NO_VCS_VERSION=1 keeps megatron-core from appending a git hash to its version
 # when the unpacked copy sits inside a git checkout.
@@ -46,7 +47,9 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 STAMP=$VENV/.ready
 UNPACKED=$PWD/$VENV/unpacked
 
-bash scripts/setup_venv.sh
+if [ -z "${SKIP_SETUP:-}" ]; then
+  bash scripts/setup_venv.sh
+fi
 WANT=$( (cat setup.py scripts/test_compat.sh scripts/setup_venv.sh; echo "$WHEEL_PYTHON";
          .venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check) | sha256sum | cut -c1-16)
 export NO_VCS_VERSION=1
@@ -81,6 +84,10 @@ if [ -d "$UNPACKED" ]; then
     *":$UNPACKED:"*) ;;
     *) export PYTHONPATH=$UNPACKED${PYTHONPATH:+:$PYTHONPATH} ;;
   esac
+fi
+if [ -n "${COMPAT_BUILD_ONLY:-}" ]; then
+  echo "[test_compat] $VENV is ready"
+  exit 0
 fi
 got=$("$PY" -W ignore -c "import megatron.core, torch; print(megatron.core.__version__, torch.__version__)")
 echo "[test_compat] megatron-core ${got% *} (${PYTHONPATH:+PYTHONPATH=$PYTHONPATH, }torch ${got#* })"

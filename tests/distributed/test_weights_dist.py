@@ -8,15 +8,23 @@ import torch
 
 from megatron_rl_agg import LOSS_AGGREGATIONS, aggregate
 from tests.distributed.worker_weights import global_batch  # repo root is on pythonpath (pyproject)
-from tests.torchrun_utils import load_result, run_torchrun
+from tests.torchrun_utils import load_result
 
 WORKER = pathlib.Path(__file__).with_name("worker_weights.py")
 
 
+WORLDS = (2, 3)
+
+
+def worker_jobs(directory):
+    """One job in the session's 2- and 3-process launches (``tests/conftest.py``)."""
+    return [(world, WORKER, [directory], 240) for world in WORLDS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_weights_over_gloo_ranks_equal_aggregate(tmp_path, world):
-    run_torchrun(WORKER, world, [tmp_path], timeout=240)
+@pytest.mark.parametrize("world", WORLDS)
+def test_weights_over_gloo_ranks_equal_aggregate(shared_jobs, world):
+    tmp_path = shared_jobs
     values, mask, gids = global_batch()
     sizes = torch.unique_consecutive(gids, return_counts=True)[1].tolist()
     parts = [load_result(tmp_path, f"world{world}_rank{r}") for r in range(world)]

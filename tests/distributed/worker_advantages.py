@@ -24,6 +24,7 @@ Usage: ``torchrun --nproc_per_node {2,4} worker_advantages.py`` (prints one ``OK
 from __future__ import annotations
 
 import itertools
+import sys
 from unittest import mock
 
 import torch
@@ -207,8 +208,9 @@ def check_errors_everywhere(group, label):
     normalize_advantages(rewards, group_ids=torch.full((3,), rank), process_group=group)
 
 
-def main():
-    torch_dist.init_process_group("gloo")
+def run(argv=()):
+    """The checks in a process group that is up (``tests/worker_jobs.py``); ``argv = [out_dir]`` saves
+    each rank's summary there as well as printing its ``OK`` line."""
     world = torch_dist.get_world_size()
     groups = [("world", torch_dist.group.WORLD)]
     if world == 4:
@@ -222,6 +224,16 @@ def main():
     torch_dist.barrier()
     print(f"OK rank {torch_dist.get_rank()}/{world}: {checks} comparisons, max |diff| {worst:.3e}",
           flush=True)
+    if argv:
+        from tests.torchrun_utils import save_result
+
+        save_result(argv[0], f"world{world}_rank{torch_dist.get_rank()}",
+                    {"world": world, "comparisons": checks, "worst": worst})
+
+
+def main():
+    torch_dist.init_process_group("gloo")
+    run(sys.argv[1:])
     torch_dist.destroy_process_group()
 
 

@@ -33,9 +33,9 @@ def rank_bounds(world: int, n_rows: int):
     return cuts
 
 
-def main():
-    out_dir = sys.argv[1]
-    torch_dist.init_process_group("gloo")
+def run(argv):
+    """``argv = [out_dir]`` in a process group that is up (``tests/worker_jobs.py``)."""
+    out_dir = argv[0]
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     values, mask, gids = global_batch()
     b = rank_bounds(world, mask.shape[0])
@@ -47,6 +47,11 @@ def main():
         result[mode] = token_weights(mask[lo:hi], mode, group_ids=gids[lo:hi], max_response_length=8,
                                      process_group=torch_dist.group.WORLD, dtype=torch.float64)
     save_result(out_dir, f"world{world}_rank{rank}", result)
+
+
+def main():
+    torch_dist.init_process_group("gloo")
+    run(sys.argv[1:])
     torch_dist.destroy_process_group()
 
 
