@@ -119,7 +119,6 @@ def test_cpu_mode_moe_redirects(world_of_one):
 def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
     """One process, both dispatchers: SequentialMLP experts, a top-2 router, the aux loss tracked."""
     from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     megatron_compat.initialize_model_parallel(tp=1, pp=1, seed=3)
     for dispatcher in ("alltoall", "allgather"):
@@ -134,9 +133,9 @@ def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
         assert logits.shape == (2, 8, 32) and torch.isfinite(logits).all()
         logits.float().pow(2).mean().backward()
         assert gpt.decoder.layers[0].mlp.router.weight.grad.abs().max() > 0
-        tracker = get_moe_layer_wise_logging_tracker()
-        assert tracker["load_balancing_loss"]["values"].gt(0).all()      # one value per layer
-        clear_aux_losses_tracker()
+        values = megatron_compat.moe_metric_per_layer("load_balancing_loss")     # read, then zeroed
+        assert values.shape == (2,) and values.gt(0).all()                        # one value per layer
+        assert megatron_compat.moe_metric_per_layer("load_balancing_loss").eq(0).all()
 
 
 def _config(**overrides):
