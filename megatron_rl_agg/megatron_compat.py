@@ -45,6 +45,10 @@ __all__ = [
 
 _CPU_MODE = False
 
+# The process groups that existed when initialize_model_parallel last ran (None: it has not run, or its
+# layout was torn down since).
+_GROUPS_BEFORE_LAYOUT: "set | None" = None
+
 # Tensor factories that Megatron calls with a literal device="cuda" (or torch.device("cuda")):
 # torch.zeros / torch.tensor in schedules.py (total_num_tokens), optimizer.py (loss scale),
 # clip_grads.py (norm buffers), utils.local_multi_tensor_l2_norm; torch.ones in
@@ -519,11 +523,6 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     )
     torch.manual_seed(seed)
     mp_random.model_parallel_cuda_manual_seed(seed)
-
-
-# The process groups that existed when initialize_model_parallel last ran (None: it has not run, or its
-# layout was torn down since).
-_GROUPS_BEFORE_LAYOUT: "set | None" = None
 
 
 def _registered_groups() -> list:

@@ -25,8 +25,8 @@
 #   3. this package reinstalled editable without dependencies, so its console script runs this
 #      environment's Python.
 # SKIP_SETUP=1 leaves .venv/ as it is (scripts/test.sh has just set it up); COMPAT_BUILD_ONLY=1 stops
-# once the environment is ready. Then `python -m pytest <pytest args>` runs with PYTHONPATH exported, so every torchrun worker the
-# tests start (tests/torchrun_utils.py prepends the repository root and keeps the rest) imports the
+# once the environment is ready. Then `python -m pytest <pytest args>` runs with PYTHONPATH exported, so
+# every torchrun worker the tests start (tests/torchrun_utils.py prepends the repository root and keeps the rest) imports the
 # same megatron-core. NO_VCS_VERSION=1 keeps megatron-core from appending a git hash to its version
 # when the unpacked copy sits inside a git checkout.
 set -euo pipefail

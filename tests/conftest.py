@@ -6,8 +6,9 @@ module's own result directory, where ``worker_jobs`` may also write the inputs t
 the ``shared_jobs`` fixture, which returns that directory once the jobs have run. Each worker script
 defines ``run(argv)`` (``tests/worker_jobs.py``). The first test that needs the fixture runs the jobs of
 every module whose selected tests need it, grouped by process count, in module order: a CPU launch
-costs ~6-9 s of imports per process, so the suite's dozen multi-process modules share three launches
-(the fault tests of ``tests/trainer/test_reliability_dist.py``, the audit and the docs launch their own).
+costs ~6-9 s of imports per process, so the suite's dozen multi-process modules share four launches
+(1, 2, 3 and 4 processes; the fault tests of ``tests/trainer/test_reliability_dist.py``, the audit, the
+docs and the demo launch their own).
 """
 
 from __future__ import annotations

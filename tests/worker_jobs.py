@@ -9,7 +9,7 @@ the default group once, runs every job in order (a job that raises ends the laun
 half-entered on some ranks cannot be recovered from), and destroys the group at the end.
 
 Start-up dominates a CPU launch (importing torch and Megatron-Core takes ~6-9 s per process), so the
-Megatron tests collect their jobs into one launch per process count (``tests/conftest.py``).
+multi-process tests collect their jobs into one launch per process count (``tests/conftest.py``).
 """
 
 from __future__ import annotations
