@@ -1,7 +1,9 @@
 """Every ```python block of docs/*.md and README.md runs.
 
-Plain ```python blocks run on the CPU in a fresh subprocess per document, each block in a fresh namespace
-(so a block cannot lean on an earlier one). Blocks whose info string is ```python torchrun need several
+Plain ```python blocks run on the CPU in a fresh process per document, each block in a fresh namespace
+(so a block cannot lean on an earlier one). One runner process imports torch and Megatron-Core once (~7 s
+on a CPU machine) and forks a child per document: each document still starts from a process in which
+nothing has run but those imports. Blocks whose info string is ```python torchrun need several
 processes: they run under torchrun with 2 processes (gloo) in a slow test. Other fences (bash, text, ...)
 are not executed. Relative links between the pages must resolve to an existing page and heading.
 """
@@ -38,18 +40,33 @@ def _env() -> dict:
     return env
 
 
-# Runs every block of one document, each in a fresh namespace, and reports the failures as JSON lines.
+# Imports the heavy modules once, then runs each document's blocks in a child forked for it, each block
+# in a fresh namespace; writes {document: [(line, traceback)] or "exit status N"} as JSON.
 RUNNER = textwrap.dedent("""
-    import json, sys, traceback
-    blocks = json.load(open(sys.argv[1]))
-    failed = []
-    for line, code in blocks:
-        try:
-            exec(compile(code, f"<block at line {line}>", "exec"), {"__name__": "__main__"})
-        except BaseException:
-            failed.append((line, traceback.format_exc()))
-    print(json.dumps(failed))
+    import json, os, sys, traceback
+    import torch, megatron.core.models.gpt, megatron.core.pipeline_parallel, megatron.core.optimizer
+    docs = json.load(open(sys.argv[1]))
+    report = {}
+    for name, blocks in docs.items():
+        out = sys.argv[2] + "." + str(len(report))
+        pid = os.fork()
+        if pid == 0:
+            failed = []
+            for line, code in blocks:
+                try:
+                    exec(compile(code, f"<block at line {line}>", "exec"), {"__name__": "__main__"})
+                except BaseException:
+                    failed.append((line, traceback.format_exc()))
+            with open(out, "w") as f:
+                json.dump(failed, f)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        report[name] = json.load(open(out)) if status == 0 else f"exit status {status}"
+    json.dump(report, open(sys.argv[2], "w"))
 """)
+
 
 
 PLAIN = [(p, [(line, code) for line, info, code in python_blocks(p) if info == "python"]) for p in DOCS]
@@ -97,14 +114,22 @@ def test_relative_links_resolve(path):
     assert not broken, f"{path.name}: broken links: {broken}"
 
 
-@pytest.mark.parametrize("path,blocks", [pytest.param(p, b, id=p.name) for p, b in PLAIN if b])
-def test_python_blocks_run(path, blocks, tmp_path):
-    spec = tmp_path / "blocks.json"
-    spec.write_text(json.dumps(blocks))
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    failed = json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def plain_reports(tmp_path_factory):
+    """Every document's plain blocks, run by RUNNER (one process, a fork per document)."""
+    tmp = tmp_path_factory.mktemp("docs")
+    (tmp / "blocks.json").write_text(json.dumps({p.name: b for p, b in PLAIN if b}))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp / "blocks.json"), str(tmp / "report.json")],
+                          cwd=tmp, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and (tmp / "report.json").exists(), proc.stderr[-4000:]
+    return json.loads((tmp / "report.json").read_text()), proc.stderr
+
+
+@pytest.mark.parametrize("path", [p for p, b in PLAIN if b], ids=lambda p: p.name)
+def test_python_blocks_run(path, plain_reports):
+    reports, stderr = plain_reports
+    failed = reports[path.name]
+    assert not isinstance(failed, str), f"{path.name}: the document's process ended with {failed}\n{stderr[-4000:]}"
     report = "\n".join(f"{path.name}:{line}\n{tb}" for line, tb in failed)
     assert not failed, report
 
