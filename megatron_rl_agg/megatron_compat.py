@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.abc
 import os
 import sys
@@ -548,6 +549,13 @@ def destroy_model_parallel() -> None:
     up (a 2-process launch of 55 runs took 10 min instead of 1). So every group registered since
     :func:`initialize_model_parallel` set this layout up (Megatron's, and any the model, DDP or the
     trainer created for it) is destroyed too; the default group and groups that existed before stay.
+
+    ``destroy_process_group`` unregisters a gloo group, but its worker threads and sockets live until
+    the C++ object is freed, and a Megatron model (which keeps its groups) is freed only by the cycle
+    collector: measured with megatron-core 0.19.2 at 4 processes, 57 threads and 89 fds more per layout
+    without a collection (~700 threads after the 12 layouts of one test launch, and collectives twice as
+    slow as in a fresh process). So a collection runs here, after the caller has dropped the previous
+    layout's model (:func:`initialize_model_parallel` calls this first).
     """
     global _GROUPS_BEFORE_LAYOUT
     import torch.distributed as torch_dist
@@ -557,11 +565,11 @@ def destroy_model_parallel() -> None:
         parallel_state.destroy_model_parallel()
     _reset_moe_metrics()
     before, _GROUPS_BEFORE_LAYOUT = _GROUPS_BEFORE_LAYOUT, None
-    if before is None:
-        return
-    for group in _registered_groups():
-        if group not in before and group is not torch_dist.GroupMember.WORLD:
-            torch_dist.destroy_process_group(group)
+    if before is not None:
+        for group in _registered_groups():
+            if group not in before and group is not torch_dist.GroupMember.WORLD:
+                torch_dist.destroy_process_group(group)
+    gc.collect()
 
 
 def transformer_config_defaults() -> dict:

@@ -17,6 +17,9 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: worker_jobs
 
 
 def _digest(root: str) -> dict:
@@ -48,6 +51,7 @@ def main() -> int:
 
     from megatron_rl_agg.trainer.arguments import parse_args
     from megatron_rl_agg.trainer.train import run
+    from worker_jobs import freeze_survivors
 
     plan_path, out_dir = sys.argv[1], sys.argv[2]
     rank = int(os.environ.get("RANK", "0"))
@@ -58,6 +62,7 @@ def main() -> int:
         plan = json.load(fh)
     results, failed = {}, False
     for entry in plan:
+        freeze_survivors()
         if entry.get("ops"):
             if rank == 0:
                 _apply(entry["ops"])

@@ -11,6 +11,9 @@ collective left half-entered on some ranks cannot be recovered from).
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: worker_jobs
 
 
 def run(argv: list[str]) -> None:
@@ -19,12 +22,14 @@ def run(argv: list[str]) -> None:
     from megatron_rl_agg.megatron_compat import initialize_distributed
     from megatron_rl_agg.trainer.arguments import parse_args
     from megatron_rl_agg.trainer.train import run as train
+    from worker_jobs import freeze_survivors
 
     plan_path, out_path = argv[0], argv[1]
     with open(plan_path, encoding="utf-8") as fh:
         plan = json.load(fh)
     results = {}
     for entry in plan:
+        freeze_survivors()
         results[entry["name"]] = train(parse_args(entry["argv"]))
     rank, _ = initialize_distributed()      # already initialised by the trainer: returns (rank, world)
     if rank == 0:
