@@ -565,10 +565,11 @@ def destroy_model_parallel() -> None:
         parallel_state.destroy_model_parallel()
     _reset_moe_metrics()
     before, _GROUPS_BEFORE_LAYOUT = _GROUPS_BEFORE_LAYOUT, None
-    if before is not None:
-        for group in _registered_groups():
-            if group not in before and group is not torch_dist.GroupMember.WORLD:
-                torch_dist.destroy_process_group(group)
+    if before is None:
+        return      # no layout of ours was up: nothing destroyed, nothing for the collector to free
+    for group in _registered_groups():
+        if group not in before and group is not torch_dist.GroupMember.WORLD:
+            torch_dist.destroy_process_group(group)
     gc.collect()
 
 

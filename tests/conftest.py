@@ -13,7 +13,6 @@ docs and the demo launch their own).
 
 from __future__ import annotations
 
-import gc
 import os
 import pathlib
 import sys
@@ -27,14 +26,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from torchrun_utils import run_jobs  # noqa: E402
+from worker_jobs import freeze_survivors  # noqa: E402
 
 
 def pytest_collection_finish(session):
-    # Every layout teardown runs a full garbage collection (megatron_compat.destroy_model_parallel: a
-    # dropped Megatron model, which holds its gloo groups' threads, is freed by the cycle collector only).
-    # With torch, Megatron, transformers and every test module imported, a full collection scans ~430k
-    # objects (0.5 s); frozen, it scans what the tests allocate since (a few ms).
-    gc.freeze()
+    # Every test module is imported: freeze what survives, so that the full collection of each layout
+    # teardown in this process scans only what the tests allocate (worker_jobs.freeze_survivors).
+    freeze_survivors()
 
 
 @pytest.fixture(scope="session")

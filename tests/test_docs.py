@@ -68,7 +68,6 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-
 PLAIN = [(p, [(line, code) for line, info, code in python_blocks(p) if info == "python"]) for p in DOCS]
 TORCHRUN = [(p, line, code) for p in DOCS for line, info, code in python_blocks(p)
             if info == "python torchrun"]
@@ -129,7 +128,7 @@ def plain_reports(tmp_path_factory):
 def test_python_blocks_run(path, plain_reports):
     reports, stderr = plain_reports
     failed = reports[path.name]
-    assert not isinstance(failed, str), f"{path.name}: the document's process ended with {failed}\n{stderr[-4000:]}"
+    assert not isinstance(failed, str), f"{path.name}: its process ended with {failed}\n{stderr[-4000:]}"
     report = "\n".join(f"{path.name}:{line}\n{tb}" for line, tb in failed)
     assert not failed, report
 
