@@ -37,10 +37,10 @@ import torch.distributed as torch_dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
 from megatron_rl_agg.audit import make_batch  # noqa: E402
-from megatron_rl_agg.config import LossConfig  # noqa: E402
-from megatron_rl_agg.model import GPTSpec, build_model, init_weights  # noqa: E402
+from megatron_rl_agg.core.config import LossConfig  # noqa: E402
+from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
@@ -111,11 +111,11 @@ def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.advantages import normalize_advantages
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.metrics import reduce_metrics
+    from megatron_rl_agg.core.advantages import normalize_advantages
+    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.core.metrics import reduce_metrics
 
-    from megatron_rl_agg.context_parallel import split_for_cp_rank
+    from megatron_rl_agg.core.context_parallel import split_for_cp_rank
 
     dp_group = parallel_state.get_data_parallel_group()
     cp_size = parallel_state.get_context_parallel_world_size()
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
 
     from megatron.core import parallel_state
 
-    from megatron_rl_agg import megatron_loss
+    from megatron_rl_agg.mcore import loss as megatron_loss
 
     rank, world = megatron_compat.initialize_distributed()
     if world != 2:

@@ -8,7 +8,7 @@ boundary cuts a group, and calls, as the trainer does once per step:
   ``--levels batch``: group mean / batch std, no expected size);
 * ``token_weights(loss_mask, "prompt_mean", group_ids=...)``.
 
-``megatron_rl_agg.dist.count_collectives`` records the calls and the payload (bytes of each collective's
+``megatron_rl_agg.parallel.dist.count_collectives`` records the calls and the payload (bytes of each collective's
 result on this rank). Two id orders: ``ascending`` (the trainer's prompt indices: the boundary exchange)
 and ``descending`` (the same groups, ids reversed: the gather of every bucket, i.e. the traffic before
 the boundary exchange). The analytic payloads it prints next to the measured ones (W ranks, S buckets
@@ -35,10 +35,10 @@ import torch.distributed as torch_dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg import dist  # noqa: E402
-from megatron_rl_agg.advantages import boundary_record_width, compute_step_advantages  # noqa: E402
-from megatron_rl_agg.aggregation import token_weights  # noqa: E402
-from megatron_rl_agg.config import AdvantageConfig  # noqa: E402
+from megatron_rl_agg.parallel import dist  # noqa: E402
+from megatron_rl_agg.core.advantages import boundary_record_width, compute_step_advantages  # noqa: E402
+from megatron_rl_agg.core.aggregation import token_weights  # noqa: E402
+from megatron_rl_agg.core.config import AdvantageConfig  # noqa: E402
 
 
 def formula(world: int, buckets: int, *, batch_level: bool, expected: bool, boundary: bool) -> dict:

@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg import megatron_compat  # noqa: E402
-from megatron_rl_agg.config import LossConfig  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 
 VARIANTS = {
     "plain": None,
@@ -108,9 +108,9 @@ def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
     """
     from megatron.core import tensor_parallel
 
-    from megatron_rl_agg.megatron_loss import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import prepare_microbatches
 
-    from megatron_rl_agg import megatron_loss
+    from megatron_rl_agg.mcore import loss as megatron_loss
 
     logits = logits0.clone().requires_grad_(True)
     real_fused = megatron_loss.vocab_parallel_logprobs_and_entropy

@@ -40,10 +40,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
 from megatron_rl_agg.audit import make_batch  # noqa: E402
-from megatron_rl_agg.config import LossConfig  # noqa: E402
-from megatron_rl_agg.model import GPTSpec, build_model, build_optimizer, init_weights  # noqa: E402
+from megatron_rl_agg.core.config import LossConfig  # noqa: E402
+from megatron_rl_agg.mcore.model import GPTSpec, build_model, build_optimizer, init_weights  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,13 +93,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
 
     if args.skip_entropy_metric:
         if args.entropy_coef != 0:
             raise SystemExit("--skip-entropy-metric needs --entropy-coef 0 "
                              "(the entropy then has no gradient)")
-        from megatron_rl_agg import megatron_loss
+        from megatron_rl_agg.mcore import loss as megatron_loss
 
         # log-probs from Megatron's cross entropy alone, entropy replaced by zeros
         megatron_loss.vocab_parallel_logprobs_and_entropy = lambda logits, labels, **_: (

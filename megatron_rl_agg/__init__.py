@@ -5,7 +5,7 @@ glue (``make_loss_func``, ``forward_step``) is imported lazily on first use so t
 ``import megatron_rl_agg`` stays cheap.
 """
 
-from megatron_rl_agg.aggregation import (
+from megatron_rl_agg.core.aggregation import (
     LOSS_AGGREGATIONS,
     aggregate,
     aggregation_names,
@@ -13,18 +13,18 @@ from megatron_rl_agg.aggregation import (
     resolve_aggregation,
     token_weights,
 )
-from megatron_rl_agg.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
 
 __version__ = "0.1.0"
 
 # name -> module holding it; resolved on first attribute access (PEP 562).
 _LAZY = {
-    "normalize_advantages": "megatron_rl_agg.advantages",
-    "compute_step_advantages": "megatron_rl_agg.advantages",
-    "make_loss_func": "megatron_rl_agg.megatron_loss",
-    "forward_step": "megatron_rl_agg.megatron_loss",
-    "reduce_metrics": "megatron_rl_agg.metrics",
-    "enable_cpu_mode": "megatron_rl_agg.megatron_compat",
+    "normalize_advantages": "megatron_rl_agg.core.advantages",
+    "compute_step_advantages": "megatron_rl_agg.core.advantages",
+    "make_loss_func": "megatron_rl_agg.mcore.loss",
+    "forward_step": "megatron_rl_agg.mcore.loss",
+    "reduce_metrics": "megatron_rl_agg.core.metrics",
+    "enable_cpu_mode": "megatron_rl_agg.mcore.compat",
 }
 
 __all__ = [

@@ -3,7 +3,7 @@
 One real Megatron-Core GPT model, one fixed RL mini-batch and the same initial weights are run through
 one forward-backward in several parallel layouts, for each loss-aggregation mode. Every gradient is
 compared with a single-process reference computed from the DEFINITION of the mode
-(:func:`megatron_rl_agg.aggregation.aggregate` on full-vocabulary log-probs, plain autograd, no
+(:func:`megatron_rl_agg.core.aggregation.aggregate` on full-vocabulary log-probs, plain autograd, no
 Megatron schedule, no DDP, no global weights), and the audit prints a mode x layout table of the largest
 relative gradient difference with PASS/FAIL at a tolerance. Exit status: 0 all PASS, 1 any FAIL,
 2 bad arguments or nothing could run.
@@ -70,9 +70,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate, get_aggregation, resolve_aggregation
-from megatron_rl_agg.config import KL_ESTIMATORS, MICROBATCH_MEAN, LossConfig, resolve_term_aggregation
-from megatron_rl_agg.model import MOE_TOKEN_DISPATCHERS, Layout, parse_layout
+from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate, get_aggregation, resolve_aggregation
+from megatron_rl_agg.core.config import KL_ESTIMATORS, MICROBATCH_MEAN, LossConfig, resolve_term_aggregation
+from megatron_rl_agg.mcore.model import MOE_TOKEN_DISPATCHERS, Layout, parse_layout
 
 __all__ = [
     "AUDIT_BUGS",
@@ -334,7 +334,7 @@ def make_batch(*, batch_size: int, seq_length: int, vocab_size: int, seed: int) 
     Returns (CPU tensors): ``tokens``, ``labels``, ``loss_mask`` ``[B, S]``; ``advantages`` ``[B]``;
     ``group_ids`` ``[B]`` int64; ``group_sizes`` (list of ints).
     """
-    from megatron_rl_agg.advantages import normalize_advantages
+    from megatron_rl_agg.core.advantages import normalize_advantages
 
     gen = torch.Generator().manual_seed(seed)
     B, S = batch_size, seq_length
@@ -523,7 +523,7 @@ def _report(args, plan: _Plan, results: list, skipped: list, seconds: float) -> 
 def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
 
     started = time.perf_counter()
     rank, world = megatron_compat.initialize_distributed()
@@ -566,7 +566,7 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
 
 def _model_spec(args: argparse.Namespace):
     """The audited GPT: dense, or MoE with ``--num-experts`` (no linear biases, aux loss off)."""
-    from megatron_rl_agg.model import GPTSpec
+    from megatron_rl_agg.mcore.model import GPTSpec
 
     moe = args.num_experts is not None
     return GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
@@ -598,10 +598,10 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     """
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg import megatron_compat
-    from megatron_rl_agg.losses import (entropy_from_logits, kl_estimate, logprobs_from_logits,
+    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.core.losses import (entropy_from_logits, kl_estimate, logprobs_from_logits,
                                         ppo_clipped_surrogate)
-    from megatron_rl_agg.model import build_model, gather_full_grads, init_weights
+    from megatron_rl_agg.mcore.model import build_model, gather_full_grads, init_weights
 
     megatron_compat.initialize_model_parallel(1, 1, seed=args.seed)
     chunks = build_model(spec, wrap_ddp=False)
@@ -655,9 +655,9 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg import megatron_compat
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.model import build_model, gather_full_grads, init_weights
+    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.model import build_model, gather_full_grads, init_weights
 
     megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed, ep=lay.ep)
     flag = bool(args.calculate_per_token_loss)
@@ -701,8 +701,8 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
     # cp_token_count: counts summed over dp x cp, where the CP ranks of a DP rank hold the same rows.
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.aggregation import token_weights
-    from megatron_rl_agg.context_parallel import split_for_cp_rank
+    from megatron_rl_agg.core.aggregation import token_weights
+    from megatron_rl_agg.core.context_parallel import split_for_cp_rank
 
     group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
              if bug == "cp_token_count" else None)

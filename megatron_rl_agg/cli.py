@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_rl_agg.megatron_compat import destroy_distributed, quiet_warnings
+    from megatron_rl_agg.mcore.compat import destroy_distributed, quiet_warnings
 
     quiet_warnings()
     args = build_parser().parse_args(argv)

@@ -32,14 +32,14 @@ import sys
 def main(argv=None) -> int:
     # Imports inside main(): checkpoint saving starts a helper process that re-imports this file, which
     # then stays cheap and side-effect free.
-    from megatron_rl_agg.megatron_compat import destroy_distributed, quiet_warnings
+    from megatron_rl_agg.mcore.compat import destroy_distributed, quiet_warnings
 
     quiet_warnings()                    # before anything imports megatron.core
-    from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
-    from megatron_rl_agg.trainer.checkpoint import CheckpointError
-    from megatron_rl_agg.trainer.rollouts import RolloutFormatError
-    from megatron_rl_agg.trainer.safety import DistributedTimeoutError, NonFiniteError
-    from megatron_rl_agg.trainer.train import run
+    from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
+    from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
+    from megatron_rl_agg.trainer.loop.safety import DistributedTimeoutError, NonFiniteError
+    from megatron_rl_agg.trainer.loop.train import run
 
     try:
         run(parse_args(argv))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_rl_agg import LOSS_AGGREGATIONS, aggregate, microbatch_mean_weights, token_weights
-from megatron_rl_agg.aggregation import aggregation_names, get_aggregation, resolve_aggregation
+from megatron_rl_agg.core.aggregation import aggregation_names, get_aggregation, resolve_aggregation
 
 # Three rows, T = 3. Row 0 has 3 loss tokens, row 1 has 1, row 2 is fully masked (its 9s never count).
 VALUES = torch.tensor([[1.0, 2.0, 3.0],

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_rl_agg import LOSS_AGGREGATIONS, aggregate, microbatch_mean_weights, token_weights
-from megatron_rl_agg import dist as agg_dist
+from megatron_rl_agg.parallel import dist as agg_dist
 
 GLOBAL_MODES = [m for m in LOSS_AGGREGATIONS if m != "token_mean_legacy"]
 
@@ -57,7 +57,7 @@ class ThreadGroup:
 
 @pytest.fixture
 def thread_collectives(monkeypatch):
-    """Route megatron_rl_agg.dist through ThreadGroup when given one (identity for group=None)."""
+    """Route megatron_rl_agg.parallel.dist through ThreadGroup when given one (identity for group=None)."""
     def world_size(group=None):
         return group.size if isinstance(group, ThreadGroup) else 1
 

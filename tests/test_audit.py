@@ -18,7 +18,7 @@ import torch
 from megatron_rl_agg.audit import (AUDIT_BUGS, exit_status, format_table, layout_name, make_batch,
                                    parse_layouts, relative_grad_diff)
 from megatron_rl_agg.cli import build_parser, main
-from megatron_rl_agg.model import Layout
+from megatron_rl_agg.mcore.model import Layout
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,13 +16,15 @@ import re
 import pytest
 import torch
 
-from megatron_rl_agg.aggregation import aggregate, token_weights
-from megatron_rl_agg.advantages import normalize_advantages
-from megatron_rl_agg.config import AdvantageConfig, LossConfig
-from megatron_rl_agg.trainer import checkpoint, rollouts, safety, validation
-from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
-from megatron_rl_agg.trainer.checkpoint import CheckpointError
-from megatron_rl_agg.trainer.rollouts import RolloutFormatError
+from megatron_rl_agg.core.aggregation import aggregate, token_weights
+from megatron_rl_agg.core.advantages import normalize_advantages
+from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
+from megatron_rl_agg.trainer.loop import checkpoint, safety
+from megatron_rl_agg.trainer.rollout import rollouts
+from megatron_rl_agg.trainer.cli import validation
+from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
+from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
+from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
 
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -39,7 +41,7 @@ def _mask(value):
 # ------------------------------------------------------------------------------------------------
 
 def _prepared(cfg):
-    from megatron_rl_agg.megatron_loss import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import prepare_microbatches
 
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long),
              "loss_mask": MASK.float(), "advantages": torch.ones(2)}
@@ -47,14 +49,14 @@ def _prepared(cfg):
 
 
 def _other_config():
-    from megatron_rl_agg.megatron_loss import make_loss_func
+    from megatron_rl_agg.mcore.loss import make_loss_func
 
     mb = _prepared(LossConfig(loss_aggregation="token_mean"))[0]
     make_loss_func(mb, None, LossConfig(loss_aggregation="seq_mean_token_mean"))
 
 
 def _prepare_soft_mask():
-    from megatron_rl_agg.megatron_loss import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import prepare_microbatches
 
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long),
              "loss_mask": _mask(0.5), "advantages": torch.ones(2)}

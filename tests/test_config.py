@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from megatron_rl_agg.config import (
+from megatron_rl_agg.core.config import (
     AdvantageConfig,
     LossConfig,
     TERM_AGGREGATIONS,

@@ -5,14 +5,14 @@ Its CP > 1 path is covered by the multi-process gradient tests (tests/megatron/)
 import pytest
 import torch
 
-from megatron_rl_agg import megatron_compat
+from megatron_rl_agg.mcore import compat as megatron_compat
 
 
 @pytest.fixture(scope="module")
 def config():
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg.model import GPTSpec, get_transformer_config
+    from megatron_rl_agg.mcore.model import GPTSpec, get_transformer_config
     yield get_transformer_config(GPTSpec(num_layers=1, hidden_size=32, num_attention_heads=4,
                                          num_query_groups=2, vocab_size=16, max_seq_length=8))
     megatron_compat.destroy_model_parallel()
@@ -29,7 +29,7 @@ def test_matches_dot_product_attention_at_cp1(config):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_rl_agg.cp_attention import ContextParallelDotProductAttention
+    from megatron_rl_agg.mcore.cp_attention import ContextParallelDotProductAttention
 
     ours = ContextParallelDotProductAttention(config, 1, AttnMaskType.causal, "self")
     stock = DotProductAttention(config, 1, AttnMaskType.causal, "self")
@@ -52,7 +52,7 @@ def test_matches_dot_product_attention_at_cp1(config):
 def test_refusals_name_the_alternative(config):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_rl_agg.cp_attention import ContextParallelDotProductAttention
+    from megatron_rl_agg.mcore.cp_attention import ContextParallelDotProductAttention
 
     attn = ContextParallelDotProductAttention(config, 1, AttnMaskType.causal, "self")
     q, k, v = _qkv()
@@ -67,7 +67,7 @@ def test_refusals_name_the_alternative(config):
 def test_cp_local_layer_spec_swaps_only_the_core_attention():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_rl_agg.cp_attention import ContextParallelDotProductAttention, cp_local_layer_spec
+    from megatron_rl_agg.mcore.cp_attention import ContextParallelDotProductAttention, cp_local_layer_spec
 
     spec, stock = cp_local_layer_spec(), get_gpt_layer_local_spec()
     assert spec.submodules.self_attention.submodules.core_attention is ContextParallelDotProductAttention

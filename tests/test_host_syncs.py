@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.utils._python_dispatch
 
-from megatron_rl_agg import megatron_compat
-from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS
-from megatron_rl_agg.config import LossConfig
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS
+from megatron_rl_agg.core.config import LossConfig
 
 B, S, V = 7, 6, 11
 GROUP_SIZES = [3, 2, 2]
@@ -73,7 +73,7 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def megatron_loss():
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg import megatron_loss as module
+    from megatron_rl_agg.mcore import loss as module
     yield module
     megatron_compat.destroy_model_parallel()
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_rl_agg import config, losses
+from megatron_rl_agg.core import config, losses
 
 
 def _logp_for_ratios(ratios, old=-1.0):

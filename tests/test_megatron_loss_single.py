@@ -14,10 +14,11 @@ import torch
 import torch.utils._python_dispatch
 import torch.utils._pytree
 
-from megatron_rl_agg import losses, megatron_compat
-from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
-from megatron_rl_agg.config import TERM_AGGREGATIONS, LossConfig
-from megatron_rl_agg.metrics import average_over_minibatches, reduce_metrics
+from megatron_rl_agg.core import losses
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
+from megatron_rl_agg.core.config import TERM_AGGREGATIONS, LossConfig
+from megatron_rl_agg.core.metrics import average_over_minibatches, reduce_metrics
 
 B, S, V = 7, 6, 11
 GROUP_SIZES = [3, 2, 2]       # with micro_batch_size 3 the last group straddles micro-batches 1 and 2
@@ -29,7 +30,7 @@ HORIZON = 6
 def megatron_loss():
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg import megatron_loss as module
+    from megatron_rl_agg.mcore import loss as module
     yield module
     megatron_compat.destroy_model_parallel()
 
@@ -401,7 +402,7 @@ def test_loss_path_allocates_no_logits_sized_tensor(megatron_loss, kw):
 # ----------------------------------------------------------------------------------------------
 
 def tiny_model(**overrides):
-    from megatron_rl_agg.model import GPTSpec, build_model, init_weights
+    from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights
     chunks = build_model(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=V,
                                  max_seq_length=S), **overrides)
     init_weights(chunks, seed=0)
@@ -433,7 +434,7 @@ def test_per_token_loss_with_average_in_collective_is_refused(megatron_loss):
 
 
 def test_context_parallel_size_mismatch_is_refused(megatron_loss):
-    from megatron_rl_agg.model import GPTSpec, get_transformer_config
+    from megatron_rl_agg.mcore.model import GPTSpec, get_transformer_config
     cfg = get_transformer_config(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2,
                                          vocab_size=V, max_seq_length=S), context_parallel_size=2)
     _, batch = make_batch()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rl_agg import megatron_compat, model
-from megatron_rl_agg.model import GPTSpec, Layout, parse_layout
+from megatron_rl_agg.mcore import compat as megatron_compat, model
+from megatron_rl_agg.mcore.model import GPTSpec, Layout, parse_layout
 
 
 def moe_spec(**overrides) -> GPTSpec:
@@ -141,7 +141,7 @@ def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
 def _config(**overrides):
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_rl_agg.megatron_compat import transformer_config_defaults
+    from megatron_rl_agg.mcore.compat import transformer_config_defaults
 
     kwargs = dict(**transformer_config_defaults(), num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
                   moe_aux_loss_coeff=0.01, add_bias_linear=False, calculate_per_token_loss=True,
@@ -155,7 +155,7 @@ def test_per_token_loss_with_moe_aux_loss_at_tp2_is_refused_where_the_router_lac
     exact on 0.19.2 (test_moe_grads.py measures both); the combination is refused only where unfixed."""
     import megatron.core
 
-    from megatron_rl_agg.megatron_loss import _router_scales_aux_by_tp_cp, check_moe_setup
+    from megatron_rl_agg.mcore.loss import _router_scales_aux_by_tp_cp, check_moe_setup
 
     fixed = _router_scales_aux_by_tp_cp()
     known = {"0.16.1": False, "0.19.2": True}      # the two releases the suite runs on

@@ -6,8 +6,9 @@ import argparse
 import pytest
 import torch
 
-from megatron_rl_agg import aggregation, megatron_compat
-from megatron_rl_agg.packing import (
+from megatron_rl_agg.core import aggregation
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore.packing import (
     add_sequence_packing_args,
     block_causal_mask,
     lengths_from_loss_mask,
@@ -184,7 +185,7 @@ def megatron_single_rank():
     """Real Megatron parallel state on one CPU rank (gloo), torn down after the module."""
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
 
     created = not torch_dist.is_initialized()
     megatron_compat.initialize_distributed()
@@ -209,7 +210,7 @@ def test_packed_attention_equals_padded_and_per_row(megatron_single_rank, pad_to
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_rl_agg.packing import PackedDotProductAttention
+    from megatron_rl_agg.mcore.packing import PackedDotProductAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                             attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
@@ -247,7 +248,7 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_rl_agg.packing import PackedDotProductAttention, packed_local_layer_spec
+    from megatron_rl_agg.mcore.packing import PackedDotProductAttention, packed_local_layer_spec
 
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                             attention_dropout=0.0, use_cpu_initialization=True,
@@ -274,9 +275,9 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "prompt_mean"])
 def test_packed_loss_func_equals_padded(megatron_single_rank, mode):
     """megatron_loss.loss_func, unchanged, on packed micro-batches: same loss, report and logit grads."""
-    from megatron_rl_agg.config import LossConfig
-    from megatron_rl_agg.megatron_loss import loss_func, prepare_microbatches
-    from megatron_rl_agg.packing import pack_microbatches
+    from megatron_rl_agg.core.config import LossConfig
+    from megatron_rl_agg.mcore.loss import loss_func, prepare_microbatches
+    from megatron_rl_agg.mcore.packing import pack_microbatches
 
     g = torch.Generator().manual_seed(11)
     n, width, vocab = 6, 8, 16
@@ -329,7 +330,7 @@ def test_packed_forward_step_refuses_unequal_packs_under_pp(megatron_single_rank
     """The check runs before the model: a module carrying a real PP2 TransformerConfig suffices."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_rl_agg.packing import packed_forward_step
+    from megatron_rl_agg.mcore.packing import packed_forward_step
 
     class Holder(torch.nn.Module):
         def __init__(self, **kwargs):

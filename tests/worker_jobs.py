@@ -49,7 +49,7 @@ def freeze_survivors() -> None:
 def main(jobs_file: str) -> None:
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
 
     jobs = json.loads(pathlib.Path(jobs_file).read_text())
     megatron_compat.initialize_distributed()
@@ -71,6 +71,6 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1])
     finally:
-        from megatron_rl_agg.megatron_compat import destroy_distributed
+        from megatron_rl_agg.mcore.compat import destroy_distributed
 
         destroy_distributed()

@@ -177,7 +177,7 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
     Returns:
         ``out_dir`` on rank 0, None elsewhere.
     """
-    from megatron_rl_agg.model import gather_full_params
+    from megatron_rl_agg.mcore.model import gather_full_params
 
     dtype = dtype or (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype") \
         or arch.torch_dtype
@@ -205,15 +205,15 @@ def _groups():
 
 def _is_world_rank0() -> bool:
     """Rank 0 of both the DP x CP group and the model-parallel group: exactly one process of the world."""
-    from megatron_rl_agg import dist
+    from megatron_rl_agg.parallel import dist
 
     return all(dist.rank(group) == 0 for group in _groups())
 
 
 def _barrier() -> None:
     """A sum over the DP x CP group, then over the model-parallel group: together they span the world."""
-    from megatron_rl_agg import dist
-    from megatron_rl_agg.megatron_compat import device
+    from megatron_rl_agg.parallel import dist
+    from megatron_rl_agg.mcore.compat import device
 
     for group in _groups():
         dist.all_reduce_sum(torch.zeros(1, device=device()), group)

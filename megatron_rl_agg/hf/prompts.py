@@ -141,7 +141,7 @@ def _epoch_order(num: int, seed: int, epoch: int) -> list[int]:
 class TextTask:
     """On-policy task of a prompt file: prompts per step, EOS ids, and the text reward of a response.
 
-    Interface used by :mod:`megatron_rl_agg.trainer.generation`: :meth:`step_prompts`, :meth:`reward`,
+    Interface used by :mod:`megatron_rl_agg.trainer.rollout.generation`: :meth:`step_prompts`, :meth:`reward`,
     ``eos_ids``, ``max_prompt_length``.
     """
 

@@ -158,11 +158,11 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 def export_checkpoint(args: argparse.Namespace) -> int:
     """``megatron-rl-agg export-hf``: a trainer checkpoint (``dist_checkpointing``, any layout) -> a Hugging
     Face directory. Runs in one process (or under torchrun at the given TP / PP); returns 0."""
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
     from megatron_rl_agg.hf.export import export_hf
     from megatron_rl_agg.hf.load import gpt_spec_from_hf
-    from megatron_rl_agg.model import build_model
-    from megatron_rl_agg.trainer import checkpoint
+    from megatron_rl_agg.mcore.model import build_model
+    from megatron_rl_agg.trainer.loop import checkpoint
 
     ckpt = hf_checkpoint(args.hf_checkpoint)     # checks config and tensors before any process group
     step = checkpoint.latest_step(args.load) if args.step is None else args.step

@@ -30,9 +30,9 @@ from unittest import mock
 import torch
 import torch.distributed as torch_dist
 
-from megatron_rl_agg import dist as agg_dist
-from megatron_rl_agg.advantages import boundary_record_width, compute_step_advantages, normalize_advantages
-from megatron_rl_agg.config import AdvantageConfig
+from megatron_rl_agg.parallel import dist as agg_dist
+from megatron_rl_agg.core.advantages import boundary_record_width, compute_step_advantages, normalize_advantages
+from megatron_rl_agg.core.config import AdvantageConfig
 
 TOL = 1e-12
 LEVEL_COMBOS = [(m, s, False) for m, s in itertools.product(("group", "batch", "none"), repeat=2)] + [

@@ -24,7 +24,7 @@ import sys, torch
 model_dir, out, mode = sys.argv[1:4]
 originals = {name: getattr(torch, name) for name in ("tensor", "zeros", "arange", "empty")}
 if mode == "cpu_mode":
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(1, 1)
     assert megatron_compat.cpu_mode_enabled()

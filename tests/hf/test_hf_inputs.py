@@ -208,7 +208,7 @@ def test_export_never_replaces_foreign_data(tmp_path):
 
 
 def test_trainer_flag_errors(llama_dir):
-    from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
 
     with pytest.raises(TrainerArgsError, match="--save-hf needs --hf-checkpoint"):
         parse_args(["--save-hf", "out"])
@@ -229,7 +229,7 @@ def test_trainer_flag_errors(llama_dir):
 
 
 def test_text_rollouts_need_a_tokenizer(tmp_path):
-    from megatron_rl_agg.trainer.rollouts import RolloutFormatError, read_rollouts
+    from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError, read_rollouts
 
     path = tmp_path / "text.jsonl"
     path.write_text(json.dumps({"prompt_id": 0, "prompt": "2 + 2 =", "response": " 4", "reward": 1.0,
@@ -251,7 +251,7 @@ class Block:
             raise ImportError(f"blocked {name}")
 sys.meta_path.insert(0, Block())
 import megatron_rl_agg, megatron_rl_agg.hf
-from megatron_rl_agg.trainer.arguments import parse_args
+from megatron_rl_agg.trainer.cli.arguments import parse_args
 args = parse_args(["--train-iters", "1"])
 assert args.hf_checkpoint is None and args.reward == "math_verify"
 print("ok")

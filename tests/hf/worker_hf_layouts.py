@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from megatron_rl_agg import megatron_compat
+from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.hf.export import export_hf
 from megatron_rl_agg.hf.load import HFCheckpoint, gpt_spec_from_hf, load_hf_weights
-from megatron_rl_agg.model import build_model, parse_layout
-from megatron_rl_agg.trainer import forward
+from megatron_rl_agg.mcore.model import build_model, parse_layout
+from megatron_rl_agg.trainer.step import forward
 
 LAYOUTS = ("tp1", "tp2", "pp2", "pp2,vpp2")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 
-from megatron_rl_agg.model import Layout, parse_layout  # noqa: E402
+from megatron_rl_agg.mcore.model import Layout, parse_layout  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
 TOL = 1e-5

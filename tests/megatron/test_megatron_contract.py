@@ -72,7 +72,7 @@ def test_expected_grad_arithmetic():
 
 @pytest.fixture()
 def world_of_one():
-    from megatron_rl_agg import megatron_compat
+    from megatron_rl_agg.mcore import compat as megatron_compat
 
     megatron_compat.initialize_distributed()
     yield

@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg import megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
 
 K = 4
 NUM_MICROBATCHES = 3

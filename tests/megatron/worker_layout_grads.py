@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
         tests/megatron/worker_layout_grads.py OUT_DIR dp2,m2 tp2 pp2,m4 pp2,vpp2,m4
 
-Each layout string (see ``megatron_rl_agg.model.parse_layout``) must use every process
+Each layout string (see ``megatron_rl_agg.mcore.model.parse_layout``) must use every process
 (tp * pp * cp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
 (the legacy objective), used as a negative control; ``:distopt`` uses Megatron's distributed
 optimizer with overlapped gradient reduce-scatter; ``:flag`` sets ``calculate_per_token_loss=True`` and
@@ -44,10 +44,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg import dist  # noqa: E402
-from megatron_rl_agg import megatron_compat  # noqa: E402
-from megatron_rl_agg.context_parallel import split_for_cp_rank  # noqa: E402
-from megatron_rl_agg.model import (  # noqa: E402
+from megatron_rl_agg.parallel import dist  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.core.context_parallel import split_for_cp_rank  # noqa: E402
+from megatron_rl_agg.mcore.model import (  # noqa: E402
     GPTSpec, build_model, build_optimizer, gather_full_grads, gather_full_params, init_weights,
     parse_layout,
 )

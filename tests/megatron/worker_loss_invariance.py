@@ -37,10 +37,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg import losses, megatron_compat  # noqa: E402
-from megatron_rl_agg.aggregation import aggregate  # noqa: E402
-from megatron_rl_agg.config import LossConfig  # noqa: E402
-from megatron_rl_agg.model import GPTSpec, build_model, init_weights, parse_layout, unwrap  # noqa: E402
+from megatron_rl_agg.core import losses  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.core.aggregation import aggregate  # noqa: E402
+from megatron_rl_agg.core.config import LossConfig  # noqa: E402
+from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights, parse_layout, unwrap  # noqa: E402
 
 SEED = 4321
 SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_seq_length=12,
@@ -120,9 +121,9 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.metrics import reduce_metrics
-    from megatron_rl_agg.model import gather_full_grads
+    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.core.metrics import reduce_metrics
+    from megatron_rl_agg.mcore.model import gather_full_grads
 
     share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
     cp_group = parallel_state.get_context_parallel_group()
@@ -201,7 +202,7 @@ def tp2_vocab_parallel_check(out_dir):
     """Vocab-parallel log-probs/entropy and their gradients vs the full-logit reference at TP2."""
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.megatron_loss import vocab_parallel_entropy, vocab_parallel_logprobs
+    from megatron_rl_agg.mcore.loss import vocab_parallel_entropy, vocab_parallel_logprobs
 
     megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
     gen = torch.Generator().manual_seed(7)
@@ -240,7 +241,7 @@ def tp2_fused_check(out_dir):
     by exp(-40)-ish). Also counts the collectives of one forward and one backward."""
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs_and_entropy
+    from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs_and_entropy
 
     megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -11,7 +11,7 @@ The model: 2 layers, every MLP a Megatron ``MoELayer`` (4 gated experts, top-2 s
 dropless, the ``aux_loss`` load-balancing loss on with coefficient ``AUX_COEFF``), tied embeddings,
 fp32, the local spec (``SequentialMLP`` experts) through the CPU mode's MoE redirects.
 
-An item ``<layout>:<dispatcher>`` (layout as ``megatron_rl_agg.model.parse_layout``: ``ep`` multiplies
+An item ``<layout>:<dispatcher>`` (layout as ``megatron_rl_agg.mcore.model.parse_layout``: ``ep`` multiplies
 the process count, Megatron's data-parallel size is ``dp * ep``) builds the model at that layout with
 that token dispatcher and, for each loss configuration, prepares this rank's share of the SAME global
 mini-batch (``worker_loss_invariance.make_batch``: unequal rows, a masked row, prompt groups split
@@ -50,8 +50,8 @@ sys.path.insert(0, str(HERE))
 import worker_loss_invariance as base  # noqa: E402
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg import megatron_compat  # noqa: E402
-from megatron_rl_agg.model import GPTSpec, build_model, init_weights, parse_layout  # noqa: E402
+from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights, parse_layout  # noqa: E402
 
 SEED = 2468
 AUX_COEFF = 0.1
@@ -91,8 +91,8 @@ def run_config(chunks, batch, cfg, mbs, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.model import gather_full_grads
+    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.model import gather_full_grads
 
     dp_group = parallel_state.get_data_parallel_group()
     share = base.rank_share(batch, parallel_state.get_data_parallel_rank(), torch_dist.get_world_size(dp_group))
@@ -126,7 +126,7 @@ def run_aux_only_flag(chunks, mbs):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.model import gather_full_grads
+    from megatron_rl_agg.mcore.model import gather_full_grads
 
     dp_group = parallel_state.get_data_parallel_group()
     share = base.rank_share(batch_for("aux_only"), parallel_state.get_data_parallel_rank(),
@@ -165,7 +165,7 @@ def run_item(out_dir: str, item: str) -> None:
         # refuses this combination at TP > 1: check_moe_setup's message is saved with the gradient).
         from megatron.core.utils import get_model_config
 
-        from megatron_rl_agg.megatron_loss import check_moe_setup
+        from megatron_rl_agg.mcore.loss import check_moe_setup
 
         chunks = build(layout, dispatcher, calculate_per_token_loss=True)
         try:

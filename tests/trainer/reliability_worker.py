@@ -44,13 +44,13 @@ def _apply(ops: list) -> None:
 
 
 def main() -> int:
-    from megatron_rl_agg.megatron_compat import quiet_warnings
+    from megatron_rl_agg.mcore.compat import quiet_warnings
 
     quiet_warnings()
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg.trainer.arguments import parse_args
-    from megatron_rl_agg.trainer.train import run
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.loop.train import run
     from worker_jobs import freeze_survivors
 
     plan_path, out_dir = sys.argv[1], sys.argv[2]
@@ -89,7 +89,7 @@ if __name__ == "__main__":
         # it; leave at once (as scripts/train_grpo.py does after a timeout).
         sys.stdout.flush()
         os._exit(status)
-    from megatron_rl_agg.megatron_compat import destroy_distributed
+    from megatron_rl_agg.mcore.compat import destroy_distributed
 
     destroy_distributed()
     sys.exit(status)

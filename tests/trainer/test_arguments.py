@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rl_agg.trainer.arguments import TrainerArgsError, parse_args, virtual_pipeline_size
+from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args, virtual_pipeline_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def test_unknown_dispatcher_lists_the_valid_ones(capsys):
     (6, ["--pipeline-model-parallel-size", "4"], "world size 6 is not a multiple of TP x PP x CP = 1 x 4 x 1"),
 ])
 def test_world_size_rules(world, argv, message):
-    from megatron_rl_agg.trainer.arguments import check_world
+    from megatron_rl_agg.trainer.cli.arguments import check_world
 
     args = parse_args(MOE + argv + ["--num-layers", "4"])
     with pytest.raises(TrainerArgsError, match=message):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_rl_agg.trainer import batching
-from megatron_rl_agg.trainer.rollouts import Sample
+from megatron_rl_agg.trainer.step import batching
+from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 
 def _s(prompt, response, reward=0.0, finish="stop", logprobs=None, pid=0):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from megatron_rl_agg.trainer import rollouts
-from megatron_rl_agg.trainer.rollouts import RolloutFormatError
+from megatron_rl_agg.trainer.rollout import rollouts
+from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
 
 
 def _row(pid="a", prompt=(1, 2), response=(3, 4), reward=1.0, finish="stop", **extra):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_rl_agg.trainer import task
-from megatron_rl_agg.trainer.task import BOS, EOS, CountingTask, len_token
+from megatron_rl_agg.trainer.rollout import task
+from megatron_rl_agg.trainer.rollout.task import BOS, EOS, CountingTask, len_token
 
 
 def test_target_counts_on_modulo_ten():

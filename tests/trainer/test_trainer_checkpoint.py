@@ -156,8 +156,8 @@ def test_moe_on_policy_with_two_mini_batches_is_expert_parallel_invariant(runs):
 
 
 def test_moe_resume_across_ep1_and_ep2_is_refused(runs, tmp_path):
-    from megatron_rl_agg.trainer.arguments import parse_args
-    from megatron_rl_agg.trainer.train import TrainerArgsError, _check_resumable
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.loop.train import TrainerArgsError, _check_resumable
 
     tmp, _ = runs
     args = parse_args([*MODEL_ARGS, *MOE, *EP2, "--load", str(tmp / "ck_moe")])

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from megatron_rl_agg.advantages import normalize_advantages
-from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, aggregate
+from megatron_rl_agg.core.advantages import normalize_advantages
+from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
 from trainer_helpers import MODEL_ARGS, read_rollouts, trainer_job, trainer_results, write_rollouts
 
 pytestmark = pytest.mark.slow
@@ -235,7 +235,7 @@ def test_two_mini_batches_per_step_are_layout_invariant(runs, mode):
 
 
 def test_metrics_lines_carry_every_documented_key(runs):
-    from megatron_rl_agg.trainer.reporting import METRIC_KEYS
+    from megatron_rl_agg.trainer.loop.reporting import METRIC_KEYS
 
     _, results = runs
     line = results["token_mean/dp2"][0]

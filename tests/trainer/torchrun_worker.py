@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: worker_
 def run(argv: list[str]) -> None:
     """``argv = [PLAN.json, RESULTS.json]``; the trainer initialises the process group unless it is up
     (``tests/worker_jobs.py`` runs this in a shared launch)."""
-    from megatron_rl_agg.megatron_compat import initialize_distributed
-    from megatron_rl_agg.trainer.arguments import parse_args
-    from megatron_rl_agg.trainer.train import run as train
+    from megatron_rl_agg.mcore.compat import initialize_distributed
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.loop.train import run as train
     from worker_jobs import freeze_survivors
 
     plan_path, out_path = argv[0], argv[1]
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     try:
         status = main()
     finally:
-        from megatron_rl_agg.megatron_compat import destroy_distributed
+        from megatron_rl_agg.mcore.compat import destroy_distributed
 
         destroy_distributed()
     sys.exit(status)

@@ -15,9 +15,9 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from megatron_rl_agg import megatron_compat
-from megatron_rl_agg.model import GPTSpec, build_model, init_weights
-from megatron_rl_agg.trainer import generation, task
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights
+from megatron_rl_agg.trainer.rollout import generation, task
 from tests.torchrun_utils import save_result
 
 LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2),

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_rl_agg.trainer.rollouts import Sample
+from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["RowBatch", "build_rows", "shard_bounds", "pad_group_id", "pad_rows"]
 

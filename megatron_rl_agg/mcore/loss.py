@@ -74,11 +74,11 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_model_config
 
-from megatron_rl_agg import dist
-from megatron_rl_agg.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
-from megatron_rl_agg.config import MICROBATCH_MEAN, LossConfig
-from megatron_rl_agg.context_parallel import check_cp_seq_length, split_for_cp_rank
-from megatron_rl_agg.losses import kl_estimate, ppo_clipped_surrogate
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
+from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
+from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
+from megatron_rl_agg.core.losses import kl_estimate, ppo_clipped_surrogate
 
 __all__ = [
     "LEGACY_MODE",
@@ -504,7 +504,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     Context parallelism: every CP rank of a DP rank passes the SAME full rows. All weights are computed
     from the full rows (counts over ``dp_group`` only: the CP ranks of one DP rank hold the same rows, a
     count over dp x cp would count each row C times), then every per-token tensor is cut to this CP rank's
-    zigzag shard (:func:`megatron_rl_agg.context_parallel.split_for_cp_rank`), as Megatron's
+    zigzag shard (:func:`megatron_rl_agg.core.context_parallel.split_for_cp_rank`), as Megatron's
     ``get_batch_on_this_cp_rank`` cuts the model inputs.
 
     Args:
@@ -682,7 +682,7 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         ``microbatch_mean`` terms (``n_full`` the whole micro-batch's tokens, all CP shards).
         3-tuple (flag on): the same sums with the factor ``N`` (total routed tokens) in place of ``M * D``
         and ``N / (M * D)`` in place of 1, then ``num_tokens = b * s`` (int32), then the report.
-        ``report`` holds unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.metrics`;
+        ``report`` holds unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.core.metrics`;
         reduce them over the dp x cp group under CP, each shard holding part of every row):
         ``policy_loss/sum``, ``kl_loss/sum``, ``entropy_loss/sum`` and ``loss/sum`` (each micro-batch's
         share of the objective the gradient is of, so their totals over micro-batches and DP ranks are

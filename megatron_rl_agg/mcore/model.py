@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from megatron_rl_agg import megatron_compat
+from megatron_rl_agg.mcore import compat as megatron_compat
 
 __all__ = [
     "Layout",
@@ -419,7 +419,7 @@ def sequence_parallel_local_spec(layer_spec, num_layers_per_stage: int):
 
 def default_layer_spec(spec: GPTSpec):
     """Transformer Engine layer spec when TE imports and CUDA is present, else the local spec (with
-    :class:`megatron_rl_agg.cp_attention.ContextParallelDotProductAttention` under context parallelism,
+    :class:`megatron_rl_agg.mcore.cp_attention.ContextParallelDotProductAttention` under context parallelism,
     which the local ``DotProductAttention`` refuses).
 
     With ``spec.num_experts`` the MLP is an ``MoELayer``: TE's grouped-GEMM experts on the TE path
@@ -433,7 +433,7 @@ def default_layer_spec(spec: GPTSpec):
             num_experts=spec.num_experts, moe_grouped_gemm=spec.num_experts is not None,
             qk_layernorm=spec.qk_layernorm)
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
-        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+        from megatron_rl_agg.mcore.cp_attention import cp_local_layer_spec
 
         return cp_local_layer_spec(num_experts=spec.num_experts, normalization=spec.normalization,
                                    qk_layernorm=spec.qk_layernorm)
@@ -541,7 +541,7 @@ def _grouped_experts(layer_spec) -> bool:
     """
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from .megatron_compat import spec_module, spec_submodules
+    from megatron_rl_agg.mcore.compat import spec_module, spec_submodules
 
     mlp = getattr(spec_submodules(layer_spec), "mlp", None)
     experts = getattr(spec_submodules(mlp), "experts", None)

@@ -5,12 +5,12 @@ Engine's attention implements CP. This module gives the local spec a CP-capable 
 (:class:`ContextParallelDotProductAttention`, same constructor and ``forward`` as
 ``DotProductAttention``) so context parallelism runs where TE is absent, e.g. on a CPU with gloo. On a GPU
 with TE the TE spec's own CP attention (ring attention) is used and this module is not involved
-(:func:`megatron_rl_agg.model.default_layer_spec`).
+(:func:`megatron_rl_agg.mcore.model.default_layer_spec`).
 
 The algorithm (all-gather K/V). CP rank ``r`` holds the queries, keys and values of its zigzag positions
-``P_r`` (:func:`megatron_rl_agg.context_parallel.zigzag_indices`; ``|P_r| = S / C``). Each rank gathers
+``P_r`` (:func:`megatron_rl_agg.core.context_parallel.zigzag_indices`; ``|P_r| = S / C``). Each rank gathers
 the keys and values of ALL ranks (``[C, S/C, b, g, d]``, one all-gather each, autograd-correct through
-:func:`megatron_rl_agg.dist.all_gather_stacked`: the backward all-reduces the K/V gradient over the CP
+:func:`megatron_rl_agg.parallel.dist.all_gather_stacked`: the backward all-reduces the K/V gradient over the CP
 group and keeps this rank's slice), and attends with the causal mask written in GLOBAL positions:
 
     score[q, k] = softmax_scale * <Q_q, K_k>,   masked where  pos(k) > pos(q),
@@ -37,8 +37,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from megatron_rl_agg import dist
-from megatron_rl_agg.context_parallel import zigzag_indices
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.core.context_parallel import zigzag_indices
 
 __all__ = ["ContextParallelDotProductAttention", "cp_local_layer_spec"]
 
@@ -116,7 +116,7 @@ class ContextParallelDotProductAttention(MegatronModule):
 
 def cp_local_layer_spec(**local_spec_kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with :class:`ContextParallelDotProductAttention` as core
-    attention (pass it as ``layer_spec=`` of :func:`megatron_rl_agg.model.build_model`)."""
+    attention (pass it as ``layer_spec=`` of :func:`megatron_rl_agg.mcore.model.build_model`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if local_spec_kwargs.get("multi_latent_attention"):

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_rl_agg.trainer import generation, rollouts
-from megatron_rl_agg.trainer.batching import shard_bounds
-from megatron_rl_agg.trainer.rollouts import Sample
+from megatron_rl_agg.trainer.rollout import generation, rollouts
+from megatron_rl_agg.trainer.step.batching import shard_bounds
+from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["StepRows", "OfflineSource", "OnPolicySource"]
 
@@ -31,7 +31,7 @@ class OfflineSource:
     """Mini-batches of whole prompt groups read from a JSONL rollout file.
 
     The file's groups are packed in order into mini-batches of at most ``--global-batch-size`` rows
-    (:func:`~megatron_rl_agg.trainer.rollouts.plan_minibatches`); with ``K = --mini-batches-per-step``,
+    (:func:`~megatron_rl_agg.trainer.rollout.rollouts.plan_minibatches`); with ``K = --mini-batches-per-step``,
     mini-batch ``j`` of step ``k`` (from 1) is planned mini-batch ``((k - 1) K + j) mod num_batches``, so a
     run longer than one pass starts the file again. Group ids are the group's index in the file.
     """

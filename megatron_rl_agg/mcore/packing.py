@@ -338,7 +338,7 @@ def packed_forward_step(data_iterator, model):
     """
     from megatron.core.utils import get_model_config
 
-    from megatron_rl_agg.megatron_loss import make_loss_func
+    from megatron_rl_agg.mcore.loss import make_loss_func
 
     micro_batch = next(data_iterator)
     params = micro_batch.get("packed_seq_params")

@@ -29,7 +29,7 @@ quantities, which is what makes the result independent of micro-batch size and p
 counts are clamped to >= 1 instead of branched on, so an all-masked batch aggregates to exactly 0.
 
 This module never calls ``torch.distributed``: the counts that span ranks are reduced through the named
-collectives of :mod:`megatron_rl_agg.dist`.
+collectives of :mod:`megatron_rl_agg.parallel.dist`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_rl_agg import dist
+from megatron_rl_agg.parallel import dist
 
 __all__ = [
     "AggregationMode",

@@ -5,7 +5,7 @@ weights of ``--seed`` (the same function of ``(seed, parameter key)`` the policy
 policy's step-0 state at any layout, also after a resume), or the weights of the checkpoint in
 ``--ref-load``. Its log-probs are computed with a forward-only pass before the update, on the same
 padded rows as the update, and reach every pipeline stage
-(:func:`~megatron_rl_agg.trainer.forward.compute_logprobs`).
+(:func:`~megatron_rl_agg.trainer.step.forward.compute_logprobs`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from megatron_rl_agg.trainer import checkpoint, forward
+from megatron_rl_agg.trainer.loop import checkpoint
+from megatron_rl_agg.trainer.step import forward
 
 __all__ = ["build_reference", "reference_logprobs"]
 
@@ -24,7 +25,7 @@ def build_reference(spec, layer_spec, *, seed: int, ref_load: Optional[str], ini
 
     Weights: ``ref_load``'s checkpoint, else ``init_fn(chunks)`` when given (an imported Hugging Face
     checkpoint), else the initial weights of ``seed``."""
-    from megatron_rl_agg.model import build_model, init_weights
+    from megatron_rl_agg.mcore.model import build_model, init_weights
 
     ref = build_model(spec, wrap_ddp=False, layer_spec=layer_spec)
     if ref_load:

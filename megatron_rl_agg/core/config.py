@@ -1,7 +1,7 @@
 """Configuration of the plugin: one dataclass per concern, validated, and the argparse flags built from
 them (usable as Megatron-LM's ``extra_args_provider``).
 
-    from megatron_rl_agg.config import add_loss_aggregation_args, LossConfig, AdvantageConfig
+    from megatron_rl_agg.core.config import add_loss_aggregation_args, LossConfig, AdvantageConfig
     parser = add_loss_aggregation_args(argparse.ArgumentParser())
     args = parser.parse_args(["--loss-aggregation", "seq-mean-token-sum-norm", "--max-response-length", "512"])
     loss_cfg, adv_cfg = LossConfig.from_args(args), AdvantageConfig.from_args(args)
@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_rl_agg.aggregation import LOSS_AGGREGATIONS, get_aggregation, resolve_aggregation
+from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, get_aggregation, resolve_aggregation
 
 __all__ = [
     "LossConfig",

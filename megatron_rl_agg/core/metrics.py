@@ -20,7 +20,7 @@ global weights ``w``, so the total is exactly the aggregated objective of the wh
 
 The ``(sum, count)`` pairs are also the shape Megatron-LM's own training loop sums and divides.
 This module issues at most two collectives per call (one sum; one max only when a ``/max`` or ``/min``
-name exists) through :mod:`megatron_rl_agg.dist`; it never imports ``torch.distributed`` itself.
+name exists) through :mod:`megatron_rl_agg.parallel.dist`; it never imports ``torch.distributed`` itself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from megatron_rl_agg import dist
+from megatron_rl_agg.parallel import dist
 
 __all__ = ["METRIC_REDUCTIONS", "reduction_of", "reduce_metrics", "average_over_minibatches"]
 

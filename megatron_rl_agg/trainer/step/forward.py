@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_rl_agg import dist
-from megatron_rl_agg.context_parallel import merge_cp_shards, split_for_cp_rank
-from megatron_rl_agg.megatron_loss import vocab_parallel_logprobs
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.core.context_parallel import merge_cp_shards, split_for_cp_rank
+from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs
 
 __all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple",
            "cp_layout"]
@@ -97,7 +97,7 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_compat import device
+    from megatron_rl_agg.mcore.compat import device
 
     dev = device()
     tokens = tokens.to(dev)
@@ -144,12 +144,12 @@ def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> to
 
     A sum over the pipeline group in which every stage but the last contributes zeros: ``x + 0 == x``
     exactly, for floats and integers, so this is a broadcast built from the one collective kind
-    :mod:`megatron_rl_agg.dist` already has. Each pipeline group holds one rank per stage (same TP and DP
+    :mod:`megatron_rl_agg.parallel.dist` already has. Each pipeline group holds one rank per stage (same TP and DP
     rank), and TP ranks of the last stage hold identical values, so every rank ends with the same tensor.
     """
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.megatron_compat import device
+    from megatron_rl_agg.mcore.compat import device
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from megatron_rl_agg import dist
+from megatron_rl_agg.parallel import dist
 
 __all__ = ["NonFiniteError", "DistributedTimeoutError", "check_update", "StopSignal", "describe_timeout",
            "is_timeout", "truncate_metrics", "REPEAT_S"]
@@ -173,7 +173,7 @@ def truncate_metrics(path: Optional[str], last_step: int) -> int:
     every step appears once; the file is rewritten atomically. Returns the number of lines dropped."""
     if not path or not os.path.isfile(path):
         return 0
-    from megatron_rl_agg.trainer.checkpoint import atomic_write_text
+    from megatron_rl_agg.trainer.loop.checkpoint import atomic_write_text
 
     with open(path, encoding="utf-8") as fh:
         lines = [line for line in fh if line.strip()]

@@ -34,8 +34,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_rl_agg import dist
-from megatron_rl_agg.model import unwrap
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.mcore.model import unwrap
 
 __all__ = ["TRACKER_FILE", "checkpoint_path", "latest_step", "save_checkpoint", "load_checkpoint",
            "load_model_weights", "atomic_write_text", "check_save_dir", "resolve_step", "check_model",
@@ -269,7 +269,7 @@ def _barrier() -> None:
     the second sum only after finishing the first, so the chain waits for the whole world."""
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.megatron_compat import device
+    from megatron_rl_agg.mcore.compat import device
 
     for group in (parallel_state.get_data_parallel_group(), parallel_state.get_model_parallel_group()):
         dist.all_reduce_sum(torch.zeros(1, device=device()), group)

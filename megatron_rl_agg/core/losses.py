@@ -2,7 +2,7 @@
 
 Everything here maps ``[B, T]`` per-token inputs to ``[B, T]`` per-token outputs; aggregation over
 tokens, rows, micro-batches and ranks is done elsewhere with the global weights of
-:mod:`megatron_rl_agg.aggregation`.
+:mod:`megatron_rl_agg.core.aggregation`.
 
 Notation (per token):
 

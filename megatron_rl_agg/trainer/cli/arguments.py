@@ -6,8 +6,8 @@ that lists the valid ones, so a typo never silently keeps a default.
 
 Where Megatron-LM has a flag for the same thing the trainer uses its name (``--tensor-model-parallel-size``,
 ``--global-batch-size``, ``--lr``, ``--save``, ...); the RL loss and advantage flags come from
-:func:`megatron_rl_agg.config.add_loss_aggregation_args`, and ``--sequence-packing`` from
-:mod:`megatron_rl_agg.packing`. ``docs/training.md`` lists every flag.
+:func:`megatron_rl_agg.core.config.add_loss_aggregation_args`, and ``--sequence-packing`` from
+:mod:`megatron_rl_agg.mcore.packing`. ``docs/training.md`` lists every flag.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_rl_agg.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
 
 # Megatron's MoE token dispatchers the trainer runs (model.MOE_TOKEN_DISPATCHERS; model.py imports
 # torch at module level, this module must not need it to print --help).
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hf_args(parser)
     add_loss_aggregation_args(parser)
     _add_reliability_args(parser)
-    from megatron_rl_agg.packing import add_sequence_packing_args
+    from megatron_rl_agg.mcore.packing import add_sequence_packing_args
     add_sequence_packing_args(parser)
     return parser
 
@@ -194,7 +194,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
     if unknown:
         raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
-    from megatron_rl_agg.trainer.validation import yaml_value
+    from megatron_rl_agg.trainer.cli.validation import yaml_value
 
     for action in parser._actions:
         # YAML values pass the option's own type / choices check, stricter than a command-line string.
@@ -233,7 +233,7 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
 
     validate_hf_args(args, TrainerArgsError)     # --hf-checkpoint sets the size flags from config.json
 
-    from megatron_rl_agg.trainer import validation
+    from megatron_rl_agg.trainer.cli import validation
 
     validation.check_number_flags(parser or build_parser(), args)
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",

@@ -1,7 +1,7 @@
 """Up-front checks of the trainer's inputs: YAML values, number flags, model shapes, rollout rows.
 
 Everything here runs before the model is built or the first step starts, on every rank with the same
-inputs, so a bad value raises the same :class:`~megatron_rl_agg.trainer.arguments.TrainerArgsError` on
+inputs, so a bad value raises the same :class:`~megatron_rl_agg.trainer.cli.arguments.TrainerArgsError` on
 every rank and no rank is left inside a collective. Each message names the option (its flag or YAML key)
 and the accepted values. ``docs/reliability.md`` lists what is checked where.
 """
@@ -12,7 +12,7 @@ import argparse
 import math
 from typing import Any, Optional, Sequence
 
-from megatron_rl_agg.trainer.arguments import TrainerArgsError
+from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError
 
 __all__ = ["yaml_value", "check_number_flags", "check_model_shapes", "check_rollout_rows", "FLOAT_RANGES"]
 

@@ -13,7 +13,7 @@ prompt groups. Before the first update, for every mini-batch:
    pass as the old ones: the same numbers as a recomputation (ratio 1), one forward pass fewer.
 
 Then, per mini-batch: ``prepare_microbatches`` (global aggregation weights, once per mini-batch),
-Megatron's forward-backward schedule with :func:`megatron_rl_agg.megatron_loss.forward_step`, the
+Megatron's forward-backward schedule with :func:`megatron_rl_agg.mcore.loss.forward_step`, the
 optimizer step; metrics reduced exactly over micro-batches and DP ranks, handed from the last pipeline
 stage to rank 0, and combined over the mini-batches into one line per step.
 """
@@ -28,13 +28,16 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_rl_agg import dist, megatron_compat
-from megatron_rl_agg.advantages import compute_step_advantages
-from megatron_rl_agg.config import AdvantageConfig, LossConfig
-from megatron_rl_agg.trainer import batching, checkpoint, forward, generation, reference, safety, task
-from megatron_rl_agg.trainer.arguments import TrainerArgsError, check_world, virtual_pipeline_size
-from megatron_rl_agg.trainer.reporting import METRIC_KEYS, MetricsLogger
-from megatron_rl_agg.trainer.sources import OfflineSource, OnPolicySource
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.core.advantages import compute_step_advantages
+from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
+from megatron_rl_agg.trainer.step import batching, forward, reference
+from megatron_rl_agg.trainer.loop import checkpoint, safety
+from megatron_rl_agg.trainer.rollout import generation, task
+from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, check_world, virtual_pipeline_size
+from megatron_rl_agg.trainer.loop.reporting import METRIC_KEYS, MetricsLogger
+from megatron_rl_agg.trainer.rollout.sources import OfflineSource, OnPolicySource
 
 __all__ = ["Trainer", "build_trainer", "train_step", "run"]
 
@@ -84,7 +87,7 @@ class Trainer:
 
 
 def _model_spec(args):
-    from megatron_rl_agg.model import GPTSpec
+    from megatron_rl_agg.mcore.model import GPTSpec
 
     if args.hf_checkpoint:
         from megatron_rl_agg.hf.trainer_glue import hf_model_spec
@@ -105,17 +108,17 @@ def _layer_spec(args, spec):
     impl = args.transformer_impl
     if impl == "auto":
         # Transformer Engine's spec on CUDA when TE imports (the model module's own test of it).
-        from megatron_rl_agg.model import _use_transformer_engine
+        from megatron_rl_agg.mcore.model import _use_transformer_engine
 
         impl = "transformer_engine" if _use_transformer_engine() else "local"
     if args.sequence_packing and impl == "local":
         # Megatron's local attention has no THD path; the packing module's spec adds one.
-        from megatron_rl_agg.packing import packed_local_layer_spec
+        from megatron_rl_agg.mcore.packing import packed_local_layer_spec
 
         return packed_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local" and args.context_parallel_size > 1:
         # Megatron's local DotProductAttention refuses CP; the plugin's CP attention is its drop-in.
-        from megatron_rl_agg.cp_attention import cp_local_layer_spec
+        from megatron_rl_agg.mcore.cp_attention import cp_local_layer_spec
 
         return cp_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local":
@@ -136,7 +139,7 @@ def _layer_spec(args, spec):
 def _build_policy(args, spec):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_rl_agg.model import build_model, build_optimizer, init_weights
+    from megatron_rl_agg.mcore.model import build_model, build_optimizer, init_weights
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=args.use_distributed_optimizer,
@@ -181,7 +184,7 @@ def _build_source(args):
             tokenize = text_tokenizer(args)
         source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
                                args.mini_batches_per_step, tokenize=tokenize)
-        from megatron_rl_agg.trainer.validation import check_rollout_rows
+        from megatron_rl_agg.trainer.cli.validation import check_rollout_rows
 
         check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
         return source
@@ -388,14 +391,14 @@ def _schedule_inputs(tr: Trainer, micro: list) -> tuple[list, Any, int, int]:
     """``(micro_batches, forward_step_func, seq_length, micro_batch_size)`` for Megatron's schedule.
 
     With ``--sequence-packing`` each micro-batch becomes one THD sequence of its rows' real tokens
-    (:mod:`megatron_rl_agg.packing`; loss and gradients equal the padded run). Under pipeline parallelism
+    (:mod:`megatron_rl_agg.mcore.packing`; loss and gradients equal the padded run). Under pipeline parallelism
     the packs are padded to one common length, the activation shape every stage must agree on.
     """
-    from megatron_rl_agg.megatron_loss import forward_step
+    from megatron_rl_agg.mcore.loss import forward_step
 
     if not tr.args.sequence_packing:
         return micro, forward_step, tr.args.seq_length, tr.args.micro_batch_size
-    from megatron_rl_agg.packing import pack_microbatches, packed_forward_step
+    from megatron_rl_agg.mcore.packing import pack_microbatches, packed_forward_step
 
     packed = pack_microbatches(micro, pad_to_multiple_of=tr.args.pack_pad_to_multiple_of,
                                equal_length=tr.layout["pp"] > 1)
@@ -409,7 +412,7 @@ def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tupl
     :func:`.safety.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.megatron_loss import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import prepare_microbatches
 
     # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
@@ -454,7 +457,7 @@ def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
 
 def _loss_metrics(tr: Trainer, reports: list) -> dict:
     """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
-    from megatron_rl_agg.metrics import reduce_metrics
+    from megatron_rl_agg.core.metrics import reduce_metrics
 
     reduced = reduce_metrics(reports, tr.metrics_group) if reports else None
     values = None

@@ -37,11 +37,11 @@ so rules 2-4 do not apply).
 Distributed: each rank summarizes its rows per group bucket as ``(id, counts, ref, mean - ref, M2)``.
 Groups are contiguous, so when the ids ascend along the global row order (the trainer's prompt indices)
 only a rank's first and last bucket can belong to a group that continues on another rank: ONE
-:func:`megatron_rl_agg.dist.all_gather_fixed` of a fixed-size record per rank (those two buckets and a
+:func:`megatron_rl_agg.parallel.dist.all_gather_fixed` of a fixed-size record per rank (those two buckets and a
 few per-rank sums, :func:`boundary_record_width` int64) gives every rank what it needs, O(ranks) bytes
 whatever the number of groups; boundary buckets of one group are merged with Chan's pairwise formula, so
 each group's statistics cover all its rows on all ranks (a group may span any number of ranks). Ids in
-any other order fall back, identically on every rank, to :func:`megatron_rl_agg.dist.all_gather_varlen`
+any other order fall back, identically on every rank, to :func:`megatron_rl_agg.parallel.dist.all_gather_varlen`
 of every bucket (two collectives, O(groups) bytes). All the validation of ids and rewards that depends
 on other ranks' data happens after an exchange, identically on every rank, so a bad batch raises the
 same error everywhere instead of leaving some ranks waiting in a collective.
@@ -63,10 +63,10 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
-from megatron_rl_agg import dist
+from megatron_rl_agg.parallel import dist
 
 if TYPE_CHECKING:  # the config is read by attribute only; importing it here would couple the two modules
-    from megatron_rl_agg.config import AdvantageConfig
+    from megatron_rl_agg.core.config import AdvantageConfig
 
 __all__ = ["NORM_LEVELS", "normalize_advantages", "compute_step_advantages"]
 
@@ -144,7 +144,7 @@ def compute_step_advantages(
         group_ids: ``[B]`` int, as in :func:`normalize_advantages` (groups may straddle ranks).
         truncated: ``[B]`` bool, rows that ended without EOS (None: no row was truncated).
         sample_valid: ``[B]`` bool, False for failed samples (no usable reward); default all True.
-        cfg: an :class:`~megatron_rl_agg.config.AdvantageConfig`; its fields ``adv_estimator``,
+        cfg: an :class:`~megatron_rl_agg.core.config.AdvantageConfig`; its fields ``adv_estimator``,
             ``mean_level``, ``std_level``, ``leave_one_out``, ``eps``, ``unbiased_std``,
             ``overlong_policy`` and ``min_valid_group_size`` are used.
         process_group: the data-parallel group; None = single process.
