@@ -111,9 +111,9 @@ def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.core.advantages import normalize_advantages
+    from megatron_rl_agg.parallel.advantages import normalize_advantages
     from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.core.metrics import reduce_metrics
+    from megatron_rl_agg.parallel.metrics import reduce_metrics
 
     from megatron_rl_agg.core.context_parallel import split_for_cp_rank
 

@@ -36,8 +36,9 @@ import torch.distributed as torch_dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl_agg.parallel import dist  # noqa: E402
-from megatron_rl_agg.core.advantages import boundary_record_width, compute_step_advantages  # noqa: E402
-from megatron_rl_agg.core.aggregation import token_weights  # noqa: E402
+from megatron_rl_agg.parallel.advantages import boundary_record_width  # noqa: E402
+from megatron_rl_agg.parallel.advantages import compute_step_advantages
+from megatron_rl_agg.parallel.weights import token_weights  # noqa: E402
 from megatron_rl_agg.core.config import AdvantageConfig  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Throughput of group advantage normalization: the vectorized segment reductions of
-``megatron_rl_agg.core.advantages.normalize_advantages`` against its floor and against per-group loops.
+``megatron_rl_agg.parallel.advantages.normalize_advantages`` against its floor and against per-group loops.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py          # 1,000,000 rows, 250,000 groups
     OMP_NUM_THREADS=1 python benchmarks/bench_normalization.py --loop-groups 0   # loops over every group
@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from megatron_rl_agg.core.advantages import normalize_advantages
+from megatron_rl_agg.parallel.advantages import normalize_advantages
 
 
 def make_batch(rows: int, groups: int, seed: int, device: str):

@@ -11,19 +11,19 @@ from megatron_rl_agg.core.aggregation import (
     aggregation_names,
     microbatch_mean_weights,
     resolve_aggregation,
-    token_weights,
 )
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+from megatron_rl_agg.parallel.weights import token_weights
 
 __version__ = "0.1.0"
 
 # name -> module holding it; resolved on first attribute access (PEP 562).
 _LAZY = {
-    "normalize_advantages": "megatron_rl_agg.core.advantages",
-    "compute_step_advantages": "megatron_rl_agg.core.advantages",
+    "normalize_advantages": "megatron_rl_agg.parallel.advantages",
+    "compute_step_advantages": "megatron_rl_agg.parallel.advantages",
     "make_loss_func": "megatron_rl_agg.mcore.loss",
     "forward_step": "megatron_rl_agg.mcore.loss",
-    "reduce_metrics": "megatron_rl_agg.core.metrics",
+    "reduce_metrics": "megatron_rl_agg.parallel.metrics",
     "enable_cpu_mode": "megatron_rl_agg.mcore.compat",
 }
 

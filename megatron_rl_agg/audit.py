@@ -334,7 +334,7 @@ def make_batch(*, batch_size: int, seq_length: int, vocab_size: int, seed: int) 
     Returns (CPU tensors): ``tokens``, ``labels``, ``loss_mask`` ``[B, S]``; ``advantages`` ``[B]``;
     ``group_ids`` ``[B]`` int64; ``group_sizes`` (list of ints).
     """
-    from megatron_rl_agg.core.advantages import normalize_advantages
+    from megatron_rl_agg.parallel.advantages import normalize_advantages
 
     gen = torch.Generator().manual_seed(seed)
     B, S = batch_size, seq_length
@@ -701,7 +701,7 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
     # cp_token_count: counts summed over dp x cp, where the CP ranks of a DP rank hold the same rows.
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.core.aggregation import token_weights
+    from megatron_rl_agg.parallel.weights import token_weights
     from megatron_rl_agg.core.context_parallel import split_for_cp_rank
 
     group = (parallel_state.get_data_parallel_group(with_context_parallel=True)

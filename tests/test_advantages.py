@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_rl_agg.parallel import dist as agg_dist
-from megatron_rl_agg.core.advantages import compute_step_advantages, normalize_advantages
+from megatron_rl_agg.parallel.advantages import compute_step_advantages, normalize_advantages
 from megatron_rl_agg.core.config import AdvantageConfig
 
 LEVELS = ("group", "batch", "none")
@@ -614,7 +614,7 @@ def test_group_spanning_many_ranks(order, levels):
 
 def test_boundary_exchange_payload_does_not_grow_with_groups():
     """The boundary record is a fixed number of int64 per rank, whatever the number of groups."""
-    from megatron_rl_agg.core.advantages import boundary_record_width
+    from megatron_rl_agg.parallel.advantages import boundary_record_width
 
     assert boundary_record_width(batch_level=False, expected_group_size_known=False) == 19
     assert boundary_record_width(batch_level=True, expected_group_size_known=True) == 22

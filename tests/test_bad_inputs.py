@@ -16,8 +16,9 @@ import re
 import pytest
 import torch
 
-from megatron_rl_agg.core.aggregation import aggregate, token_weights
-from megatron_rl_agg.core.advantages import normalize_advantages
+from megatron_rl_agg.core.aggregation import aggregate
+from megatron_rl_agg.parallel.weights import token_weights
+from megatron_rl_agg.parallel.advantages import normalize_advantages
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer.loop import checkpoint, safety
 from megatron_rl_agg.trainer.rollout import rollouts

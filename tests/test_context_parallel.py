@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megatron_rl_agg.core.aggregation import microbatch_mean_weights, token_weights
+from megatron_rl_agg.core.aggregation import microbatch_mean_weights
+from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.context_parallel import (
     check_cp_seq_length, merge_cp_shards, split_for_cp_rank, zigzag_indices,
 )

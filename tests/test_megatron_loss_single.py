@@ -14,11 +14,14 @@ import torch
 import torch.utils._python_dispatch
 import torch.utils._pytree
 
-from megatron_rl_agg.core import losses
+from megatron_rl_agg.core.kl import kl_estimate
+from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
+from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
 from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
 from megatron_rl_agg.core.config import TERM_AGGREGATIONS, LossConfig
-from megatron_rl_agg.core.metrics import average_over_minibatches, reduce_metrics
+from megatron_rl_agg.core.metrics import average_over_minibatches
+from megatron_rl_agg.parallel.metrics import reduce_metrics
 
 B, S, V = 7, 6, 11
 GROUP_SIZES = [3, 2, 2]       # with micro_batch_size 3 the last group straddles micro-batches 1 and 2
@@ -45,7 +48,7 @@ def make_batch(seed=0, row_tokens=ROW_TOKENS):
     labels = torch.randint(0, V, (n, S), generator=g)
     # Behaviour / reference log-probs near the current ones, so ratios spread over roughly [0.6, 1.7]
     # and both clip bounds are hit.
-    cur = losses.logprobs_from_logits(logits, labels)
+    cur = logprobs_from_logits(logits, labels)
     batch = dict(
         tokens=torch.randint(0, V, (n, S), generator=g),
         labels=labels,
@@ -92,12 +95,12 @@ def reference(logits, batch, cfg, micro_batch_size):
     """Brute-force objective (terms and total) of the whole mini-batch, straight from the definitions."""
     logits = logits.clone().requires_grad_(True)
     mask = batch["loss_mask"]
-    logp = losses.logprobs_from_logits(logits, batch["labels"])
-    pg, clipped, _ = losses.ppo_clipped_surrogate(
+    logp = logprobs_from_logits(logits, batch["labels"])
+    pg, clipped, _ = ppo_clipped_surrogate(
         logp, batch["old_logprobs"], batch["advantages"], clip_eps_low=cfg.clip_eps_low,
         clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c)
-    kl = losses.kl_estimate(logp, batch["ref_logprobs"], cfg.kl_estimator)
-    ent = losses.entropy_from_logits(logits)
+    kl = kl_estimate(logp, batch["ref_logprobs"], cfg.kl_estimator)
+    ent = entropy_from_logits(logits)
 
     def agg(values, mode):
         # microbatch_mean = the mean over micro-batches of each one's token mean = the legacy mode.
@@ -205,7 +208,7 @@ def test_on_policy_without_old_logprobs_is_ratio_one(megatron_loss):
     assert metrics["policy_loss/sum"] == pytest.approx(float(expected), rel=1e-6)
     assert metrics["clip_frac/mean"] == 0.0 and metrics["ppo_kl/mean"] == 0.0
     lp = logits.clone().requires_grad_(True)
-    logp = losses.logprobs_from_logits(lp, batch["labels"])
+    logp = logprobs_from_logits(lp, batch["labels"])
     (-(batch["advantages"].unsqueeze(1) * mask * logp).sum() / mask.sum()).backward()
     torch.testing.assert_close(grad, lp.grad, rtol=1e-5, atol=1e-7)
 
@@ -219,8 +222,8 @@ def test_vocab_parallel_terms_equal_full_vocab_reference_at_tp1(megatron_loss):
     lp = megatron_loss.vocab_parallel_logprobs(logits * 1.0, labels)
     ((u * lp).sum() + (w * ent).sum()).backward()
     ref_logits = logits.detach().clone().requires_grad_(True)
-    ref_ent = losses.entropy_from_logits(ref_logits)
-    ref_lp = losses.logprobs_from_logits(ref_logits, labels)
+    ref_ent = entropy_from_logits(ref_logits)
+    ref_lp = logprobs_from_logits(ref_logits, labels)
     ((u * ref_lp).sum() + (w * ref_ent).sum()).backward()
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-6)
@@ -247,7 +250,7 @@ def fused_case(dtype, seed=5, n=3, s=5, vocab=V):
 def full_vocab_reference(logits, labels, u, w, entropy_grad):
     """Log-probs, entropies and d(sum u logp + sum w H)/dlogits from full-vocabulary log_softmax (fp32)."""
     ref = logits.float().clone().requires_grad_(True)
-    lp, ent = losses.logprobs_from_logits(ref, labels), losses.entropy_from_logits(ref)
+    lp, ent = logprobs_from_logits(ref, labels), entropy_from_logits(ref)
     ((u * lp).sum() + ((w * ent).sum() if entropy_grad else 0)).backward()
     return lp.detach(), ent.detach(), ref.grad
 
@@ -297,8 +300,8 @@ def test_fused_entropy_alone_and_logprob_alone_gradients(megatron_loss):
         lp, ent = megatron_loss.vocab_parallel_logprobs_and_entropy(leaf * 1, labels, entropy_grad=True)
         ((u * lp).sum() if use_logp else (w * ent).sum()).backward()
         ref = logits.clone().requires_grad_(True)
-        ((u * losses.logprobs_from_logits(ref, labels)).sum() if use_logp
-         else (w * losses.entropy_from_logits(ref)).sum()).backward()
+        ((u * logprobs_from_logits(ref, labels)).sum() if use_logp
+         else (w * entropy_from_logits(ref)).sum()).backward()
         torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-6)
         assert ref.grad.abs().max() > 0.1
 
@@ -473,7 +476,7 @@ def test_per_token_loss_arithmetic_written_out(megatron_loss):
     assert float(mbs[0]["total_tokens"]) == 54.0
     mb = mbs[0]
     loss, n, _ = megatron_loss.loss_func(logits[:3].clone(), micro_batch=mb, loss_config=cfg)
-    logp = losses.logprobs_from_logits(logits[:3], batch["labels"][:3])
+    logp = logprobs_from_logits(logits[:3], batch["labels"][:3])
     kl = (logp - batch["ref_logprobs"][:3]) * batch["loss_mask"][:3]          # k1 = log p - log p_ref
     expected = 18.0 * kl.sum() / batch["loss_mask"][:3].sum()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)

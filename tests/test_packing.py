@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_rl_agg.core import aggregation
+from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.mcore.packing import (
     add_sequence_packing_args,
@@ -94,7 +95,7 @@ def test_packed_weights_give_the_same_weighted_sum(mode):
     """The per-row aggregation weights, packed, give the same sum(w * values) as the padded layout."""
     lengths = [6, 2, 5, 3]
     batch = _padded_batch(lengths, 6, seed=1)
-    batch["weights"] = aggregation.token_weights(batch["loss_mask"], mode, group_sizes=[2, 2])
+    batch["weights"] = token_weights(batch["loss_mask"], mode, group_sizes=[2, 2])
     values = torch.randn(4, 6, dtype=torch.float64)
     padded = (batch["weights"] * values).sum()
     reference = aggregation.aggregate(values, batch["loss_mask"], mode, group_sizes=[2, 2])

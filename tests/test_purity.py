@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "megatron_rl_agg"
-PURE = ["core/aggregation.py", "core/advantages.py", "core/losses.py", "core/metrics.py", "core/config.py",
+PURE = ["core/aggregation.py", "core/advantages.py", "core/policy_losses.py", "core/kl.py", "core/logits.py", "core/metrics.py", "core/config.py",
         "core/context_parallel.py",
         "hf/config.py", "hf/mapping.py", "hf/rewards.py", "hf/prompts.py"]
 

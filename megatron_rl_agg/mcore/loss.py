@@ -75,10 +75,12 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg.parallel import dist
-from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_weights, token_weights
+from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_weights
+from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
-from megatron_rl_agg.core.losses import kl_estimate, ppo_clipped_surrogate
+from megatron_rl_agg.core.kl import kl_estimate
+from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
 
 __all__ = [
     "LEGACY_MODE",

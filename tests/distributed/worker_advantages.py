@@ -31,7 +31,8 @@ import torch
 import torch.distributed as torch_dist
 
 from megatron_rl_agg.parallel import dist as agg_dist
-from megatron_rl_agg.core.advantages import boundary_record_width, compute_step_advantages, normalize_advantages
+from megatron_rl_agg.parallel.advantages import boundary_record_width
+from megatron_rl_agg.parallel.advantages import compute_step_advantages, normalize_advantages
 from megatron_rl_agg.core.config import AdvantageConfig
 
 TOL = 1e-12

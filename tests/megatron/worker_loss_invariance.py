@@ -37,7 +37,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.core import losses  # noqa: E402
+from megatron_rl_agg.core.kl import kl_estimate  # noqa: E402
+from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits  # noqa: E402
+from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate  # noqa: E402
 from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.core.aggregation import aggregate  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
@@ -122,7 +124,7 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.core.metrics import reduce_metrics
+    from megatron_rl_agg.parallel.metrics import reduce_metrics
     from megatron_rl_agg.mcore.model import gather_full_grads
 
     share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
@@ -181,18 +183,18 @@ def reference_objectives(out_dir, batch):
         logits = unwrap(chunk)(batch["tokens"], batch["position_ids"], None).double()
     megatron_compat.destroy_model_parallel()
     mask = batch["loss_mask"]
-    logp = losses.logprobs_from_logits(logits, batch["labels"])
-    ent = losses.entropy_from_logits(logits)
+    logp = logprobs_from_logits(logits, batch["labels"])
+    ent = entropy_from_logits(logits)
     out = {}
     for name, cfg in CONFIGS.items():
-        pg = losses.ppo_clipped_surrogate(logp, batch["old_logprobs"].double(), batch["advantages"],
+        pg = ppo_clipped_surrogate(logp, batch["old_logprobs"].double(), batch["advantages"],
                                           clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                           dual_clip_c=cfg.dual_clip_c)[0]
         for mbs in (8, 2):   # the legacy objective depends on the micro-batch size
             out[f"{name}/mbs{mbs}/policy"] = float(aggregate(
                 pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
                 micro_batch_size=mbs))
-    kl = losses.kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
+    kl = kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
     out["kl_token_mean"] = float(aggregate(kl, mask, "token_mean"))
     out["entropy_token_mean"] = float(aggregate(ent, mask, "token_mean"))
     save_result(out_dir, "reference", out)
@@ -217,7 +219,7 @@ def tp2_vocab_parallel_check(out_dir):
     lp = vocab_parallel_logprobs(shard * 1.0, labels)   # rewrites its (fresh) input in place
     ((u * lp).sum() + (w * ent).sum()).backward()
     ref = full.clone().requires_grad_(True)
-    ref_ent, ref_lp = losses.entropy_from_logits(ref), losses.logprobs_from_logits(ref, labels)
+    ref_ent, ref_lp = entropy_from_logits(ref), logprobs_from_logits(ref, labels)
     ((u * ref_lp).sum() + (w * ref_ent).sum()).backward()
     result = {
         "logprob_max_abs_diff": (lp - ref_lp).abs().max().item(),
@@ -276,7 +278,7 @@ def tp2_fused_check(out_dir):
             backward_calls = len(calls)
             torch_dist.all_reduce = original
             ref = full.float().clone().requires_grad_(True)
-            ref_lp, ref_ent = losses.logprobs_from_logits(ref, labels), losses.entropy_from_logits(ref)
+            ref_lp, ref_ent = logprobs_from_logits(ref, labels), entropy_from_logits(ref)
             ((u * ref_lp).sum() + ((w * ref_ent).sum() if entropy_grad else 0)).backward()
             ref_grad = ref.grad[..., rank * part:(rank + 1) * part]
             if dtype == torch.bfloat16:    # the kernel computes in fp32 and rounds its gradient once

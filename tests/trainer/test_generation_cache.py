@@ -5,7 +5,6 @@ in one job (``worker_generation.py``) of the session's 2-process launch."""
 import pathlib
 
 import pytest
-import torch
 
 from tests.torchrun_utils import load_result
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from megatron_rl_agg.core.advantages import normalize_advantages
+from megatron_rl_agg.parallel.advantages import normalize_advantages
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
 from trainer_helpers import MODEL_ARGS, read_rollouts, trainer_job, trainer_results, write_rollouts
 

@@ -30,7 +30,7 @@ import torch
 
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.mcore import compat as megatron_compat
-from megatron_rl_agg.core.advantages import compute_step_advantages
+from megatron_rl_agg.parallel.advantages import compute_step_advantages
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer.step import batching, forward, reference
 from megatron_rl_agg.trainer.loop import checkpoint, safety
@@ -457,7 +457,7 @@ def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
 
 def _loss_metrics(tr: Trainer, reports: list) -> dict:
     """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
-    from megatron_rl_agg.core.metrics import reduce_metrics
+    from megatron_rl_agg.parallel.metrics import reduce_metrics
 
     reduced = reduce_metrics(reports, tr.metrics_group) if reports else None
     values = None
