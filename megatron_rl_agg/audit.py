@@ -599,8 +599,9 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     import torch.distributed as torch_dist
 
     from megatron_rl_agg.mcore import compat as megatron_compat
-    from megatron_rl_agg.core.losses import (entropy_from_logits, kl_estimate, logprobs_from_logits,
-                                        ppo_clipped_surrogate)
+    from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
+    from megatron_rl_agg.core.kl import kl_estimate
+    from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
     from megatron_rl_agg.mcore.model import build_model, gather_full_grads, init_weights
 
     megatron_compat.initialize_model_parallel(1, 1, seed=args.seed)

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "max relative gradient difference against a single-process reference and PASS/FAIL. "
                     "Exit status 0: all PASS, 1: any FAIL, 2: bad arguments or nothing ran.")
     add_audit_args(audit)
-    from megatron_rl_agg.hf.trainer_glue import add_export_args
+    from megatron_rl_agg.trainer.cli.hf_args import add_export_args
 
     export = commands.add_parser(
         "export-hf", help="convert a trainer checkpoint into a Hugging Face model directory",
@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             destroy_distributed()       # a worker never exits with a live process group
     if args.command == "export-hf":
-        from megatron_rl_agg.hf.trainer_glue import export_checkpoint
+        from megatron_rl_agg.trainer.loop.hf_model import export_checkpoint
 
         return export_checkpoint(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands

@@ -35,11 +35,13 @@ def main(argv=None) -> int:
     from megatron_rl_agg.mcore.compat import destroy_distributed, quiet_warnings
 
     quiet_warnings()                    # before anything imports megatron.core
-    from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
     from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
     from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
-    from megatron_rl_agg.trainer.loop.safety import DistributedTimeoutError, NonFiniteError
+    from megatron_rl_agg.trainer.loop.safety import DistributedTimeoutError
     from megatron_rl_agg.trainer.loop.train import run
+    from megatron_rl_agg.trainer.step.nonfinite import NonFiniteError
 
     try:
         run(parse_args(argv))

@@ -23,7 +23,8 @@ from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer.loop import checkpoint, safety
 from megatron_rl_agg.trainer.rollout import rollouts
 from megatron_rl_agg.trainer.cli import validation
-from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
+from megatron_rl_agg.trainer.cli.arguments import parse_args
+from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
 from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
 from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
 

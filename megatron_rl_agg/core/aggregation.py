@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = [
     "AggregationMode",
@@ -228,10 +229,7 @@ def _check_horizon(mode: AggregationMode, max_response_length) -> Optional[int]:
         raise ValueError(
             f"loss aggregation {mode.name!r} divides by the constant horizon L: pass "
             "max_response_length (--max-response-length), a positive int")
-    if isinstance(max_response_length, bool) or not isinstance(max_response_length, int) \
-            or max_response_length <= 0:
-        raise ValueError(f"max_response_length must be a positive int, got {max_response_length!r}")
-    return max_response_length
+    return positive_int(max_response_length, "max_response_length")
 
 
 # ----------------------------------------------------------------------------------------------

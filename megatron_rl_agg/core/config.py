@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, get_aggregation, resolve_aggregation
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = [
     "LossConfig",
@@ -117,10 +118,8 @@ class LossConfig:
         self.clip_eps_low = _finite(self.clip_eps_low, "clip_eps_low", low=0.0, high=1.0)
         if self.dual_clip_c is not None:
             self.dual_clip_c = _finite(self.dual_clip_c, "dual_clip_c", low=1.0, low_open=True)
-        if self.max_response_length is not None and (
-                isinstance(self.max_response_length, bool) or not isinstance(self.max_response_length, int)
-                or self.max_response_length <= 0):
-            raise ValueError(f"max_response_length must be a positive int, got {self.max_response_length!r}")
+        if self.max_response_length is not None:
+            positive_int(self.max_response_length, "max_response_length")
         for attr in ("loss_aggregation", "kl_aggregation", "entropy_aggregation"):
             mode = getattr(self, attr)
             if mode != MICROBATCH_MEAN and get_aggregation(mode).needs_max_response_length \
@@ -178,9 +177,7 @@ class AdvantageConfig:
             raise ValueError(f"leave_one_out needs mean_level='group', got {self.mean_level!r}")
         _choice(self.overlong_policy, OVERLONG_POLICIES, "overlong_policy")
         self.eps = _finite(self.eps, "eps", low=0.0, low_open=True)
-        if isinstance(self.min_valid_group_size, bool) or not isinstance(self.min_valid_group_size, int) \
-                or self.min_valid_group_size < 1:
-            raise ValueError(f"min_valid_group_size must be an int >= 1, got {self.min_valid_group_size!r}")
+        positive_int(self.min_valid_group_size, "min_valid_group_size", must="an int >= 1")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AdvantageConfig":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "HFConfigError", "HFArch", "read_hf_config",
            "arch_from_config", "padded_vocab_size"]

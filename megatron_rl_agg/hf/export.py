@@ -177,7 +177,9 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
     Returns:
         ``out_dir`` on rank 0, None elsewhere.
     """
+    from megatron_rl_agg.mcore.compat import device
     from megatron_rl_agg.mcore.model import gather_full_params
+    from megatron_rl_agg.parallel import dist
 
     dtype = dtype or (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype") \
         or arch.torch_dtype
@@ -192,7 +194,7 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
                                tokenizer_dir=tokenizer_dir,
                                generation_config=_generation_config(source_dir, tokenizer_dir),
                                max_shard_bytes=max_shard_bytes)
-    _barrier()                      # the directory exists on every rank's return
+    dist.barrier(device())          # the directory exists on every rank's return
     return written
 
 
@@ -208,12 +210,3 @@ def _is_world_rank0() -> bool:
     from megatron_rl_agg.parallel import dist
 
     return all(dist.rank(group) == 0 for group in _groups())
-
-
-def _barrier() -> None:
-    """A sum over the DP x CP group, then over the model-parallel group: together they span the world."""
-    from megatron_rl_agg.parallel import dist
-    from megatron_rl_agg.mcore.compat import device
-
-    for group in _groups():
-        dist.all_reduce_sum(torch.zeros(1, device=device()), group)

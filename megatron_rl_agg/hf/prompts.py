@@ -19,7 +19,6 @@ run sees what the uninterrupted one saw), and every prompt is used once per epoc
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl_agg.core.seeds import seeded_generator
 from megatron_rl_agg.hf.rewards import RewardScorer
 
 __all__ = ["PromptFileError", "PromptTokens", "extract_answer", "read_prompt_records", "TextTask",
@@ -132,8 +132,7 @@ def eos_token_ids(tokenizer, model_dir: Optional[str] = None) -> tuple[int, ...]
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(num: int, seed: int, epoch: int) -> list[int]:
-    digest = hashlib.sha256(f"{seed}/prompts/{epoch}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    gen = seeded_generator(seed, "prompts", epoch)        # sha256(f"{seed}/prompts/{epoch}")
     return tuple(torch.randperm(num, generator=gen).tolist())
 
 

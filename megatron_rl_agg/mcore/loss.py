@@ -81,6 +81,7 @@ from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
 from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
+from megatron_rl_agg.core.rows import pad_rows_to
 
 __all__ = [
     "LEGACY_MODE",
@@ -485,13 +486,6 @@ def _mask_problem(mask: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _pad_rows(t: Optional[torch.Tensor], n_rows: int, fill: float = 0) -> Optional[torch.Tensor]:
-    if t is None or t.shape[0] == n_rows:
-        return t
-    pad = t.new_full((n_rows - t.shape[0],) + tuple(t.shape[1:]), fill)
-    return torch.cat([t, pad], dim=0)
-
-
 def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
                          micro_batch_size: int, dp_group=None, *, cp_group=None,
                          calculate_per_token_loss: bool = False, vocab_size: Optional[int] = None
@@ -584,7 +578,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             w = token_weights(mask, mode, group_ids=batch.get("group_ids"),
                               max_response_length=loss_config.max_response_length,
                               process_group=dp_group, dtype=torch.float64)
-            cache[mode] = _pad_rows(w, padded)
+            cache[mode] = pad_rows_to(w, padded)
         return cache[mode]
 
     global_w = {"pg_weights": weights_for(loss_config.loss_aggregation),
@@ -595,7 +589,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     if rows["position_ids"] is None:
         rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
     attn = rows.pop("attention_mask")
-    rows = {k: _pad_rows(v, padded) for k, v in rows.items()}
+    rows = {k: pad_rows_to(v, padded) for k, v in rows.items()}
     if attn is not None and attn.shape[0] == n_rows and padded > n_rows:
         if n_rows == 0:
             raise ValueError("a per-row attention_mask cannot be padded on a rank with no rows; pass a mask "

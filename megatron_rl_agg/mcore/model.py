@@ -22,12 +22,12 @@ layouts directly comparable.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from typing import Callable
 
 import torch
 
+from megatron_rl_agg.core.seeds import stable_seed
 from megatron_rl_agg.mcore import compat as megatron_compat
 
 __all__ = [
@@ -616,8 +616,7 @@ def _owning_param(view: torch.Tensor, named: list):
 
 
 def _stable_seed(seed: int, key: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_seed(seed, key)          # sha256(f"{seed}/{key}")
 
 
 def _full_init(key: str, layer: tuple[int, ...], shape: tuple[int, ...], seed: int, std: float,

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
-           "all_gather_stacked", "world_group", "unresponsive_ranks", "CollectiveTraffic", "count_collectives"]
+           "all_gather_stacked", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
+           "count_collectives"]
 
 
 @dataclass
@@ -75,6 +76,16 @@ def world_group():
     if torch_dist.is_available() and torch_dist.is_initialized():
         return torch_dist.group.WORLD
     return None
+
+
+def barrier(device="cpu") -> None:
+    """Return only when every rank of the world has called it, whatever the layout (DP, CP, TP, PP and EP
+    peers alike): one all-reduce of a zero over the default group, a collective like every other, so the
+    group's timeout (``--distributed-timeout-minutes``) bounds the wait and a rank that never arrives
+    raises as in any collective (see ``trainer/loop/safety.py``). ``device``: the model's (CUDA under
+    NCCL). No-op without an initialised world.
+    """
+    all_reduce_sum(torch.zeros(1, device=device), world_group())
 
 
 def unresponsive_ranks(tag: str, wait_s: float) -> list[int]:

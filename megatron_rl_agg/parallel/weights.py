@@ -13,14 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_rl_agg.core.aggregation import (
-    _REGISTRY,
-    LOSS_AGGREGATIONS,
-    _as_mask,
-    _resolve_groups,
-    _check_horizon,
-    get_aggregation,
-)
+from megatron_rl_agg.core.aggregation import (_REGISTRY, LOSS_AGGREGATIONS, _as_mask, _check_horizon,
+                                              _resolve_groups, get_aggregation)
 from megatron_rl_agg.parallel import dist
 
 __all__ = ["token_weights"]

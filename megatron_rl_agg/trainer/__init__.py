@@ -1,9 +1,19 @@
-"""End-to-end GRPO-family trainer on Megatron-Core (see docs/training.md).
+"""End-to-end GRPO-family trainer on Megatron-Core (see docs/training.md), by stage.
 
-Modules: ``arguments`` (flags and YAML configs), ``task`` (the synthetic counting task and its reward),
-``rollouts`` (offline JSONL reader), ``sources`` (offline and on-policy rows per step), ``generation``
-(sampling with the Megatron model at any layout), ``forward`` (forward-only passes), ``reference`` (the
-frozen KL reference), ``batching`` (row tensors, DP shards, padding), ``checkpoint`` (dist_checkpointing
-save/resume), ``reporting`` (metrics file, TensorBoard, progress bar) and ``train`` (the loop:
-``train.run(args)``). Importing this package imports none of them.
+* ``cli/``: ``validation`` (:class:`TrainerArgsError` and the up-front checks: YAML values, number flags,
+  model shapes, rollout rows), ``hf_args`` (the Hugging Face flags and their checks, the ``export-hf``
+  flags), ``arguments`` (the parser, YAML configs, ``validate_args``; builds on the two);
+* ``rollout/``: ``task`` (the synthetic counting task and its reward), ``rollouts`` (offline JSONL
+  reader), ``hf_text`` (the text task of ``--prompt-data``, the tokenizer of text rollouts), ``sources``
+  (offline and on-policy rows per step), ``generation`` (sampling with the Megatron model at any layout);
+* ``step/``: ``batching`` (row tensors, DP shards, padding), ``forward`` (forward-only passes),
+  ``reference`` (the frozen KL reference), ``nonfinite`` (the non-finite guard of an update), ``update``
+  (one mini-batch through Megatron's schedule and the optimizer, its loss metrics);
+* ``loop/``: ``checkpoint`` (dist_checkpointing save/resume), ``hf_model`` (a Hugging Face checkpoint as
+  the model: spec, weights, ``--save-hf``, ``export-hf``), ``build`` (the run: groups, model, optimizer,
+  reference, source, resume), ``safety`` (signals, timeouts), ``reporting`` (metrics file, TensorBoard,
+  progress bar) and ``train`` (the step and the loop: ``train.run(args)``).
+
+Imports go one way: ``loop`` -> ``step``, ``rollout``, ``cli``; ``step`` never imports ``loop``. Importing
+this package imports none of them.
 """

@@ -208,7 +208,8 @@ def test_export_never_replaces_foreign_data(tmp_path):
 
 
 def test_trainer_flag_errors(llama_dir):
-    from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
 
     with pytest.raises(TrainerArgsError, match="--save-hf needs --hf-checkpoint"):
         parse_args(["--save-hf", "out"])

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError, parse_args, virtual_pipeline_size
+from megatron_rl_agg.trainer.cli.arguments import parse_args, virtual_pipeline_size
+from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,12 @@
   PP2, PP2 x VPP2 and CP2 (with --calculate-per-token-loss); step 2 there matches step 2 of the uninterrupted TP1/PP1 run. The file carries
   behaviour log-probs, so step 2's policy loss depends on the loaded logits (ratio != 1), as do its
   entropy and gradient norm.
+* Barrier: ``dist.barrier`` (every save and export waits on it) at CP2 returns on no rank before the
+  late one arrived (``barrier_worker.py``, a second job of the same launch).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,7 +82,10 @@ def worker_jobs(tmp):
     for name, flags in (("ep1", []), ("ep2", EP2)):
         plan.append({"name": f"moe_onp_{name}", "argv": ON_POLICY + MOE + flags + [
             "--train-iters", "2", "--mini-batches-per-step", "2", "--global-batch-size", "16"]})
-    return [trainer_job(plan, 2, tmp, 600)]
+    barrier_dir = tmp / "barrier"
+    barrier_dir.mkdir()
+    return [trainer_job(plan, 2, tmp, 600),
+            (2, str(Path(__file__).with_name("barrier_worker.py")), [str(barrier_dir)], 30)]
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +161,18 @@ def test_moe_on_policy_with_two_mini_batches_is_expert_parallel_invariant(runs):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
 
 
+def test_barrier_waits_for_context_parallel_peers(runs):
+    """dist.barrier at CP2 (DP and model-parallel groups of one rank): the late rank's marker is on disk
+    when either rank returns from it (tests/trainer/barrier_worker.py)."""
+    tmp, _ = runs
+    for rank in (0, 1):
+        assert json.loads((tmp / "barrier" / f"seen_{rank}.json").read_text()) == ["arrived_0", "arrived_1"]
+
+
 def test_moe_resume_across_ep1_and_ep2_is_refused(runs, tmp_path):
     from megatron_rl_agg.trainer.cli.arguments import parse_args
-    from megatron_rl_agg.trainer.loop.train import TrainerArgsError, _check_resumable
+    from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
+    from megatron_rl_agg.trainer.loop.build import _check_resumable
 
     tmp, _ = runs
     args = parse_args([*MODEL_ARGS, *MOE, *EP2, "--load", str(tmp / "ck_moe")])

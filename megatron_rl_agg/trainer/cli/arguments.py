@@ -18,16 +18,16 @@ from typing import Optional, Sequence
 import yaml
 
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+from megatron_rl_agg.trainer.cli import validation
+from megatron_rl_agg.trainer.cli.hf_args import add_hf_args, validate_hf_args
+from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_positive_flags, positive_flag
 
 # Megatron's MoE token dispatchers the trainer runs (model.MOE_TOKEN_DISPATCHERS; model.py imports
 # torch at module level, this module must not need it to print --help).
 MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 
-__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "validate_args", "TrainerArgsError"]
-
-
-class TrainerArgsError(ValueError):
-    """A combination of trainer options that cannot work (the message names the flags)."""
+__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "validate_args", "check_world",
+           "virtual_pipeline_size"]
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_parallel_args, _add_model_args, _add_moe_args, _add_optimizer_args, _add_checkpoint_args,
                 _add_data_args, _add_logging_args):
         add(parser)
-    from megatron_rl_agg.hf.trainer_glue import add_hf_args
     add_hf_args(parser)
     add_loss_aggregation_args(parser)
     _add_reliability_args(parser)
@@ -194,12 +193,10 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
     if unknown:
         raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
-    from megatron_rl_agg.trainer.cli.validation import yaml_value
-
     for action in parser._actions:
         # YAML values pass the option's own type / choices check, stricter than a command-line string.
         if action.dest in out:
-            out[action.dest] = yaml_value(path, action, action.dest, out[action.dest])
+            out[action.dest] = validation.yaml_value(path, action, action.dest, out[action.dest])
     return out
 
 
@@ -214,13 +211,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _positive(args, *names) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is None or value <= 0:
-            raise TrainerArgsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-
 def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
     """Checks that need no process group; fills ``max_response_length`` for on-policy runs.
 
@@ -229,20 +219,15 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     are checked by :mod:`.validation` (``parser``: the one that parsed ``args``, default
     :func:`build_parser`).
     """
-    from megatron_rl_agg.hf.trainer_glue import validate_hf_args
-
-    validate_hf_args(args, TrainerArgsError)     # --hf-checkpoint sets the size flags from config.json
-
-    from megatron_rl_agg.trainer.cli import validation
-
+    validate_hf_args(args)     # --hf-checkpoint sets the size flags from config.json
     validation.check_number_flags(parser or build_parser(), args)
-    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-              "global_batch_size", "mini_batches_per_step", "num_layers", "hidden_size",
-              "num_attention_heads", "seq_length",
-              "vocab_size", "num_samples_per_prompt", "max_new_tokens")
-    if args.train_iters < 0 or (args.train_iters == 0 and not args.save_hf):
-        raise TrainerArgsError(f"--train-iters must be a positive integer (0 only with --save-hf, to convert "
-                               f"without training), got {args.train_iters!r}")
+    check_positive_flags(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                         "micro_batch_size", "global_batch_size", "mini_batches_per_step", "num_layers",
+                         "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                         "num_samples_per_prompt", "max_new_tokens")
+    if not (args.train_iters == 0 and args.save_hf):
+        positive_flag(args.train_iters, "--train-iters",
+                      "a positive integer (0 only with --save-hf, to convert without training)")
     if args.rollouts is None:
         if args.global_batch_size % args.num_samples_per_prompt:
             raise TrainerArgsError(
@@ -256,7 +241,7 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         if args.max_response_length is None:
             args.max_response_length = args.max_new_tokens
     validation.check_model_shapes(args)
-    _positive(args, "context_parallel_size")
+    check_positive_flags(args, "context_parallel_size")
     cp = args.context_parallel_size
     if cp > 1 and args.seq_length % (2 * cp):
         raise TrainerArgsError(
@@ -287,8 +272,8 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         raise TrainerArgsError(f"--num-layers {args.num_layers} must be a multiple of "
                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
     _validate_moe(args)
-    if args.save_interval is not None and args.save_interval <= 0:
-        raise TrainerArgsError(f"--save-interval must be positive, got {args.save_interval}")
+    if args.save_interval is not None:
+        positive_flag(args.save_interval, "--save-interval", "positive")
     if args.ref_load is not None and args.kl_coef == 0:
         raise TrainerArgsError("--ref-load is only used with --kl-coef > 0")
     try:  # the dataclasses own the loss/advantage checks; run them now so errors come before startup
@@ -300,17 +285,15 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
 
 def _validate_moe(args: argparse.Namespace) -> None:
     """MoE flags that cannot work, before any process starts (the world-size rule: :func:`check_world`)."""
+    check_positive_flags(args, "expert_model_parallel_size")
     ep, experts = args.expert_model_parallel_size, args.num_experts
-    if ep is None or ep <= 0:
-        raise TrainerArgsError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
     if args.moe_aux_loss_coeff < 0:
         raise TrainerArgsError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
     if experts is None:
         if ep > 1:
             raise TrainerArgsError(f"--expert-model-parallel-size {ep} needs an MoE model: set --num-experts")
         return
-    if experts <= 0:
-        raise TrainerArgsError(f"--num-experts must be a positive integer, got {experts}")
+    positive_flag(experts, "--num-experts")
     if experts % ep:
         raise TrainerArgsError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep} "
                                "(each EP rank holds num-experts / EP whole experts)")

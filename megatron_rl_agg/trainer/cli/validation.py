@@ -1,8 +1,10 @@
-"""Up-front checks of the trainer's inputs: YAML values, number flags, model shapes, rollout rows.
+"""Up-front checks of the trainer's inputs: YAML values, number flags, model shapes, rollout rows, and
+:class:`TrainerArgsError`, the error all of them raise (:mod:`.arguments` and :mod:`.hf_args` build on this
+module, never the other way round).
 
 Everything here runs before the model is built or the first step starts, on every rank with the same
-inputs, so a bad value raises the same :class:`~megatron_rl_agg.trainer.cli.arguments.TrainerArgsError` on
-every rank and no rank is left inside a collective. Each message names the option (its flag or YAML key)
+inputs, so a bad value raises the same :class:`TrainerArgsError` on every rank and no rank is left inside
+a collective. Each message names the option (its flag or YAML key)
 and the accepted values. ``docs/reliability.md`` lists what is checked where.
 """
 
@@ -12,9 +14,10 @@ import argparse
 import math
 from typing import Any, Optional, Sequence
 
-from megatron_rl_agg.trainer.cli.arguments import TrainerArgsError
+from megatron_rl_agg.core.validate import positive_int
 
-__all__ = ["yaml_value", "check_number_flags", "check_model_shapes", "check_rollout_rows", "FLOAT_RANGES"]
+__all__ = ["TrainerArgsError", "yaml_value", "check_number_flags", "positive_flag", "check_positive_flags",
+           "check_model_shapes", "check_rollout_rows", "FLOAT_RANGES"]
 
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
@@ -33,8 +36,24 @@ FLOAT_RANGES = {
 }
 
 
+class TrainerArgsError(ValueError):
+    """A combination of trainer options that cannot work (the message names the flags)."""
+
+
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+def positive_flag(value: Any, flag: str, must: str = "a positive integer") -> None:
+    """:func:`megatron_rl_agg.core.validate.positive_int` with the trainer's wording and error:
+    ``"<flag> must be <must>, got <value!r>"``."""
+    positive_int(value, flag, must=must, error=TrainerArgsError)
+
+
+def check_positive_flags(args: argparse.Namespace, *dests: str) -> None:
+    """Each option ``dests`` (argparse dest names) a positive integer, named by its flag."""
+    for dest in dests:
+        positive_flag(getattr(args, dest), _flag(dest))
 
 
 def yaml_value(path: str, action: argparse.Action, key: Any, value: Any) -> Any:
@@ -124,9 +143,8 @@ def check_model_shapes(args: argparse.Namespace) -> None:
         raise TrainerArgsError(f"--num-attention-heads {args.num_attention_heads} must be a multiple of "
                                f"--tensor-model-parallel-size {tp} (heads are split over TP ranks)")
     ffn = args.ffn_hidden_size
-    if ffn is not None and ffn <= 0:
-        raise TrainerArgsError(f"--ffn-hidden-size must be a positive integer (or unset: 4 x "
-                               f"--hidden-size), got {ffn!r}")
+    if ffn is not None:
+        positive_flag(ffn, "--ffn-hidden-size", "a positive integer (or unset: 4 x --hidden-size)")
     if (ffn or 4 * args.hidden_size) % tp:
         raise TrainerArgsError(f"--ffn-hidden-size {ffn or 4 * args.hidden_size} must be a multiple of "
                                f"--tensor-model-parallel-size {tp}")

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.mcore.compat import device
 from megatron_rl_agg.mcore.model import unwrap
 
 __all__ = ["TRACKER_FILE", "checkpoint_path", "latest_step", "save_checkpoint", "load_checkpoint",
@@ -243,13 +244,13 @@ def save_checkpoint(root: str, step: int, chunks: Sequence, optimizer, trainer_s
     path = checkpoint_path(root, step)
     if rank == 0:
         os.makedirs(path, exist_ok=True)
-    _barrier()
+    dist.barrier(device())
     state = _model_state(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
-    _barrier()
+    dist.barrier(device())
     if rank == 0:
         # Every rank's files are on disk now; the state file lists them with their sizes, so a later load
         # can tell a complete checkpoint from one that lost a file. Written atomically, then the tracker.
@@ -259,20 +260,8 @@ def save_checkpoint(root: str, step: int, chunks: Sequence, optimizer, trainer_s
             {**trainer_state, "step": step, "world_size": world_size, "files": files}, indent=1,
             sort_keys=True))
         atomic_write_text(os.path.join(root, TRACKER_FILE), f"{step}\n")
-    _barrier()
+    dist.barrier(device())
     return path
-
-
-def _barrier() -> None:
-    """Return only when every rank has reached it: a sum over the DP group, then over the model-parallel
-    group. Every rank is a DP peer of some model-parallel peer of every other rank, and each rank enters
-    the second sum only after finishing the first, so the chain waits for the whole world."""
-    from megatron.core import parallel_state
-
-    from megatron_rl_agg.mcore.compat import device
-
-    for group in (parallel_state.get_data_parallel_group(), parallel_state.get_model_parallel_group()):
-        dist.all_reduce_sum(torch.zeros(1, device=device()), group)
 
 
 def load_model_weights(root: str, chunks: Sequence, step: Optional[int] = None) -> int:

@@ -24,12 +24,12 @@ attention is causal, so the logits at a row's last real position never see the p
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl_agg.core.seeds import seeded_generator
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.trainer.step import forward
 from megatron_rl_agg.trainer.rollout import task
@@ -41,8 +41,7 @@ __all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "on_pol
 
 def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
     """A CPU generator seeded from ``(seed, step, purpose)`` only (SHA-256, so streams never overlap)."""
-    digest = hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return seeded_generator(seed, step, purpose)          # sha256(f"{seed}/{step}/{purpose}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl_agg.core.rows import pad_rows_to
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["RowBatch", "build_rows", "shard_bounds", "pad_group_id", "pad_rows"]
@@ -114,13 +115,6 @@ def shard_bounds(num_rows: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
     return start, start + base + (1 if dp_rank < extra else 0)
 
 
-def _pad(t: Optional[torch.Tensor], total: int, fill) -> Optional[torch.Tensor]:
-    if t is None or t.shape[0] == total:
-        return t
-    pad = torch.full((total - t.shape[0],) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
-    return torch.cat([t, pad], dim=0)
-
-
 def pad_group_id(dp_rank: int) -> int:
     """Group id of the padding rows of ``dp_rank``: negative ids are reserved for padding, so they never
     collide with a real group, and each rank's own id keeps every group contiguous."""
@@ -137,9 +131,9 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
     if total < batch.num_rows:
         raise ValueError(f"cannot pad {batch.num_rows} rows down to {total}")
     padded = RowBatch(
-        tokens=_pad(batch.tokens, total, 0), labels=_pad(batch.labels, total, 0),
-        loss_mask=_pad(batch.loss_mask, total, 0.0),
-        group_ids=_pad(batch.group_ids, total, pad_group_id(dp_rank)),
-        rewards=_pad(batch.rewards, total, 0.0), truncated=_pad(batch.truncated, total, False),
-        old_logprobs=_pad(batch.old_logprobs, total, 0.0))
-    return padded, _pad(advantages, total, 0.0)
+        tokens=pad_rows_to(batch.tokens, total, 0), labels=pad_rows_to(batch.labels, total, 0),
+        loss_mask=pad_rows_to(batch.loss_mask, total, 0.0),
+        group_ids=pad_rows_to(batch.group_ids, total, pad_group_id(dp_rank)),
+        rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
+        old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0))
+    return padded, pad_rows_to(advantages, total, 0.0)

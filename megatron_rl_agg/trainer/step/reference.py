@@ -10,27 +10,22 @@ padded rows as the update, and reach every pipeline stage
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from megatron_rl_agg.trainer.loop import checkpoint
 from megatron_rl_agg.trainer.step import forward
 
 __all__ = ["build_reference", "reference_logprobs"]
 
 
-def build_reference(spec, layer_spec, *, seed: int, ref_load: Optional[str], init_fn=None) -> list:
+def build_reference(spec, layer_spec, *, seed: int, init_fn=None) -> list:
     """Bare (no DDP) model chunks holding the reference weights, in eval mode, without gradients.
 
-    Weights: ``ref_load``'s checkpoint, else ``init_fn(chunks)`` when given (an imported Hugging Face
-    checkpoint), else the initial weights of ``seed``."""
+    Weights: ``init_fn(chunks)`` when given (the trainer loads the ``--ref-load`` checkpoint or an
+    imported Hugging Face checkpoint through it), else the initial weights of ``seed``."""
     from megatron_rl_agg.mcore.model import build_model, init_weights
 
     ref = build_model(spec, wrap_ddp=False, layer_spec=layer_spec)
-    if ref_load:
-        checkpoint.load_model_weights(ref_load, ref)
-    elif init_fn is not None:
+    if init_fn is not None:
         init_fn(ref)
     else:
         init_weights(ref, seed=seed)
