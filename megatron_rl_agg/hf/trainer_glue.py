@@ -161,7 +161,7 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     from megatron_rl_agg.mcore import compat as megatron_compat
     from megatron_rl_agg.hf.export import export_hf
     from megatron_rl_agg.hf.load import gpt_spec_from_hf
-    from megatron_rl_agg.mcore.model import build_model
+    from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.trainer.loop import checkpoint
 
     ckpt = hf_checkpoint(args.hf_checkpoint)     # checks config and tensors before any process group

@@ -19,7 +19,7 @@ import yaml
 
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
 
-# Megatron's MoE token dispatchers the trainer runs (model.MOE_TOKEN_DISPATCHERS; model.py imports
+# Megatron's MoE token dispatchers the trainer runs (mcore.spec.MOE_TOKEN_DISPATCHERS; mcore/spec.py imports
 # torch at module level, this module must not need it to print --help).
 MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 

@@ -25,7 +25,8 @@ def build_reference(spec, layer_spec, *, seed: int, ref_load: Optional[str], ini
 
     Weights: ``ref_load``'s checkpoint, else ``init_fn(chunks)`` when given (an imported Hugging Face
     checkpoint), else the initial weights of ``seed``."""
-    from megatron_rl_agg.mcore.model import build_model, init_weights
+    from megatron_rl_agg.mcore.build import build_model
+    from megatron_rl_agg.mcore.weights import init_weights
 
     ref = build_model(spec, wrap_ddp=False, layer_spec=layer_spec)
     if ref_load:
