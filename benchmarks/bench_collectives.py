@@ -38,9 +38,11 @@ import torch.distributed as torch_dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
-from megatron_rl_agg.audit import make_batch  # noqa: E402
+from megatron_rl_agg.audit.batch import make_batch  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",

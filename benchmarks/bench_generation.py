@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
 from megatron_rl_agg.trainer.rollout import generation, task  # noqa: E402
 
 

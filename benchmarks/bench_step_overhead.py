@@ -41,9 +41,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
-from megatron_rl_agg.audit import make_batch  # noqa: E402
+from megatron_rl_agg.audit.batch import make_batch  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, build_optimizer, init_weights  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

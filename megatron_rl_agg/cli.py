@@ -1,9 +1,9 @@
 """Command line of megatron_rl_agg (console script ``megatron-rl-agg``).
 
     megatron-rl-agg check-invariance                              # default layouts, every mode
-    megatron-rl-agg check-invariance --layouts "m4 dp2,m2 tp2" --modes token_mean prompt_mean
+    megatron-rl-agg check-invariance --layouts "m4 dp2+m2 tp2" --modes token_mean prompt_mean
     megatron-rl-agg check-invariance --inject-bug local_token_count   # self-test: must print FAIL rows
-    torchrun --nproc-per-node 2 -m megatron_rl_agg.cli check-invariance --layouts "dp2,m2 pp2vpp2m4"
+    torchrun --nproc-per-node 2 -m megatron_rl_agg.cli check-invariance --layouts "dp2+m2 pp2vpp2m4"
     megatron-rl-agg export-hf --hf-checkpoint models/Qwen2.5-0.5B --load runs/grpo/ckpt --out runs/grpo/hf
 
 Outside torchrun the command re-launches itself under torchrun, once per process count its layouts need;
@@ -20,7 +20,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_rl_agg.audit import add_audit_args
+    from megatron_rl_agg.audit.cli import add_audit_args
 
     parser = argparse.ArgumentParser(prog="megatron-rl-agg", description="megatron_rl_agg tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_warnings()
     args = build_parser().parse_args(argv)
     if args.command == "check-invariance":
-        from megatron_rl_agg.audit import check_invariance
+        from megatron_rl_agg.audit.cli import check_invariance
 
         try:
             return check_invariance(args)

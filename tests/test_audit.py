@@ -1,7 +1,7 @@
 """The invariance audit (``megatron-rl-agg check-invariance``).
 
-Fast tests: the layout grammar, argument validation, the relative-difference measure, the table and the
-exit status, and the audit's mini-batch. Slow tests run the command end to end on real Megatron-Core
+Fast tests: argument validation, the relative-difference measure, the table and the exit status, and the
+audit's mini-batch (the layout grammar: tests/test_layout.py). Slow tests run the command end to end on real Megatron-Core
 (torchrun, 2 processes, gloo): a clean run passes everywhere, and each injected bug produces FAIL exactly
 in the layouts it can affect.
 """
@@ -15,66 +15,12 @@ import sys
 import pytest
 import torch
 
-from megatron_rl_agg.audit import (AUDIT_BUGS, exit_status, format_table, layout_name, make_batch,
-                                   parse_layouts, relative_grad_diff)
+from megatron_rl_agg.audit.batch import make_batch
+from megatron_rl_agg.audit.plan import AUDIT_BUGS
+from megatron_rl_agg.audit.report import exit_status, format_table, relative_grad_diff
 from megatron_rl_agg.cli import build_parser, main
-from megatron_rl_agg.mcore.model import Layout
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ----------------------------------------------------------------------------------------------
-# layout grammar
-# ----------------------------------------------------------------------------------------------
-
-def test_compact_and_plus_spellings_agree():
-    expected = Layout(pp=2, vpp=2, num_microbatches=4)
-    for text in ("pp2vpp2m4", "pp2+vpp2+m4", "PP2VPP2+m4", "m4pp2vpp2"):
-        assert parse_layouts(text) == [expected], text
-
-
-def test_layout_separators_and_duplicates():
-    got = parse_layouts(["dp2+m4 tp2;pp2vpp2m2", "  tp2  "])
-    assert got == [Layout(dp=2, num_microbatches=4), Layout(tp=2), Layout(pp=2, vpp=2, num_microbatches=2)]
-    assert [lay.world_size for lay in got] == [2, 2, 2]
-    assert parse_layouts("dp2+tp2+pp2")[0].world_size == 8
-
-
-def test_issue_comma_list_is_five_layouts():
-    # The issue's own spelling: commas separate layouts, "m4" alone is DP1 with 4 micro-batches.
-    assert parse_layouts("dp2,m4,tp2,pp2,pp2vpp2") == [
-        Layout(dp=2), Layout(num_microbatches=4), Layout(tp=2), Layout(pp=2),
-        Layout(pp=2, vpp=2, num_microbatches=2)]   # with vpp, an omitted m is pp (interleaved schedule)
-    # A factor given twice inside one layout is an error with a hint.
-    with pytest.raises(ValueError, match=r"sets pp more than once.*separate them with ',', ';' or spaces"):
-        parse_layouts("pp2vpp2pp4")
-
-
-def test_context_parallel_layouts():
-    assert parse_layouts("cp2 cp2+dp2 cp2tp2 cp2+pp2+m4") == [
-        Layout(cp=2), Layout(cp=2, dp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2, num_microbatches=4)]
-    assert [lay.world_size for lay in parse_layouts("cp2 cp2+dp2")] == [2, 4]
-
-
-@pytest.mark.parametrize("text,match", [("cp0", "cp=0"), ("dp2,x3", "bad layout"),
-                                        ("tp", "bad layout"), ("vpp2", "vpp"), ("dp0", "dp=0"),
-                                        (" ; ", "no layout")])
-def test_bad_layouts(text, match):
-    with pytest.raises(ValueError, match=match):
-        parse_layouts(text)
-
-
-def test_ep_factor_multiplies_the_process_count():
-    assert parse_layouts("ep2,ep2+dp2,ep2+tp2") == [Layout(ep=2), Layout(ep=2, dp=2), Layout(ep=2, tp=2)]
-    assert [lay.world_size for lay in parse_layouts("ep2 ep2dp2 tp2ep2")] == [2, 4, 4]
-
-
-@pytest.mark.parametrize("text", ["m1", "m4", "dp2+m2", "tp2", "pp2+vpp2+m4", "dp2+tp2+pp2+m8", "cp2",
-                                  "cp2+dp2+m2", "cp2+tp2", "cp2+pp2+m4", "ep2", "ep2+dp2", "ep2+tp2+m2"])
-def test_layout_name_round_trips(text):
-    (layout,) = parse_layouts(text)
-    assert layout_name(layout) == text
-    assert parse_layouts(layout_name(layout)) == [layout]
 
 
 # ----------------------------------------------------------------------------------------------

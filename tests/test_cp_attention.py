@@ -12,7 +12,7 @@ from megatron_rl_agg.mcore import compat as megatron_compat
 def config():
     megatron_compat.initialize_distributed()
     megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg.mcore.model import GPTSpec, get_transformer_config
+    from megatron_rl_agg.mcore.spec import GPTSpec, get_transformer_config
     yield get_transformer_config(GPTSpec(num_layers=1, hidden_size=32, num_attention_heads=4,
                                          num_query_groups=2, vocab_size=16, max_seq_length=8))
     megatron_compat.destroy_model_parallel()

@@ -405,7 +405,9 @@ def test_loss_path_allocates_no_logits_sized_tensor(megatron_loss, kw):
 # ----------------------------------------------------------------------------------------------
 
 def tiny_model(**overrides):
-    from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights
+    from megatron_rl_agg.mcore.build import build_model
+    from megatron_rl_agg.mcore.spec import GPTSpec
+    from megatron_rl_agg.mcore.weights import init_weights
     chunks = build_model(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=V,
                                  max_seq_length=S), **overrides)
     init_weights(chunks, seed=0)
@@ -437,7 +439,7 @@ def test_per_token_loss_with_average_in_collective_is_refused(megatron_loss):
 
 
 def test_context_parallel_size_mismatch_is_refused(megatron_loss):
-    from megatron_rl_agg.mcore.model import GPTSpec, get_transformer_config
+    from megatron_rl_agg.mcore.spec import GPTSpec, get_transformer_config
     cfg = get_transformer_config(GPTSpec(num_layers=1, hidden_size=8, num_attention_heads=2,
                                          vocab_size=V, max_seq_length=S), context_parallel_size=2)
     _, batch = make_batch()

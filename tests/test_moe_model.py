@@ -1,5 +1,6 @@
-"""MoE and expert-parallel settings of ``model.py`` / ``megatron_compat.py`` in one process: the layout
-factor ``ep``, the GPTSpec checks, the TransformerConfig fields, and the CPU-mode redirects MoE needs.
+"""MoE and expert-parallel settings of ``mcore/spec.py`` / ``mcore/build.py`` / ``mcore/compat.py`` in one
+process: the layout factor ``ep``, the GPTSpec checks, the TransformerConfig fields, and the CPU-mode
+redirects MoE needs.
 
 Multi-process gradients at EP layouts: tests/megatron/test_moe_grads.py.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat, model
-from megatron_rl_agg.mcore.model import GPTSpec, Layout, parse_layout
+from megatron_rl_agg.mcore import build, compat as megatron_compat, spec, weights
+from megatron_rl_agg.mcore.spec import GPTSpec
+from megatron_rl_agg.parallel.layout import Layout, parse_layout
 
 
 def moe_spec(**overrides) -> GPTSpec:
@@ -22,9 +24,9 @@ def moe_spec(**overrides) -> GPTSpec:
 
 @pytest.mark.parametrize("text,expected,world,dp_size", [
     ("ep2", Layout(ep=2), 2, 2),
-    ("dp2,ep2", Layout(dp=2, ep=2), 4, 4),
-    ("tp2,ep2,m2", Layout(tp=2, ep=2, num_microbatches=2), 4, 2),
-    ("pp2,ep2,m4", Layout(pp=2, ep=2, num_microbatches=4), 4, 2),
+    ("dp2+ep2", Layout(dp=2, ep=2), 4, 4),
+    ("tp2+ep2+m2", Layout(tp=2, ep=2, num_microbatches=2), 4, 2),
+    ("pp2+ep2+m4", Layout(pp=2, ep=2, num_microbatches=4), 4, 2),
 ])
 def test_ep_factor_multiplies_the_process_count(text, expected, world, dp_size):
     layout = parse_layout(text)
@@ -37,8 +39,8 @@ def test_ep_factor_multiplies_the_process_count(text, expected, world, dp_size):
 def test_ep_factor_rejects():
     with pytest.raises(ValueError, match="Layout.ep=0 must be >= 1"):
         parse_layout("ep0")
-    with pytest.raises(ValueError, match="sets 'ep' twice"):
-        parse_layout("ep2,ep2")
+    with pytest.raises(ValueError, match="sets ep more than once"):
+        parse_layout("ep2+ep2")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -57,25 +59,25 @@ def test_gpt_spec_moe_errors(overrides, message):
 
 
 def test_moe_config_fields_and_expert_divisibility():
-    fields = model._moe_config(moe_spec(), ep=2)
+    fields = spec._moe_config(moe_spec(), ep=2)
     assert fields == dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
                           moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="aux_loss",
                           expert_model_parallel_size=2)
     # Aux loss off: no load balancing at all (Megatron's default type would still be "aux_loss").
-    assert model._moe_config(moe_spec(moe_aux_loss_coeff=0.0), ep=1)["moe_router_load_balancing_type"] == "none"
+    assert spec._moe_config(moe_spec(moe_aux_loss_coeff=0.0), ep=1)["moe_router_load_balancing_type"] == "none"
     with pytest.raises(ValueError, match="num_experts=4 is not divisible by expert_model_parallel_size=3"):
-        model._moe_config(moe_spec(), ep=3)
+        spec._moe_config(moe_spec(), ep=3)
     dense = GPTSpec(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32, max_seq_length=8)
-    assert model._moe_config(dense, ep=1) == {}
+    assert spec._moe_config(dense, ep=1) == {}
     with pytest.raises(ValueError, match="expert_model_parallel_size=2 needs an MoE model"):
-        model._moe_config(dense, ep=2)
+        spec._moe_config(dense, ep=2)
 
 
 def test_sequence_parallel_only_for_moe_at_tp_above_one():
-    assert model.needs_sequence_parallel(moe_spec(), tp=2)
-    assert not model.needs_sequence_parallel(moe_spec(), tp=1)
+    assert spec.needs_sequence_parallel(moe_spec(), tp=2)
+    assert not spec.needs_sequence_parallel(moe_spec(), tp=1)
     dense = GPTSpec(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32, max_seq_length=8)
-    assert not model.needs_sequence_parallel(dense, tp=2)
+    assert not spec.needs_sequence_parallel(dense, tp=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_expert_parallel_size_must_divide_the_data_parallel_size(world_of_one):
 def test_moe_with_bias_on_the_local_spec_is_refused_before_building(world_of_one):
     megatron_compat.initialize_model_parallel(tp=1, pp=1)
     with pytest.raises(ValueError, match="add_bias_linear=True with MoE experts of the local spec"):
-        model.build_model(moe_spec(add_bias_linear=True))
+        build.build_model(moe_spec(add_bias_linear=True))
 
 
 def test_cpu_mode_moe_redirects(world_of_one):
@@ -122,9 +124,9 @@ def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
 
     megatron_compat.initialize_model_parallel(tp=1, pp=1, seed=3)
     for dispatcher in ("alltoall", "allgather"):
-        (chunk,) = model.build_model(moe_spec(moe_token_dispatcher_type=dispatcher), wrap_ddp=False)
-        model.init_weights([chunk], seed=3)
-        gpt = model.unwrap(chunk)
+        (chunk,) = build.build_model(moe_spec(moe_token_dispatcher_type=dispatcher), wrap_ddp=False)
+        weights.init_weights([chunk], seed=3)
+        gpt = build.unwrap(chunk)
         experts = gpt.decoder.layers[0].mlp.experts
         assert isinstance(experts, SequentialMLP) and len(experts.local_experts) == 4
         assert not gpt.config.moe_grouped_gemm and gpt.config.moe_router_topk == 2

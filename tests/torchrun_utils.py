@@ -74,7 +74,7 @@ def run_jobs(nproc: int, jobs, jobs_file, *, timeout: float) -> str:
 
 
 def result_path(directory, name: str) -> pathlib.Path:
-    """File for result ``name`` (e.g. a layout string ``"pp2,vpp2,m4"``) inside ``directory``."""
+    """File for result ``name`` (e.g. a layout string ``"pp2+vpp2+m4"``) inside ``directory``."""
     return pathlib.Path(directory) / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".pt")
 
 

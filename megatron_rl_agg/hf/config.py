@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` -> the fields of :class:`megatron_rl_agg.mcore.model.GPTSpec` (pure: no torch).
+"""Hugging Face ``config.json`` -> the fields of :class:`megatron_rl_agg.mcore.spec.GPTSpec` (pure: no torch).
 
 Supported families (``model_type``): ``llama`` (Llama 3.x, Llama 2), ``qwen2`` (Qwen2 / Qwen2.5),
 ``qwen3`` (Qwen3 dense) and ``mistral``. All are pre-norm decoders with RMSNorm, a SwiGLU MLP

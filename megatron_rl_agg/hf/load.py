@@ -2,7 +2,7 @@
 
 Each rank reads only the slices of the safetensors files its own parameters hold: for every parameter
 shard (a ``ShardedTensor`` of ``sharded_state_dict()``, whose ``global_slice()`` says which part of the
-full tensor of its global key it is, see :mod:`megatron_rl_agg.mcore.model`), the mapping of
+full tensor of its global key it is, see :mod:`megatron_rl_agg.mcore.weights`), the mapping of
 :mod:`megatron_rl_agg.hf.mapping` gives the Hugging Face row blocks, and ``safe_open(...).get_slice(name)
 [rows, cols]`` reads just those rows and columns from the memory-mapped file. A TP rank of a 70B model so
 reads ``1 / (TP * PP)`` of the weights and never materializes the whole model.
@@ -128,9 +128,9 @@ class HFCheckpoint:
 
 def gpt_spec_from_hf(arch: HFArch, *, tp: int = 1, max_seq_length: Optional[int] = None,
                      vocab_multiple: int = 1, bf16: bool = False, **overrides):
-    """The :class:`~megatron_rl_agg.mcore.model.GPTSpec` of ``arch``, its vocabulary padded to a multiple of
+    """The :class:`~megatron_rl_agg.mcore.spec.GPTSpec` of ``arch``, its vocabulary padded to a multiple of
     ``vocab_multiple * tp`` (padding rows are zero and stripped again on export)."""
-    from megatron_rl_agg.mcore.model import GPTSpec
+    from megatron_rl_agg.mcore.spec import GPTSpec
 
     fields = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
@@ -155,7 +155,8 @@ def load_hf_weights(chunks: list, ckpt: HFCheckpoint, *, qkv_layout: str = "grou
     Args:
         qkv_layout: ``"grouped"`` (right) or ``"plain"`` (a deliberately wrong ``[q; k; v]``, for tests).
     """
-    from megatron_rl_agg.mcore.model import _param_shards, unwrap
+    from megatron_rl_agg.mcore.build import unwrap
+    from megatron_rl_agg.mcore.weights import _param_shards
 
     config = unwrap(chunks[0]).config
     if config.num_query_groups % config.tensor_model_parallel_size:

@@ -2,8 +2,8 @@
 torch.distributed, no Megatron).
 
 A Megatron tensor of global key ``key`` (transformer layers stacked along a leading layer axis, see
-:mod:`megatron_rl_agg.mcore.model`) at layer ``i`` is the concatenation along dim 0 of row *blocks* of Hugging
-Face tensors; :func:`megatron_blocks` lists them, so a rank reads only the rows its TP shard owns and
+:mod:`megatron_rl_agg.mcore.weights`) at layer ``i`` is the concatenation along dim 0 of row *blocks* of
+Hugging Face tensors; :func:`megatron_blocks` lists them, so a rank reads only the rows its TP shard owns and
 :func:`split_megatron` inverts the mapping for export. Reference for names and layouts: Megatron-Bridge's
 parameter mappings (``megatron/bridge/models/conversion/param_mapping.py``: ``QKVMapping``,
 ``GatedMLPMapping``, ``AutoMapping``) and its Llama / Qwen bridges.

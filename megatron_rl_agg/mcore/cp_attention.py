@@ -5,7 +5,7 @@ Engine's attention implements CP. This module gives the local spec a CP-capable 
 (:class:`ContextParallelDotProductAttention`, same constructor and ``forward`` as
 ``DotProductAttention``) so context parallelism runs where TE is absent, e.g. on a CPU with gloo. On a GPU
 with TE the TE spec's own CP attention (ring attention) is used and this module is not involved
-(:func:`megatron_rl_agg.mcore.model.default_layer_spec`).
+(:func:`megatron_rl_agg.mcore.spec.default_layer_spec`).
 
 The algorithm (all-gather K/V). CP rank ``r`` holds the queries, keys and values of its zigzag positions
 ``P_r`` (:func:`megatron_rl_agg.core.context_parallel.zigzag_indices`; ``|P_r| = S / C``). Each rank gathers
@@ -116,7 +116,7 @@ class ContextParallelDotProductAttention(MegatronModule):
 
 def cp_local_layer_spec(**local_spec_kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with :class:`ContextParallelDotProductAttention` as core
-    attention (pass it as ``layer_spec=`` of :func:`megatron_rl_agg.mcore.model.build_model`)."""
+    attention (pass it as ``layer_spec=`` of :func:`megatron_rl_agg.mcore.build.build_model`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if local_spec_kwargs.get("multi_latent_attention"):

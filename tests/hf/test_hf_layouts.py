@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 
 from hf_models import EXTRA_FAMILIES, FAMILIES, VOCAB, hf_logits, save_hf_model  # noqa: E402
 
-LAYOUTS = ("tp1", "tp2", "pp2", "pp2,vpp2")
+LAYOUTS = ("tp1", "tp2", "pp2", "pp2+vpp2")
 TOL = 1e-5
 
 

@@ -20,10 +20,11 @@ import torch
 from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.hf.export import export_hf
 from megatron_rl_agg.hf.load import HFCheckpoint, gpt_spec_from_hf, load_hf_weights
-from megatron_rl_agg.mcore.model import build_model, parse_layout
+from megatron_rl_agg.mcore.build import build_model
+from megatron_rl_agg.parallel.layout import parse_layout
 from megatron_rl_agg.trainer.step import forward
 
-LAYOUTS = ("tp1", "tp2", "pp2", "pp2,vpp2")
+LAYOUTS = ("tp1", "tp2", "pp2", "pp2+vpp2")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 VOCAB_MULTIPLE = 8       # 90-token vocabularies are padded to 96 rows: padding is exercised at every layout
 

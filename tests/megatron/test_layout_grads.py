@@ -22,14 +22,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 
-from megatron_rl_agg.mcore.model import Layout, parse_layout  # noqa: E402
+from megatron_rl_agg.parallel.layout import Layout, parse_layout  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("worker_layout_grads.py")
 TOL = 1e-5
 # One process: the reference, micro-batching, a repeat of the reference, the negative control.
-SINGLE = ["dp1,m1", "dp1,m4", "dp1,m1", "dp1,m4:mbmean"]
-TWO = ["dp2,m2", "tp2", "pp2,m4", "pp2,vpp2,m4", "dp2,m2:distopt", "cp2,m2", "cp2,m2:flag", "dp2,m2:flag"]
-FOUR = ["tp2,pp2,m4", "dp2,pp2,m2", "dp2,tp2,m2", "cp2,dp2,m2", "cp2,tp2,m2:flag"]
+SINGLE = ["dp1+m1", "dp1+m4", "dp1+m1", "dp1+m4:mbmean"]
+TWO = ["dp2+m2", "tp2", "pp2+m4", "pp2+vpp2+m4", "dp2+m2:distopt", "cp2+m2", "cp2+m2:flag", "dp2+m2:flag"]
+FOUR = ["tp2+pp2+m4", "dp2+pp2+m2", "dp2+tp2+m2", "cp2+dp2+m2", "cp2+tp2+m2:flag"]
 
 
 def _load(directory, items):
@@ -38,12 +38,12 @@ def _load(directory, items):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("dp2,m2", Layout(dp=2, num_microbatches=2)),
+    ("dp2+m2", Layout(dp=2, num_microbatches=2)),
     ("tp2", Layout(tp=2)),
-    ("pp2,m4", Layout(pp=2, num_microbatches=4)),
-    (" PP2, vpp2 ,m4", Layout(pp=2, vpp=2, num_microbatches=4)),
-    ("cp2,dp2,m2", Layout(cp=2, dp=2, num_microbatches=2)),
-    ("tp2,pp2,dp2,m8", Layout(tp=2, pp=2, dp=2, num_microbatches=8)),
+    ("pp2+m4", Layout(pp=2, num_microbatches=4)),
+    (" PP2+VPP2+m4 ", Layout(pp=2, vpp=2, num_microbatches=4)),
+    ("cp2+dp2+m2", Layout(cp=2, dp=2, num_microbatches=2)),
+    ("tp2+pp2+dp2+m8", Layout(tp=2, pp=2, dp=2, num_microbatches=8)),
 ])
 def test_parse_layout(text, expected):
     layout = parse_layout(text)
@@ -53,10 +53,10 @@ def test_parse_layout(text, expected):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("xp2", "bad layout item 'xp2'"),
-    ("tp2,tp4", "sets 'tp' twice"),
-    ("dp", "bad layout item 'dp'"),
-    ("vpp2,m4", "needs vpp >= 2 and pp >= 2"),
+    ("xp2", "bad layout 'xp2'"),
+    ("tp2+tp4", "sets tp more than once"),
+    ("dp", "bad layout 'dp'"),
+    ("vpp2+m4", "needs vpp >= 2 and pp >= 2"),
     ("tp0", "must be >= 1"),
 ])
 def test_parse_layout_rejects(text, message):
@@ -89,14 +89,14 @@ def single(shared_jobs):
 @pytest.fixture(scope="module")
 def reference(single):
     item, result = single[0]
-    assert item == "dp1,m1"
+    assert item == "dp1+m1"
     return result
 
 
 def _assert_matches_reference(results, ref):
     for item, res in results:
         rel, key = max_rel_diff(res["grads"], ref["grads"])
-        assert rel <= TOL, f"{item}: gradient of {key} differs from dp1,m1 by {rel:.3e} relative"
+        assert rel <= TOL, f"{item}: gradient of {key} differs from dp1+m1 by {rel:.3e} relative"
         assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=TOL), item
         assert res["loss"] == pytest.approx(ref["loss"], rel=TOL), item
         for key, value in ref["params"].items():
@@ -111,7 +111,7 @@ def test_single_process_microbatching_and_determinism(single, reference):
     _assert_matches_reference([single[1]], reference)
     # Running the same layout twice in one process is bit-identical.
     item, repeat = single[2]
-    assert item == "dp1,m1"
+    assert item == "dp1+m1"
     assert all(torch.equal(repeat["grads"][k], g) for k, g in reference["grads"].items())
 
 
@@ -119,7 +119,7 @@ def test_single_process_microbatching_and_determinism(single, reference):
 def test_microbatch_mean_negative_control(single, reference):
     """The per-micro-batch token mean weights rows of short micro-batches more: a different gradient."""
     item, control = single[3]
-    assert item == "dp1,m4:mbmean"
+    assert item == "dp1+m4:mbmean"
     rel, _ = max_rel_diff(control["grads"], reference["grads"])
     assert rel > 1e-2
 

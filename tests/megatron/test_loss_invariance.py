@@ -6,7 +6,7 @@ under context parallelism at CP2, CP2 x DP2, CP2 x TP2 and CP2 x PP2, each CP la
 
 The global mini-batch (see ``worker_loss_invariance.py``) has unequal row lengths, a fully masked row and
 prompt groups split across micro-batches and across DP ranks. Three launches cover every layout: one
-process (``dp1,m1``, ``dp1,m4``), two processes and four processes (the rest). Differences are
+process (``dp1+m1``, ``dp1+m4``), two processes and four processes (the rest). Differences are
 ``max|g - g_ref| / max|g_ref|`` per parameter tensor (``torchrun_utils.max_rel_diff``), against the
 one-process, one-micro-batch run.
 """
@@ -32,7 +32,7 @@ _spec.loader.exec_module(worker)
 
 TOL = 1e-5
 EXACT = [m for m in worker.MODES if m != "token_mean_legacy"] + ["global_kl_entropy"]
-REF_LAYOUT = "dp1,m1"
+REF_LAYOUT = "dp1+m1"
 NPROCS = (1, 2, 4)
 
 
@@ -155,7 +155,7 @@ def test_tp2_fused_logprobs_entropy_kernel(runs):
 def test_context_parallel_and_per_token_loss_layouts_are_covered(runs):
     """The CP and calculate_per_token_loss layouts of the issue ran (flag off and on)."""
     texts = {text for _, text, _ in layouts()}
-    for layout in ("cp2,m4", "cp2,dp2,m2", "cp2,tp2,m4", "cp2,pp2,m4"):
+    for layout in ("cp2+m4", "cp2+dp2+m2", "cp2+tp2+m4", "cp2+pp2+m4"):
         assert layout in texts and f"{layout}:flag" in texts
-    assert "dp2,m2:flag" in texts
-    assert {"cp2,m4", "cp2,m4:flag"} <= {text for _, text, _ in layouts("kl")}
+    assert "dp2+m2:flag" in texts
+    assert {"cp2+m4", "cp2+m4:flag"} <= {text for _, text, _ in layouts("kl")}

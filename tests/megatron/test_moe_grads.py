@@ -2,10 +2,11 @@
 loss on, fp32, Megatron DDP, the real schedules, gloo on CPU) at expert-parallel layouts, with both token
 dispatchers: the full gradient of every exact aggregation mode equals the one-process reference.
 
-Layouts (``model.parse_layout``; ``ep`` multiplies the process count, Megatron's DP size is ``dp * ep``):
-``ep2,m2`` (2 processes: EP2, expert-DP 1), ``dp2,ep2`` (4: EP2, expert-DP 2) and ``tp2,ep2,m2`` (4: TP2
+Layouts (``megatron_rl_agg.parallel.layout.parse_layout``; ``ep`` multiplies the process count, Megatron's DP
+size is ``dp * ep``):
+``ep2+m2`` (2 processes: EP2, expert-DP 1), ``dp2+ep2`` (4: EP2, expert-DP 2) and ``tp2+ep2+m2`` (4: TP2
 with sequence parallelism, EP2), each with the ``alltoall`` and the ``allgather`` dispatcher, against
-``dp1,m4`` in one process. Every layout cuts the mini-batch into the same four micro-batches of two
+``dp1+m4`` in one process. Every layout cuts the mini-batch into the same four micro-batches of two
 rows (``M * D = 4``): the aux loss is a per-micro-batch statistic that Megatron averages over
 micro-batches and DP ranks, so the same partition must give the same aux gradient, and the policy term
 (global weights) is exact whatever the partition. The worker (``worker_moe_grads.py``) documents the
@@ -31,19 +32,19 @@ TOL = 1e-5
 MODES = ["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
          "prompt_mean"]
 DISPATCHERS = ["alltoall", "allgather"]
-REF = "dp1,m4:alltoall"
+REF = "dp1+m4:alltoall"
 # ":flag": the plugin's loss under calculate_per_token_loss=True (its 3-tuple); ":flagraw": Megatron's own
 # aux-loss scaling under the flag with a zero main loss, at TP2 where the plugin refuses the flag.
-FLAG_TP1 = ["dp1,m4:alltoall:flag", "ep2,m2:allgather:flag", "dp2,ep2:alltoall:flag"]
-FLAG_TP2 = [f"tp2,ep2,m2:{d}:flagraw" for d in DISPATCHERS]
+FLAG_TP1 = ["dp1+m4:alltoall:flag", "ep2+m2:allgather:flag", "dp2+ep2:alltoall:flag"]
+FLAG_TP2 = [f"tp2+ep2+m2:{d}:flagraw" for d in DISPATCHERS]
 LAUNCHES = {
-    1: [REF, "dp1,m4:allgather", "aux-parts", FLAG_TP1[0]],
-    2: [f"ep2,m2:{d}" for d in DISPATCHERS] + [FLAG_TP1[1]],
-    4: [f"{layout}:{d}" for layout in ("dp2,ep2", "tp2,ep2,m2") for d in DISPATCHERS] + [FLAG_TP1[2]] + FLAG_TP2,
+    1: [REF, "dp1+m4:allgather", "aux-parts", FLAG_TP1[0]],
+    2: [f"ep2+m2:{d}" for d in DISPATCHERS] + [FLAG_TP1[1]],
+    4: [f"{layout}:{d}" for layout in ("dp2+ep2", "tp2+ep2+m2") for d in DISPATCHERS] + [FLAG_TP1[2]] + FLAG_TP2,
 }
 LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc]
                 if item not in (REF, "aux-parts") and not item.endswith(("flag", "flagraw"))]
-MICROBATCHES = {"dp1,m4": 4, "ep2,m2": 2, "dp2,ep2": 1, "tp2,ep2,m2": 2}
+MICROBATCHES = {"dp1+m4": 4, "ep2+m2": 2, "dp2+ep2": 1, "tp2+ep2+m2": 2}
 
 
 def worker_jobs(directory):
@@ -144,7 +145,7 @@ def test_aux_loss_metric_is_layout_independent(out_dir):
     """Megatron's tracker holds, per layer, the load-balancing loss (before the coefficient) summed over
     this rank's micro-batches and averaged over DP ranks; divided by M it is the mean per micro-batch,
     the same at every layout. Near 1 per layer at this balanced initialisation, 2 layers."""
-    ref = result(out_dir, REF, "token_mean")["aux_loss"] / MICROBATCHES["dp1,m4"]
+    ref = result(out_dir, REF, "token_mean")["aux_loss"] / MICROBATCHES["dp1+m4"]
     assert 1.5 < ref < 2.5
     for item in LAYOUT_ITEMS:
         layout = item.partition(":")[0]

@@ -34,7 +34,7 @@ WORKER = pathlib.Path(__file__).with_name("worker_packing.py")
 MODES = ("token_mean", "seq_mean_token_mean")
 TOL = 1e-6
 SINGLE = ["tp1", "tp1:abs"]
-TWO = ["tp2", "pp2:abs", "pp2,vpp2:fixed"]
+TWO = ["tp2", "pp2:abs", "pp2+vpp2:fixed"]
 
 
 def _load(directory, items):
@@ -94,7 +94,7 @@ def test_packed_equals_padded_tp2_pp2_vpp2(two, single):
     for item, result in two.items():
         _assert_packed_equals_padded(item, result)
     # Layout-independent weights: the packed runs also agree with the one-process packed runs.
-    for item, ref in (("tp2", "tp1"), ("pp2:abs", "tp1:abs"), ("pp2,vpp2:fixed", "tp1")):
+    for item, ref in (("tp2", "tp1"), ("pp2:abs", "tp1:abs"), ("pp2+vpp2:fixed", "tp1")):
         for mode in MODES:
             rel, key = max_rel_diff(two[item][mode]["grads_packed"], single[ref][mode]["grads_packed"])
             assert rel <= 1e-5, f"{item} vs {ref} {mode}: packed gradient of {key} differs by {rel:.3e}"

@@ -1,9 +1,9 @@
 """torchrun worker: one forward-backward of a real Megatron GPT at several layouts, full gradients saved.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/megatron/worker_layout_grads.py OUT_DIR dp2,m2 tp2 pp2,m4 pp2,vpp2,m4
+        tests/megatron/worker_layout_grads.py OUT_DIR dp2+m2 tp2 pp2+m4 pp2+vpp2+m4
 
-Each layout string (see ``megatron_rl_agg.mcore.model.parse_layout``) must use every process
+Each layout string (see ``megatron_rl_agg.parallel.layout.parse_layout``) must use every process
 (tp * pp * cp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
 (the legacy objective), used as a negative control; ``:distopt`` uses Megatron's distributed
 optimizer with overlapped gradient reduce-scatter; ``:flag`` sets ``calculate_per_token_loss=True`` and
@@ -47,10 +47,10 @@ from torchrun_utils import save_result  # noqa: E402
 from megatron_rl_agg.parallel import dist  # noqa: E402
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
 from megatron_rl_agg.core.context_parallel import split_for_cp_rank  # noqa: E402
-from megatron_rl_agg.mcore.model import (  # noqa: E402
-    GPTSpec, build_model, build_optimizer, gather_full_grads, gather_full_params, init_weights,
-    parse_layout,
-)
+from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import gather_full_grads, gather_full_params, init_weights  # noqa: E402
+from megatron_rl_agg.parallel.layout import parse_layout  # noqa: E402
 
 SEED = 1234
 # Gated MLP and grouped-query attention: their fused TP-sharded weights are the hardest to slice.

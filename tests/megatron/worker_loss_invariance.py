@@ -8,11 +8,11 @@
 The process count picks the work (all of it in one launch, re-initialising Megatron's model-parallel
 state between layouts):
 
-* 1 process: layouts ``dp1,m1`` and ``dp1,m4``; the whole-batch reference objective (full-vocabulary
+* 1 process: layouts ``dp1+m1`` and ``dp1+m4``; the whole-batch reference objective (full-vocabulary
   log-softmax on the logits of one forward pass, aggregated with ``aggregation.aggregate``); the
-  KL/entropy micro-batch checks (``dp1,m1`` vs ``dp1,m4`` on a batch of equal row lengths).
-* 2 processes: layouts ``dp2,m2``, ``tp2``, ``pp2,m4``, ``pp2,vpp2,m4`` and the KL/entropy check at
-  ``dp2,m2``; the TP2 vocab-parallel log-prob/entropy checks against the full-logit reference (the
+  KL/entropy micro-batch checks (``dp1+m1`` vs ``dp1+m4`` on a batch of equal row lengths).
+* 2 processes: layouts ``dp2+m2``, ``tp2``, ``pp2+m4``, ``pp2+vpp2+m4`` and the KL/entropy check at
+  ``dp2+m2``; the TP2 vocab-parallel log-prob/entropy checks against the full-logit reference (the
   separate functions and the fused kernel loss_func uses, with its collective count); the
   context-parallel refusal.
 
@@ -43,7 +43,10 @@ from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate  # noqa: E4
 from megatron_rl_agg.mcore import compat as megatron_compat
 from megatron_rl_agg.core.aggregation import aggregate  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights, parse_layout, unwrap  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model, unwrap  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
+from megatron_rl_agg.parallel.layout import parse_layout  # noqa: E402
 
 SEED = 4321
 SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_seq_length=12,
@@ -74,12 +77,12 @@ KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coe
               for est in ("k1", "k2", "k3")}
 
 # A ":flag" suffix runs the layout with calculate_per_token_loss=True (Megatron's 3-tuple contract).
-LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)],
-           2: [("dp2,m2", 2), ("tp2", 8), ("pp2,m4", 2), ("pp2,vpp2,m4", 2), ("cp2,m4", 2),
-               ("cp2,m4:flag", 2), ("dp2,m2:flag", 2)],
-           4: [("cp2,dp2,m2", 2), ("cp2,tp2,m4", 2), ("cp2,pp2,m4", 2), ("cp2,dp2,m2:flag", 2),
-               ("cp2,tp2,m4:flag", 2), ("cp2,pp2,m4:flag", 2)]}
-KL_LAYOUTS = {1: [("dp1,m1", 8), ("dp1,m4", 2)], 2: [("dp2,m2", 2), ("cp2,m4", 2), ("cp2,m4:flag", 2)],
+LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)],
+           2: [("dp2+m2", 2), ("tp2", 8), ("pp2+m4", 2), ("pp2+vpp2+m4", 2), ("cp2+m4", 2),
+               ("cp2+m4:flag", 2), ("dp2+m2:flag", 2)],
+           4: [("cp2+dp2+m2", 2), ("cp2+tp2+m4", 2), ("cp2+pp2+m4", 2), ("cp2+dp2+m2:flag", 2),
+               ("cp2+tp2+m4:flag", 2), ("cp2+pp2+m4:flag", 2)]}
+KL_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)], 2: [("dp2+m2", 2), ("cp2+m4", 2), ("cp2+m4:flag", 2)],
               4: []}
 
 
@@ -125,7 +128,7 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
 
     from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
     from megatron_rl_agg.parallel.metrics import reduce_metrics
-    from megatron_rl_agg.mcore.model import gather_full_grads
+    from megatron_rl_agg.mcore.weights import gather_full_grads
 
     share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
     cp_group = parallel_state.get_context_parallel_group()

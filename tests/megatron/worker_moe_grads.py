@@ -1,18 +1,18 @@
 """torchrun worker: the plugin's RL loss on a real Megatron MoE GPT at expert-parallel layouts.
 
     python -m torch.distributed.run --standalone --nproc_per_node 1 \
-        tests/megatron/worker_moe_grads.py OUT_DIR dp1,m4:alltoall dp1,m4:allgather aux-parts
+        tests/megatron/worker_moe_grads.py OUT_DIR dp1+m4:alltoall dp1+m4:allgather aux-parts
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/megatron/worker_moe_grads.py OUT_DIR ep2,m2:alltoall ep2,m2:allgather
+        tests/megatron/worker_moe_grads.py OUT_DIR ep2+m2:alltoall ep2+m2:allgather
     python -m torch.distributed.run --standalone --nproc_per_node 4 \
-        tests/megatron/worker_moe_grads.py OUT_DIR dp2,ep2:alltoall tp2,ep2,m2:allgather ...
+        tests/megatron/worker_moe_grads.py OUT_DIR dp2+ep2:alltoall tp2+ep2+m2:allgather ...
 
 The model: 2 layers, every MLP a Megatron ``MoELayer`` (4 gated experts, top-2 softmax routing,
 dropless, the ``aux_loss`` load-balancing loss on with coefficient ``AUX_COEFF``), tied embeddings,
 fp32, the local spec (``SequentialMLP`` experts) through the CPU mode's MoE redirects.
 
-An item ``<layout>:<dispatcher>`` (layout as ``megatron_rl_agg.mcore.model.parse_layout``: ``ep`` multiplies
-the process count, Megatron's data-parallel size is ``dp * ep``) builds the model at that layout with
+An item ``<layout>:<dispatcher>`` (layout as ``megatron_rl_agg.parallel.layout.parse_layout``: ``ep``
+multiplies the process count, Megatron's data-parallel size is ``dp * ep``) builds the model at that layout with
 that token dispatcher and, for each loss configuration, prepares this rank's share of the SAME global
 mini-batch (``worker_loss_invariance.make_batch``: unequal rows, a masked row, prompt groups split
 across ranks) with micro-batches of ``MBS`` rows, runs one forward-backward with the plugin's
@@ -51,7 +51,10 @@ import worker_loss_invariance as base  # noqa: E402
 from torchrun_utils import save_result  # noqa: E402
 
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights, parse_layout  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
+from megatron_rl_agg.parallel.layout import parse_layout  # noqa: E402
 
 SEED = 2468
 AUX_COEFF = 0.1
@@ -92,7 +95,7 @@ def run_config(chunks, batch, cfg, mbs, flag=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
-    from megatron_rl_agg.mcore.model import gather_full_grads
+    from megatron_rl_agg.mcore.weights import gather_full_grads
 
     dp_group = parallel_state.get_data_parallel_group()
     share = base.rank_share(batch, parallel_state.get_data_parallel_rank(), torch_dist.get_world_size(dp_group))
@@ -126,7 +129,7 @@ def run_aux_only_flag(chunks, mbs):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.model import gather_full_grads
+    from megatron_rl_agg.mcore.weights import gather_full_grads
 
     dp_group = parallel_state.get_data_parallel_group()
     share = base.rank_share(batch_for("aux_only"), parallel_state.get_data_parallel_rank(),
@@ -190,7 +193,7 @@ def run_aux_parts(out_dir: str) -> None:
     """Each micro-batch alone (M = D = 1) with the aux-only loss; saves the mean gradient."""
     if torch_dist.get_world_size() != 1:
         raise ValueError("aux-parts runs in one process")
-    chunks = build(parse_layout("dp1,m1"), "alltoall")
+    chunks = build(parse_layout("dp1+m1"), "alltoall")
     batch = batch_for("aux_only")
     parts, aux = [], []
     for k in range(TOTAL_MICROBATCHES):

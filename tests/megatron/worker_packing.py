@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
         tests/megatron/worker_packing.py OUT_DIR tp2 pp2:abs
 
-Each item is a layout (``megatron_rl_agg.mcore.model.parse_layout``, dp1, using every process) with an
+Each item is a layout (``megatron_rl_agg.parallel.layout.parse_layout``, dp1, using every process) with an
 optional suffix: ``:abs`` for learned absolute position embeddings (default RoPE), ``:fixed`` to pad
 every pack of the step to one length (``pack_microbatches(equal_length=True)``) instead of letting
 pipeline stages exchange shapes (``variable_seq_lengths``, used by PP items otherwise); the
@@ -41,8 +41,10 @@ from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches  # noqa: E402
 from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, gather_full_grads, init_weights  # noqa: E402
-from megatron_rl_agg.mcore.model import parse_layout  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
+from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights  # noqa: E402
+from megatron_rl_agg.parallel.layout import parse_layout  # noqa: E402
 from megatron_rl_agg.mcore.packing import pack_microbatches, packed_forward_step  # noqa: E402
 from megatron_rl_agg.mcore.packing import packed_local_layer_spec, unpack  # noqa: E402
 

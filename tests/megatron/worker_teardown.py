@@ -29,7 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torchrun_utils import save_result  # noqa: E402
 
 from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
-from megatron_rl_agg.mcore.model import GPTSpec, build_model  # noqa: E402
+from megatron_rl_agg.mcore.build import build_model  # noqa: E402
+from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 
 SPEC = GPTSpec(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, max_seq_length=12,
                ffn_hidden_size=64)

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as torch_dist
 
 from megatron_rl_agg.mcore import compat as megatron_compat
-from megatron_rl_agg.mcore.model import GPTSpec, build_model, init_weights
+from megatron_rl_agg.mcore.build import build_model
+from megatron_rl_agg.mcore.spec import GPTSpec
+from megatron_rl_agg.mcore.weights import init_weights
 from megatron_rl_agg.trainer.rollout import generation, task
 from tests.torchrun_utils import save_result
 

@@ -22,7 +22,7 @@ from megatron_rl_agg.trainer.cli import validation
 from megatron_rl_agg.trainer.cli.hf_args import add_hf_args, validate_hf_args
 from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_positive_flags, positive_flag
 
-# Megatron's MoE token dispatchers the trainer runs (model.MOE_TOKEN_DISPATCHERS; model.py imports
+# Megatron's MoE token dispatchers the trainer runs (mcore.spec.MOE_TOKEN_DISPATCHERS; mcore/spec.py imports
 # torch at module level, this module must not need it to print --help).
 MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 

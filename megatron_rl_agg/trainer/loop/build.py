@@ -66,7 +66,7 @@ class Trainer:
 
 
 def _model_spec(args):
-    from megatron_rl_agg.mcore.model import GPTSpec
+    from megatron_rl_agg.mcore.spec import GPTSpec
 
     if args.hf_checkpoint:
         from megatron_rl_agg.trainer.loop.hf_model import hf_model_spec
@@ -87,7 +87,7 @@ def _layer_spec(args, spec):
     impl = args.transformer_impl
     if impl == "auto":
         # Transformer Engine's spec on CUDA when TE imports (the model module's own test of it).
-        from megatron_rl_agg.mcore.model import _use_transformer_engine
+        from megatron_rl_agg.mcore.spec import _use_transformer_engine
 
         impl = "transformer_engine" if _use_transformer_engine() else "local"
     if args.sequence_packing and impl == "local":
@@ -118,7 +118,8 @@ def _layer_spec(args, spec):
 def _build_policy(args, spec):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_rl_agg.mcore.model import build_model, build_optimizer, init_weights
+    from megatron_rl_agg.mcore.build import build_model, build_optimizer
+    from megatron_rl_agg.mcore.weights import init_weights
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=args.use_distributed_optimizer,

@@ -36,7 +36,7 @@ import torch
 
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.mcore.compat import device
-from megatron_rl_agg.mcore.model import unwrap
+from megatron_rl_agg.mcore.build import unwrap
 
 __all__ = ["TRACKER_FILE", "checkpoint_path", "latest_step", "save_checkpoint", "load_checkpoint",
            "load_model_weights", "atomic_write_text", "check_save_dir", "resolve_step", "check_model",

@@ -55,7 +55,7 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     from megatron_rl_agg.mcore import compat as megatron_compat
     from megatron_rl_agg.hf.export import export_hf
     from megatron_rl_agg.hf.load import gpt_spec_from_hf
-    from megatron_rl_agg.mcore.model import build_model
+    from megatron_rl_agg.mcore.build import build_model
 
     ckpt = hf_checkpoint(args.hf_checkpoint)     # checks config and tensors before any process group
     step = checkpoint.latest_step(args.load) if args.step is None else args.step

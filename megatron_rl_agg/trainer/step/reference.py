@@ -22,7 +22,8 @@ def build_reference(spec, layer_spec, *, seed: int, init_fn=None) -> list:
 
     Weights: ``init_fn(chunks)`` when given (the trainer loads the ``--ref-load`` checkpoint or an
     imported Hugging Face checkpoint through it), else the initial weights of ``seed``."""
-    from megatron_rl_agg.mcore.model import build_model, init_weights
+    from megatron_rl_agg.mcore.build import build_model
+    from megatron_rl_agg.mcore.weights import init_weights
 
     ref = build_model(spec, wrap_ddp=False, layer_spec=layer_spec)
     if init_fn is not None:

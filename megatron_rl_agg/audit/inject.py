@@ -1,0 +1,45 @@
+"""The ``--inject-bug`` self-test: deliberately wrong correction factors planted in the prepared
+micro-batches, so that the audit must print FAIL rows (see :mod:`megatron_rl_agg.audit`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron_rl_agg.core.aggregation import get_aggregation
+from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
+
+
+def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfig, mbs: int) -> None:
+    """Apply the ``--inject-bug`` self-test to the prepared micro-batches (in place)."""
+    if bug is None:
+        return
+    if bug == "kl_times_microbatches":
+        wrong = dataclasses.replace(cfg, kl_coef=cfg.kl_coef * len(micro_batches))
+        for mb in micro_batches:
+            mb["loss_config"] = wrong
+        return
+    # local_token_count: global weights from this rank's counts only (process_group=None).
+    # cp_token_count: counts summed over dp x cp, where the CP ranks of a DP rank hold the same rows.
+    from megatron.core import parallel_state
+
+    from megatron_rl_agg.parallel.weights import token_weights
+    from megatron_rl_agg.core.context_parallel import split_for_cp_rank
+
+    group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+             if bug == "cp_token_count" else None)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+
+    for key, mode in (("pg_weights", cfg.loss_aggregation), ("kl_weights", cfg.kl_aggregation),
+                      ("entropy_weights", cfg.entropy_aggregation)):
+        if mode in (MICROBATCH_MEAN, "token_mean_legacy") or (key == "kl_weights" and cfg.kl_coef == 0) \
+                or not get_aggregation(mode).exact_global:
+            continue
+        w = token_weights(local["loss_mask"], mode, group_ids=local["group_ids"],
+                          max_response_length=cfg.max_response_length, process_group=group,
+                          dtype=torch.float64)
+        for k, mb in enumerate(micro_batches):
+            mb[key] = split_for_cp_rank(w[k * mbs:(k + 1) * mbs], cp_size, cp_rank, dim=1)
