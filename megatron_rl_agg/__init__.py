@@ -24,7 +24,7 @@ _LAZY = {
     "make_loss_func": "megatron_rl_agg.mcore.loss",
     "forward_step": "megatron_rl_agg.mcore.loss",
     "reduce_metrics": "megatron_rl_agg.core.metrics",
-    "enable_cpu_mode": "megatron_rl_agg.mcore.compat",
+    "enable_cpu_mode": "megatron_rl_agg.mcore.cpu_mode",
 }
 
 __all__ = [

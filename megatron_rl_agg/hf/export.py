@@ -213,7 +213,7 @@ def _is_world_rank0() -> bool:
 def _barrier() -> None:
     """A sum over the DP x CP group, then over the model-parallel group: together they span the world."""
     from megatron_rl_agg.parallel import dist
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
 
     for group in _groups():
         dist.all_reduce_sum(torch.zeros(1, device=device()), group)

@@ -1,7 +1,7 @@
 """Build a Megatron-Core GPT model (dense or MoE) at any TP/PP/VPP/DP/EP layout, with layout-independent
 weights.
 
-Typical use (every rank, after :func:`megatron_compat.initialize_distributed`)::
+Typical use (every rank, after :func:`compat.initialize_distributed`)::
 
     layout = parse_layout("pp2,vpp2,m4")
     initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=1)
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat, cpu_mode
 
 __all__ = [
     "Layout",
@@ -240,7 +240,7 @@ def _parallel_sizes() -> tuple[int, int, int | None, int, int]:
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "Megatron model-parallel state is not initialised; call "
-            "megatron_compat.initialize_model_parallel(tp, pp, vpp) first"
+            "compat.initialize_model_parallel(tp, pp, vpp) first"
         )
     return (
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -288,7 +288,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
             f"each virtual stage needs the same number of layers"
         )
     kwargs = dict(
-        **megatron_compat.transformer_config_defaults(),
+        **compat.transformer_config_defaults(),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_attention_heads,
@@ -473,7 +473,7 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
 
-    megatron_compat.enable_cpu_mode()
+    cpu_mode.enable_cpu_mode()
     layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
     if spec.num_experts is not None:
         grouped = _grouped_experts(layer_spec)

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_rl_agg.parallel import dist
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat, cpu_mode
 from megatron_rl_agg.core.advantages import compute_step_advantages
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer.step import batching, forward, reference
@@ -113,7 +113,7 @@ def _layer_spec(args, spec):
         impl = "transformer_engine" if _use_transformer_engine() else "local"
     if args.sequence_packing and impl == "local":
         # Megatron's local attention has no THD path; the packing module's spec adds one.
-        from megatron_rl_agg.mcore.packing import packed_local_layer_spec
+        from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec
 
         return packed_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local" and args.context_parallel_size > 1:
@@ -212,15 +212,15 @@ def _build_source(args):
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """Initialise distributed state and Megatron's parallel groups, build model, optimizer, data."""
-    megatron_compat.quiet_warnings()
+    compat.quiet_warnings()
     from megatron.core import parallel_state
 
     checkpoint.check_save_dir(args.save, args.load)      # on every rank, before any collective
-    rank, world = megatron_compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
+    rank, world = compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     cp = args.context_parallel_size
     check_world(args, world)
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep,
+    compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep,
                                               timeout_minutes=args.distributed_timeout_minutes)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)
@@ -307,7 +307,7 @@ def _padded_rows(tr: Trainer, num_local: int) -> int:
     micro-batch multiple of the schedule (PP under interleaving), at least one micro-batch."""
     mbs, multiple = tr.args.micro_batch_size, forward.microbatch_multiple()
     local = torch.tensor([max(1, math.ceil(num_local / mbs))], dtype=torch.int64,
-                         device=megatron_compat.device())
+                         device=cpu_mode.device())
     num_mb = int(dist.all_reduce_max(local, tr.dp_group).item())
     return math.ceil(num_mb / multiple) * multiple * mbs
 
@@ -321,7 +321,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     failures_before = _reward_failures(tr)
     step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
-    rows = rows.to(megatron_compat.device())
+    rows = rows.to(cpu_mode.device())
     adv, keep_row, stats = compute_step_advantages(
         rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
         expected_group_size=tr.source.expected_group_size)
@@ -348,7 +348,7 @@ def _row_sums(step_rows, dp_group, reward_failures: int = 0) -> dict:
     samples = step_rows.samples
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
                           float(step_rows.num_failed), float(reward_failures)], dtype=torch.float64,
-                         device=megatron_compat.device())
+                         device=cpu_mode.device())
     reward_sum, length_sum, num_failed, failures = dist.all_reduce_sum(local, dp_group).tolist()
     return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed),
             "num_reward_failures": int(failures)}
@@ -412,7 +412,7 @@ def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tupl
     :func:`.safety.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.loss import prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
 
     # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
@@ -429,7 +429,7 @@ def _run_update(tr: Trainer, batch: dict, step: int = 0, index: int = 0) -> tupl
     aux = _load_balancing_loss(tr, len(micro))
     if not safety.check_update(tr.optimizer, reports, step=step, index=index,
                                num_updates=tr.args.mini_batches_per_step, policy=tr.args.on_nonfinite,
-                               source=tr.source, device=megatron_compat.device()):
+                               source=tr.source, device=cpu_mode.device()):
         for chunk in tr.chunks:
             chunk.zero_grad_buffer()
         tr.optimizer.zero_grad()
@@ -443,13 +443,13 @@ def _load_balancing_loss(tr: Trainer, num_microbatches: int) -> Optional[float]:
     MoE layers and micro-batches (and, by Megatron's tracker reduction, over PP stages and DP ranks).
 
     The router adds each micro-batch's per-layer loss to Megatron's tracker; the reduction is Megatron's
-    (all-reduce over PP, then average over DP: collectives on every rank, ``megatron_compat.
+    (all-reduce over PP, then average over DP: collectives on every rank, ``compat.
     moe_metric_per_layer``), after which the tracker is cleared for the next update. None for a dense
     model.
     """
     if tr.args.num_experts is None or tr.args.moe_aux_loss_coeff == 0:
         return None
-    values = megatron_compat.moe_metric_per_layer("load_balancing_loss")
+    values = compat.moe_metric_per_layer("load_balancing_loss")
     if values is None:
         raise RuntimeError("no MoE load-balancing loss was tracked in this update (expected one per layer)")
     return float(values.sum()) / (values.numel() * num_microbatches)
@@ -463,7 +463,7 @@ def _loss_metrics(tr: Trainer, reports: list) -> dict:
     values = None
     if reduced is not None:
         values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
-                              device=megatron_compat.device())
+                              device=cpu_mode.device())
     values = forward.broadcast_from_last_stage(values, (len(_LOSS_REPORT),), torch.float64)
     out = {key: float(v) for (_, key), v in zip(_LOSS_REPORT, values.tolist())}
     out["num_tokens"] = int(round(out["num_tokens"]))
@@ -523,7 +523,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if tr.rank == 0:
             print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
                   f"--train-iters is {args.train_iters}; raise --train-iters to continue")
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         return []
     if tr.rank == 0 and args.load:
         # Lines after the loaded step are of steps this run trains again: keep each step once.
@@ -542,7 +542,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 metrics = train_step(tr, step)
                 history.append(metrics)
                 logger.log(metrics)
-                stopping = stop.requested(megatron_compat.device())
+                stopping = stop.requested(cpu_mode.device())
                 periodic = args.save_interval and step % args.save_interval == 0
                 on_signal = stopping and args.save_on_interrupt
                 if args.save and (step == args.train_iters or periodic or on_signal):
@@ -564,5 +564,5 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise
     finally:
         logger.close()
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
     return history

@@ -21,7 +21,7 @@ import torch
 
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.context_parallel import merge_cp_shards, split_for_cp_rank
-from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs
+from megatron_rl_agg.mcore.logprobs import vocab_parallel_logprobs
 
 __all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple",
            "cp_layout"]
@@ -97,7 +97,7 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
 
     dev = device()
     tokens = tokens.to(dev)
@@ -149,7 +149,7 @@ def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> to
     """
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
