@@ -3,7 +3,7 @@
 Runs under torchrun with 2 ranks (gloo on CPU, NCCL on GPUs). Every ``torch.distributed`` collective is
 wrapped by a counter that records the call, the process group it ran on and the code that was running:
 
-* ``prepare``:  ``megatron_loss.prepare_microbatches`` (global weights; once per optimizer step);
+* ``prepare``:  ``batch.prepare_microbatches`` (global weights; once per optimizer step);
 * ``loss``:     ``megatron_loss.loss_func`` (once per micro-batch, on the last pipeline stage);
 * ``metrics``:  ``metrics.reduce_metrics`` (once per optimizer step);
 * ``advantages``: ``advantages.normalize_advantages`` (once per optimizer step, shown for completeness);
@@ -37,7 +37,7 @@ import torch.distributed as torch_dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.audit.batch import make_batch  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model  # noqa: E402
@@ -114,7 +114,8 @@ def one_step(counter, chunks, batch, cfg, mbs, variant, seq_length, flag=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.parallel.advantages import normalize_advantages
-    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.parallel.metrics import reduce_metrics
 
     from megatron_rl_agg.core.context_parallel import split_for_cp_rank
@@ -161,7 +162,7 @@ def main(argv=None) -> None:
 
     from megatron_rl_agg.mcore import loss as megatron_loss
 
-    rank, world = megatron_compat.initialize_distributed()
+    rank, world = compat.initialize_distributed()
     if world != 2:
         raise SystemExit(f"run under torchrun with 2 processes (got world size {world})")
     counter = CollectiveCounter()
@@ -184,7 +185,7 @@ def main(argv=None) -> None:
     rows_out = []
     for layout, tp, cp, flag in (("dp2", 1, 1, False), ("tp2", 2, 1, False), ("cp2", 1, 2, False),
                                  ("dp2+flag", 1, 1, True), ("cp2+flag", 1, 2, True)):
-        megatron_compat.initialize_model_parallel(tp, 1, cp=cp, seed=1)
+        compat.initialize_model_parallel(tp, 1, cp=cp, seed=1)
         counter.groups = {id(parallel_state.get_data_parallel_group(with_context_parallel=True)): "dpcp",
                           id(parallel_state.get_context_parallel_group()): "cp",
                           id(parallel_state.get_data_parallel_group()): "dp",
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
                 rows_out.append({"layout": layout, "M": m, "config": name,
                                  "counts": {f"{ctx}/{grp}": n for (ctx, grp), n in sorted(c.items())}})
         del chunks
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
     if rank == 0:
         print_table(rows_out)
@@ -251,4 +252,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
@@ -38,8 +38,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1)
     counting = task.CountingTask()
     prompts = counting.sample_prompts(args.rows, torch.Generator().manual_seed(0))
     longest = max(len(p) for p in prompts)
@@ -78,7 +78,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat, cpu_mode  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 
 VARIANTS = {
@@ -108,15 +108,14 @@ def run_variant(name: str, logits0: torch.Tensor, batch: dict, seq: int):
     """
     from megatron.core import tensor_parallel
 
-    from megatron_rl_agg.mcore.loss import prepare_microbatches
-
-    from megatron_rl_agg.mcore import loss as megatron_loss
+    from megatron_rl_agg.mcore import logprobs, loss as megatron_loss
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
 
     logits = logits0.clone().requires_grad_(True)
     real_fused = megatron_loss.vocab_parallel_logprobs_and_entropy
     if name == "plugin-no-H-metric":   # log-probs from Megatron's cross entropy alone, entropy zeros
         megatron_loss.vocab_parallel_logprobs_and_entropy = lambda z, labels, **_: (
-            megatron_loss.vocab_parallel_logprobs(z, labels), z.new_zeros(z.shape[:-1]))
+            logprobs.vocab_parallel_logprobs(z, labels), z.new_zeros(z.shape[:-1]))
     if name != "plain":
         cfg = LossConfig(max_response_length=seq, **VARIANTS[name])
         (micro_batch,) = prepare_microbatches(batch, cfg, micro_batch_size=batch["tokens"].shape[0])
@@ -149,9 +148,9 @@ def main(argv=None) -> dict:
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
 
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(1, 1)
-    device = megatron_compat.device()
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(1, 1)
+    device = cpu_mode.device()
     B, T, V = args.batch, args.seq, args.vocab
     gen = torch.Generator().manual_seed(0)
     logits0 = torch.randn(B, T, V, generator=gen).to(device)
@@ -181,7 +180,7 @@ def main(argv=None) -> dict:
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     return report
 
 
@@ -189,4 +188,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat, cpu_mode  # noqa: E402
 from megatron_rl_agg.audit.batch import make_batch  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
@@ -95,26 +95,27 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import forward_step
 
     if args.skip_entropy_metric:
         if args.entropy_coef != 0:
             raise SystemExit("--skip-entropy-metric needs --entropy-coef 0 "
                              "(the entropy then has no gradient)")
-        from megatron_rl_agg.mcore import loss as megatron_loss
+        from megatron_rl_agg.mcore import logprobs, loss as megatron_loss
 
         # log-probs from Megatron's cross entropy alone, entropy replaced by zeros
         megatron_loss.vocab_parallel_logprobs_and_entropy = lambda logits, labels, **_: (
-            megatron_loss.vocab_parallel_logprobs(logits, labels), logits.new_zeros(logits.shape[:-1]))
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(1, 1, seed=args.seed)
+            logprobs.vocab_parallel_logprobs(logits, labels), logits.new_zeros(logits.shape[:-1]))
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(1, 1, seed=args.seed)
     spec = GPTSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
                    num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
                    max_seq_length=args.seq_length, bf16=args.bf16)
     chunks = build_model(spec)
     init_weights(chunks, seed=args.seed)
     optimizer = build_optimizer(chunks, lr=1e-6)
-    device = megatron_compat.device()
+    device = cpu_mode.device()
 
     rows = args.micro_batch_size * args.num_microbatches
     batch = make_batch(batch_size=rows, seq_length=args.seq_length, vocab_size=args.vocab_size,
@@ -192,7 +193,7 @@ def main(argv=None) -> dict:
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     return result
 
 
@@ -200,4 +201,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()

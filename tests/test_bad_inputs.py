@@ -43,7 +43,7 @@ def _mask(value):
 # ------------------------------------------------------------------------------------------------
 
 def _prepared(cfg):
-    from megatron_rl_agg.mcore.loss import prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
 
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long),
              "loss_mask": MASK.float(), "advantages": torch.ones(2)}
@@ -58,7 +58,7 @@ def _other_config():
 
 
 def _prepare_soft_mask():
-    from megatron_rl_agg.mcore.loss import prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
 
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long),
              "loss_mask": _mask(0.5), "advantages": torch.ones(2)}

@@ -5,17 +5,17 @@ Its CP > 1 path is covered by the multi-process gradient tests (tests/megatron/)
 import pytest
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 
 
 @pytest.fixture(scope="module")
 def config():
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1)
     from megatron_rl_agg.mcore.spec import GPTSpec, get_transformer_config
     yield get_transformer_config(GPTSpec(num_layers=1, hidden_size=32, num_attention_heads=4,
                                          num_query_groups=2, vocab_size=16, max_seq_length=8))
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 def _qkv(seed=0, s=8, b=3, heads=4, groups=2, d=8):

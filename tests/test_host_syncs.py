@@ -8,13 +8,14 @@ stalls, so the reads are counted instead: :class:`HostReads` sees every aten op 
 ``aten::_local_scalar_dense``) and patches the two conversions that bypass the dispatcher.
 """
 
+import types
 from unittest import mock
 
 import pytest
 import torch
 import torch.utils._python_dispatch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS
 from megatron_rl_agg.core.config import LossConfig
 
@@ -71,11 +72,11 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def megatron_loss():
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg.mcore import loss as module
-    yield module
-    megatron_compat.destroy_model_parallel()
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1)
+    from megatron_rl_agg.mcore import batch, loss
+    yield types.SimpleNamespace(prepare_microbatches=batch.prepare_microbatches, loss_func=loss.loss_func)
+    compat.destroy_model_parallel()
 
 
 def make_batch(seed=0):

@@ -8,6 +8,7 @@ gradient of an independent brute-force objective written from the mode definitio
 """
 
 import functools
+import types
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.utils._pytree
 from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
 from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
 from megatron_rl_agg.core.config import TERM_AGGREGATIONS, LossConfig
 from megatron_rl_agg.core.metrics import average_over_minibatches
@@ -31,11 +32,17 @@ HORIZON = 6
 
 @pytest.fixture(scope="module")
 def megatron_loss():
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
-    from megatron_rl_agg.mcore import loss as module
-    yield module
-    megatron_compat.destroy_model_parallel()
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1)
+    from megatron_rl_agg.mcore import batch, logprobs, loss, setup_checks
+    # the loss API from the modules that own it
+    yield types.SimpleNamespace(
+        prepare_microbatches=batch.prepare_microbatches, check_megatron_setup=setup_checks.check_megatron_setup,
+        vocab_parallel_logprobs_and_entropy=logprobs.vocab_parallel_logprobs_and_entropy,
+        vocab_parallel_logprobs=logprobs.vocab_parallel_logprobs,
+        vocab_parallel_entropy=logprobs.vocab_parallel_entropy,
+        loss_func=loss.loss_func, make_loss_func=loss.make_loss_func, forward_step=loss.forward_step)
+    compat.destroy_model_parallel()
 
 
 def make_batch(seed=0, row_tokens=ROW_TOKENS):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rl_agg.mcore import build, compat as megatron_compat, spec, weights
+from megatron_rl_agg.mcore import build, compat, spec, weights
 from megatron_rl_agg.mcore.spec import GPTSpec
 from megatron_rl_agg.parallel.layout import Layout, parse_layout
 
@@ -82,19 +82,19 @@ def test_sequence_parallel_only_for_moe_at_tp_above_one():
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1)
     yield
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 def test_expert_parallel_size_must_divide_the_data_parallel_size(world_of_one):
     with pytest.raises(ValueError, match="expert_model_parallel_size=2 does not fit world size 1"):
-        megatron_compat.initialize_model_parallel(tp=1, pp=1, ep=2)
+        compat.initialize_model_parallel(tp=1, pp=1, ep=2)
 
 
 def test_moe_with_bias_on_the_local_spec_is_refused_before_building(world_of_one):
-    megatron_compat.initialize_model_parallel(tp=1, pp=1)
+    compat.initialize_model_parallel(tp=1, pp=1)
     with pytest.raises(ValueError, match="add_bias_linear=True with MoE experts of the local spec"):
         build.build_model(moe_spec(add_bias_linear=True))
 
@@ -122,7 +122,7 @@ def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
     """One process, both dispatchers: SequentialMLP experts, a top-2 router, the aux loss tracked."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    megatron_compat.initialize_model_parallel(tp=1, pp=1, seed=3)
+    compat.initialize_model_parallel(tp=1, pp=1, seed=3)
     for dispatcher in ("alltoall", "allgather"):
         (chunk,) = build.build_model(moe_spec(moe_token_dispatcher_type=dispatcher), wrap_ddp=False)
         weights.init_weights([chunk], seed=3)
@@ -135,9 +135,9 @@ def test_moe_model_builds_on_the_local_spec_and_routes(world_of_one):
         assert logits.shape == (2, 8, 32) and torch.isfinite(logits).all()
         logits.float().pow(2).mean().backward()
         assert gpt.decoder.layers[0].mlp.router.weight.grad.abs().max() > 0
-        values = megatron_compat.moe_metric_per_layer("load_balancing_loss")     # read, then zeroed
+        values = compat.moe_metric_per_layer("load_balancing_loss")     # read, then zeroed
         assert values.shape == (2,) and values.gt(0).all()                        # one value per layer
-        assert megatron_compat.moe_metric_per_layer("load_balancing_loss").eq(0).all()
+        assert compat.moe_metric_per_layer("load_balancing_loss").eq(0).all()
 
 
 def _config(**overrides):
@@ -157,7 +157,7 @@ def test_per_token_loss_with_moe_aux_loss_at_tp2_is_refused_where_the_router_lac
     exact on 0.19.2 (test_moe_grads.py measures both); the combination is refused only where unfixed."""
     import megatron.core
 
-    from megatron_rl_agg.mcore.loss import _router_scales_aux_by_tp_cp, check_moe_setup
+    from megatron_rl_agg.mcore.setup_checks import _router_scales_aux_by_tp_cp, check_moe_setup
 
     fixed = _router_scales_aux_by_tp_cp()
     known = {"0.16.1": False, "0.19.2": True}      # the two releases the suite runs on

@@ -8,10 +8,10 @@ import torch
 
 from megatron_rl_agg.core import aggregation
 from megatron_rl_agg.parallel.weights import token_weights
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
+from megatron_rl_agg.mcore.packed_attention import block_causal_mask
 from megatron_rl_agg.mcore.packing import (
     add_sequence_packing_args,
-    block_causal_mask,
     lengths_from_loss_mask,
     lengths_from_mask,
     make_layout,
@@ -186,13 +186,13 @@ def megatron_single_rank():
     """Real Megatron parallel state on one CPU rank (gloo), torn down after the module."""
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat
 
     created = not torch_dist.is_initialized()
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(tp=1, pp=1, seed=7)
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(tp=1, pp=1, seed=7)
     yield
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     if created:
         torch_dist.destroy_process_group()
 
@@ -211,11 +211,11 @@ def test_packed_attention_equals_padded_and_per_row(megatron_single_rank, pad_to
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_rl_agg.mcore.packing import PackedDotProductAttention
+    from megatron_rl_agg.mcore.packed_attention import PackedDotProductAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                             attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
-                            **megatron_compat.transformer_config_defaults())
+                            **compat.transformer_config_defaults())
     attn = PackedDotProductAttention(cfg, 1, AttnMaskType.causal, "self")
     lengths, width, hn = [5, 2, 7, 1], 7, 8
     g = torch.Generator().manual_seed(3)
@@ -249,11 +249,11 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_rl_agg.mcore.packing import PackedDotProductAttention, packed_local_layer_spec
+    from megatron_rl_agg.mcore.packed_attention import PackedDotProductAttention, packed_local_layer_spec
 
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                             attention_dropout=0.0, use_cpu_initialization=True,
-                            **megatron_compat.transformer_config_defaults())
+                            **compat.transformer_config_defaults())
     attn = PackedDotProductAttention(cfg, 1, AttnMaskType.causal, "self")
     x = torch.randn(4, 2, 8)
     cu = torch.tensor([0, 1, 4], dtype=torch.int32)
@@ -277,7 +277,8 @@ def test_packed_attention_rejects_bad_params(megatron_single_rank):
 def test_packed_loss_func_equals_padded(megatron_single_rank, mode):
     """megatron_loss.loss_func, unchanged, on packed micro-batches: same loss, report and logit grads."""
     from megatron_rl_agg.core.config import LossConfig
-    from megatron_rl_agg.mcore.loss import loss_func, prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
+    from megatron_rl_agg.mcore.loss import loss_func
     from megatron_rl_agg.mcore.packing import pack_microbatches
 
     g = torch.Generator().manual_seed(11)
@@ -338,7 +339,7 @@ def test_packed_forward_step_refuses_unequal_packs_under_pp(megatron_single_rank
             super().__init__()
             self.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
                                             pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-                                            **megatron_compat.transformer_config_defaults(), **kwargs)
+                                            **compat.transformer_config_defaults(), **kwargs)
 
     packed, _ = pack_micro_batch(_padded_batch([2, 1], 3), torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="equal_length=True\\) or set variable_seq_lengths=True"):

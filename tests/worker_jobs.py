@@ -36,7 +36,7 @@ def _load(script: str):
 def freeze_survivors() -> None:
     """Collect, then freeze what survives (imports, the process group): call it between jobs.
 
-    Each layout teardown runs a full garbage collection (``megatron_compat.destroy_model_parallel``: a
+    Each layout teardown runs a full garbage collection (``compat.destroy_model_parallel``: a
     dropped Megatron model holds its gloo groups' threads until the cycle collector frees it). With torch,
     Megatron and transformers imported a full collection scans ~430k objects (~0.5 s); frozen, it scans
     only what the current job allocated (a few ms). Between jobs nothing of a job is alive, so nothing
@@ -49,10 +49,10 @@ def freeze_survivors() -> None:
 def main(jobs_file: str) -> None:
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat
 
     jobs = json.loads(pathlib.Path(jobs_file).read_text())
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     modules = {}
     for job in jobs:
         if job["script"] not in modules:

@@ -80,10 +80,10 @@ def _launch(args: argparse.Namespace, plan: _Plan) -> int:
 def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat, cpu_mode
 
     started = time.perf_counter()
-    rank, world = megatron_compat.initialize_distributed()
+    rank, world = compat.initialize_distributed()
     layouts = [lay for lay in plan.layouts if lay.world_size == world]
     skipped = [f"{lay} (needs {lay.world_size} processes, this run has {world})"
                for lay in plan.layouts if lay.world_size != world]
@@ -95,7 +95,7 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     spec = _model_spec(args)
     batch = make_batch(batch_size=args.batch_size, seq_length=args.seq_length, vocab_size=args.vocab_size,
                        seed=args.seed)
-    device = megatron_compat.device()
+    device = cpu_mode.device()
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     reference = _reference_grads(args, plan, spec, batch, layouts)
@@ -112,7 +112,7 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
                             "seconds": round(time.perf_counter() - t0, 3)})
         if rank == 0:
             print(f"[check-invariance] {lay}: {time.perf_counter() - t0:.1f} s", flush=True)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     if rank == 0:
         status = _report(args, plan, results, skipped, time.perf_counter() - started)
     else:
@@ -142,14 +142,14 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     """
     import torch.distributed as torch_dist
 
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat
     from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
     from megatron_rl_agg.core.kl import kl_estimate
     from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
 
-    megatron_compat.initialize_model_parallel(1, 1, seed=args.seed)
+    compat.initialize_model_parallel(1, 1, seed=args.seed)
     chunks = build_model(spec, wrap_ddp=False)
     init_weights(chunks, seed=args.seed)
     model = chunks[0]
@@ -192,7 +192,7 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
         objective.backward()
         out[(mode, rows)] = gather_full_grads(chunks)
     del chunks, model
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     return out
 
 
@@ -201,12 +201,13 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore import compat as megatron_compat
-    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore import compat
+    from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
 
-    megatron_compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed, ep=lay.ep)
+    compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed, ep=lay.ep)
     flag = bool(args.calculate_per_token_loss)
     chunks = build_model(spec, calculate_per_token_loss=flag)
     init_weights(chunks, seed=args.seed)

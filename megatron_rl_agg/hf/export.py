@@ -177,7 +177,7 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
     Returns:
         ``out_dir`` on rank 0, None elsewhere.
     """
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
     from megatron_rl_agg.mcore.weights import gather_full_params
     from megatron_rl_agg.parallel import dist
 

@@ -1,6 +1,6 @@
 """Build a Megatron-Core GPT model (dense or MoE) at any TP/PP/VPP/DP/EP layout, and its optimizer.
 
-Typical use (every rank, after :func:`megatron_compat.initialize_distributed`)::
+Typical use (every rank, after :func:`compat.initialize_distributed`)::
 
     layout = parse_layout("pp2+vpp2+m4")       # megatron_rl_agg.parallel.layout
     initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=1)
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
-from megatron_rl_agg.mcore.spec import (GPTSpec, _parallel_sizes, _uses_torch_norm, default_layer_spec,
+from megatron_rl_agg.mcore import compat, cpu_mode
+from megatron_rl_agg.mcore.spec import (GPTSpec, _uses_torch_norm, default_layer_spec,
                                         get_transformer_config, needs_sequence_parallel,
                                         sequence_parallel_local_spec)
 
@@ -59,7 +59,7 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
 
-    megatron_compat.enable_cpu_mode()
+    cpu_mode.enable_cpu_mode()
     layer_spec = layer_spec if layer_spec is not None else default_layer_spec(spec)
     if spec.num_experts is not None:
         grouped = _grouped_experts(layer_spec)
@@ -69,7 +69,7 @@ def build_model(spec: GPTSpec, *, wrap_ddp: bool = True, layer_spec=None, ddp_co
                 "megatron-core's expert MLP adds its bias in place on an autograd view and fails in the "
                 "backward pass; set add_bias_linear=False (as MoE models usually are)")
         config_overrides.setdefault("moe_grouped_gemm", grouped)
-        tp = _parallel_sizes()[0]
+        tp = compat.parallel_sizes()[0]
         if needs_sequence_parallel(spec, tp):
             config_overrides.setdefault("sequence_parallel", True)
     config = get_transformer_config(spec, **config_overrides)

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 
 __all__ = [
     "GPTSpec",
@@ -128,23 +128,6 @@ class GPTSpec:
         return torch.bfloat16 if self.bf16 else torch.float32
 
 
-def _parallel_sizes() -> tuple[int, int, int | None, int, int]:
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError(
-            "Megatron model-parallel state is not initialised; call "
-            "megatron_compat.initialize_model_parallel(tp, pp, vpp) first"
-        )
-    return (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-        parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-        parallel_state.get_context_parallel_world_size(),
-        parallel_state.get_expert_model_parallel_world_size(),
-    )
-
-
 def get_transformer_config(spec: GPTSpec, **overrides):
     """A ``TransformerConfig`` for ``spec`` at the current parallel_state layout.
 
@@ -172,7 +155,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    tp, pp, vpp, cp, ep = _parallel_sizes()
+    tp, pp, vpp, cp, ep = compat.parallel_sizes()
     if spec.vocab_size % tp != 0:
         raise ValueError(f"GPTSpec.vocab_size={spec.vocab_size} is not divisible by tp={tp}")
     stages = pp * (vpp or 1)
@@ -182,7 +165,7 @@ def get_transformer_config(spec: GPTSpec, **overrides):
             f"each virtual stage needs the same number of layers"
         )
     kwargs = dict(
-        **megatron_compat.transformer_config_defaults(),
+        **compat.transformer_config_defaults(),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_attention_heads,

@@ -24,10 +24,10 @@ import sys, torch
 model_dir, out, mode = sys.argv[1:4]
 originals = {name: getattr(torch, name) for name in ("tensor", "zeros", "arange", "empty")}
 if mode == "cpu_mode":
-    from megatron_rl_agg.mcore import compat as megatron_compat
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(1, 1)
-    assert megatron_compat.cpu_mode_enabled()
+    from megatron_rl_agg.mcore import compat, cpu_mode
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(1, 1)
+    assert cpu_mode.cpu_mode_enabled()
     assert all(getattr(torch, n) is f for n, f in originals.items()), "torch's factories were replaced"
     import megatron.core.utils as mutils            # Megatron's own calls still get the CPU redirect
     assert mutils.torch.zeros(2, device="cuda").device.type == "cpu"
@@ -41,7 +41,7 @@ state.update({"buffer:" + k: v.clone() for k, v in model.named_buffers()})
 torch.save({"state": state, "logits": logits}, out)
 if mode == "cpu_mode":
     import torch.distributed as d
-    megatron_compat.destroy_model_parallel(); d.destroy_process_group()
+    compat.destroy_model_parallel(); d.destroy_process_group()
 """
 
 

@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.hf.export import export_hf
 from megatron_rl_agg.hf.load import HFCheckpoint, gpt_spec_from_hf, load_hf_weights
 from megatron_rl_agg.mcore.build import build_model
 from megatron_rl_agg.parallel.layout import parse_layout
-from megatron_rl_agg.trainer.step import forward
+from megatron_rl_agg.mcore import forward
 
 LAYOUTS = ("tp1", "tp2", "pp2", "pp2+vpp2")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -55,7 +55,7 @@ def run(argv: list[str]) -> None:
         ckpt = HFCheckpoint(os.path.join(root, family))
         for text in (LAYOUTS if family != "mistral" else ("tp2",)):
             layout = parse_layout(text)
-            megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=1)
+            compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=1)
             spec = gpt_spec_from_hf(ckpt.arch, tp=layout.tp, max_seq_length=tokens.shape[1],
                                     vocab_multiple=VOCAB_MULTIPLE)
             chunks = build_model(spec, wrap_ddp=False)
@@ -76,15 +76,15 @@ def run(argv: list[str]) -> None:
                     result[name] = _logit_diff(wrong_chunks, tokens, ref)
             if result["diff"] is not None and forward_owner(rank):
                 torch.save(result, os.path.join(root, f"result-{family}-{text}.pt"))
-            megatron_compat.destroy_model_parallel()
+            compat.destroy_model_parallel()
 
 
 def main(root: str) -> None:
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     try:
         run([root])
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()
 
 
 def forward_owner(rank: int) -> bool:

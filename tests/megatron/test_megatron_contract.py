@@ -14,7 +14,7 @@ return, calculate_per_token_loss   reduced gradient
 ``(l, n, report)``, False  ``1/(D*C) * sum_{r,i} grad(l_{r,i}) / max(n_{r,i}, 1) / M``
 ``(l, n, report)``, True   ``sum_{r,i} grad(l_{r,i}) / N``
 ``(l, report)``, True      ``sum_{r,i} grad(l_{r,i}) * C / M`` (no count: no 1/N; D*C times the
-                           flag-off value, why ``megatron_loss`` refuses the combination)
+                           flag-off value, why ``setup_checks`` refuses the combination)
 =========================  ==============================================================
 
 The DDP factor 1/(D*C) is its pre-scale before a SUM over dp x cp; under the flag the pre-scale is 1
@@ -72,11 +72,11 @@ def test_expected_grad_arithmetic():
 
 @pytest.fixture()
 def world_of_one():
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat
 
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     yield
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 @pytest.mark.parametrize("length,per_token", worker.CASES)

@@ -119,9 +119,9 @@ def test_aux_only_gradient_with_calculate_per_token_loss(out_dir):
     multiplies each micro-batch's aux loss by its routed tokens) the aux-only gradient of the plugin's
     3-tuple is the flag-off one at TP1 (DP1 x M4, EP2, DP2 x EP2). At TP2 (sequence parallel) megatron-core
     0.16 scales by the TP shard's tokens: exactly 1/2 of it (NVIDIA/Megatron-LM#5047), which
-    megatron_loss.check_moe_setup refuses; a router with the upstream fix (0.19) gives the flag-off
+    setup_checks.check_moe_setup refuses; a router with the upstream fix (0.19) gives the flag-off
     gradient itself, and the check lets it through."""
-    from megatron_rl_agg.mcore.loss import _router_scales_aux_by_tp_cp
+    from megatron_rl_agg.mcore.setup_checks import _router_scales_aux_by_tp_cp
 
     fixed = _router_scales_aux_by_tp_cp()
     ref = result(out_dir, REF, "aux_only")["grads"]

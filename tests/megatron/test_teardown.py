@@ -1,4 +1,4 @@
-"""A layout teardown releases everything the layout created (``megatron_compat.destroy_model_parallel``).
+"""A layout teardown releases everything the layout created (``compat.destroy_model_parallel``).
 
 A process that runs layout after layout (the trainer's ``run`` is re-entrant; the audit and these tests
 run dozens of layouts per launch) must not keep the process groups of the earlier ones: Megatron's own

@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 
 K = 4
 NUM_MICROBATCHES = 3
@@ -57,7 +57,7 @@ def parse(text: str) -> tuple[int, int]:
 def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
     """One forward-backward over NUM_MICROBATCHES micro-batches; returns w's reduced gradient ``[K]``.
 
-    Needs torch.distributed initialised (``megatron_compat.initialize_distributed``); sets up
+    Needs torch.distributed initialised (``compat.initialize_distributed``); sets up
     parallel_state with context-parallel size ``cp`` (dp = world / cp) and tears it down again.
     """
     import torch.distributed as torch_dist
@@ -69,12 +69,12 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    megatron_compat.initialize_model_parallel(cp=cp)
+    compat.initialize_model_parallel(cp=cp)
     try:
         config = TransformerConfig(
             num_layers=1, hidden_size=K, num_attention_heads=1, context_parallel_size=cp,
             use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-            calculate_per_token_loss=per_token, **megatron_compat.transformer_config_defaults(),
+            calculate_per_token_loss=per_token, **compat.transformer_config_defaults(),
         )
 
         class OneParameter(MegatronModule):
@@ -120,7 +120,7 @@ def run_case(length: int, per_token: bool, cp: int) -> torch.Tensor:
         )
         return ddp.module.weight.main_grad.detach().clone()
     finally:
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
 
 
 def run(argv: list[str]) -> None:
@@ -143,7 +143,7 @@ def run(argv: list[str]) -> None:
 def main(out_dir: str, layouts: list[str]) -> None:
     import torch.distributed as torch_dist
 
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     run([out_dir, *layouts])
     torch_dist.barrier()
     torch_dist.destroy_process_group()

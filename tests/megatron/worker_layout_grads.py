@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torchrun_utils import save_result  # noqa: E402
 
 from megatron_rl_agg.parallel import dist  # noqa: E402
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.core.context_parallel import split_for_cp_rank  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
@@ -143,7 +143,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     world = torch_dist.get_world_size()
     if layout.world_size != world:
         raise ValueError(f"layout {layout_text!r} needs {layout.world_size} processes, got {world}")
-    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
+    compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
     distopt, flag = variant == "distopt", variant == "flag"
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt,
                                                overlap_grad_reduce=distopt)
@@ -203,7 +203,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     if torch_dist.get_rank() == 0:
         save_result(out_dir, f"{index:02d}-{item}",
                     {"grads": grads, "params": params, "loss": loss, "grad_norm": float(grad_norm)})
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     return f"{item}: loss {loss:.6f} grad_norm {float(grad_norm):.6f}"
 
 
@@ -218,7 +218,7 @@ def run(argv):
 
 
 def main(argv):
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()

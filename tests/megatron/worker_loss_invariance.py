@@ -40,7 +40,7 @@ from torchrun_utils import save_result  # noqa: E402
 from megatron_rl_agg.core.kl import kl_estimate  # noqa: E402
 from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits  # noqa: E402
 from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate  # noqa: E402
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.core.aggregation import aggregate  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model, unwrap  # noqa: E402
@@ -126,7 +126,8 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.parallel.metrics import reduce_metrics
     from megatron_rl_agg.mcore.weights import gather_full_grads
 
@@ -161,7 +162,7 @@ def run_layouts(out_dir, layouts, configs, batch, tag):
         start = time.perf_counter()
         layout_only, _, variant = layout_text.partition(":")
         layout = parse_layout(layout_only)
-        megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
+        compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
         flag = variant == "flag"
         chunks = build_model(SPEC, calculate_per_token_loss=flag)
         init_weights(chunks, seed=SEED)
@@ -171,7 +172,7 @@ def run_layouts(out_dir, layouts, configs, batch, tag):
             if torch_dist.get_rank() == 0:
                 save_result(out_dir, f"{tag}-{layout_text}-{name}",
                             {"grads": grads, "metrics": metrics, "micro_batch_size": mbs})
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         if torch_dist.get_rank() == 0:
             print(f"{tag} {layout_text}: {len(configs)} configs in {time.perf_counter() - start:.2f} s",
                   flush=True)
@@ -179,12 +180,12 @@ def run_layouts(out_dir, layouts, configs, batch, tag):
 
 def reference_objectives(out_dir, batch):
     """Whole-batch objectives from one forward pass of the full model and full-vocabulary math."""
-    megatron_compat.initialize_model_parallel(1, 1, seed=SEED)
+    compat.initialize_model_parallel(1, 1, seed=SEED)
     (chunk,) = build_model(SPEC)
     init_weights([chunk], seed=SEED)
     with torch.no_grad():
         logits = unwrap(chunk)(batch["tokens"], batch["position_ids"], None).double()
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     mask = batch["loss_mask"]
     logp = logprobs_from_logits(logits, batch["labels"])
     ent = entropy_from_logits(logits)
@@ -207,9 +208,9 @@ def tp2_vocab_parallel_check(out_dir):
     """Vocab-parallel log-probs/entropy and their gradients vs the full-logit reference at TP2."""
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.mcore.loss import vocab_parallel_entropy, vocab_parallel_logprobs
+    from megatron_rl_agg.mcore.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
-    megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
+    compat.initialize_model_parallel(tp=2, seed=SEED)
     gen = torch.Generator().manual_seed(7)
     v = SPEC.vocab_size
     full = 4 * torch.randn(3, 5, v, generator=gen)
@@ -233,7 +234,7 @@ def tp2_vocab_parallel_check(out_dir):
     }
     gathered = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, result)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     if torch_dist.get_rank() == 0:
         save_result(out_dir, "tp2_vocab_parallel", {"per_rank": gathered})
 
@@ -246,9 +247,9 @@ def tp2_fused_check(out_dir):
     by exp(-40)-ish). Also counts the collectives of one forward and one backward."""
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs_and_entropy
+    from megatron_rl_agg.mcore.logprobs import vocab_parallel_logprobs_and_entropy
 
-    megatron_compat.initialize_model_parallel(tp=2, seed=SEED)
+    compat.initialize_model_parallel(tp=2, seed=SEED)
     rank = parallel_state.get_tensor_model_parallel_rank()
     v = SPEC.vocab_size
     part = v // 2
@@ -302,7 +303,7 @@ def tp2_fused_check(out_dir):
     result = {"cases": cases, "labels_on_other_rank": int(((labels // part) != rank).sum())}
     gathered = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, result)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     if torch_dist.get_rank() == 0:
         save_result(out_dir, "tp2_fused", {"per_rank": gathered})
 
@@ -329,7 +330,7 @@ def run(argv):
 
 
 def main(out_dir):
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     run([out_dir])
     torch_dist.destroy_process_group()
 

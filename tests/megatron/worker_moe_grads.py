@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 import worker_loss_invariance as base  # noqa: E402
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 from megatron_rl_agg.mcore.weights import init_weights  # noqa: E402
@@ -84,7 +84,7 @@ def batch_for(config: str) -> dict:
 def aux_loss_total() -> float:
     """Sum over layers of the load-balancing losses Megatron tracked in this step (unscaled by the
     coefficient, summed over micro-batches and over the tracker's reduce group), then cleared."""
-    values = megatron_compat.moe_metric_per_layer("load_balancing_loss")
+    values = compat.moe_metric_per_layer("load_balancing_loss")
     if values is None:
         raise RuntimeError("no MoE load-balancing loss was tracked in this step (expected one per layer)")
     return float(values.sum())
@@ -94,7 +94,8 @@ def run_config(chunks, batch, cfg, mbs, flag=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches
+    from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.mcore.weights import gather_full_grads
 
     dp_group = parallel_state.get_data_parallel_group()
@@ -146,7 +147,7 @@ def run_aux_only_flag(chunks, mbs):
 
 
 def build(layout, dispatcher, **config_overrides):
-    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED, ep=layout.ep)
+    compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED, ep=layout.ep)
     chunks = build_model(moe_spec(dispatcher), **config_overrides)
     init_weights(chunks, seed=SEED)
     return chunks
@@ -168,7 +169,7 @@ def run_item(out_dir: str, item: str) -> None:
         # refuses this combination at TP > 1: check_moe_setup's message is saved with the gradient).
         from megatron.core.utils import get_model_config
 
-        from megatron_rl_agg.mcore.loss import check_moe_setup
+        from megatron_rl_agg.mcore.setup_checks import check_moe_setup
 
         chunks = build(layout, dispatcher, calculate_per_token_loss=True)
         try:
@@ -179,14 +180,14 @@ def run_item(out_dir: str, item: str) -> None:
         grads, aux = run_aux_only_flag(chunks, MBS)
         if torch_dist.get_rank() == 0:
             save_result(out_dir, f"{item}-aux_only", {"grads": grads, "aux_loss": aux, "refusal": refusal})
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         return
     chunks = build(layout, dispatcher, calculate_per_token_loss=bool(flag))
     for name, cfg in CONFIGS.items():
         grads, aux = run_config(chunks, batch_for(name), cfg, MBS, flag=bool(flag))
         if torch_dist.get_rank() == 0:
             save_result(out_dir, f"{item}-{name}", {"grads": grads, "aux_loss": aux})
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 def run_aux_parts(out_dir: str) -> None:
@@ -203,7 +204,7 @@ def run_aux_parts(out_dir: str) -> None:
         aux.append(loss)
     mean = {key: sum(p[key] for p in parts) / TOTAL_MICROBATCHES for key in parts[0]}
     save_result(out_dir, "aux-parts", {"grads": mean, "aux_loss": sum(aux)})
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
 
 
 def run(argv):
@@ -217,7 +218,7 @@ def run(argv):
 
 
 def main(argv):
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()

@@ -37,16 +37,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
-from megatron_rl_agg.mcore.loss import forward_step, prepare_microbatches  # noqa: E402
-from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs  # noqa: E402
+from megatron_rl_agg.mcore.loss import forward_step  # noqa: E402
+from megatron_rl_agg.mcore.batch import prepare_microbatches
+from megatron_rl_agg.mcore.logprobs import vocab_parallel_logprobs  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights  # noqa: E402
 from megatron_rl_agg.parallel.layout import parse_layout  # noqa: E402
 from megatron_rl_agg.mcore.packing import pack_microbatches, packed_forward_step  # noqa: E402
-from megatron_rl_agg.mcore.packing import packed_local_layer_spec, unpack  # noqa: E402
+from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec  # noqa: E402
+from megatron_rl_agg.mcore.packing import unpack  # noqa: E402
 
 SEED = 4321
 MODES = ("token_mean", "seq_mean_token_mean")
@@ -151,7 +153,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     if layout.world_size != torch_dist.get_world_size() or layout.dp != 1:
         raise ValueError(f"layout {layout_text!r} must be dp1 and use all {torch_dist.get_world_size()} "
                          "processes")
-    megatron_compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
+    compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, seed=SEED)
     fixed = variant == "fixed"
     spec = make_spec("learned_absolute" if variant == "abs" else "rope", layout.pp > 1 and not fixed)
     chunks = build_model(spec, layer_spec=packed_local_layer_spec(normalization=spec.normalization))
@@ -181,7 +183,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     if owner:
         save_result(out_dir, f"{index:02d}-{item}", result)
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     mode = MODES[0]
     return f"{item}: {mode} objective padded {result[mode]['terms_padded']['loss/sum']:.8f} " \
            f"packed {result[mode]['terms_packed']['loss/sum']:.8f}" if owner else ""
@@ -198,7 +200,7 @@ def run(argv):
 
 
 def main(argv):
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     run(argv)
     torch_dist.barrier()
     torch_dist.destroy_process_group()

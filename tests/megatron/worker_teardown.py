@@ -7,11 +7,11 @@ Counts, on every rank, the process groups torch.distributed holds, the process's
 file descriptors: before any layout (the baseline), then after each of these teardowns:
 
 * ``dropped``: 3 cycles of ``initialize_model_parallel(tp=2)``, ``build_model`` (Megatron DDP), the
-  model dropped, ``megatron_compat.destroy_model_parallel()``;
+  model dropped, ``compat.destroy_model_parallel()``;
 * ``kept``: 4 cycles where the model is still referenced at teardown (a worker looping over layouts)
   and dropped when the next cycle replaces it;
 * ``megatron``: a cycle torn down by Megatron's own ``parallel_state.destroy_model_parallel()`` (the
-  control: its groups stay registered), then by ``megatron_compat.destroy_model_parallel()``.
+  control: its groups stay registered), then by ``compat.destroy_model_parallel()``.
 
 Rank 0 saves ``OUT_DIR/teardown.pt`` with every rank's counts (tests/megatron/test_teardown.py).
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.mcore import compat as megatron_compat  # noqa: E402
+from megatron_rl_agg.mcore import compat  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 
@@ -47,25 +47,25 @@ def run(argv: list[str]) -> None:
 
     out = {"baseline": counts(), "dropped": [], "kept": [], "megatron": {}}
     for _ in range(3):
-        megatron_compat.initialize_model_parallel(tp=2)
+        compat.initialize_model_parallel(tp=2)
         chunks = build_model(SPEC)
         del chunks
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         out["dropped"].append(counts())
     chunks = None
     for _ in range(4):
-        megatron_compat.initialize_model_parallel(tp=2)
+        compat.initialize_model_parallel(tp=2)
         chunks = build_model(SPEC)
         out["during"] = counts()
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         out["kept"].append(counts())
     del chunks
-    megatron_compat.initialize_model_parallel(tp=2)
+    compat.initialize_model_parallel(tp=2)
     chunks = build_model(SPEC)
     del chunks
     parallel_state.destroy_model_parallel()
     out["megatron"]["own"] = counts()
-    megatron_compat.destroy_model_parallel()
+    compat.destroy_model_parallel()
     out["megatron"]["then_ours"] = counts()
     gathered = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, out)
@@ -74,11 +74,11 @@ def run(argv: list[str]) -> None:
 
 
 def main(out_dir: str) -> None:
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     try:
         run([out_dir])
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()
 
 
 if __name__ == "__main__":

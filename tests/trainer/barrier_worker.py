@@ -16,21 +16,21 @@ from pathlib import Path
 
 def run(argv: list[str]) -> None:
     """``argv = [OUT_DIR]``; the process group is up (``tests/worker_jobs.py``)."""
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat, cpu_mode
     from megatron_rl_agg.parallel import dist
 
     out = Path(argv[0])
-    rank, world = megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(1, 1, None, cp=world)
+    rank, world = compat.initialize_distributed()
+    compat.initialize_model_parallel(1, 1, None, cp=world)
     try:
         if rank > 0:
             time.sleep(2.0)
         (out / f"arrived_{rank}").write_text("1")
-        dist.barrier(megatron_compat.device())
+        dist.barrier(cpu_mode.device())
         seen = sorted(p.name for p in out.glob("arrived_*"))
         (out / f"seen_{rank}.json").write_text(json.dumps(seen))
     finally:
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
 
 
 if __name__ == "__main__":

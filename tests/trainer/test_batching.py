@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.step import batching
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
@@ -36,7 +37,7 @@ def test_empty_response_row_is_fully_masked():
 
 @pytest.mark.parametrize("rows, dp", [(10, 2), (11, 2), (7, 3), (2, 4), (0, 2)])
 def test_shards_cover_rows_once_and_differ_by_at_most_one(rows, dp):
-    bounds = [batching.shard_bounds(rows, dp, r) for r in range(dp)]
+    bounds = [shard_bounds(rows, dp, r) for r in range(dp)]
     assert bounds[0][0] == 0 and bounds[-1][1] == rows
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [e - s for s, e in bounds]

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.mcore.build import build_model
 from megatron_rl_agg.mcore.spec import GPTSpec
 from megatron_rl_agg.mcore.weights import init_weights
@@ -59,7 +59,7 @@ def run(argv):
     noise = -torch.log(-torch.log(torch.rand(ROWS, max_new, VOCAB, generator=g, dtype=torch.float64)
                                   .clamp(min=1e-300)))
     for name, layout in LAYOUTS.items():
-        megatron_compat.initialize_model_parallel(**layout)
+        compat.initialize_model_parallel(**layout)
         spec = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
                        max_seq_length=SEQ)
         chunks = build_model(spec)
@@ -91,15 +91,15 @@ def run(argv):
                                         "max_logit_diff": diff, "max_new": torch.tensor(max_new)})
         elif ref != got:
             raise AssertionError(f"{name}: rank {rank} tokens differ between the paths")
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
 
 
 def main():
-    megatron_compat.initialize_distributed()
+    compat.initialize_distributed()
     try:
         run(sys.argv[1:])
     finally:
-        megatron_compat.destroy_distributed()
+        compat.destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig
 from megatron_rl_agg.trainer.step import reference
 from megatron_rl_agg.trainer.loop import checkpoint
@@ -92,7 +92,7 @@ def _layer_spec(args, spec):
         impl = "transformer_engine" if _use_transformer_engine() else "local"
     if args.sequence_packing and impl == "local":
         # Megatron's local attention has no THD path; the packing module's spec adds one.
-        from megatron_rl_agg.mcore.packing import packed_local_layer_spec
+        from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec
 
         return packed_local_layer_spec(normalization=spec.normalization, qk_layernorm=spec.qk_layernorm)
     if impl == "local" and args.context_parallel_size > 1:
@@ -194,15 +194,15 @@ def _build_source(args):
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """Initialise distributed state and Megatron's parallel groups, build model, optimizer, data."""
-    megatron_compat.quiet_warnings()
+    compat.quiet_warnings()
     from megatron.core import parallel_state
 
     checkpoint.check_save_dir(args.save, args.load)      # on every rank, before any collective
-    rank, world = megatron_compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
+    rank, world = compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     cp = args.context_parallel_size
     check_world(args, world)
-    megatron_compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep,
+    compat.initialize_model_parallel(tp, pp, virtual_pipeline_size(args), cp=cp, seed=args.seed, ep=ep,
                                               timeout_minutes=args.distributed_timeout_minutes)
     spec = _model_spec(args)
     chunks, optimizer = _build_policy(args, spec)

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.parallel import dist
-from megatron_rl_agg.mcore.compat import device
+from megatron_rl_agg.mcore.cpu_mode import device
 from megatron_rl_agg.mcore.build import unwrap
 
 __all__ = ["TRACKER_FILE", "checkpoint_path", "latest_step", "save_checkpoint", "load_checkpoint",

@@ -52,15 +52,15 @@ def save_hf(chunks: list, args, out_dir: Optional[str] = None) -> Optional[str]:
 def export_checkpoint(args: argparse.Namespace) -> int:
     """``megatron-rl-agg export-hf``: a trainer checkpoint (``dist_checkpointing``, any layout) -> a Hugging
     Face directory. Runs in one process (or under torchrun at the given TP / PP); returns 0."""
-    from megatron_rl_agg.mcore import compat as megatron_compat
+    from megatron_rl_agg.mcore import compat
     from megatron_rl_agg.hf.export import export_hf
     from megatron_rl_agg.hf.load import gpt_spec_from_hf
     from megatron_rl_agg.mcore.build import build_model
 
     ckpt = hf_checkpoint(args.hf_checkpoint)     # checks config and tensors before any process group
     step = checkpoint.latest_step(args.load) if args.step is None else args.step
-    megatron_compat.initialize_distributed()
-    megatron_compat.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    compat.initialize_distributed()
+    compat.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     try:
         spec = gpt_spec_from_hf(ckpt.arch, tp=args.tensor_model_parallel_size)
         chunks = build_model(spec, wrap_ddp=False)
@@ -70,5 +70,5 @@ def export_checkpoint(args: argparse.Namespace) -> int:
         if out is not None:
             print(f"[megatron_rl_agg] exported step {step} of {args.load} to {out}")
     finally:
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
     return 0

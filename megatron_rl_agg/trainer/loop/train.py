@@ -33,9 +33,10 @@ from dataclasses import replace
 import torch
 
 from megatron_rl_agg.parallel import dist
-from megatron_rl_agg.mcore import compat as megatron_compat
+from megatron_rl_agg.mcore import compat, cpu_mode
 from megatron_rl_agg.parallel.advantages import compute_step_advantages
-from megatron_rl_agg.trainer.step import batching, forward, reference, update
+from megatron_rl_agg.trainer.step import batching, reference, update
+from megatron_rl_agg.mcore import forward
 from megatron_rl_agg.trainer.loop import checkpoint, safety
 from megatron_rl_agg.trainer.loop.build import Trainer, build_trainer, model_sizes
 from megatron_rl_agg.trainer.loop.reporting import METRIC_KEYS, MetricsLogger
@@ -53,7 +54,7 @@ def _padded_rows(tr: Trainer, num_local: int) -> int:
     micro-batch multiple of the schedule (PP under interleaving), at least one micro-batch."""
     mbs, multiple = tr.args.micro_batch_size, forward.microbatch_multiple()
     local = torch.tensor([max(1, math.ceil(num_local / mbs))], dtype=torch.int64,
-                         device=megatron_compat.device())
+                         device=cpu_mode.device())
     num_mb = int(dist.all_reduce_max(local, tr.dp_group).item())
     return math.ceil(num_mb / multiple) * multiple * mbs
 
@@ -67,7 +68,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     failures_before = _reward_failures(tr)
     step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
-    rows = rows.to(megatron_compat.device())
+    rows = rows.to(cpu_mode.device())
     adv, keep_row, stats = compute_step_advantages(
         rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
         expected_group_size=tr.source.expected_group_size)
@@ -94,7 +95,7 @@ def _row_sums(step_rows, dp_group, reward_failures: int = 0) -> dict:
     samples = step_rows.samples
     local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
                           float(step_rows.num_failed), float(reward_failures)], dtype=torch.float64,
-                         device=megatron_compat.device())
+                         device=cpu_mode.device())
     reward_sum, length_sum, num_failed, failures = dist.all_reduce_sum(local, dp_group).tolist()
     return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed),
             "num_reward_failures": int(failures)}
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if tr.rank == 0:
             print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
                   f"--train-iters is {args.train_iters}; raise --train-iters to continue")
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
         return []
     if tr.rank == 0 and args.load:
         # Lines after the loaded step are of steps this run trains again: keep each step once.
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 metrics = train_step(tr, step)
                 history.append(metrics)
                 logger.log(metrics)
-                stopping = stop.requested(megatron_compat.device())
+                stopping = stop.requested(cpu_mode.device())
                 periodic = args.save_interval and step % args.save_interval == 0
                 on_signal = stopping and args.save_on_interrupt
                 if args.save and (step == args.train_iters or periodic or on_signal):
@@ -227,5 +228,5 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise
     finally:
         logger.close()
-        megatron_compat.destroy_model_parallel()
+        compat.destroy_model_parallel()
     return history

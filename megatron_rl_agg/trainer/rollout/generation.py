@@ -9,7 +9,7 @@ this process; a run resumed from a checkpoint draws exactly what the uninterrupt
 Token sampling is the Gumbel-max trick: ``argmax_v(z_v / T + g_v)`` with ``g_v = -log(-log(u_v))`` and
 ``u_v`` uniform is a draw from ``softmax(z / T)``. The last pipeline stage gathers the full-vocabulary
 logits over TP (fine at this size), every TP rank there draws the same token from the same noise, and
-:func:`~megatron_rl_agg.trainer.step.forward.broadcast_from_last_stage` hands it to the other stages.
+:func:`~megatron_rl_agg.mcore.forward.broadcast_from_last_stage` hands it to the other stages.
 
 Generation is KV-cached by default (Megatron-Core's ``StaticInferenceContext``, the cache its static
 inference engine uses, at any TP / PP / VPP layout; under context parallelism the prefix is recomputed): one prefill pass over the first ``min_len`` tokens
@@ -31,9 +31,10 @@ import torch
 
 from megatron_rl_agg.core.seeds import seeded_generator
 from megatron_rl_agg.parallel import dist
-from megatron_rl_agg.trainer.step import forward
+from megatron_rl_agg.mcore import compat
+from megatron_rl_agg.mcore import forward
 from megatron_rl_agg.trainer.rollout import task
-from megatron_rl_agg.trainer.step.batching import shard_bounds
+from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "on_policy_rows"]
@@ -87,7 +88,7 @@ def _last_position_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tens
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     rows = torch.arange(logits.shape[0], device=logits.device)
-    group, cp_size, _ = forward.cp_layout()
+    group, cp_size, _ = compat.parallel_group("cp")
     if cp_size == 1:
         picked = logits[rows, micro_batch["positions"]].float()             # [b, V / tp]
     else:
@@ -115,7 +116,7 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows; logits past ``V`` (TP vocabulary
             padding of an imported model) are never sampled.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
-            :func:`~megatron_rl_agg.trainer.step.forward.microbatch_multiple`.
+            :func:`~megatron_rl_agg.mcore.forward.microbatch_multiple`.
         kv_cache: KV-cached decoding; False recomputes the prefix for every token. Both draw the same
             tokens from the same logits (see the module docstring). None (default): the cache, except
             under context parallelism, where Megatron's static KV cache (whole sequences per rank) does
@@ -137,7 +138,7 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
                              f"--seq-length {seq_length} + 1")
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
         lengths[i] = len(p)
-    cp_size = forward.cp_layout()[1]
+    cp_size = compat.parallel_group("cp")[1]
     if kv_cache is None:
         kv_cache = cp_size == 1
     if kv_cache and cp_size > 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_rl_agg.trainer.rollout import generation, rollouts
-from megatron_rl_agg.trainer.step.batching import shard_bounds
+from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["StepRows", "OfflineSource", "OnPolicySource"]

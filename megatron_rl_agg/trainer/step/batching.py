@@ -23,7 +23,7 @@ import torch
 from megatron_rl_agg.core.rows import pad_rows_to
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
-__all__ = ["RowBatch", "build_rows", "shard_bounds", "pad_group_id", "pad_rows"]
+__all__ = ["RowBatch", "build_rows", "pad_group_id", "pad_rows"]
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,6 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
         old_logprobs=old_lp)
-
-
-def shard_bounds(num_rows: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
-    """Row range ``[start, end)`` of data-parallel rank ``dp_rank``: contiguous, sizes differ by <= 1.
-
-    The first ``num_rows % dp_size`` ranks take one extra row. A prompt group may straddle two ranks;
-    the aggregation weights handle that through the global group ids.
-    """
-    base, extra = divmod(num_rows, dp_size)
-    start = dp_rank * base + min(dp_rank, extra)
-    return start, start + base + (1 if dp_rank < extra else 0)
 
 
 def pad_group_id(dp_rank: int) -> int:

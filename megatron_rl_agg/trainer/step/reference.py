@@ -5,14 +5,14 @@ weights of ``--seed`` (the same function of ``(seed, parameter key)`` the policy
 policy's step-0 state at any layout, also after a resume), or the weights of the checkpoint in
 ``--ref-load``. Its log-probs are computed with a forward-only pass before the update, on the same
 padded rows as the update, and reach every pipeline stage
-(:func:`~megatron_rl_agg.trainer.step.forward.compute_logprobs`).
+(:func:`~megatron_rl_agg.mcore.forward.compute_logprobs`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_rl_agg.trainer.step import forward
+from megatron_rl_agg.mcore import forward
 
 __all__ = ["build_reference", "reference_logprobs"]
 

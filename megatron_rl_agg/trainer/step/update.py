@@ -2,7 +2,7 @@
 
 :func:`run_update` takes one mini-batch of this DP rank (a ``prepare_microbatches`` input dict, built by
 :mod:`megatron_rl_agg.trainer.loop.train`), computes its global aggregation weights once
-(:func:`megatron_rl_agg.mcore.loss.prepare_microbatches`), runs Megatron's forward-backward schedule with
+(:func:`megatron_rl_agg.mcore.batch.prepare_microbatches`), runs Megatron's forward-backward schedule with
 :func:`megatron_rl_agg.mcore.loss.forward_step` (or the packed THD step under ``--sequence-packing``) and
 takes the optimizer step unless a non-finite term stops or skips it (:func:`.nonfinite.check_update`).
 :func:`loss_metrics` reduces the loss function's reports exactly over micro-batches and DP ranks on the
@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_rl_agg.mcore import compat as megatron_compat
-from megatron_rl_agg.trainer.step import forward
+from megatron_rl_agg.mcore import compat, cpu_mode
+from megatron_rl_agg.mcore import forward
 from megatron_rl_agg.trainer.step.nonfinite import check_update
 
 __all__ = ["run_update", "loss_metrics"]
@@ -55,7 +55,7 @@ def run_update(tr, batch: dict, step: int = 0, index: int = 0) -> tuple[list, fl
     :func:`.nonfinite.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.loss import prepare_microbatches
+    from megatron_rl_agg.mcore.batch import prepare_microbatches
 
     # vocab_size: the labels are checked here, once per mini-batch, so loss_func reads nothing back
     micro = prepare_microbatches(batch, tr.loss_cfg, tr.args.micro_batch_size, dp_group=tr.dp_group,
@@ -72,7 +72,7 @@ def run_update(tr, batch: dict, step: int = 0, index: int = 0) -> tuple[list, fl
     aux = _load_balancing_loss(tr, len(micro))
     if not check_update(tr.optimizer, reports, step=step, index=index,
                                num_updates=tr.args.mini_batches_per_step, policy=tr.args.on_nonfinite,
-                               source=tr.source, device=megatron_compat.device()):
+                               source=tr.source, device=cpu_mode.device()):
         for chunk in tr.chunks:
             chunk.zero_grad_buffer()
         tr.optimizer.zero_grad()
@@ -86,13 +86,13 @@ def _load_balancing_loss(tr, num_microbatches: int) -> Optional[float]:
     MoE layers and micro-batches (and, by Megatron's tracker reduction, over PP stages and DP ranks).
 
     The router adds each micro-batch's per-layer loss to Megatron's tracker; the reduction is Megatron's
-    (all-reduce over PP, then average over DP: collectives on every rank, ``megatron_compat.
+    (all-reduce over PP, then average over DP: collectives on every rank, ``compat.
     moe_metric_per_layer``), after which the tracker is cleared for the next update. None for a dense
     model.
     """
     if tr.args.num_experts is None or tr.args.moe_aux_loss_coeff == 0:
         return None
-    values = megatron_compat.moe_metric_per_layer("load_balancing_loss")
+    values = compat.moe_metric_per_layer("load_balancing_loss")
     if values is None:
         raise RuntimeError("no MoE load-balancing loss was tracked in this update (expected one per layer)")
     return float(values.sum()) / (values.numel() * num_microbatches)
@@ -106,7 +106,7 @@ def loss_metrics(tr, reports: list) -> dict:
     values = None
     if reduced is not None:
         values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
-                              device=megatron_compat.device())
+                              device=cpu_mode.device())
     values = forward.broadcast_from_last_stage(values, (len(_LOSS_REPORT),), torch.float64)
     out = {key: float(v) for (_, key), v in zip(_LOSS_REPORT, values.tolist())}
     out["num_tokens"] = int(round(out["num_tokens"]))

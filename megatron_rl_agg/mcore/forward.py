@@ -9,7 +9,7 @@ as in training, and return a per-row result that only exists on the last pipelin
 Under context parallelism every CP rank of a DP rank passes the same full rows; each runs the model on its
 zigzag shard (``context_parallel.split_for_cp_rank``, as in training) and a per-token result is gathered
 over the CP group back into full rows (``per_token=True``); a per-row result that one CP rank owns is
-summed over the CP group by its ``output_fn`` (see :mod:`.generation`).
+summed over the CP group by its ``output_fn`` (see :mod:`megatron_rl_agg.trainer.rollout.generation`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,10 @@ import torch
 
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.context_parallel import merge_cp_shards, split_for_cp_rank
-from megatron_rl_agg.mcore.loss import vocab_parallel_logprobs
+from megatron_rl_agg.mcore.logprobs import vocab_parallel_logprobs
+from megatron_rl_agg.mcore import compat
 
-__all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple",
-           "cp_layout"]
-
-
-def cp_layout() -> tuple[Optional[object], int, int]:
-    """``(group, size, rank)`` of the context-parallel group; ``(None, 1, 0)`` without CP."""
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_context_parallel_world_size()
-    if size == 1:
-        return None, 1, 0
-    return parallel_state.get_context_parallel_group(), size, parallel_state.get_context_parallel_rank()
+__all__ = ["run_forward_only", "broadcast_from_last_stage", "compute_logprobs", "microbatch_multiple"]
 
 
 def microbatch_multiple() -> int:
@@ -97,7 +87,7 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
 
     dev = device()
     tokens = tokens.to(dev)
@@ -110,7 +100,7 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     positions = torch.arange(position_offset, position_offset + seq, device=tokens.device)
     positions = positions.unsqueeze(0).expand(num_rows, seq)
     columns = {"tokens": tokens, "position_ids": positions, **extra}
-    cp_group, cp_size, cp_rank = cp_layout()
+    cp_group, cp_size, cp_rank = compat.parallel_group("cp")
     if cp_size > 1:
         if inference_context is not None:
             raise ValueError(f"KV-cached decoding (inference_context) needs context_parallel_size 1, got "
@@ -149,7 +139,7 @@ def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> to
     """
     from megatron.core import parallel_state
 
-    from megatron_rl_agg.mcore.compat import device
+    from megatron_rl_agg.mcore.cpu_mode import device
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value

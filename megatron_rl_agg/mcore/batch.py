@@ -1,0 +1,209 @@
+"""Mini-batch -> micro-batches: every global quantity of the loss computed here, once per optimizer step.
+
+:func:`prepare_microbatches` checks the rows, computes the global per-token weights of each aggregation
+mode in use (counts summed over the data-parallel group), slices the rows into micro-batches (padding
+with fully masked rows so every DP rank runs the same number), cuts each to this context-parallel
+rank's zigzag shard and records what :func:`megatron_rl_agg.mcore.loss.loss_func` needs to scale the
+loss (see the gradient-scale contract in :mod:`megatron_rl_agg.mcore.loss`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+
+from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_weights
+from megatron_rl_agg.parallel.weights import token_weights
+from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
+from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
+from megatron_rl_agg.mcore.logprobs import _check_label_range
+from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.core.rows import pad_rows_to
+
+__all__ = ["LEGACY_MODE", "prepare_microbatches"]
+
+LEGACY_MODE = "token_mean_legacy"
+
+# Per-row tensors of a mini-batch that are sliced into micro-batches (None-valued keys are kept None).
+_ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
+             "ref_logprobs", "attention_mask")
+# Per-token ([b, S]) tensors of a micro-batch that context parallelism splits along the sequence.
+_TOKEN_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
+               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights")
+
+
+def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig) -> tuple[int, int]:
+    for key in ("tokens", "labels", "loss_mask", "advantages"):
+        if batch.get(key) is None:
+            raise ValueError(f"batch is missing {key!r}; required: tokens, labels, loss_mask, advantages")
+    n_rows, seq = batch["tokens"].shape
+    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs"):
+        t = batch.get(key)
+        if t is not None and tuple(t.shape) != (n_rows, seq):
+            raise ValueError(f"batch[{key!r}] must be [B, S] = [{n_rows}, {seq}], got {tuple(t.shape)}")
+    adv = batch["advantages"]
+    if tuple(adv.shape) not in ((n_rows,), (n_rows, seq)):
+        raise ValueError(f"batch['advantages'] must be [B] or [B, S] with B={n_rows}, S={seq}; "
+                         f"got {tuple(adv.shape)}")
+    if loss_config.kl_coef > 0 and batch.get("ref_logprobs") is None:
+        raise ValueError(f"kl_coef={loss_config.kl_coef} needs batch['ref_logprobs'] ([B, S] log-probs of "
+                         "the labels under the reference policy); set kl_coef=0 to train without KL")
+    if loss_config.needs_groups and batch.get("group_ids") is None:
+        raise ValueError("prompt_mean aggregation needs batch['group_ids'] ([B] int64 prompt-group ids, the "
+                         "same id on every DP rank for rows of one prompt)")
+    return n_rows, seq
+
+
+def _mask_problem(mask: torch.Tensor) -> Optional[str]:
+    """Why ``mask`` is not a 0/1 mask (this rank's message), or None; raised on every DP rank together."""
+    try:
+        check_loss_mask(mask)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
+                         micro_batch_size: int, dp_group=None, *, cp_group=None,
+                         calculate_per_token_loss: bool = False, vocab_size: Optional[int] = None
+                         ) -> list[dict]:
+    """Split this DP rank's share of one mini-batch into micro-batches carrying exact global weights.
+
+    Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
+    all-reduce(max) of the micro-batch count plus the ``token_weights`` counts of each distinct mode in
+    use, plus one all-reduce(sum) of the routed-token total under ``calculate_per_token_loss``; none per
+    micro-batch and none over the CP group).
+
+    Context parallelism: every CP rank of a DP rank passes the SAME full rows. All weights are computed
+    from the full rows (counts over ``dp_group`` only: the CP ranks of one DP rank hold the same rows, a
+    count over dp x cp would count each row C times), then every per-token tensor is cut to this CP rank's
+    zigzag shard (:func:`megatron_rl_agg.core.context_parallel.split_for_cp_rank`), as Megatron's
+    ``get_batch_on_this_cp_rank`` cuts the model inputs.
+
+    Args:
+        batch: this rank's rows:
+            ``tokens [B, S]`` int64 inputs; ``position_ids [B, S]`` (default ``arange(S)``);
+            ``labels [B, S]`` next-token targets; ``loss_mask [B, S]`` 0/1 aligned with ``labels``;
+            ``advantages [B]`` or ``[B, S]``; ``old_logprobs [B, S]`` behaviour log-probs of ``labels``
+            (optional: None means on-policy, ratio 1 with the detached current log-probs);
+            ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
+            prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
+            model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
+        loss_config: the loss settings.
+        micro_batch_size: rows per micro-batch.
+        dp_group: the data-parallel group WITHOUT context parallelism
+            (``parallel_state.get_data_parallel_group()``) whose ranks together hold the mini-batch
+            (None: single process).
+        cp_group: the context-parallel group (``parallel_state.get_context_parallel_group()``; None: no
+            CP). ``S`` must be a multiple of ``2 * C``; a per-row ``attention_mask`` is refused under CP
+            (the CP attention builds its causal mask from global positions).
+        calculate_per_token_loss: the model's ``TransformerConfig.calculate_per_token_loss``; True makes
+            :func:`loss_func` return Megatron's 3-tuple (see its docstring).
+        vocab_size: the model's (padded) vocabulary size ``V``. When given, every label of the mini-batch
+            is checked against ``[0, V)`` here, once (one device-to-host read), and :func:`loss_func`
+            then reads nothing back from the device (it only compares ``V`` with the logits' shape).
+            None: the check runs in :func:`loss_func`, one read per micro-batch.
+
+    Returns:
+        ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
+        padded with fully masked rows, which change nothing). Each holds the sliced row tensors (``[b, S / C]``
+        per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
+        ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
+        ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
+        ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config`` and ``vocab_size`` (None when
+        unchecked). Pass
+        ``num_microbatches=M`` and ``seq_length=S`` (the FULL length) to Megatron's schedule.
+    """
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    n_rows, seq = _check_batch(batch, loss_config)
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        _check_label_range(batch["labels"], vocab_size)
+    dp_size = dist.world_size(dp_group)
+    cp_size, cp_rank = dist.world_size(cp_group), dist.rank(cp_group)
+    if cp_size > 1:
+        check_cp_seq_length(seq, cp_size)
+        if batch.get("attention_mask") is not None:
+            raise ValueError(
+                f"an attention_mask cannot be split for context parallelism (context_parallel_size="
+                f"{cp_size}): the CP attention builds the causal mask from global zigzag positions; pass "
+                "attention_mask=None")
+    device = batch["tokens"].device
+
+    # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
+    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all.
+    problem = _mask_problem(batch["loss_mask"])
+    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size), problem is not None], dtype=torch.int64,
+                           device=device)
+    num_mb, any_bad = dist.all_reduce_max(n_local, dp_group).tolist()
+    if any_bad:
+        raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
+                                    "(that rank's error names them)")
+    padded = num_mb * micro_batch_size
+
+    # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
+    # with zero weight, so they touch no count and need no group id.
+    mask = batch["loss_mask"]
+    cache: dict[str, torch.Tensor] = {}
+
+    def weights_for(mode: str) -> Optional[torch.Tensor]:
+        if mode in (MICROBATCH_MEAN, LEGACY_MODE):
+            return None  # per micro-batch, below
+        if mode not in cache:
+            w = token_weights(mask, mode, group_ids=batch.get("group_ids"),
+                              max_response_length=loss_config.max_response_length,
+                              process_group=dp_group, dtype=torch.float64)
+            cache[mode] = pad_rows_to(w, padded)
+        return cache[mode]
+
+    global_w = {"pg_weights": weights_for(loss_config.loss_aggregation),
+                "kl_weights": weights_for(loss_config.kl_aggregation) if loss_config.kl_coef > 0 else None,
+                "entropy_weights": weights_for(loss_config.entropy_aggregation)}
+
+    rows = {k: batch.get(k) for k in _ROW_KEYS}
+    if rows["position_ids"] is None:
+        rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
+    attn = rows.pop("attention_mask")
+    rows = {k: pad_rows_to(v, padded) for k, v in rows.items()}
+    if attn is not None and attn.shape[0] == n_rows and padded > n_rows:
+        if n_rows == 0:
+            raise ValueError("a per-row attention_mask cannot be padded on a rank with no rows; pass a mask "
+                             "shared by all rows (first dim 1) or give every DP rank at least one row")
+        # Padding rows copy a real row's mask: an all-masked attention row would give NaN logits there,
+        # and NaN times a zero weight is still NaN in the backward pass.
+        attn = torch.cat([attn, attn[-1:].expand((padded - n_rows,) + tuple(attn.shape[1:]))], dim=0)
+
+    extra: dict[str, Any] = {}
+    if calculate_per_token_loss:
+        # Megatron sums the returned num_tokens over micro-batches and dp x cp ranks (finalize_model_grads)
+        # and divides the gradient by that total N. num_tokens is the shard's ROUTED token count b * S / C
+        # (padding included: the scale an MoE aux loss is built for). The C CP ranks of a DP rank hold
+        # equal shards, so N = sum over DP ranks of M * b * S: one all-reduce over the DP group.
+        local_routed = torch.tensor([float(num_mb * micro_batch_size * seq)], dtype=torch.float64,
+                                    device=device)
+        extra = {"num_tokens": torch.tensor(micro_batch_size * (seq // cp_size), dtype=torch.int32,
+                                            device=device),
+                 "total_tokens": dist.all_reduce_sum(local_routed, dp_group)[0]}
+
+    micro_batches = []
+    for k in range(num_mb):
+        sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
+        mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
+        mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == padded else attn
+        # The micro-batch mean divides by the WHOLE micro-batch's tokens (all CP shards): full rows here.
+        local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
+        for key, w in global_w.items():
+            mb[key] = w[sl] if w is not None else local_mean
+        if cp_size > 1:
+            for key in _TOKEN_KEYS:
+                if mb[key] is not None and mb[key].dim() == 2:      # [b, S] (advantages may be [b])
+                    mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
+        mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
+                  calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,
+                  vocab_size=vocab_size, **extra)
+        micro_batches.append(mb)
+    return micro_batches
