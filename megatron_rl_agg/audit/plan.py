@@ -15,6 +15,7 @@ from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, resolve_aggregat
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig, resolve_term_aggregation
 from megatron_rl_agg.mcore.spec import GPTSpec
 from megatron_rl_agg.parallel.layout import parse_layouts
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = ["AUDIT_BUGS", "DEFAULT_LAYOUTS"]
 
@@ -56,8 +57,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
             resolve_term_aggregation(value, "--" + flag.replace("_", "-"))
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
                  "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        positive_int(getattr(args, flag), f"--{flag.replace('_', '-')}", must=">= 1")
     if args.seq_length < 4:
         raise ValueError(f"--seq-length must be >= 4 (prompt + response), got {args.seq_length}")
     for flag in ("kl_coef", "entropy_coef"):      # NaN fails every comparison: test finiteness first
@@ -104,8 +104,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError(
                 f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
     horizon = args.max_response_length if args.max_response_length is not None else args.seq_length
-    if horizon < 1:
-        raise ValueError(f"--max-response-length must be >= 1, got {horizon}")
+    positive_int(horizon, "--max-response-length", must=">= 1")
     return _Plan(layouts=layouts, modes=modes, tolerance=tolerance,
                  kl_aggregation=args.kl_aggregation.strip().lower(),
                  entropy_aggregation=args.entropy_aggregation.strip().lower(), max_response_length=horizon)

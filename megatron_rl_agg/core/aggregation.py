@@ -297,9 +297,7 @@ def _aggregate64(values, m, spec, group_sizes, max_response_length, micro_batch_
         g_live = g_tok > 0
         return (g_sum[g_live] / g_tok[g_live]).mean() if g_live.any() else zero
     # token_mean_legacy: mean over micro-batches of each micro-batch's own token mean.
-    mbs = m.shape[0] if micro_batch_size is None else micro_batch_size
-    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs <= 0:
-        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    mbs = positive_int(m.shape[0] if micro_batch_size is None else micro_batch_size, "micro_batch_size")
     means = [row_sum[s:s + mbs].sum() / row_tok[s:s + mbs].sum().clamp(min=1)
              for s in range(0, m.shape[0], mbs)]
     return torch.stack(means).mean() if means else zero

@@ -20,13 +20,14 @@ from typing import Optional
 
 import torch
 
+from megatron_rl_agg.core.validate import positive_int
+
 __all__ = ["check_cp_seq_length", "zigzag_indices", "split_for_cp_rank", "merge_cp_shards"]
 
 
 def check_cp_seq_length(seq_length: int, cp_size: int) -> None:
     """Raise ValueError unless ``seq_length`` splits into ``2 * cp_size`` equal chunks."""
-    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
-        raise ValueError(f"context-parallel size must be a positive int, got {cp_size!r}")
+    positive_int(cp_size, "context-parallel size")
     if seq_length % (2 * cp_size):
         raise ValueError(
             f"sequence length {seq_length} is not divisible by 2 * context_parallel_size = {2 * cp_size}: "

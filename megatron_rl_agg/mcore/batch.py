@@ -21,6 +21,7 @@ from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for
 from megatron_rl_agg.mcore.logprobs import _check_label_range
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = ["LEGACY_MODE", "prepare_microbatches"]
 
@@ -116,12 +117,9 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         unchecked). Pass
         ``num_microbatches=M`` and ``seq_length=S`` (the FULL length) to Megatron's schedule.
     """
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
-        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    positive_int(micro_batch_size, "micro_batch_size")
     n_rows, seq = _check_batch(batch, loss_config)
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if positive_int(vocab_size, "vocab_size", optional=True) is not None:
         _check_label_range(batch["labels"], vocab_size)
     dp_size = dist.world_size(dp_group)
     cp_size, cp_rank = dist.world_size(cp_group), dist.rank(cp_group)

@@ -17,6 +17,7 @@ from megatron.core import tensor_parallel
 
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.mcore import compat
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = ["vocab_parallel_logprobs_and_entropy", "vocab_parallel_logprobs", "vocab_parallel_entropy"]
 
@@ -33,9 +34,7 @@ _LOG_FLOOR = -1.0e4
 
 
 def _chunk_rows(vocab_local: int, device: torch.device, chunk_rows: Optional[int]) -> int:
-    if chunk_rows is not None:
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
-            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    if positive_int(chunk_rows, "chunk_rows", optional=True) is not None:
         return chunk_rows
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     return max(1, budget // (4 * max(vocab_local, 1)))

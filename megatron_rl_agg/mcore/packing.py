@@ -48,6 +48,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg.mcore.loss import make_loss_func
+from megatron_rl_agg.core.validate import positive_int
 
 __all__ = [
     "PackedLayout",
@@ -138,10 +139,8 @@ def make_layout(lengths: Tensor, row_width: int, *, pad_to_multiple_of: int = 1,
     >= sum(lengths) and a multiple of ``pad_to_multiple_of``). The filler is its own ``cu_seqlens``
     segment, so it attends only to itself, and ``pack`` fills it with zeros (loss mask and weights 0).
     """
-    if not isinstance(row_width, int) or row_width < 1:
-        raise ValueError(f"row_width must be a positive int, got {row_width!r}")
-    if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+    positive_int(row_width, "row_width")
+    positive_int(pad_to_multiple_of, "pad_to_multiple_of")
     lengths = torch.as_tensor(lengths).to(torch.int64)
     if lengths.dim() != 1 or lengths.numel() == 0:
         raise ValueError(f"lengths must be a non-empty [B] tensor, got shape {tuple(lengths.shape)}")

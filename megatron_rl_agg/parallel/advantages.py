@@ -29,6 +29,7 @@ from megatron_rl_agg.core.advantages import (
     _merge_moments, _raise_non_finite, _segment_moments,
 )
 from megatron_rl_agg.parallel import dist
+from megatron_rl_agg.core.validate import positive_int
 
 if TYPE_CHECKING:  # the config is read by attribute only; importing it here would couple the two modules
     from megatron_rl_agg.core.config import AdvantageConfig
@@ -144,12 +145,8 @@ def compute_step_advantages(
     if policy not in _OVERLONG_POLICIES:
         raise ValueError(f"overlong_policy must be one of {', '.join(_OVERLONG_POLICIES)}; got {policy!r}")
     min_valid = cfg.min_valid_group_size
-    if isinstance(min_valid, bool) or not isinstance(min_valid, int) or min_valid < 1:
-        raise ValueError(f"min_valid_group_size must be an int >= 1, got {min_valid!r}")
-    if expected_group_size is not None and (isinstance(expected_group_size, bool)
-                                            or not isinstance(expected_group_size, int)
-                                            or expected_group_size < 1):
-        raise ValueError(f"expected_group_size must be an int >= 1 or None, got {expected_group_size!r}")
+    positive_int(min_valid, "min_valid_group_size", must="an int >= 1")
+    positive_int(expected_group_size, "expected_group_size", must="an int >= 1 or None", optional=True)
     if group_ids is None:
         raise ValueError("compute_step_advantages needs group_ids ([B] int64): groups are never inferred")
 
