@@ -6,14 +6,15 @@
 * ``rollout/``: ``task`` (the synthetic counting task and its reward), ``rollouts`` (offline JSONL
   reader), ``hf_text`` (the text task of ``--prompt-data``, the tokenizer of text rollouts), ``sources``
   (offline and on-policy rows per step), ``generation`` (sampling with the Megatron model at any layout);
-* ``step/``: ``batching`` (row tensors, DP shards, padding), ``forward`` (forward-only passes),
-  ``reference`` (the frozen KL reference), ``nonfinite`` (the non-finite guard of an update), ``update``
+* ``step/``: ``batching`` (row tensors, padding), ``reference`` (the frozen KL reference), ``nonfinite`` (the non-finite guard of an update), ``update``
   (one mini-batch through Megatron's schedule and the optimizer, its loss metrics);
 * ``loop/``: ``checkpoint`` (dist_checkpointing save/resume), ``hf_model`` (a Hugging Face checkpoint as
   the model: spec, weights, ``--save-hf``, ``export-hf``), ``build`` (the run: groups, model, optimizer,
   reference, source, resume), ``safety`` (signals, timeouts), ``reporting`` (metrics file, TensorBoard,
   progress bar) and ``train`` (the step and the loop: ``train.run(args)``).
 
-Imports go one way: ``loop`` -> ``step``, ``rollout``, ``cli``; ``step`` never imports ``loop``. Importing
-this package imports none of them.
+Imports go one way, ``cli`` < ``rollout`` < ``step`` < ``loop`` (a stage imports only the stages before it;
+``tests/test_architecture.py`` checks it). The forward-only passes the stages share (sampling, old and
+reference log-probs) are Megatron glue: :mod:`megatron_rl_agg.mcore.forward`. Importing this package
+imports none of them.
 """
