@@ -53,6 +53,16 @@ def _stack(reports: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.Te
     return torch.stack(values)
 
 
+def common_names(dicts: Sequence[Mapping[str, object]], item: str, kind: str) -> list[str]:
+    """The sorted names shared by every dict of a non-empty list; a ValueError names the first that differs
+    (``"<item> i has <kind> [...], <item> 0 has [...]"``)."""
+    names = sorted(dicts[0])
+    for i, d in enumerate(dicts):
+        if sorted(d) != names:
+            raise ValueError(f"{item} {i} has {kind} {sorted(d)}, {item} 0 has {names}")
+    return names
+
+
 def average_over_minibatches(per_minibatch: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Combine the reduced metrics of several mini-batches (optimizer steps) of one training step.
 
@@ -61,10 +71,7 @@ def average_over_minibatches(per_minibatch: Sequence[Mapping[str, float]]) -> di
     """
     if not per_minibatch:
         return {}
-    names = sorted(per_minibatch[0])
-    for i, d in enumerate(per_minibatch):
-        if sorted(d) != names:
-            raise ValueError(f"mini-batch {i} has metrics {sorted(d)}, mini-batch 0 has {names}")
+    names = common_names(per_minibatch, "mini-batch", "metrics")
     out: dict[str, float] = {}
     for n in names:
         values = [float(d[n]) for d in per_minibatch]

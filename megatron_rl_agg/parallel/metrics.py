@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from megatron_rl_agg.core.metrics import METRIC_REDUCTIONS, _stack, reduction_of
+from megatron_rl_agg.core.metrics import METRIC_REDUCTIONS, _stack, common_names, reduction_of
 from megatron_rl_agg.parallel import dist
 
 __all__ = ["reduce_metrics"]
@@ -32,10 +32,7 @@ def reduce_metrics(reports: Sequence[Mapping[str, torch.Tensor]], process_group=
     """
     if not reports:
         return {}
-    names = sorted(reports[0])
-    for i, r in enumerate(reports):
-        if sorted(r) != names:
-            raise ValueError(f"micro-batch report {i} has names {sorted(r)}, report 0 has {names}")
+    names = common_names(reports, "micro-batch report", "names")
     by_kind = {kind: [n for n in names if reduction_of(n) == kind] for kind in METRIC_REDUCTIONS}
 
     # One all-reduce(sum) carries every /sum value and every (sum, count) pair ...
