@@ -1,4 +1,5 @@
-"""Device-to-host reads inside ``loss_func``: none per micro-batch once the mini-batch is prepared.
+"""Device-to-host reads inside ``loss_func``: none per micro-batch once the mini-batch is prepared, on the
+default path (``prepare_microbatches`` without ``vocab_size``) as with it, every label still checked.
 
 On a GPU every read of a device value by the host (``item``, ``bool``/``int``/``float`` of a tensor,
 ``tolist``, and ops whose output size depends on the data: ``nonzero``, boolean-mask indexing,
@@ -121,18 +122,19 @@ def run_loss(module, cfg, vocab_size, per_token=False):
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.loss_aggregation}-{c.kl_aggregation}-"
                                                      f"{c.entropy_aggregation}-{c.entropy_coef}")
 def test_no_host_reads_in_loss_func(megatron_loss, cfg):
-    reads, losses = run_loss(megatron_loss, cfg, vocab_size=V)
+    # the default path: prepare_microbatches without vocab_size
+    reads, losses = run_loss(megatron_loss, cfg, vocab_size=None)
     assert reads == [[], [], []]
-    # the same numbers as the per-micro-batch check (which reads one flag per micro-batch)
-    reads_unchecked, losses_unchecked = run_loss(megatron_loss, cfg, vocab_size=None)
-    assert [len(r) for r in reads_unchecked] == [1, 1, 1]   # bool(bad.any()): aten::_local_scalar_dense
-    torch.testing.assert_close(torch.stack(losses), torch.stack(losses_unchecked), rtol=0, atol=0)
+    reads_given, losses_given = run_loss(megatron_loss, cfg, vocab_size=V)
+    assert reads_given == [[], [], []]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(losses_given), rtol=0, atol=0)
 
 
-def test_no_host_reads_with_per_token_loss(megatron_loss):
+@pytest.mark.parametrize("vocab_size", [None, V])
+def test_no_host_reads_with_per_token_loss(megatron_loss, vocab_size):
     """Megatron's 3-tuple contract (calculate_per_token_loss): the same, no read per micro-batch."""
     cfg = LossConfig(loss_aggregation="seq_mean_token_mean", kl_coef=0.1, entropy_coef=0.01)
-    reads, _ = run_loss(megatron_loss, cfg, vocab_size=V, per_token=True)
+    reads, _ = run_loss(megatron_loss, cfg, vocab_size=vocab_size, per_token=True)
     assert reads == [[], [], []]
 
 
@@ -151,22 +153,52 @@ def test_counter_sees_each_kind_of_read():
     assert counter.reads == []
 
 
-def test_bad_labels_caught_once_per_minibatch(megatron_loss):
+def _with_bad_label(batch, bad):
+    labels = batch["labels"].clone()
+    labels[5, 1] = bad           # in the second micro-batch
+    return {**batch, "labels": labels}
+
+
+@pytest.mark.parametrize("bad", [V, V + 7, -1])
+def test_bad_labels_raise_from_prepare_with_vocab_size(megatron_loss, bad):
     _, batch = make_batch()
     cfg = LossConfig(loss_aggregation="token_mean")
-    for bad in (V, -1):
-        labels = batch["labels"].clone()
-        labels[5, 1] = bad           # in the second micro-batch
-        with pytest.raises(ValueError, match=rf"label id {bad} is outside the vocabulary \[0, {V}\)"):
-            megatron_loss.prepare_microbatches({**batch, "labels": labels}, cfg, MICRO_BATCH, vocab_size=V)
-    with HostReads() as counter:
-        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=V)
-    label_reads = len(counter.reads)
-    with HostReads() as counter:
-        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH)
-    assert label_reads - len(counter.reads) == 1    # one check for the three micro-batches
+    with pytest.raises(ValueError, match=rf"label id {bad} is outside the vocabulary \[0, {V}\)"):
+        megatron_loss.prepare_microbatches(_with_bad_label(batch, bad), cfg, MICRO_BATCH, vocab_size=V)
     with pytest.raises(ValueError, match="vocab_size must be a positive int or None, got 0"):
         megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=0)
+
+
+@pytest.mark.parametrize("bad", [V, V + 7, -1])
+def test_bad_labels_raise_from_loss_func_without_a_read(megatron_loss, bad):
+    """The default path: the label range is read once with the micro-batch count, and every micro-batch's
+    loss_func (the bad label sits in the second) refuses it from host ints, reading nothing."""
+    logits, batch = make_batch()
+    cfg = LossConfig(loss_aggregation="token_mean")
+    mbs = megatron_loss.prepare_microbatches(_with_bad_label(batch, bad), cfg, MICRO_BATCH)
+    assert mbs[0]["label_range"] == (min(bad, 0), max(bad, int(batch["labels"].max())))
+    for k, mb in enumerate(mbs):
+        rows = logits[k * MICRO_BATCH:(k + 1) * MICRO_BATCH].clone()
+        rows = torch.cat([rows, rows.new_zeros(MICRO_BATCH - rows.shape[0], S, V)])
+        with HostReads() as counter, pytest.raises(
+                ValueError, match=rf"label id {bad} is outside the vocabulary \[0, {V}\) \(vocab shard {V} "
+                                  r"x tensor-parallel size 1\)"):
+            megatron_loss.loss_func(rows, micro_batch=mb, loss_config=cfg)
+        assert counter.reads == []
+
+
+def test_label_range_costs_no_read_of_its_own(megatron_loss):
+    """The range rides on the all-reduce of the micro-batch count: with or without vocab_size,
+    prepare_microbatches reads the device as often as before the range existed (one tolist)."""
+    _, batch = make_batch()
+    cfg = LossConfig(loss_aggregation="token_mean")
+    counts = []
+    for vocab_size in (None, V):
+        with HostReads() as counter:
+            megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=vocab_size)
+        counts.append(counter.reads)
+    assert counts[0] == counts[1]
+    assert counts[0].count("Tensor.tolist") == 1
 
 
 def test_loss_func_refuses_a_different_vocabulary(megatron_loss):

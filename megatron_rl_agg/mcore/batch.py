@@ -18,7 +18,7 @@ from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_we
 from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
-from megatron_rl_agg.mcore.logprobs import _check_label_range
+from megatron_rl_agg.mcore.logprobs import _check_label_bounds
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
 from megatron_rl_agg.core.validate import positive_int
@@ -102,10 +102,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             (the CP attention builds its causal mask from global positions).
         calculate_per_token_loss: the model's ``TransformerConfig.calculate_per_token_loss``; True makes
             :func:`loss_func` return Megatron's 3-tuple (see its docstring).
-        vocab_size: the model's (padded) vocabulary size ``V``. When given, every label of the mini-batch
-            is checked against ``[0, V)`` here, once (one device-to-host read), and :func:`loss_func`
-            then reads nothing back from the device (it only compares ``V`` with the logits' shape).
-            None: the check runs in :func:`loss_func`, one read per micro-batch.
+        vocab_size: the model's (padded) vocabulary size ``V``, optional. The smallest and largest label
+            of the mini-batch (over the DP group) are read here once, on the all-reduce of the
+            micro-batch count (no read of their own), and stored as ``label_range``. With ``vocab_size``
+            they are checked against ``[0, V)`` here, before any micro-batch runs; either way
+            :func:`loss_func` checks them against the logits' vocabulary (shard width x TP size, host
+            integers), so it reads nothing back from the device, with or without ``vocab_size``.
 
     Returns:
         ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
@@ -113,14 +115,14 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
         ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
         ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
-        ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config`` and ``vocab_size`` (None when
-        unchecked). Pass
+        ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config``, ``vocab_size`` (None when
+        not given) and ``label_range`` (``(min, max)`` label id of the mini-batch over the DP group, ints).
+        Pass
         ``num_microbatches=M`` and ``seq_length=S`` (the FULL length) to Megatron's schedule.
     """
     positive_int(micro_batch_size, "micro_batch_size")
     n_rows, seq = _check_batch(batch, loss_config)
-    if positive_int(vocab_size, "vocab_size", optional=True) is not None:
-        _check_label_range(batch["labels"], vocab_size)
+    positive_int(vocab_size, "vocab_size", optional=True)
     dp_size = dist.world_size(dp_group)
     cp_size, cp_rank = dist.world_size(cp_group), dist.rank(cp_group)
     if cp_size > 1:
@@ -133,14 +135,24 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     device = batch["tokens"].device
 
     # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
-    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all.
+    # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all, and
+    # so does the label range [min, max] over the DP group (max of -min): the one read of this function,
+    # after which no label check reads the device (loss_func compares host ints with the logits' shape).
     problem = _mask_problem(batch["loss_mask"])
-    n_local = torch.tensor([math.ceil(n_rows / micro_batch_size), problem is not None], dtype=torch.int64,
-                           device=device)
-    num_mb, any_bad = dist.all_reduce_max(n_local, dp_group).tolist()
+    labels = batch["labels"].to(torch.int64)
+    no_labels = labels.numel() == 0          # a rank with no rows: 0 stands in, in range of any vocabulary
+    label_max = labels.new_zeros(()) if no_labels else labels.max()
+    neg_label_min = labels.new_zeros(()) if no_labels else -labels.min()
+    n_local = torch.stack([torch.tensor(math.ceil(n_rows / micro_batch_size), device=device),
+                           torch.tensor(int(problem is not None), device=device),
+                           label_max.to(device), neg_label_min.to(device)])
+    num_mb, any_bad, label_max, neg_label_min = dist.all_reduce_max(n_local, dp_group).tolist()
     if any_bad:
         raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
                                     "(that rank's error names them)")
+    label_range = (-neg_label_min, label_max)
+    if vocab_size is not None:
+        _check_label_bounds(*label_range, vocab_size)
     padded = num_mb * micro_batch_size
 
     # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
@@ -202,6 +214,6 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
                   calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,
-                  vocab_size=vocab_size, **extra)
+                  vocab_size=vocab_size, label_range=label_range, **extra)
         micro_batches.append(mb)
     return micro_batches

@@ -3,8 +3,9 @@
 :func:`vocab_parallel_logprobs_and_entropy` (the autograd kernel :class:`_LogprobsEntropy`, formulas and
 gradients in its docstring) is what :func:`megatron_rl_agg.mcore.loss.loss_func` uses;
 :func:`vocab_parallel_logprobs` (Megatron's cross entropy, negated) and :func:`vocab_parallel_entropy`
-serve forward-only scoring and metrics. :func:`_check_label_range` is the label check that
-:func:`megatron_rl_agg.mcore.batch.prepare_microbatches` runs once per mini-batch.
+serve forward-only scoring and metrics. :func:`_check_label_bounds` is the label check of
+:func:`megatron_rl_agg.mcore.batch.prepare_microbatches` and :func:`megatron_rl_agg.mcore.loss.loss_func` (on
+the label range read once per mini-batch); :func:`_check_label_range` the one of direct callers.
 """
 
 from __future__ import annotations
@@ -159,14 +160,28 @@ class _LogprobsEntropy(torch.autograd.Function):
         return work.view(ctx.shape), None, None, None, None, None
 
 
+def _label_error(value: int, vocab: int, where: str) -> ValueError:
+    return ValueError(f"label id {value} is outside the vocabulary [0, {vocab}){where}; labels must be token "
+                      "ids, masked positions included (use any valid id there, e.g. 0, and loss_mask 0)")
+
+
 def _check_label_range(labels: torch.Tensor, vocab: int, where: str = "") -> None:
     """Raise unless every id of ``labels`` is in ``[0, vocab)`` (one device-to-host read of a flag)."""
     bad = (labels < 0) | (labels >= vocab)
     if bool(bad.any()):
-        value = int(labels[bad].flatten()[0])
-        raise ValueError(f"label id {value} is outside the vocabulary [0, {vocab}){where}; labels must be "
-                         "token ids, masked positions included (use any valid id there, e.g. 0, and "
-                         "loss_mask 0)")
+        raise _label_error(int(labels[bad].flatten()[0]), vocab, where)
+
+
+def _check_label_bounds(low: int, high: int, vocab: int, where: str = "") -> None:
+    """Raise unless ``[low, high]`` (host ints: the smallest and largest label id) lies in ``[0, vocab)``.
+
+    Reads nothing from the device: what :func:`megatron_rl_agg.mcore.loss.loss_func` runs per micro-batch
+    with the range :func:`megatron_rl_agg.mcore.batch.prepare_microbatches` read once per mini-batch.
+    """
+    if low < 0:
+        raise _label_error(low, vocab, where)
+    if high >= vocab:
+        raise _label_error(high, vocab, where)
 
 
 def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
@@ -188,8 +203,8 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
         labels: ``logits.shape[:-1]`` integer global vocab ids in ``[0, V)`` (a bad id raises; checking
             it reads one flag back from the device).
         check_labels: False skips that check (no device-to-host read): for callers that validated the
-            labels already, as :func:`loss_func` does when :func:`prepare_microbatches` checked the whole
-            mini-batch against ``vocab_size``. An unchecked out-of-range id would give a wrong log-prob.
+            labels already, as :func:`loss_func` does with the label range :func:`prepare_microbatches`
+            read once per mini-batch. An unchecked out-of-range id would give a wrong log-prob.
         entropy_grad: False returns the entropy without gradient (a metric): the backward is then a
             single multiply, as cheap as Megatron's cross entropy's. True makes the entropy
             differentiable; its backward recomputes ``exp`` once per logit.

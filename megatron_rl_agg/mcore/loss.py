@@ -78,7 +78,7 @@ from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.mcore.batch import LEGACY_MODE
-from megatron_rl_agg.mcore.logprobs import vocab_parallel_logprobs_and_entropy
+from megatron_rl_agg.mcore.logprobs import _check_label_bounds, vocab_parallel_logprobs_and_entropy
 from megatron_rl_agg.mcore.setup_checks import check_megatron_setup
 
 __all__ = ["loss_func", "make_loss_func", "forward_step"]
@@ -118,7 +118,10 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     Args:
         output_tensor: ``[b, s, V / tp]`` vocab-parallel logits of the last pipeline stage (``s = S / C``,
             this CP rank's zigzag shard).
-        micro_batch: one dict from :func:`prepare_microbatches`.
+        micro_batch: one dict from :func:`prepare_microbatches`. Its ``label_range`` (read once per
+            mini-batch) is checked against the logits' vocabulary without a device read; an out-of-range
+            label raises a ``ValueError`` naming it and the vocabulary. (A hand-built dict without
+            ``label_range`` has its labels checked here instead, one device read.)
         loss_config: the loss settings (also the ``microbatch_mean`` vs global choice of KL / entropy).
 
     Returns:
@@ -145,21 +148,24 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     g_scale = micro_batch["total_tokens"] if per_token else scale
     u_scale = micro_batch["total_tokens"] / scale if per_token else 1.0
 
-    # Labels checked once per mini-batch by prepare_microbatches (vocab_size given): only the vocabulary
-    # is compared here, from shapes, so nothing is read back from the device in this function.
+    # The label range was read once per mini-batch by prepare_microbatches (host ints): it is compared
+    # with the logits' vocabulary (shard width x TP size, from shapes), so nothing is read back here.
+    tp_size = compat.parallel_group("tp")[1]
+    vocab = output_tensor.shape[-1] * tp_size
     checked = micro_batch.get("vocab_size")
-    if checked is not None:
-        tp_size = compat.parallel_group("tp")[1]
-        vocab = output_tensor.shape[-1] * tp_size
-        if vocab != checked:
-            raise ValueError(f"the labels were checked against vocab_size={checked} in prepare_microbatches "
-                             f"but the logits cover {vocab} ids (vocab shard {output_tensor.shape[-1]} x "
-                             f"tensor-parallel size {tp_size}); pass the model's padded vocabulary")
+    if checked is not None and vocab != checked:
+        raise ValueError(f"the labels were checked against vocab_size={checked} in prepare_microbatches "
+                         f"but the logits cover {vocab} ids (vocab shard {output_tensor.shape[-1]} x "
+                         f"tensor-parallel size {tp_size}); pass the model's padded vocabulary")
+    label_range = micro_batch.get("label_range")
+    if label_range is not None:
+        _check_label_bounds(*label_range, vocab, f" (vocab shard {output_tensor.shape[-1]} x tensor-parallel "
+                                                 f"size {tp_size})")
 
     # One in-place pass over the logits gives both (no [b, S, V/tp] temporary). Without an entropy bonus
     # the entropy is only the entropy/mean metric: no gradient, and the backward is a single multiply.
     logp, entropy = vocab_parallel_logprobs_and_entropy(                # [b, S] float32 each
-        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=checked is None)
+        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=label_range is None)
 
     # Masked positions are replaced by harmless constants BEFORE the nonlinear terms (ratio 1, A = 0,
     # ref = logp): a weight of 0 alone would still let an inf/NaN there poison the backward (0 * inf).

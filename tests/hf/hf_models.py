@@ -12,8 +12,9 @@ EXTRA_FAMILIES = ("mistral",)          # falls out of the Llama mapping; checked
 VOCAB = 90
 
 
-def hf_config(family: str, **overrides):
-    """The transformers config of one tiny test model (4 layers, so PP2 x VPP2 has a layer per stage)."""
+def hf_config(family: str, *, rope_factor: float = 8.0, **overrides):
+    """The transformers config of one tiny test model (4 layers, so PP2 x VPP2 has a layer per stage);
+    ``rope_factor``: the Llama-3 rope scaling factor of the llama family (Llama 3.1: 8, Llama 3.2: 32)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
@@ -21,7 +22,7 @@ def hf_config(family: str, **overrides):
     common.update(overrides)
     if family == "llama":  # Llama-3 rope scaling, untied embeddings
         return LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0,
-                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           rope_scaling={"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     if family == "qwen2":  # qkv bias, tied embeddings
         return Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
@@ -32,11 +33,12 @@ def hf_config(family: str, **overrides):
     raise ValueError(f"family {family!r}; valid: {FAMILIES + EXTRA_FAMILIES}")
 
 
-def build_hf_model(family: str, seed: int = 0):
+def build_hf_model(family: str, seed: int = 0, **config):
+    """A tiny random model of ``family``; ``config`` goes to :func:`hf_config`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **config), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -46,8 +48,8 @@ def build_hf_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def save_hf_model(family: str, path: str, seed: int = 0):
-    model = build_hf_model(family, seed)
+def save_hf_model(family: str, path: str, seed: int = 0, **config):
+    model = build_hf_model(family, seed, **config)
     model.save_pretrained(path)
     return model
 

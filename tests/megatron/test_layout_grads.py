@@ -1,13 +1,16 @@
-"""Real Megatron-Core (GPTModel, DDP, schedules, optimizer) on CPU/gloo: the full gradient of a global
-token-mean loss after one forward-backward is the same at every TP/PP/VPP/CP/DP/micro-batch layout, and
-with ``calculate_per_token_loss=True`` (Megatron's 3-tuple contract) at DP2, CP2 and CP2 x TP2.
+"""Real Megatron-Core (GPTModel, DDP, schedules, optimizer) on CPU/gloo: the full gradient of the
+product's loss (``mcore.batch.prepare_microbatches`` + ``mcore.loss.forward_step``: a token-mean policy
+term and a token-mean entropy bonus over the whole mini-batch) after one forward-backward is the same at
+every TP/PP/VPP/CP/DP/micro-batch layout, and with ``calculate_per_token_loss=True`` (Megatron's 3-tuple
+contract) at DP2, CP2 and CP2 x TP2.
 
-The worker (``worker_layout_grads.py``) documents the loss and the scale factors. The reference is
-the one-process, one-micro-batch run; every other layout must match it to 1e-5 relative per tensor
-(``max|g - g_ref| / max|g_ref|``), which holds only if the loss scaling cancels the schedule's
-``/num_microbatches`` and DDP's ``/dp`` and if the layout-independent init gives every layout the
-same full weights. A per-micro-batch token mean (the legacy objective) is run as a negative control:
-with unequal row lengths it must give a clearly different gradient.
+The worker (``worker_layout_grads.py``) documents the loss; it scales nothing itself, so the test proves
+the product's scale factors. The reference is the one-process, one-micro-batch run; every other layout
+must match it to 1e-5 relative per tensor (``max|g - g_ref| / max|g_ref|``), which holds only if the
+product's scaling cancels the schedule's ``/num_microbatches`` and DDP's ``/dp`` (or, under the 3-tuple,
+``finalize_model_grads``' division by the routed tokens) and if the layout-independent init gives every
+layout the same full weights. ``token_mean_legacy`` (the per-micro-batch token mean) is run as a
+negative control: with unequal row lengths it must give a clearly different gradient.
 """
 
 from __future__ import annotations

@@ -4,29 +4,33 @@
         tests/megatron/worker_layout_grads.py OUT_DIR dp2+m2 tp2 pp2+m4 pp2+vpp2+m4
 
 Each layout string (see ``megatron_rl_agg.parallel.layout.parse_layout``) must use every process
-(tp * pp * cp * dp == world size). A ``:mbmean`` suffix swaps the loss for the per-micro-batch token mean
-(the legacy objective), used as a negative control; ``:distopt`` uses Megatron's distributed
-optimizer with overlapped gradient reduce-scatter; ``:flag`` sets ``calculate_per_token_loss=True`` and
-returns Megatron's 3-tuple. Under context parallelism (``cp2``) every CP rank keeps its zigzag shard of
-the rows (``context_parallel.split_for_cp_rank``) and the local spec's core attention is the plugin's
-``ContextParallelDotProductAttention``. For each item, in order, the worker
+(tp * pp * cp * dp == world size). A ``:mbmean`` suffix swaps the policy term's aggregation for
+``token_mean_legacy`` (Megatron's per-micro-batch token mean), used as a negative control; ``:distopt``
+uses Megatron's distributed optimizer with overlapped gradient reduce-scatter; ``:flag`` sets
+``calculate_per_token_loss=True`` (Megatron's 3-tuple). Under context parallelism (``cp2``) the local
+spec's core attention is the plugin's ``ContextParallelDotProductAttention``. For each item, in order,
+the worker
 
 1. (re)initialises Megatron's model-parallel state and builds the chunks (tied embeddings, gated
    MLP, grouped-query attention);
 2. initialises the weights layout-independently (``init_weights``);
-3. runs a forward-only pass that checks the logits contract: ``[b, s, vocab / tp]`` on the last
+3. prepares this DP rank's rows with the product's ``mcore.batch.prepare_microbatches`` (global
+   weights over the DP group, the zigzag CP shard, the 2- or 3-tuple scale);
+4. runs a forward-only pass that checks the logits contract: ``[b, s, vocab / tp]`` on the last
    stage, and a cross entropy from the TP-gathered logits equal to Megatron's vocab-parallel one;
-4. runs one training forward-backward with the global token-mean cross entropy below;
-5. gathers the full gradients and weights, takes one optimizer step (global-norm clipping on), and
+5. runs one training forward-backward through Megatron's schedule with the product's
+   ``mcore.loss.forward_step`` (so ``make_loss_func`` / ``loss_func`` scale every term);
+6. gathers the full gradients and weights, takes one optimizer step (global-norm clipping on), and
    rank 0 saves ``{"grads", "params", "loss", "grad_norm"}`` as ``OUT_DIR/<index>-<item>.pt``.
 
-The loss: the mini-batch has rows of unequal length (one fully masked); every layout sees the same
-rows. With ``N`` the loss-token count of the whole mini-batch (all-reduced over DP) and
-``w = mask / N``, each micro-batch returns ``sum(ce * w) * num_microbatches * dp_size``:
-the schedule divides by ``num_microbatches`` (and multiplies by the CP size) and DDP averages over the
-``dp_size * cp`` ranks, so the gradient is that of ``sum_all_rows(ce * w)``, the global token mean, at
-every layout. Under ``:flag`` each micro-batch returns ``(sum(ce * w) * R, b * s, report)`` with ``R`` the
-routed tokens of the whole mini-batch: DDP sums and ``finalize_model_grads`` divides by ``R``.
+The loss: the mini-batch has rows of unequal length (one fully masked); every layout sees the same rows,
+advantages (one per row) and loss config: the on-policy PPO surrogate (ratio 1, so its gradient is
+``-sum_t w_t A_t grad log p_t``) aggregated ``token_mean`` plus an entropy bonus (``entropy_coef`` 0.01)
+aggregated ``token_mean`` too, both over the whole mini-batch. Nothing here scales the loss: the
+product's scaling must cancel the schedule's ``/num_microbatches`` (and ``x cp``) and DDP's average
+over ``dp x cp`` under the 2-tuple, and ``finalize_model_grads``' division by the routed-token total
+under the 3-tuple, for the gradient to be the same at every layout. ``loss`` is the reduced
+``loss/sum`` metric: the objective.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
-from megatron_rl_agg.parallel import dist  # noqa: E402
+from megatron_rl_agg.core.config import LossConfig  # noqa: E402
 from megatron_rl_agg.mcore import compat  # noqa: E402
-from megatron_rl_agg.core.context_parallel import split_for_cp_rank  # noqa: E402
+from megatron_rl_agg.mcore.batch import prepare_microbatches  # noqa: E402
+from megatron_rl_agg.mcore.loss import forward_step  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
 from megatron_rl_agg.mcore.weights import gather_full_grads, gather_full_params, init_weights  # noqa: E402
@@ -60,6 +65,8 @@ SPEC = GPTSpec(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_gr
 ROW_LENGTHS = [12, 5, 9, 2, 11, 7, 12, 4]
 PROMPT_LEN = 2
 SEQ_LEN = 12
+# one advantage per row, all nonzero (the policy term's gradient is -A grad log p)
+ADVANTAGES = torch.linspace(-1.0, 1.5, len(ROW_LENGTHS))
 
 
 def make_batch():
@@ -76,34 +83,25 @@ def make_batch():
     return tokens[:, :-1].contiguous(), labels.contiguous(), mask
 
 
-def microbatches(inputs, labels, weights, layout, dp_rank):
-    """This DP rank's contiguous share of rows, cut into ``num_microbatches`` equal micro-batches."""
+def loss_config(variant: str) -> LossConfig:
+    """The product's loss: token-mean policy term (``token_mean_legacy`` under ``:mbmean``) plus a
+    globally token-mean-aggregated entropy bonus."""
+    return LossConfig(loss_aggregation="token_mean_legacy" if variant == "mbmean" else "token_mean",
+                      entropy_coef=0.01, entropy_aggregation="token_mean")
+
+
+def dp_rows(layout, dp_rank):
+    """This DP rank's contiguous share of the rows (full rows: every CP rank of it passes the same), as
+    the batch dict of ``prepare_microbatches``, and the micro-batch size giving ``num_microbatches``."""
+    inputs, labels, mask = make_batch()
     rows = inputs.shape[0] // layout.dp
     mbs = rows // layout.num_microbatches
     if mbs * layout.num_microbatches * layout.dp != inputs.shape[0]:
         raise ValueError(f"{inputs.shape[0]} rows do not split evenly for layout {layout}")
-    start = dp_rank * rows
-    return [
-        (inputs[s:s + mbs], labels[s:s + mbs], weights[s:s + mbs])
-        for s in range(start, start + rows, mbs)
-    ], mbs
-
-
-def ce_loss_func(weights, scale, num_tokens, per_token_ce):
-    """2-tuple loss contract ``(sum(ce * w) * scale, report)``, or with ``num_tokens`` (an int32 tensor)
-    the 3-tuple ``(sum(ce * w) * scale, num_tokens, report)``; the report keeps the unscaled sum."""
-    weighted = (per_token_ce.float() * weights).sum()
-    report = {"weighted_ce_sum": weighted.detach()}
-    if num_tokens is not None:
-        return weighted * scale, num_tokens, report
-    return weighted * scale, report
-
-
-def ce_forward_step(data_iterator, model):
-    tokens, labels, weights, scale, positions, num_tokens = next(data_iterator)
-    # With labels, GPTModel returns Megatron's vocab-parallel per-token cross entropy [b, s].
-    output = model(tokens, positions, None, labels=labels)
-    return output, partial(ce_loss_func, weights, scale, num_tokens)
+    share = slice(dp_rank * rows, (dp_rank + 1) * rows)
+    batch = {"tokens": inputs[share], "labels": labels[share], "loss_mask": mask[share],
+             "advantages": ADVANTAGES[share]}
+    return batch, mbs
 
 
 def logits_check_loss_func(labels, logits):
@@ -126,9 +124,10 @@ def logits_check_loss_func(labels, logits):
 
 
 def logits_forward_step(data_iterator, model):
-    tokens, labels, _, _, positions, _ = next(data_iterator)
-    logits = model(tokens, positions, None)  # no labels: logits [b, s, vocab/tp] on the last stage
-    return logits, partial(logits_check_loss_func, labels)
+    micro_batch = next(data_iterator)
+    # logits [b, s, vocab/tp] on the last stage (s: this CP rank's shard, as the labels)
+    logits = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+    return logits, partial(logits_check_loss_func, micro_batch["labels"])
 
 
 def run_item(item: str, index: int, out_dir: str) -> str:
@@ -151,35 +150,19 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     init_weights(chunks, seed=SEED)
     optimizer = build_optimizer(chunks, lr=1e-3, clip_grad=0.05, use_distributed_optimizer=distopt)
 
-    dp_group = parallel_state.get_data_parallel_group()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    inputs, labels, mask = make_batch()
-    mbs_rows, mbs = microbatches(inputs, labels, mask, layout, dp_rank)
-    if variant == "mbmean":
-        # Legacy objective: each micro-batch's own token mean, averaged over micro-batches and DP.
-        batches = [(x, y, m / m.sum().clamp(min=1), 1.0) for x, y, m in mbs_rows]
-    else:
-        local_tokens = sum(m.sum() for _, _, m in mbs_rows)
-        n_tokens = dist.all_reduce_sum(local_tokens, dp_group)
-        # schedule divides by num_microbatches, DDP averages over dp ranks: undo both.
-        scale = float(layout.num_microbatches * layout.dp)
-        batches = [(x, y, m / n_tokens.clamp(min=1), scale) for x, y, m in mbs_rows]
-    num_tokens = None
-    if flag:   # 3-tuple: n = the shard's routed tokens; Megatron divides the summed gradient by their total
-        num_tokens = torch.tensor(mbs * SEQ_LEN // layout.cp, dtype=torch.int32)
-        routed = float(inputs.shape[0] * SEQ_LEN)
-        batches = [(x, y, w, routed) for x, y, w, _ in batches]
-    cp_rank = parallel_state.get_context_parallel_rank()
-    positions = torch.arange(SEQ_LEN).expand(mbs, SEQ_LEN)
-    batches = [tuple(split_for_cp_rank(t, layout.cp, cp_rank) for t in (x, y, w)) + (scale,)
-               + (split_for_cp_rank(positions, layout.cp, cp_rank), num_tokens)
-               for x, y, w, scale in batches]
+    batch, mbs = dp_rows(layout, parallel_state.get_data_parallel_rank())
+    micro_batches = prepare_microbatches(
+        batch, loss_config(variant), mbs, dp_group=parallel_state.get_data_parallel_group(),
+        cp_group=parallel_state.get_context_parallel_group(), calculate_per_token_loss=flag,
+        vocab_size=SPEC.vocab_size)
+    if len(micro_batches) != layout.num_microbatches:
+        raise AssertionError(f"{len(micro_batches)} micro-batches prepared for layout {layout}")
 
     fwd_bwd = get_forward_backward_func()
 
     def run_schedule(step_func, forward_only):
         # Interleaved PP expects one iterator per model chunk; each walks all micro-batches.
-        data = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+        data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
         return fwd_bwd(forward_step_func=step_func, data_iterator=data, model=chunks,
                        num_microbatches=layout.num_microbatches, seq_length=SEQ_LEN,
                        micro_batch_size=mbs, forward_only=forward_only)
@@ -189,17 +172,18 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = run_schedule(ce_forward_step, forward_only=False)
+    reports = run_schedule(forward_step, forward_only=False)
     grads = gather_full_grads(chunks)
     params = gather_full_params(chunks)
     _, grad_norm, _ = optimizer.step()
 
-    # Reported loss: last-stage, TP-rank-0 processes hold their micro-batches' sums; sum them.
+    # Reported loss: last-stage, TP-rank-0 processes hold their micro-batches' (CP shards') shares of the
+    # objective (loss/sum, already divided by M * D under token_mean_legacy); sum them.
     owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    local_loss = sum(float(r["weighted_ce_sum"]) for r in reports) if owner else 0.0
+    local_loss = sum(float(r["loss/sum"]) for r in reports) if owner else 0.0
     losses = [None] * world
     torch_dist.all_gather_object(losses, local_loss)
-    loss = sum(losses) / (layout.num_microbatches * layout.dp) if variant == "mbmean" else sum(losses)
+    loss = sum(losses)
     if torch_dist.get_rank() == 0:
         save_result(out_dir, f"{index:02d}-{item}",
                     {"grads": grads, "params": params, "loss": loss, "grad_norm": float(grad_norm)})

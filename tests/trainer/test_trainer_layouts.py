@@ -4,17 +4,24 @@ invariance across layouts, padding that changes nothing.
 Two launches for the whole module: one of 2 processes (DP2, TP2, PP2, PP2 x VPP2, CP2 and CP2 / DP2 with
 ``--calculate-per-token-loss``, the per-overlong-policy runs and the MoE runs at EP1 / EP2) and one of 1
 process (DP1 with 4 micro-batches, dense and MoE). Every mode runs at DP2 and DP1 x M4, and at three of
-the other six layouts (``LAYOUT_MODES``).
+the other six layouts (``LAYOUT_MODES``). One more launch pair: the DP2 step as two nodes of one process
+each (``scripts/launch.sh --nnodes 2``, c10d rendezvous on 127.0.0.1).
 """
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from megatron_rl_agg.parallel.advantages import normalize_advantages
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, aggregate
-from trainer_helpers import MODEL_ARGS, read_rollouts, trainer_job, trainer_results, write_rollouts
+from trainer_helpers import MODEL_ARGS, REPO, read_rollouts, trainer_job, trainer_results, write_rollouts
 
 pytestmark = pytest.mark.slow
 
@@ -263,3 +270,69 @@ def test_moe_step1_is_expert_parallel_invariant(runs):
             assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
     assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
                                                abs=1e-7)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(tmp_path, name, launcher_flags, trainer_argv):
+    """Start ``bash scripts/launch.sh LAUNCHER_FLAGS TRAINER_ARGV`` in its own process group, output to
+    ``tmp_path / name.log`` (a file, not a pipe: a full pipe would stall a rank inside a collective)."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = open(tmp_path / f"{name}.log", "w", encoding="utf-8")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "launch.sh"), *launcher_flags, *trainer_argv],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    return proc
+
+
+def test_two_node_launch_equals_single_node_dp2(runs, shared_jobs, tmp_path):
+    """Multi-node, on one machine: two ``scripts/launch.sh`` invocations, ``--nnodes 2 --node-rank 0/1``,
+    one process each, meeting in torchrun's c10d rendezvous on 127.0.0.1 (gloo), run one trainer step of
+    the dp2 config; its grad_norm and policy loss are those of the single-node DP2 run (same rows on the
+    same two ranks). Both launches are killed (their whole process groups) on a timeout or a failure."""
+    _, results = runs
+    metrics = tmp_path / "metrics.jsonl"
+    argv = _argv(shared_jobs / "r.jsonl", "token_mean", LAYOUTS["dp2"][1]) + ["--metrics-file", str(metrics)]
+    port, seconds = _free_port(), 300
+    procs = [_launch(tmp_path, f"node{rank}", ["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node",
+                                                "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                                "--rdzv-backend", "c10d", "--rdzv-id", "two-node-test"],
+                     argv) for rank in (0, 1)]
+    deadline = time.monotonic() + seconds
+    try:
+        codes = [proc.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    logs = {rank: (tmp_path / f"node{rank}.log").read_text(errors="replace")[-3000:] for rank in (0, 1)}
+    assert codes == [0, 0], f"two-node launch: exit codes {codes} (None: timed out after {seconds} s)\n{logs}"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["step"] == 1
+    single = results["token_mean/dp2"][0]
+    assert single["grad_norm"] > 0
+    for key in ("grad_norm", "policy_loss", "entropy", "num_tokens", "num_rows"):
+        assert lines[0][key] == single[key], (key, lines[0][key], single[key])
+
+
+def test_launch_script_refuses_bad_launcher_options():
+    """Usage errors of scripts/launch.sh, before torchrun starts (exit 2, the value and the valid range)."""
+    cases = [(["--nnodes", "2", "--node-rank", "2"], "--node-rank must be an integer in [0, 2) for --nnodes 2, "
+                                                    "got '2'"),
+             (["--nnodes", "0"], "--nnodes must be a positive integer, got '0'"),
+             (["--rdzv-backend", "etcd"], "--rdzv-backend must be one of: c10d, static; got 'etcd'"),
+             (["--master-port", "70000"], "--master-port must be a port number (1-65535), got '70000'"),
+             (["--nproc-per-node"], "--nproc-per-node needs a value")]
+    for flags, message in cases:
+        done = subprocess.run(["bash", str(REPO / "scripts" / "launch.sh"), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PYTHON": "/nonexistent/python"})
+        assert done.returncode == 2 and message in done.stderr, (flags, done.returncode, done.stderr)
