@@ -68,7 +68,7 @@ def test_core_imports_no_collectives_or_megatron_at_run_time():
 def test_only_dist_calls_torch_distributed():
     """Outside the Megatron glue (mcore/), the audit's runner and the trainer, only parallel/dist.py may use
     torch.distributed."""
-    offenders = {p.relative_to(PKG).as_posix(): sorted(u) for p in PKG.rglob("*.py")
+    offenders = {p.relative_to(PKG).as_posix(): sorted(forbidden_uses(p)) for p in PKG.rglob("*.py")
                  if p != PKG / "parallel" / "dist.py" and not {"mcore", "audit", "trainer"} & set(p.parts)
                  and any("torch.distributed" in u for u in forbidden_uses(p))}
     assert not offenders

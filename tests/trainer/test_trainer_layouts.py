@@ -84,7 +84,7 @@ def _argv(path, mode, extra=(), policy="keep", gbs=16):
 def worker_jobs(tmp):
     """The runs, as two jobs of the session's shared launches (``tests/conftest.py``)."""
     write_rollouts(tmp / "r.jsonl", GROUPS, seed=3, truncated_groups={2})
-    padded = write_rollouts(tmp / "r10.jsonl", [3, 4, 3], seed=5)
+    write_rollouts(tmp / "r10.jsonl", [3, 4, 3], seed=5)
     plan2, plan1 = [], []
     for name, (nproc, flags) in LAYOUTS.items():
         # token_mean_legacy: at the two reference layouts, whose micro-batch splits differ
