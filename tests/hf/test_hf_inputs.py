@@ -207,6 +207,35 @@ def test_export_never_replaces_foreign_data(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+@pytest.mark.parametrize("source_dtype,export_dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_export_config_has_one_dtype_and_loads_in_it(tmp_path, source_dtype, export_dtype):
+    """A transformers-5 source (``dtype`` key) exported in another dtype: config.json's ``dtype`` and
+    ``torch_dtype`` both name the weights' dtype, and ``from_pretrained(dtype="auto")`` loads in it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rl_agg.hf.config import config_dtype
+    from megatron_rl_agg.hf.export import _config_json, write_hf_dir
+
+    src = tmp_path / "src"
+    save_hf_model("qwen2", str(src))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = source_dtype                      # as transformers 5 writes it
+    arch = arch_from_config(cfg)
+    assert arch.torch_dtype == source_dtype == config_dtype(cfg)
+    assert config_dtype({"dtype": "bfloat16", "torch_dtype": "float32"}) == "bfloat16"   # transformers 5's rule
+    dtype = getattr(torch, export_dtype)
+    tensors = {k: v.to(dtype) for k, v in load_file(str(src / "model.safetensors")).items()}
+    out = tmp_path / "out"
+    write_hf_dir(str(out), tensors, _config_json(arch, cfg, export_dtype))
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == export_dtype
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert model.dtype == dtype
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
+
+
 def test_trainer_flag_errors(llama_dir):
     from megatron_rl_agg.trainer.cli.arguments import parse_args
     from megatron_rl_agg.trainer.cli.validation import TrainerArgsError

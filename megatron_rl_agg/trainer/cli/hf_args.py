@@ -97,7 +97,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer files to copy (default: --hf-checkpoint)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the exported weights (default: the config's torch_dtype)")
+                        help="dtype of the exported weights (default: the config's dtype / torch_dtype)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="TP size to load at (under torchrun; any layout loads any checkpoint)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size to load at")

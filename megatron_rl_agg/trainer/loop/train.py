@@ -184,10 +184,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     """
     tr = build_trainer(args)
     if tr.start_step >= args.train_iters:
-        if tr.rank == 0:
-            print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
-                  f"--train-iters is {args.train_iters}; raise --train-iters to continue")
-        compat.destroy_model_parallel()
+        try:
+            if args.save_hf and tr.start_step == args.train_iters:
+                # The conversion: --train-iters 0 from --hf-checkpoint, or --load CKPT at its saved step.
+                _save_hf(tr)
+                if tr.rank == 0:
+                    source = f"--load {args.load} (step {tr.start_step})" if args.load else \
+                        f"--hf-checkpoint {args.hf_checkpoint}"
+                    print(f"[megatron_rl_agg] exported {source} to {args.save_hf} without training")
+            elif tr.rank == 0:
+                print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
+                      f"--train-iters is {args.train_iters}; raise --train-iters to continue")
+        finally:
+            compat.destroy_model_parallel()
         return []
     if tr.rank == 0 and args.load:
         # Lines after the loaded step are of steps this run trains again: keep each step once.
@@ -220,7 +229,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                               f"--load {args.save or '<dir>'}", flush=True)
                     break
             else:
-                if args.save_hf:         # after the last step (or, with --train-iters 0, the conversion)
+                if args.save_hf:         # after the last step
                     _save_hf(tr)
     except RuntimeError as err:
         if safety.is_timeout(err) and not isinstance(err, NonFiniteError):
