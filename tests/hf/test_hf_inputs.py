@@ -129,11 +129,11 @@ def test_bad_checkpoints(llama_dir, tmp_path):
 
 def test_prompt_file_errors_and_order(tmp_path):
     from megatron_rl_agg.hf.prompts import PromptFileError, TextTask, extract_answer, load_tokenizer
-    from megatron_rl_agg.hf.rewards import RewardScorer, exact_match_reward
+    from megatron_rl_agg.hf.reward_pool import RewardPool
 
     train_tokenizer(str(tmp_path / "tok"), prompt_texts(str(PROMPTS)))
     tok = load_tokenizer(str(tmp_path / "tok"))
-    scorer = RewardScorer(exact_match_reward)
+    scorer = RewardPool("exact_match")
     assert extract_answer("3 + 4 = 7 apples.\n#### 1,007") == "1007"
     with pytest.raises(PromptFileError, match="the tokenizer has 320 tokens but the model's vocabulary is 300"):
         TextTask.from_file(str(PROMPTS), tok, scorer, vocab_size=300)
@@ -162,11 +162,15 @@ def test_prompt_file_errors_and_order(tmp_path):
     assert [p.index for p in task.step_prompts(8, 2)] == epoch[8:16]            # a function of (seed, step)
     assert [p.index for p in task.step_prompts(8, 4)] != epoch[:8]
     answer = tok.encode(" so the answer is 11") + [tok.eos_token_id]
-    assert task.reward(task.prompts[0], answer) == 1.0 and task.reward(task.prompts[0], answer[:-2]) == 0.0
+    try:
+        got = task.rewards([task.prompts[0]] * 2, [answer, answer[:-2]])
+    finally:
+        task.close()
+    assert [r.value for r in got] == [1.0, 0.0]
 
 
 def test_rewards():
-    from megatron_rl_agg.hf.rewards import RewardError, RewardScorer, get_reward
+    from megatron_rl_agg.hf.rewards import RewardError, get_reward
 
     math_verify = get_reward("math_verify")
     assert math_verify("q", "We add them: 3 + 4 = 7, so the answer is $7$.", "7") == 1.0
@@ -181,12 +185,18 @@ def test_rewards():
     with pytest.raises(RewardError, match="has no callable 'nope'"):
         get_reward("json:nope")
 
-    def broken(prompt, response, answer):
-        raise RuntimeError("parser exploded")
 
-    scorer = RewardScorer(broken)
-    assert scorer("q", "r", "a") == 0.0 and scorer.num_failures == 1 and "parser exploded" in scorer.last_error
-    assert RewardScorer(lambda *a: float("nan"))("q", "r", "a") == 0.0
+
+@pytest.mark.parametrize("response,answer,score", [
+    ("so 12345678901234567891", "12345678901234567890", 0.0),    # equal as floats, not as integers
+    ("so 12345678901234567890", "12345678901234567890", 1.0),
+    ("it costs 0.30000000000000001", "0.3", 0.0),                 # equal as floats, not as decimals
+    ("it costs 7.50", "7.5", 1.0), ("-3", "-3.0", 1.0), ("1,234 apples", "1234", 1.0),
+    ("3 then 4", "3", 0.0), ("no number", "7", 0.0), ("Paris", "Paris", 1.0)])
+def test_exact_match_compares_numbers_exactly(response, answer, score):
+    from megatron_rl_agg.hf.rewards import exact_match_reward
+
+    assert exact_match_reward("q", response, answer) == score
 
 
 def test_export_never_replaces_foreign_data(tmp_path):

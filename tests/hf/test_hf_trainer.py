@@ -91,6 +91,9 @@ def worker_jobs(root):
             # --train-iters at the saved step (2) with --save-hf: the checkpoint exported, nothing trained
             {"name": "load_export", "argv": [*online, "--load", str(root / "ckpt"),
                                              "--tensor-model-parallel-size", "2", "--save-hf", str(root / "hf_loaded")]},
+            # a reward that raises on some samples: those rows are invalid, the others train
+            {"name": "online_flaky", "argv": [*online, "--reward", "hf.reward_fixtures:odd_length_raises",
+                                              "--max-reward-failure-frac", "1", "--train-iters", "1"]},
             # the conversion of a bf16 checkpoint (fp32 parameters, exported in the config's bf16)
             {"name": "convert_bf16", "argv": ["--hf-checkpoint", str(root / "model_bf16"), "--no-progress-bar",
                                               "--train-iters", "0", "--save-hf", str(root / "hf_bf16")]}]
@@ -158,3 +161,14 @@ def test_load_at_the_saved_step_exports_and_bf16_converts(trainer_run):
         run(parse_args(["--hf-checkpoint", str(root / "model"), "--load", str(root / "ckpt"), "--train-iters", "1",
                         "--save-hf", str(root / "hf_never")]))
     assert not (root / "hf_never").exists()
+
+
+@pytest.mark.slow
+def test_failed_rewards_are_invalid_rows(trainer_run):
+    """Under torchrun (reward workers per rank): samples whose reward raised are counted and left out of
+    the statistics; the step trains on the rest."""
+    _, results = trainer_run
+    (step,) = results["online_flaky"]
+    assert 0 < step["num_reward_failures"] < step["num_rows"] == 8, step
+    assert step["num_stat_rows"] <= step["num_rows"] - step["num_reward_failures"]
+    assert math.isfinite(step["loss"]) and 0.0 <= step["reward_mean"] <= 1.0

@@ -33,6 +33,8 @@ FLOAT_RANGES = {
     "temperature": (0.0, False, math.inf, False),
     "rollout_failure_prob": (0.0, True, 1.0, False),
     "distributed_timeout_minutes": (0.0, False, math.inf, False),
+    "reward_timeout": (0.0, False, math.inf, False),
+    "max_reward_failure_frac": (0.0, True, 1.0, True),
 }
 
 
