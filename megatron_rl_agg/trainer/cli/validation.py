@@ -65,6 +65,9 @@ def yaml_value(path: str, action: argparse.Action, key: Any, value: Any) -> Any:
     truthy in Python: refused); an int option an int (not a float, not a bool); a float option a
     number or a numeric string (YAML reads ``1e-3`` as a string); other options a string.
 
+    Args:
+        key: the key as written in the file (``use-distributed-optimizer``), named in every error.
+
     Raises:
         TrainerArgsError: naming the file, the key, the value and what the option accepts.
     """
