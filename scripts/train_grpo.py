@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
     from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
     from megatron_rl_agg.trainer.rollout.rollouts import RolloutFormatError
-    from megatron_rl_agg.trainer.loop.safety import DistributedTimeoutError
+    from megatron_rl_agg.trainer.loop.safety import DistributedTimeoutError, RewardFailureError
     from megatron_rl_agg.trainer.loop.train import run
     from megatron_rl_agg.trainer.step.nonfinite import NonFiniteError
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except (TrainerArgsError, RolloutFormatError, CheckpointError) as err:  # bad options, rows, checkpoints
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:                  # the run stopped: nothing non-finite was applied
+    except (NonFiniteError, RewardFailureError) as err:   # the run stopped before a bad update
         print(f"error: {err}", file=sys.stderr)
         return 1
     except DistributedTimeoutError as err:

@@ -191,22 +191,25 @@ def test_rollout_file_refused(tmp_path, name, call, error, match):
 # YAML configs and flags
 # ------------------------------------------------------------------------------------------------
 
-YAML = [
+YAML = [   # errors name the key as the file writes it (hyphens or underscores)
     ("quoted false for a flag", 'no-progress-bar: "false"',
-     r"no_progress_bar='false' \(str\) for a boolean option"),
+     r"c.yaml: no-progress-bar='false' \(str\) for a boolean option"),
     ("quoted true for a flag", 'use_distributed_optimizer: "true"',
-     r"use_distributed_optimizer='true' \(str\)"),
+     r"c.yaml: use_distributed_optimizer='true' \(str\)"),
+    ("key with hyphens named as written", 'use-distributed-optimizer: "true"',
+     r"c.yaml: use-distributed-optimizer='true' \(str\) for a boolean option"),
     ("text for a --no- pair", 'save-on-interrupt: "no"',
-     r"save_on_interrupt='no' \(str\) for a boolean option"),
-    ("float for an int", "micro-batch-size: 4.0", r"micro_batch_size=4.0 \(float\) for an integer option"),
-    ("bool for an int", "train-iters: true", r"train_iters=True \(bool\) for an integer option"),
+     r"c.yaml: save-on-interrupt='no' \(str\) for a boolean option"),
+    ("float for an int", "micro-batch-size: 4.0", r"c.yaml: micro-batch-size=4.0 \(float\) for an integer option"),
+    ("bool for an int", "train-iters: true", r"c.yaml: train-iters=True \(bool\) for an integer option"),
     ("nan for a float", "lr: .nan", r"--lr must be a finite number, got nan"),
-    ("list for a float", "kl-coef: [0.1]", r"kl_coef=\[0.1\] \(list\) for a number option"),
-    ("number for a path", "save: 5", r"save=5 \(int\) for a text option"),
-    ("number for a mode", "loss-aggregation: 3", r"loss_aggregation=3 \(int\) for a text option"),
+    ("list for a float", "kl-coef: [0.1]", r"c.yaml: kl-coef=\[0.1\] \(list\) for a number option"),
+    ("number for a path", "save: 5", r"c.yaml: save=5 \(int\) for a text option"),
+    ("number for a mode", "loss-aggregation: 3", r"c.yaml: loss-aggregation=3 \(int\) for a text option"),
     ("unknown mode", "loss-aggregation: token_avg",
-     r"loss_aggregation='token_avg': unknown loss aggregation"),
-    ("null for a number", "lr: null", r"lr=None: the option needs a value"),
+     r"c.yaml: loss-aggregation='token_avg': unknown loss aggregation"),
+    ("null for a number", "lr: null", r"c.yaml: lr=None: the option needs a value"),
+    ("unknown key", "micro-batch: 4", r"unknown option\(s\) \['micro-batch'\]; valid: .*micro-batch-size"),
 ]
 
 
@@ -246,6 +249,10 @@ FLAGS = [
     (["--ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"],
      r"--ffn-hidden-size 33 must be a multiple of --tensor-model-parallel-size 2"),
     (["--hidden-size", "0"], r"--hidden-size must be a positive integer, got 0"),
+    (["--reward-timeout", "0"], r"--reward-timeout must be in \(0, inf\), got 0.0"),
+    (["--reward-timeout", "nan"], r"--reward-timeout must be a finite number"),
+    (["--max-reward-failure-frac", "1.5"], r"--max-reward-failure-frac must be in \[0, 1\], got 1.5"),
+    (["--reward-workers", "0"], r"--reward-workers must be a positive integer, got 0"),
 ]
 
 
@@ -350,6 +357,10 @@ AUDIT = [
     (["--layouts", "tp3"],
      r"layout tp3: --num-attention-heads 4 and --vocab-size 128 must be divisible by tp = 3"),
     (["--modes", "token_avg"], r"unknown loss aggregation 'token_avg'"),
+    (["--modes", ""], r"--modes: no mode given in \[''\]; valid: all, token_mean"),
+    (["--modes", " , ;"], r"--modes: no mode given"),
+    (["--layouts", ""], r"no layout given in \[''\]"),
+    (["--layouts", ","], r"no layout given"),
     (["--layouts", "dp3", "--batch-size", "16"], r"--batch-size 16 is not divisible by dp\*m = 3"),
 ]
 

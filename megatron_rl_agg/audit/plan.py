@@ -32,6 +32,8 @@ def _resolve_modes(names: Sequence[str]) -> list[str]:
         for piece in re.split(r"[\s,;]+", name.strip()):
             if piece and resolve_aggregation(piece) not in modes:
                 modes.append(resolve_aggregation(piece))
+    if not modes:
+        raise ValueError(f"--modes: no mode given in {list(names)!r}; valid: all, {', '.join(LOSS_AGGREGATIONS)}")
     return modes
 
 

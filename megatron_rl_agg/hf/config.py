@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "HFConfigError", "HFArch", "read_hf_config",
-           "arch_from_config", "padded_vocab_size"]
+           "arch_from_config", "config_dtype", "padded_vocab_size"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -157,7 +157,7 @@ def arch_from_config(cfg: dict, where: str = "config.json") -> HFArch:
     head_dim = cfg.get("head_dim")
     head_dim = int(head_dim) if head_dim else hidden // heads
     theta, factor = _rope(cfg, where)
-    dtype = cfg.get("torch_dtype", cfg.get("dtype", "float32")) or "float32"
+    dtype = config_dtype(cfg)
     return HFArch(
         model_type=model_type, num_layers=int(_require(cfg, "num_hidden_layers", where)), hidden_size=hidden,
         ffn_hidden_size=int(_require(cfg, "intermediate_size", where)), num_attention_heads=heads,
@@ -166,6 +166,12 @@ def arch_from_config(cfg: dict, where: str = "config.json") -> HFArch:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling_factor=factor,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
         qk_norm=model_type == "qwen3", torch_dtype=str(dtype))
+
+
+def config_dtype(cfg: dict) -> str:
+    """The weights' dtype name of a ``config.json``: transformers 5 writes ``dtype``, 4.x ``torch_dtype``;
+    with both present ``dtype`` wins, as transformers 5 reads it. ``"float32"`` when neither is set."""
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:

@@ -9,7 +9,9 @@ The directory holds what ``transformers`` and vLLM / SGLang load as is::
 
 Full tensors are assembled from every rank's shards (``model.gather_full_params``), split back into
 Hugging Face tensors by :func:`megatron_rl_agg.hf.mapping.split_megatron` (query-group QKV -> q, k, v;
-``fc1 -> gate, up``; TP vocabulary padding rows dropped) and cast to the config's ``torch_dtype``. With
+``fc1 -> gate, up``; TP vocabulary padding rows dropped) and cast to the config's dtype
+(:func:`megatron_rl_agg.hf.config.config_dtype`: ``dtype``, else ``torch_dtype``). The written
+``config.json`` carries that one dtype under both keys (``dtype`` and ``torch_dtype``). With
 fp32 parameters and an fp32 checkpoint an import followed by an export is bit-exact.
 
 Atomic: rank 0 writes into ``<dir>.tmp-<pid>`` next to the target and renames it into place, so an
@@ -28,7 +30,7 @@ from typing import Optional
 import torch
 
 from megatron_rl_agg.hf import mapping
-from megatron_rl_agg.hf.config import HFArch
+from megatron_rl_agg.hf.config import HFArch, config_dtype
 
 __all__ = ["EXPORT_MARKER", "TOKENIZER_FILES", "HFExportError", "export_hf", "full_to_hf", "write_hf_dir"]
 
@@ -91,7 +93,9 @@ def _config_json(arch: HFArch, source_config: Optional[dict], dtype_name: str) -
             cfg["rope_scaling"] = {"rope_type": "llama3", "factor": arch.rope_scaling_factor,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}
-    cfg["torch_dtype"] = dtype_name
+    # One dtype under both spellings: transformers 5 and recent vLLM read ``dtype``, transformers 4.x and
+    # older tools ``torch_dtype``; a source's stale key must not contradict the weights written.
+    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
     return cfg
 
 
@@ -169,9 +173,9 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
     Args:
         arch: the architecture (the imported checkpoint's ``HFCheckpoint.arch``).
         source_config / source_dir: the imported checkpoint's ``config.json`` (copied with its
-            ``torch_dtype`` updated) and directory (its ``generation_config.json`` is copied).
+            dtype keys set to the export's dtype) and directory (its ``generation_config.json`` is copied).
         tokenizer_dir: tokenizer files to copy (default ``source_dir``).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default the config's ``torch_dtype``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default the source config's dtype.
         max_shard_bytes: past this total the weights are sharded with an index.
 
     Returns:
@@ -181,8 +185,7 @@ def export_hf(chunks: list, arch: HFArch, out_dir: str, *, source_config: Option
     from megatron_rl_agg.mcore.weights import gather_full_params
     from megatron_rl_agg.parallel import dist
 
-    dtype = dtype or (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype") \
-        or arch.torch_dtype
+    dtype = dtype or (config_dtype(source_config) if source_config else arch.torch_dtype)
     if dtype not in _DTYPES:
         raise HFExportError(f"export dtype {dtype!r}; valid: {sorted(_DTYPES)}")
     full = gather_full_params(chunks)

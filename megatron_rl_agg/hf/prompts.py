@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.core.seeds import seeded_generator
-from megatron_rl_agg.hf.rewards import RewardScorer
+from megatron_rl_agg.hf.reward_pool import RewardPool, RewardResult
 
 __all__ = ["PromptFileError", "PromptTokens", "extract_answer", "read_prompt_records", "TextTask",
            "load_tokenizer", "eos_token_ids"]
@@ -140,18 +140,18 @@ def _epoch_order(num: int, seed: int, epoch: int) -> list[int]:
 class TextTask:
     """On-policy task of a prompt file: prompts per step, EOS ids, and the text reward of a response.
 
-    Interface used by :mod:`megatron_rl_agg.trainer.rollout.generation`: :meth:`step_prompts`, :meth:`reward`,
-    ``eos_ids``, ``max_prompt_length``.
+    Interface used by :mod:`megatron_rl_agg.trainer.rollout.generation`: :meth:`step_prompts`,
+    :meth:`rewards`, ``eos_ids``, ``max_prompt_length``; :meth:`close` stops the reward workers.
     """
 
     tokenizer: object
     prompts: list[PromptTokens]
-    scorer: RewardScorer
+    scorer: RewardPool
     eos_ids: tuple[int, ...]
     seed: int
 
     @classmethod
-    def from_file(cls, path: str, tokenizer, scorer: RewardScorer, *, prompt_key: str = "question",
+    def from_file(cls, path: str, tokenizer, scorer: RewardPool, *, prompt_key: str = "question",
                   answer_key: str = "answer", apply_chat_template: Optional[bool] = None, seed: int = 0,
                   max_prompt_tokens: Optional[int] = None, eos_ids: Sequence[int] = (),
                   vocab_size: Optional[int] = None) -> "TextTask":
@@ -199,7 +199,11 @@ class TextTask:
             out.append(self.prompts[_epoch_order(total, self.seed, epoch)[offset]])
         return out
 
-    def reward(self, prompt: PromptTokens, response: Sequence[int]) -> float:
-        """The reward of a response (token ids, EOS included) to ``prompt``, scored on decoded text."""
-        text = self.tokenizer.decode(list(response), skip_special_tokens=True)
-        return self.scorer(prompt.text, text, prompt.answer)
+    def rewards(self, prompts: Sequence[PromptTokens], responses: Sequence[Sequence[int]]) -> list[RewardResult]:
+        """The rewards of ``responses`` (token ids, EOS included) to ``prompts``, scored on decoded text in
+        the reward workers, each within the pool's time limit; a failed sample's result has no value."""
+        texts = [self.tokenizer.decode(list(r), skip_special_tokens=True) for r in responses]
+        return self.scorer.score([(p.text, t, p.answer) for p, t in zip(prompts, texts)])
+
+    def close(self) -> None:
+        self.scorer.close()

@@ -3,28 +3,32 @@
 A reward function takes ``(prompt: str, response: str, answer: str)`` and returns a float. Built in:
 
 * ``math_verify``: 1.0 when the response's final answer is mathematically equal to the reference answer,
-  else 0.0 (Hugging Face's ``math-verify``: LaTeX and plain-number extraction, symbolic comparison). It
-  runs without ``signal.alarm`` (``parsing_timeout=None``, ``timeout_seconds=None``), so it works off the
-  main thread and inside workers.
+  else 0.0 (Hugging Face's ``math-verify``: LaTeX and plain-number extraction, symbolic comparison). Its
+  own ``signal.alarm`` timeouts are off (``parsing_timeout=None``, ``timeout_seconds=None``): the trainer
+  runs every reward in a worker process with a per-sample time limit that kills a runaway parse
+  (:mod:`megatron_rl_agg.hf.reward_pool`, ``--reward-timeout``).
 * ``exact_match``: 1.0 when the response's last number (or, when the answer is not a number, the whole
-  stripped response) equals the reference answer, else 0.0.
+  stripped response) equals the reference answer, else 0.0. Numbers compare exactly as decimals
+  (``Decimal``: ``"12345678901234567891" != "12345678901234567890"``, ``"7.50" == "7.5"``), never
+  through float.
 
 Reference answers in GSM8K style (``"... #### 72"``) are reduced to the text after ``####`` by
 :func:`megatron_rl_agg.hf.prompts.extract_answer` before they get here.
 
-A failure on one sample (an exception inside the reward function, or a non-finite value) gives that
-sample 0.0 and is counted (:class:`RewardScorer.num_failures`), never a dead run.
+A sample whose reward times out, raises or is non-finite has no reward: the trainer marks it invalid (out
+of the group statistics and of the loss, counted as ``num_reward_failures``) and stops the run when more
+than ``--max-reward-failure-frac`` of a mini-batch fails (:mod:`megatron_rl_agg.hf.reward_pool`).
 """
 
 from __future__ import annotations
 
 import importlib
-import math
+import logging
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Callable
 
-__all__ = ["REWARDS", "RewardError", "get_reward", "reward_names", "RewardScorer", "math_verify_reward",
-           "exact_match_reward"]
+__all__ = ["REWARDS", "RewardError", "get_reward", "reward_names", "math_verify_reward", "exact_match_reward"]
 
 RewardFn = Callable[[str, str, str], float]
 
@@ -37,6 +41,8 @@ def math_verify_reward(prompt: str, response: str, answer: str) -> float:
     """1.0 if ``response`` verifies against ``answer`` with math-verify, else 0.0."""
     from math_verify import parse, verify
 
+    # The limit is the worker's (reward_pool); without this every call logs that math-verify's are off.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$", parsing_timeout=None)
     pred = parse(response, parsing_timeout=None)
     if not gold or not pred:
@@ -47,13 +53,13 @@ def math_verify_reward(prompt: str, response: str, answer: str) -> float:
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def _normalize_number(text: str) -> str:
+def _number(text: str):
+    """``text`` (commas dropped) as an exact ``Decimal``, or the stripped text when it is no number."""
     text = text.replace(",", "").strip()
     try:
-        value = float(text)
-    except ValueError:
+        return Decimal(text)
+    except InvalidOperation:
         return text
-    return str(int(value)) if value == int(value) else repr(value)
 
 
 def exact_match_reward(prompt: str, response: str, answer: str) -> float:
@@ -61,7 +67,7 @@ def exact_match_reward(prompt: str, response: str, answer: str) -> float:
     answer = answer.strip()
     if _NUMBER.fullmatch(answer):
         found = _NUMBER.findall(response)
-        return 1.0 if found and _normalize_number(found[-1]) == _normalize_number(answer) else 0.0
+        return 1.0 if found and _number(found[-1]) == _number(answer) else 0.0
     return 1.0 if response.strip() == answer else 0.0
 
 
@@ -99,25 +105,3 @@ def get_reward(name: str) -> RewardFn:
             raise RewardError(f"--reward {name!r}: module {module_name!r} has no callable {attr!r}")
         return fn
     raise RewardError(f"unknown --reward {name!r}; valid: {reward_names()} or 'module:function'")
-
-
-class RewardScorer:
-    """Applies a reward function sample by sample; failures give 0.0 and are counted."""
-
-    def __init__(self, fn: RewardFn):
-        self.fn = fn
-        self.num_failures = 0
-        self.last_error: str = ""
-
-    def __call__(self, prompt: str, response: str, answer: str) -> float:
-        try:
-            value = float(self.fn(prompt, response, answer))
-        except Exception as err:  # noqa: BLE001 - one bad sample must not end the run
-            self.num_failures += 1
-            self.last_error = f"{type(err).__name__}: {err}"
-            return 0.0
-        if not math.isfinite(value):
-            self.num_failures += 1
-            self.last_error = f"non-finite reward {value!r}"
-            return 0.0
-        return value

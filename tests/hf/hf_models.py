@@ -5,6 +5,8 @@ Norms and biases are randomized (a norm weight left at 1 or a bias at 0 would hi
 
 from __future__ import annotations
 
+import pathlib
+
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -107,3 +109,24 @@ def save_trainer_model(path: str, family: str = "qwen2", vocab_size: int = 384, 
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(path)
     return model
+
+
+def assert_export_equals(out: pathlib.Path, source: pathlib.Path, dtype: torch.dtype) -> None:
+    """``out`` has one dtype in config.json, loads in transformers in it, and holds ``source``'s tensors."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((out / "config.json").read_text())
+    name = str(dtype).removeprefix("torch.")
+    assert cfg["dtype"] == cfg["torch_dtype"] == name, cfg
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert model.dtype == dtype
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(source / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == dtype and torch.equal(got[key], want[key]), key
+    state = model.state_dict()
+    for key in want:
+        assert torch.equal(state[key], want[key]), key

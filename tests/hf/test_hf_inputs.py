@@ -129,11 +129,11 @@ def test_bad_checkpoints(llama_dir, tmp_path):
 
 def test_prompt_file_errors_and_order(tmp_path):
     from megatron_rl_agg.hf.prompts import PromptFileError, TextTask, extract_answer, load_tokenizer
-    from megatron_rl_agg.hf.rewards import RewardScorer, exact_match_reward
+    from megatron_rl_agg.hf.reward_pool import RewardPool
 
     train_tokenizer(str(tmp_path / "tok"), prompt_texts(str(PROMPTS)))
     tok = load_tokenizer(str(tmp_path / "tok"))
-    scorer = RewardScorer(exact_match_reward)
+    scorer = RewardPool("exact_match")
     assert extract_answer("3 + 4 = 7 apples.\n#### 1,007") == "1007"
     with pytest.raises(PromptFileError, match="the tokenizer has 320 tokens but the model's vocabulary is 300"):
         TextTask.from_file(str(PROMPTS), tok, scorer, vocab_size=300)
@@ -162,11 +162,15 @@ def test_prompt_file_errors_and_order(tmp_path):
     assert [p.index for p in task.step_prompts(8, 2)] == epoch[8:16]            # a function of (seed, step)
     assert [p.index for p in task.step_prompts(8, 4)] != epoch[:8]
     answer = tok.encode(" so the answer is 11") + [tok.eos_token_id]
-    assert task.reward(task.prompts[0], answer) == 1.0 and task.reward(task.prompts[0], answer[:-2]) == 0.0
+    try:
+        got = task.rewards([task.prompts[0]] * 2, [answer, answer[:-2]])
+    finally:
+        task.close()
+    assert [r.value for r in got] == [1.0, 0.0]
 
 
 def test_rewards():
-    from megatron_rl_agg.hf.rewards import RewardError, RewardScorer, get_reward
+    from megatron_rl_agg.hf.rewards import RewardError, get_reward
 
     math_verify = get_reward("math_verify")
     assert math_verify("q", "We add them: 3 + 4 = 7, so the answer is $7$.", "7") == 1.0
@@ -181,12 +185,18 @@ def test_rewards():
     with pytest.raises(RewardError, match="has no callable 'nope'"):
         get_reward("json:nope")
 
-    def broken(prompt, response, answer):
-        raise RuntimeError("parser exploded")
 
-    scorer = RewardScorer(broken)
-    assert scorer("q", "r", "a") == 0.0 and scorer.num_failures == 1 and "parser exploded" in scorer.last_error
-    assert RewardScorer(lambda *a: float("nan"))("q", "r", "a") == 0.0
+
+@pytest.mark.parametrize("response,answer,score", [
+    ("so 12345678901234567891", "12345678901234567890", 0.0),    # equal as floats, not as integers
+    ("so 12345678901234567890", "12345678901234567890", 1.0),
+    ("it costs 0.30000000000000001", "0.3", 0.0),                 # equal as floats, not as decimals
+    ("it costs 7.50", "7.5", 1.0), ("-3", "-3.0", 1.0), ("1,234 apples", "1234", 1.0),
+    ("3 then 4", "3", 0.0), ("no number", "7", 0.0), ("Paris", "Paris", 1.0)])
+def test_exact_match_compares_numbers_exactly(response, answer, score):
+    from megatron_rl_agg.hf.rewards import exact_match_reward
+
+    assert exact_match_reward("q", response, answer) == score
 
 
 def test_export_never_replaces_foreign_data(tmp_path):
@@ -205,6 +215,35 @@ def test_export_never_replaces_foreign_data(tmp_path):
     assert EXPORT_MARKER in files and "model.safetensors.index.json" in files
     assert sorted(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == ["v", "w"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.parametrize("source_dtype,export_dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_export_config_has_one_dtype_and_loads_in_it(tmp_path, source_dtype, export_dtype):
+    """A transformers-5 source (``dtype`` key) exported in another dtype: config.json's ``dtype`` and
+    ``torch_dtype`` both name the weights' dtype, and ``from_pretrained(dtype="auto")`` loads in it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rl_agg.hf.config import config_dtype
+    from megatron_rl_agg.hf.export import _config_json, write_hf_dir
+
+    src = tmp_path / "src"
+    save_hf_model("qwen2", str(src))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = source_dtype                      # as transformers 5 writes it
+    arch = arch_from_config(cfg)
+    assert arch.torch_dtype == source_dtype == config_dtype(cfg)
+    assert config_dtype({"dtype": "bfloat16", "torch_dtype": "float32"}) == "bfloat16"   # transformers 5's rule
+    dtype = getattr(torch, export_dtype)
+    tensors = {k: v.to(dtype) for k, v in load_file(str(src / "model.safetensors")).items()}
+    out = tmp_path / "out"
+    write_hf_dir(str(out), tensors, _config_json(arch, cfg, export_dtype))
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == export_dtype
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert model.dtype == dtype
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
 
 
 def test_trainer_flag_errors(llama_dir):

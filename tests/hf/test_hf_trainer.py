@@ -6,7 +6,9 @@
 * end to end: a tiny Qwen2 model + a BPE tokenizer trained here (with a chat template) + the shipped prompt
   file + ``math_verify`` run 2 on-policy GRPO steps at DP2 and TP2; ``--save-hf`` writes a directory
   transformers loads, and ``megatron-rl-agg export-hf`` of the saved trainer checkpoint gives the same
-  tensors bit for bit.
+  tensors bit for bit, and so does ``--load`` of that checkpoint at its step with ``--train-iters 2
+  --save-hf`` (at TP2, without training); a bf16 checkpoint converted with ``--train-iters 0`` loads in
+  transformers in bf16 with the source's tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "trainer"))
 sys.path.insert(0, str(HERE))
 
-from hf_models import prompt_texts, save_trainer_model, train_tokenizer  # noqa: E402
+from hf_models import assert_export_equals, build_hf_model, prompt_texts, save_trainer_model, train_tokenizer  # noqa: E402,E501
 from trainer_helpers import trainer_job, trainer_results  # noqa: E402
 
 from megatron_rl_agg.hf.prompts import load_tokenizer  # noqa: E402
@@ -70,6 +72,7 @@ def worker_jobs(root):
     # Loaded as the trainer loads it: with config.json present, AutoTokenizer picks the model family's
     # tokenizer class (Qwen2's splits digits), which can tokenize differently from the trained object.
     tokenizer = load_tokenizer(str(model_dir))
+    build_hf_model("qwen2", seed=4).to(torch.bfloat16).save_pretrained(str(root / "model_bf16"))
     _offline_rollouts(model, root / "rollouts.jsonl")
     _offline_rollouts(model, root / "text_rollouts.jsonl", tokenizer)
     common = ["--hf-checkpoint", str(model_dir), "--no-progress-bar", "--micro-batch-size", "4", "--lr", "1e-3"]
@@ -84,7 +87,16 @@ def worker_jobs(root):
             {"name": "offline_text_pp2", "argv": [*text, "--pipeline-model-parallel-size", "2"]},
             {"name": "online_dp2", "argv": [*online, "--save-hf", str(root / "hf_dp2"), "--save", str(root / "ckpt")]},
             {"name": "online_tp2", "argv": [*online, "--tensor-model-parallel-size", "2",
-                                            "--save-hf", str(root / "hf_tp2")]}]
+                                            "--save-hf", str(root / "hf_tp2")]},
+            # --train-iters at the saved step (2) with --save-hf: the checkpoint exported, nothing trained
+            {"name": "load_export", "argv": [*online, "--load", str(root / "ckpt"),
+                                             "--tensor-model-parallel-size", "2", "--save-hf", str(root / "hf_loaded")]},
+            # a reward that raises on some samples: those rows are invalid, the others train
+            {"name": "online_flaky", "argv": [*online, "--reward", "hf.reward_fixtures:odd_length_raises",
+                                              "--max-reward-failure-frac", "1", "--train-iters", "1"]},
+            # the conversion of a bf16 checkpoint (fp32 parameters, exported in the config's bf16)
+            {"name": "convert_bf16", "argv": ["--hf-checkpoint", str(root / "model_bf16"), "--no-progress-bar",
+                                              "--train-iters", "0", "--save-hf", str(root / "hf_bf16")]}]
     return [trainer_job(plan, 2, root, 900)]
 
 
@@ -128,3 +140,35 @@ def test_on_policy_text_prompts_and_export(trainer_run):
     a, b = load_file(str(root / "hf_dp2" / "model.safetensors")), load_file(
         str(root / "hf_from_ckpt" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_load_at_the_saved_step_exports_and_bf16_converts(trainer_run):
+    from safetensors.torch import load_file
+
+    from megatron_rl_agg.trainer.cli.arguments import parse_args
+    from megatron_rl_agg.trainer.loop.checkpoint import CheckpointError
+    from megatron_rl_agg.trainer.loop.train import run
+
+    root, results = trainer_run
+    assert results["load_export"] == [] and results["convert_bf16"] == []
+    a, b = load_file(str(root / "hf_dp2" / "model.safetensors")), load_file(
+        str(root / "hf_loaded" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert_export_equals(root / "hf_bf16", root / "model_bf16", torch.bfloat16)
+    # Below the saved step there is nothing to train and nothing to export: refused before any collective.
+    with pytest.raises(CheckpointError, match=r"is at step 2, past --train-iters 1: .*--train-iters 2 --save-hf"):
+        run(parse_args(["--hf-checkpoint", str(root / "model"), "--load", str(root / "ckpt"), "--train-iters", "1",
+                        "--save-hf", str(root / "hf_never")]))
+    assert not (root / "hf_never").exists()
+
+
+@pytest.mark.slow
+def test_failed_rewards_are_invalid_rows(trainer_run):
+    """Under torchrun (reward workers per rank): samples whose reward raised are counted and left out of
+    the statistics; the step trains on the rest."""
+    _, results = trainer_run
+    (step,) = results["online_flaky"]
+    assert 0 < step["num_reward_failures"] < step["num_rows"] == 8, step
+    assert step["num_stat_rows"] <= step["num_rows"] - step["num_reward_failures"]
+    assert math.isfinite(step["loss"]) and 0.0 <= step["reward_mean"] <= 1.0

@@ -22,7 +22,7 @@ def test_yaml_then_cli_precedence(tmp_path):
 def test_unknown_yaml_key_lists_valid_ones(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("global-batchsize: 32\n")
-    expected = r"unknown option\(s\) \['global-batchsize'\]; valid: .*global_batch_size"
+    expected = r"unknown option\(s\) \['global-batchsize'\]; valid: .*global-batch-size"
     with pytest.raises(TrainerArgsError, match=expected):
         parse_args(["--config", str(cfg)])
 
@@ -30,7 +30,7 @@ def test_unknown_yaml_key_lists_valid_ones(tmp_path):
 def test_yaml_choice_is_checked(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("overlong-policy: drop\n")
-    with pytest.raises(TrainerArgsError, match="overlong_policy='drop' is not one of"):
+    with pytest.raises(TrainerArgsError, match="c.yaml: overlong-policy='drop' is not one of"):
         parse_args(["--config", str(cfg)])
 
 

@@ -187,16 +187,21 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if not isinstance(data, dict):
         raise TrainerArgsError(f"{path}: a config file must be a mapping of option names to values")
     dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
-    out, unknown = {}, []
+    out, written, unknown = {}, {}, []
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        (out.__setitem__(dest, value) if dest in dests else unknown.append(key))
+        if dest in dests:
+            out[dest], written[dest] = value, key
+        else:
+            unknown.append(key)
     if unknown:
-        raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
+        valid = ", ".join(sorted(d.replace("_", "-") for d in dests))
+        raise TrainerArgsError(f"{path}: unknown option(s) {unknown}; valid: {valid}")
     for action in parser._actions:
-        # YAML values pass the option's own type / choices check, stricter than a command-line string.
+        # YAML values pass the option's own type / choices check, stricter than a command-line string;
+        # errors name the key as the file writes it (use-distributed-optimizer or use_distributed_optimizer).
         if action.dest in out:
-            out[action.dest] = validation.yaml_value(path, action, action.dest, out[action.dest])
+            out[action.dest] = validation.yaml_value(path, action, written[action.dest], out[action.dest])
     return out
 
 

@@ -5,7 +5,9 @@
   ``--train-iters 0 --save-hf OUT`` converts without training.
 * ``--prompt-data FILE`` makes on-policy rollouts from a text prompt file, tokenized by ``--tokenizer``
   (default: the checkpoint directory), scored by ``--reward`` (checked here; the task itself:
-  :mod:`megatron_rl_agg.trainer.rollout.hf_text`).
+  :mod:`megatron_rl_agg.trainer.rollout.hf_text`) in ``--reward-workers`` worker processes, each sample
+  within ``--reward-timeout`` seconds; more than ``--max-reward-failure-frac`` of a mini-batch without a
+  reward stops the run.
 * ``--save-hf OUT`` exports the policy as a Hugging Face directory after the last step, and every
   ``--save-interval`` steps when both are given.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_rl_agg.trainer.cli.validation import TrainerArgsError
+from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_positive_flags
 
 __all__ = ["add_hf_args", "validate_hf_args", "add_export_args"]
 
@@ -38,6 +40,14 @@ def add_hf_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reward", default="math_verify",
                    help="reward of a response to a text prompt: math_verify, exact_match, or module:function "
                         "(called as fn(prompt, response, answer) -> float)")
+    g.add_argument("--reward-timeout", type=float, default=10.0,
+                   help="seconds one sample's --reward may run (in a worker process, killed past it); a sample "
+                        "that times out, raises or returns a non-finite value is invalid (no advantage, no loss)")
+    g.add_argument("--reward-workers", type=int, default=1,
+                   help="worker processes per rank that run --reward (bounded; a killed one is replaced)")
+    g.add_argument("--max-reward-failure-frac", type=float, default=0.5,
+                   help="stop the run when more than this fraction of a mini-batch's samples has no reward "
+                        "(timed out, raised or non-finite), naming the reward and the first failing prompt")
     g.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap each prompt in the tokenizer's chat template (default: when it has one)")
     g.add_argument("--save-hf", default=None,
@@ -58,6 +68,7 @@ def validate_hf_args(args: argparse.Namespace) -> None:
                                "offline file)")
     if args.prompt_data and not (args.tokenizer or args.hf_checkpoint):
         raise TrainerArgsError("--prompt-data needs --tokenizer (or --hf-checkpoint holding one)")
+    check_positive_flags(args, "reward_workers")
     if args.prompt_data:
         from megatron_rl_agg.hf.rewards import RewardError, get_reward
 
@@ -97,7 +108,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer files to copy (default: --hf-checkpoint)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the exported weights (default: the config's torch_dtype)")
+                        help="dtype of the exported weights (default: the config's dtype / torch_dtype)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="TP size to load at (under torchrun; any layout loads any checkpoint)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size to load at")

@@ -33,6 +33,8 @@ FLOAT_RANGES = {
     "temperature": (0.0, False, math.inf, False),
     "rollout_failure_prob": (0.0, True, 1.0, False),
     "distributed_timeout_minutes": (0.0, False, math.inf, False),
+    "reward_timeout": (0.0, False, math.inf, False),
+    "max_reward_failure_frac": (0.0, True, 1.0, True),
 }
 
 
@@ -62,6 +64,9 @@ def yaml_value(path: str, action: argparse.Action, key: Any, value: Any) -> Any:
     A boolean option takes YAML ``true`` / ``false`` only (a quoted ``"false"`` is a non-empty string,
     truthy in Python: refused); an int option an int (not a float, not a bool); a float option a
     number or a numeric string (YAML reads ``1e-3`` as a string); other options a string.
+
+    Args:
+        key: the key as written in the file (``use-distributed-optimizer``), named in every error.
 
     Raises:
         TrainerArgsError: naming the file, the key, the value and what the option accepts.

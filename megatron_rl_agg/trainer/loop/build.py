@@ -198,6 +198,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     from megatron.core import parallel_state
 
     checkpoint.check_save_dir(args.save, args.load)      # on every rank, before any collective
+    _check_export_step(args)
     rank, world = compat.initialize_distributed(timeout_minutes=args.distributed_timeout_minutes)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     cp = args.context_parallel_size
@@ -234,6 +235,19 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                   f"{saved.get('layout')} (world {saved.get('world_size')}); this run is {layout} (world "
                   f"{world}): per-process RNG states not restored (the trainer's draws are counter-based)")
     return trainer
+
+
+def _check_export_step(args) -> None:
+    """``--load CKPT --save-hf OUT`` with ``--train-iters`` below the saved step has neither a step to train
+    nor the step asked for to export: refuse (naming the step that exports) before any collective."""
+    if not (args.load and args.save_hf):
+        return
+    step, _ = checkpoint.resolve_step(args.load, fallback=args.load_fallback)
+    if step > args.train_iters:
+        raise checkpoint.CheckpointError(
+            f"--load {args.load} is at step {step}, past --train-iters {args.train_iters}: nothing to train "
+            f"and nothing to export at step {args.train_iters}; --train-iters {step} --save-hf exports the "
+            "checkpoint (or use megatron-rl-agg export-hf)")
 
 
 def model_sizes(args) -> dict:

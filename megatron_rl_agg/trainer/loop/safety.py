@@ -24,7 +24,7 @@ import torch
 
 from megatron_rl_agg.parallel import dist
 
-__all__ = ["DistributedTimeoutError", "StopSignal", "describe_timeout", "is_timeout", "truncate_metrics",
+__all__ = ["DistributedTimeoutError", "RewardFailureError", "StopSignal", "describe_timeout", "is_timeout", "truncate_metrics",
            "REPEAT_S"]
 
 REPEAT_S = 1.0
@@ -70,6 +70,12 @@ class StopSignal:
         """True on every rank when any rank received a signal (one all-reduce over the world)."""
         flag = torch.tensor([float(self.received is not None)], device=device)
         return bool(dist.all_reduce_max(flag, dist.world_group()).item())
+
+
+class RewardFailureError(ValueError):
+    """More than ``--max-reward-failure-frac`` of a mini-batch's samples has no reward (timed out, raised or
+    non-finite): raised on every rank with the same message (the reward, the fraction, the first failing
+    prompt), before the mini-batch enters any update."""
 
 
 def is_timeout(err: BaseException) -> bool:

@@ -65,15 +65,17 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     from megatron.core import parallel_state
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    failures_before = _reward_failures(tr)
     step_rows = tr.source.local_rows(step, index, dp_size, dp_rank, chunks=tr.chunks)
+    sums = _row_sums(step_rows, tr.dp_group)
+    _check_reward_failures(tr, step, step_rows, sums)
     rows = batching.build_rows(step_rows.samples, tr.args.seq_length, step_rows.group_ids)
     rows = rows.to(cpu_mode.device())
+    # Rows without a reward (timed out, raised, non-finite) are invalid: out of the statistics and the loss.
     adv, keep_row, stats = compute_step_advantages(
-        rows.rewards, rows.group_ids, truncated=rows.truncated, cfg=tr.adv_cfg, process_group=tr.dp_group,
-        expected_group_size=tr.source.expected_group_size)
+        rows.rewards, rows.group_ids, truncated=rows.truncated, sample_valid=rows.valid, cfg=tr.adv_cfg,
+        process_group=tr.dp_group, expected_group_size=tr.source.expected_group_size)
     rows = replace(rows, loss_mask=rows.loss_mask * keep_row.unsqueeze(1).to(rows.loss_mask.dtype))
-    stats.update(_row_sums(step_rows, tr.dp_group, _reward_failures(tr) - failures_before))
+    stats.update(sums)
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
@@ -83,22 +85,35 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     return batch, stats
 
 
-def _reward_failures(tr: Trainer) -> int:
-    """Samples whose text reward raised so far on this rank (scored 0; see ``megatron_rl_agg.hf.rewards``)."""
-    scorer = getattr(getattr(getattr(tr.source, "spec", None), "task", None), "scorer", None)
-    return scorer.num_failures if scorer is not None else 0
-
-
-def _row_sums(step_rows, dp_group, reward_failures: int = 0) -> dict:
-    """Reward and response-length sums, lost samples and reward failures over the rows on all DP ranks (one
-    all-reduce)."""
+def _row_sums(step_rows, dp_group) -> dict:
+    """Sums over the rows on all DP ranks (one all-reduce): reward and response length, lost samples,
+    samples without a reward (``num_reward_failures``) and rows with one (``num_rewarded``)."""
     samples = step_rows.samples
-    local = torch.tensor([sum(s.reward for s in samples), float(sum(len(s.response) for s in samples)),
-                          float(step_rows.num_failed), float(reward_failures)], dtype=torch.float64,
-                         device=cpu_mode.device())
-    reward_sum, length_sum, num_failed, failures = dist.all_reduce_sum(local, dp_group).tolist()
+    rewarded = [s for s in samples if s.reward_error is None]
+    local = torch.tensor([sum(s.reward for s in rewarded), float(sum(len(s.response) for s in samples)),
+                          float(step_rows.num_failed), float(len(samples) - len(rewarded)), float(len(rewarded))],
+                         dtype=torch.float64, device=cpu_mode.device())
+    reward_sum, length_sum, num_failed, failures, rewarded = dist.all_reduce_sum(local, dp_group).tolist()
     return {"reward_sum": reward_sum, "length_sum": length_sum, "num_failed_samples": int(num_failed),
-            "num_reward_failures": int(failures)}
+            "num_reward_failures": int(failures), "num_rewarded": int(rewarded)}
+
+
+def _check_reward_failures(tr: Trainer, step: int, step_rows, sums: dict) -> None:
+    """Stop every rank when more than ``--max-reward-failure-frac`` of the mini-batch's samples has no
+    reward, naming the reward, the fraction and the first failing prompt (the lowest failing global row,
+    one more all-reduce on this path only, so the message is the same on every rank)."""
+    failures, scored = sums["num_reward_failures"], sums["num_reward_failures"] + sums["num_rewarded"]
+    limit = tr.args.max_reward_failure_frac
+    if not failures or failures <= limit * scored:
+        return
+    rows = [int(s.source.rsplit(" ", 1)[1]) for s in step_rows.samples if s.reward_error is not None]
+    mine = torch.tensor([-min(rows) if rows else -(2 ** 62)], dtype=torch.int64, device=cpu_mode.device())
+    first = -int(dist.all_reduce_max(mine, tr.dp_group).item())
+    raise safety.RewardFailureError(
+        f"--reward {tr.args.reward}: {failures} of {scored} samples of step {step} have no reward (fraction "
+        f"{failures / scored:.3g} > --max-reward-failure-frac {limit:g}: timed out after --reward-timeout "
+        f"{tr.args.reward_timeout:g} s, raised, or non-finite); first failing prompt (row {first}): "
+        f"{tr.source.row_prompt(step, first)!r:.200}")
 
 
 def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
@@ -119,7 +134,8 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
 
 
 _SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_truncated", "num_rows",
-           "num_stat_rows", "num_failed_samples", "num_reward_failures", "num_tokens", "num_skipped_updates")
+           "num_stat_rows", "num_failed_samples", "num_reward_failures", "num_rewarded", "num_tokens",
+           "num_skipped_updates")
 
 
 def _combine(parts: list[dict]) -> dict:
@@ -127,7 +143,8 @@ def _combine(parts: list[dict]) -> dict:
     all rows, every loss term and the grad norm averaged over the mini-batches."""
     out = {key: sum(p[key] for p in parts) for key in _SUMMED}
     rows = max(out["num_rows"], 1)
-    out["reward_mean"] = sum(p["reward_sum"] for p in parts) / rows
+    # over the rows that have a reward (rows whose reward failed have none)
+    out["reward_mean"] = sum(p["reward_sum"] for p in parts) / max(out.pop("num_rewarded"), 1)
     out["response_length"] = sum(p["length_sum"] for p in parts) / rows
     averaged = [k for k in parts[0] if k not in _SUMMED and k not in ("reward_sum", "length_sum")]
     out.update({key: sum(p[key] for p in parts) / len(parts) for key in averaged})
@@ -184,10 +201,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     """
     tr = build_trainer(args)
     if tr.start_step >= args.train_iters:
-        if tr.rank == 0:
-            print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
-                  f"--train-iters is {args.train_iters}; raise --train-iters to continue")
-        compat.destroy_model_parallel()
+        try:
+            if args.save_hf and tr.start_step == args.train_iters:
+                # The conversion: --train-iters 0 from --hf-checkpoint, or --load CKPT at its saved step.
+                _save_hf(tr)
+                if tr.rank == 0:
+                    source = f"--load {args.load} (step {tr.start_step})" if args.load else \
+                        f"--hf-checkpoint {args.hf_checkpoint}"
+                    print(f"[megatron_rl_agg] exported {source} to {args.save_hf} without training")
+            elif tr.rank == 0:
+                print(f"[megatron_rl_agg] nothing to train: --load {args.load} is at step {tr.start_step} and "
+                      f"--train-iters is {args.train_iters}; raise --train-iters to continue")
+        finally:
+            _close_source(tr)
+            compat.destroy_model_parallel()
         return []
     if tr.rank == 0 and args.load:
         # Lines after the loaded step are of steps this run trains again: keep each step once.
@@ -220,7 +247,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                               f"--load {args.save or '<dir>'}", flush=True)
                     break
             else:
-                if args.save_hf:         # after the last step (or, with --train-iters 0, the conversion)
+                if args.save_hf:         # after the last step
                     _save_hf(tr)
     except RuntimeError as err:
         if safety.is_timeout(err) and not isinstance(err, NonFiniteError):
@@ -228,5 +255,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise
     finally:
         logger.close()
+        _close_source(tr)
         compat.destroy_model_parallel()
     return history
+
+
+def _close_source(tr: Trainer) -> None:
+    """Stop the rollout source's reward workers (on every exit path of :func:`run`)."""
+    close = getattr(tr.source, "close", None)
+    if close is not None:
+        close()

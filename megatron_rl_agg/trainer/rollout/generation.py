@@ -37,7 +37,7 @@ from megatron_rl_agg.trainer.rollout import task
 from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
-__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "on_policy_rows"]
+__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "step_prompts", "on_policy_rows"]
 
 
 def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
@@ -169,7 +169,7 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
     return [(r, "stop" if r and r[-1] in eos_set else "length") for r in responses]
 
 
-def _step_prompts(spec: RolloutSpec, step: int) -> list:
+def step_prompts(spec: RolloutSpec, step: int) -> list:
     """The step's prompts: a text prompt file's seeded epoch order (``megatron_rl_agg.hf.prompts``), or
     the counting task's draws."""
     if hasattr(spec.task, "step_prompts"):
@@ -245,7 +245,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
         ``(samples, group_ids, num_failed)``: surviving samples in global row order with their prompt
         index as group id, and how many of this rank's rows were lost.
     """
-    prompts = _step_prompts(spec, step)
+    prompts = step_prompts(spec, step)
     lost = torch.rand(spec.num_rows, generator=step_generator(spec.seed, step, "failure")) < spec.failure_prob
     lo, hi = shard_bounds(rows[1] - rows[0], dp_size, dp_rank)
     start, end = rows[0] + lo, rows[0] + hi
@@ -255,13 +255,22 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
                        seq_length=seq_length, max_new_tokens=spec.max_new_tokens,
                        temperature=spec.temperature, micro_batch_rows=micro_batch_rows,
                        eos_ids=getattr(spec.task, "eos_ids", (task.EOS,)))
-    score = getattr(spec.task, "reward", task.reward)
+    kept = [(g, response, finish) for g, (response, finish) in zip(rows, outputs) if not bool(lost[g])]
+    rewards = _score(spec.task, [prompts[g // n] for g, _, _ in kept], [r for _, r, _ in kept])
     samples, gids = [], []
-    for g, (response, finish) in zip(rows, outputs):
-        if bool(lost[g]):
-            continue
-        prompt = prompts[g // n]
-        samples.append(Sample(g // n, tuple(prompt), tuple(response), score(prompt, response), finish,
-                              None, f"step {step} row {g}"))
+    for (g, response, finish), (reward, error) in zip(kept, rewards):
+        samples.append(Sample(g // n, tuple(prompts[g // n]), tuple(response), reward, finish, None,
+                              f"step {step} row {g}", error))
         gids.append(g // n)
     return samples, gids, int(lost[start:end].sum())
+
+
+def _score(rollout_task, prompts: Sequence, responses: Sequence) -> list[tuple[float, Optional[str]]]:
+    """``[(reward, error)]`` of the responses: a text task's rewards come from its reward workers in one
+    batch (``TextTask.rewards``; a failed sample gets ``(nan, why)``), the counting task's from
+    :func:`.task.reward`."""
+    if hasattr(rollout_task, "rewards"):
+        return [(r.value, None) if r.ok else (float("nan"), r.error)
+                for r in rollout_task.rewards(prompts, responses)]
+    score = getattr(rollout_task, "reward", task.reward)
+    return [(score(p, r), None) for p, r in zip(prompts, responses)]

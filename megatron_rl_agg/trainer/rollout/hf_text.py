@@ -13,12 +13,13 @@ __all__ = ["text_task", "text_tokenizer"]
 def text_task(args):
     """The :class:`~megatron_rl_agg.hf.prompts.TextTask` of ``--prompt-data``."""
     from megatron_rl_agg.hf.prompts import TextTask, eos_token_ids, load_tokenizer
-    from megatron_rl_agg.hf.rewards import RewardScorer, get_reward
+    from megatron_rl_agg.hf.reward_pool import RewardPool
 
     tok_dir = args.tokenizer or args.hf_checkpoint
     tokenizer = load_tokenizer(tok_dir)
+    pool = RewardPool(args.reward, timeout=args.reward_timeout, workers=args.reward_workers)
     return TextTask.from_file(
-        args.prompt_data, tokenizer, RewardScorer(get_reward(args.reward)), prompt_key=args.prompt_key,
+        args.prompt_data, tokenizer, pool, prompt_key=args.prompt_key,
         answer_key=args.answer_key, apply_chat_template=args.apply_chat_template, seed=args.seed,
         max_prompt_tokens=args.seq_length + 1 - args.max_new_tokens,
         eos_ids=eos_token_ids(tokenizer, args.hf_checkpoint), vocab_size=args.vocab_size)

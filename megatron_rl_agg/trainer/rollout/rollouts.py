@@ -65,6 +65,9 @@ class Sample:
     """Behaviour-policy log-probs of the response tokens, or None (recompute)."""
     source: str = ""
     """Where the row came from (``file:line``), for error messages."""
+    reward_error: Optional[str] = None
+    """Why the row has no reward (its ``--reward`` timed out, raised or was non-finite; ``reward`` is then
+    NaN and the row is invalid: out of the group statistics and the loss), or None."""
 
     @property
     def truncated(self) -> bool:

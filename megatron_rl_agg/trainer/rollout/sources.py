@@ -93,3 +93,15 @@ class OnPolicySource:
             chunks, self.spec, step, (index * per_batch, (index + 1) * per_batch), dp_size=dp_size,
             dp_rank=dp_rank, seq_length=self.seq_length, micro_batch_rows=self.micro_batch_rows)
         return StepRows(samples, gids, failed)
+
+    def row_prompt(self, step: int, row: int) -> str:
+        """The prompt of global row ``row`` of step ``step`` (its text, or its token ids), the same on
+        every rank: for error messages."""
+        prompt = generation.step_prompts(self.spec, step)[row // self.spec.samples_per_prompt]
+        return getattr(prompt, "text", None) or str(list(prompt))
+
+    def close(self) -> None:
+        """Stop the reward workers of a text task (nothing to stop for the counting task)."""
+        close = getattr(self.spec.task, "close", None)
+        if close is not None:
+            close()

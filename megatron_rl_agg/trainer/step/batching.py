@@ -44,6 +44,8 @@ class RowBatch:
     """``[R]`` bool, True when generation hit the length limit (finish_reason ``"length"``)."""
     old_logprobs: Optional[torch.Tensor] = None
     """``[R, S]`` float32 behaviour log-probs aligned with ``labels`` (0 off the mask), or None."""
+    valid: Optional[torch.Tensor] = None
+    """``[R]`` bool, False on rows without a reward (``Sample.reward_error``); None = all valid."""
 
     @property
     def num_rows(self) -> int:
@@ -101,7 +103,8 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
-        old_logprobs=old_lp)
+        old_logprobs=old_lp,
+        valid=torch.tensor([s.reward_error is None for s in samples], dtype=torch.bool).reshape(num))
 
 
 def pad_group_id(dp_rank: int) -> int:
@@ -124,5 +127,6 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         loss_mask=pad_rows_to(batch.loss_mask, total, 0.0),
         group_ids=pad_rows_to(batch.group_ids, total, pad_group_id(dp_rank)),
         rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
-        old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0))
+        old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0),
+        valid=pad_rows_to(batch.valid, total, False))
     return padded, pad_rows_to(advantages, total, 0.0)
