@@ -107,12 +107,19 @@ class LossConfig:
         "help": "PPO ratio clip above: r <= 1 + eps_high (DAPO clip-higher uses 0.28)"})
     dual_clip_c: Optional[float] = field(default=None, metadata={
         "help": "dual-clip constant c > 1 bounding the loss of negative-advantage tokens (off when unset)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature T > 0: rollouts are drawn from softmax(z / T), and every log-prob "
+                "and entropy of the loss (policy, behaviour, reference) is computed from z / T, so the "
+                "on-policy ratio is exactly 1"})
+    """Sampling temperature ``T``: the loss, the behaviour and reference log-probs and the entropy all use
+    ``log softmax(z / T)`` (the distribution the rollouts were drawn from). ``T = 1`` divides nothing."""
 
     def __post_init__(self) -> None:
         self.loss_aggregation = resolve_aggregation(self.loss_aggregation)
         self.kl_aggregation = resolve_term_aggregation(self.kl_aggregation, "kl_aggregation")
         self.entropy_aggregation = resolve_term_aggregation(self.entropy_aggregation, "entropy_aggregation")
         _choice(self.kl_estimator, KL_ESTIMATORS, "kl_estimator")
+        self.temperature = _finite(self.temperature, "temperature", low=0.0, low_open=True)
         for name in ("kl_coef", "entropy_coef", "clip_eps_high"):
             setattr(self, name, _finite(getattr(self, name), name, low=0.0))
         self.clip_eps_low = _finite(self.clip_eps_low, "clip_eps_low", low=0.0, high=1.0)
@@ -232,7 +239,7 @@ def add_loss_aggregation_args(parser: argparse.ArgumentParser) -> argparse.Argum
     """Add the plugin's flags to ``parser`` and return it (Megatron-LM ``extra_args_provider`` form).
 
     Loss flags: --loss-aggregation, --max-response-length, --kl-coef, --kl-estimator, --entropy-coef,
-    --kl-aggregation, --entropy-aggregation, --clip-eps-low, --clip-eps-high, --dual-clip-c.
+    --kl-aggregation, --entropy-aggregation, --clip-eps-low, --clip-eps-high, --dual-clip-c, --temperature.
     Advantage flags: --adv-estimator, --adv-mean-level, --adv-std-level, --adv-leave-one-out, --adv-eps,
     --adv-unbiased-std, --overlong-policy, --min-valid-group-size.
     """

@@ -156,10 +156,12 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
                              f"but the logits cover {vocab} ids (vocab shard {output_tensor.shape[-1]} x "
                              f"tensor-parallel size {tp_size}); pass the model's padded vocabulary")
 
-    # One in-place pass over the logits gives both (no [b, S, V/tp] temporary). Without an entropy bonus
+    # One in-place pass over the logits / T gives both (no [b, S, V/tp] temporary); T is the sampling
+    # temperature, so logp is the log-prob of the distribution the rollouts were drawn from. Without an entropy bonus
     # the entropy is only the entropy/mean metric: no gradient, and the backward is a single multiply.
     logp, entropy = vocab_parallel_logprobs_and_entropy(                # [b, S] float32 each
-        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=checked is None)
+        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=checked is None,
+        temperature=loss_config.temperature)
 
     # Masked positions are replaced by harmless constants BEFORE the nonlinear terms (ratio 1, A = 0,
     # ref = logp): a weight of 0 alone would still let an inf/NaN there poison the backward (0 * inf).
