@@ -19,7 +19,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ppo_clipped_surrogate"]
+__all__ = ["LOG_RATIO_BOUND", "clamped_log_ratio", "ppo_clipped_surrogate"]
+
+LOG_RATIO_BOUND = 20.0
+"""Bound on the exponent of every importance ratio: ``log r`` is clamped to ``[-20, 20]`` before ``exp``
+(verl, SkyRL and OpenRLHF use the same 20). ``exp(20) ~ 4.9e8`` is finite in float32 (whose ``exp``
+overflows past ~88.7), so a far-off behaviour log-prob (say -100 on a real token) gives a large but
+finite loss and a zero, not NaN, gradient on that token (``d clamp / dx = 0`` outside the bound, where an
+unclamped ``exp`` would give ``inf * 0 = NaN`` in the backward of the clipped branch)."""
+
+
+def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """``clamp(logp - logp_old, -20, 20)`` (:data:`LOG_RATIO_BOUND`), ``[B, T]``; ``logp_old`` detached."""
+    return torch.clamp(logprobs - old_logprobs.detach(), -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 def ppo_clipped_surrogate(
@@ -37,6 +49,7 @@ def ppo_clipped_surrogate(
     separate bounds are DAPO's clip-higher). With dual clip (Ye et al. 2020) negative-advantage tokens
     are additionally bounded: ``loss = min(loss, -c * A)`` where ``A < 0``, so a huge ratio cannot make
     the loss of a bad action unbounded.
+    The exponent ``log r`` is clamped to ``[-20, 20]`` (:data:`LOG_RATIO_BOUND`).
 
     Args:
         logprobs: ``[B, T]`` current log-probs (carries the gradient).
@@ -58,7 +71,7 @@ def ppo_clipped_surrogate(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.to(logprobs.dtype).expand_as(logprobs)
-    ratio = torch.exp(logprobs - old_logprobs.detach())
+    ratio = torch.exp(clamped_log_ratio(logprobs, old_logprobs))
     unclipped = -advantages * ratio
     clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     # Strict '>' so that ties (ratio inside the band) count as unclipped and keep the gradient path.
