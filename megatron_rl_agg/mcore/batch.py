@@ -18,6 +18,7 @@ from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_we
 from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
+from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.logprobs import _check_label_range
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
@@ -222,11 +223,18 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                                             device=device),
                  "total_tokens": dist.all_reduce_sum(local_routed, dp_group)[0]}
 
+    sequence_level = get_policy_loss(loss_config.policy_loss).level == SEQUENCE
     micro_batches = []
     for k in range(num_mb):
         sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
         mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
         mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == padded else attn
+        if sequence_level:
+            # Sequence-level policy losses (mcore.sequence_ratio): each row's loss-token count from the FULL
+            # row (before the CP split) and its index in the micro-batch (packing broadcasts both per token).
+            mb["row_tokens"] = mb["loss_mask"].sum(-1).to(torch.float64)
+            mb["row_id"] = torch.arange(micro_batch_size, device=device)
+            mb["rows_per_microbatch"] = micro_batch_size
         # The micro-batch mean divides by the WHOLE micro-batch's tokens (all CP shards): full rows here.
         local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
         for key, w in global_w.items():
