@@ -40,6 +40,7 @@ ON_POLICY_LAYOUTS = {
 MOE = ["--num-experts", "4", "--moe-aux-loss-coeff", "0.05", "--disable-bias-linear"]
 EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
 TEMPERATURES = (0.5, 1.5)
+POLICY_LOSSES = ("gspo", "gspo_token", "gmpo", "cispo", "sapo", "dppo_tv", "dppo_kl")
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
 
@@ -79,6 +80,11 @@ def worker_jobs(tmp):
     for temp in TEMPERATURES:
         plan.append({"name": f"temp_{temp}", "argv": ON_POLICY + [
             "--train-iters", "1", "--mini-batches-per-step", "2", "--lr", "0", "--temperature", str(temp)]})
+    # Every other policy loss, the same way at T = 0.7: step 1 on-policy has ratio 1 for each.
+    for name in POLICY_LOSSES:
+        plan.append({"name": f"loss_{name}", "argv": ON_POLICY + [
+            "--train-iters", "1", "--mini-batches-per-step", "2", "--lr", "0", "--temperature", "0.7",
+            "--policy-loss", name]})
     plan += [
         {"name": "moe_save", "argv": offline + MOE + ["--train-iters", "1", "--save", ck3]},
         {"name": "moe_full", "argv": offline + MOE + ["--train-iters", "2"]},
@@ -144,6 +150,16 @@ def test_on_policy_ratio_is_one_at_any_temperature(runs, temp):
     assert step["clip_frac"] == 0.0
     assert step["kl_loss"] == pytest.approx(0.0, abs=1e-9)
     assert step["num_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES)
+def test_every_policy_loss_has_ratio_one_on_policy(runs, name):
+    """--policy-loss X --temperature 0.7: the step runs, and with the policy the sampling one (lr 0) the
+    second mini-batch's recorded behaviour log-probs give ratio 1 (nothing clipped or masked)."""
+    _, results = runs
+    (step,) = results[f"loss_{name}"]
+    assert abs(step["ppo_kl"]) < 1e-6 and step["clip_frac"] == 0.0
+    assert step["num_tokens"] > 0 and step["grad_norm"] > 0
 
 
 def test_reference_policy_defaults_to_initial_weights_or_ref_load(runs):
