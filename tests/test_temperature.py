@@ -128,5 +128,5 @@ def test_recorded_behaviour_logprobs_give_ratio_one(mcore, temperature):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
 def test_temperature_out_of_range_is_named(value):
-    with pytest.raises(ValueError, match="temperature must be"):
+    with pytest.raises(ValueError, match=r"temperature \(--temperature\) must be"):
         LossConfig(temperature=value)

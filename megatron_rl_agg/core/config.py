@@ -147,7 +147,7 @@ class LossConfig:
         self.kl_aggregation = resolve_term_aggregation(self.kl_aggregation, "kl_aggregation")
         self.entropy_aggregation = resolve_term_aggregation(self.entropy_aggregation, "entropy_aggregation")
         _choice(self.kl_estimator, KL_ESTIMATORS, "kl_estimator")
-        self.temperature = _finite(self.temperature, "temperature", low=0.0, low_open=True)
+        self.temperature = _finite(self.temperature, "temperature (--temperature)", low=0.0, low_open=True)
         for name in ("kl_coef", "entropy_coef"):
             setattr(self, name, _finite(getattr(self, name), name, low=0.0))
         self._resolve_policy_loss()
