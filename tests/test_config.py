@@ -63,8 +63,8 @@ def test_dr_grpo_needs_horizon():
     (dict(kl_estimator="k4"), "kl_estimator must be one of k1, k2, k3; got 'k4'"),
     (dict(kl_aggregation="token_mean_legacy"), "kl_aggregation must be one of microbatch_mean"),
     (dict(entropy_aggregation="nope"), "entropy_aggregation must be one of"),
-    (dict(dual_clip_c=0.5), "dual_clip_c must be > 1"),
-    (dict(clip_eps_low=-0.1), "clip_eps_low must be >= 0"),
+    (dict(dual_clip_c=0.5), r"dual_clip_c \(--dual-clip-c\) must be > 1"),
+    (dict(clip_eps_low=-0.1), r"clip_eps_low \(--clip-eps-low\) must be >= 0"),
     (dict(max_response_length=0), "max_response_length must be a positive int, got 0"),
 ])
 def test_loss_config_errors(kwargs, match):

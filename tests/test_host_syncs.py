@@ -207,3 +207,26 @@ def test_loss_func_refuses_a_different_vocabulary(megatron_loss):
     mb = megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=V + 1)[0]
     with pytest.raises(ValueError, match=rf"checked against vocab_size={V + 1} .* cover {V} ids"):
         megatron_loss.loss_func(logits[:MICRO_BATCH].clone(), micro_batch=mb, loss_config=cfg)
+
+
+def test_logprob_checks_add_no_read_to_prepare_microbatches(megatron_loss):
+    """The behaviour / reference log-prob checks ride on the one all-reduce of prepare_microbatches: the
+    reads with both log-probs checked equal those without any (per mini-batch, none per micro-batch)."""
+    cfg = LossConfig(loss_aggregation="token_mean", kl_coef=0.1)
+    _, batch = make_batch()
+    with HostReads() as checked:
+        megatron_loss.prepare_microbatches(batch, cfg, MICRO_BATCH)
+    with HostReads() as unchecked:
+        megatron_loss.prepare_microbatches({**batch, "old_logprobs": None},
+                                           LossConfig(loss_aggregation="token_mean"), MICRO_BATCH)
+    assert checked.reads == unchecked.reads and len(checked.reads) <= 3
+
+
+@pytest.mark.parametrize("name", ["gspo", "gspo_token", "gmpo", "cispo", "sapo", "dppo_tv", "dppo_kl"])
+def test_no_host_reads_for_every_policy_loss(megatron_loss, name):
+    """The sequence-level means (a row sum and a division by the prepared full-row counts) and every
+    registered loss read nothing back from the device per micro-batch."""
+    cfg = LossConfig(loss_aggregation="seq_mean_token_mean", policy_loss=name, kl_coef=0.1)
+    reads, losses = run_loss(megatron_loss, cfg, vocab_size=V)
+    assert reads == [[], [], []]
+    assert all(torch.isfinite(x) for x in losses)

@@ -17,6 +17,7 @@ from typing import Optional
 
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, get_aggregation, resolve_aggregation
 from megatron_rl_agg.core.validate import positive_int
+from megatron_rl_agg.core.policy_losses import POLICY_LOSS_ALIASES, POLICY_LOSSES, SEQUENCE, get_policy_loss
 
 __all__ = [
     "LossConfig",
@@ -31,6 +32,18 @@ __all__ = [
     "add_loss_aggregation_args",
 ]
 
+# LossConfig fields that are parameters of some policy loss (None: the chosen loss's paper default)
+_POLICY_PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip_c", "tau_pos", "tau_neg", "dppo_tv_delta",
+                  "dppo_kl_delta")
+# Aggregations a sequence-level loss (a per-sequence constant on each loss token) cannot take, and why.
+_SEQUENCE_REFUSED = {
+    "token_sum": "would multiply each sequence's loss by its length, unnormalized",
+    "seq_mean_token_sum": "would multiply each sequence's loss by its length",
+    "seq_mean_token_sum_norm": "would weight each sequence's loss by its length over a horizon that "
+                               "normalizes token sums of per-token terms, not a sequence ratio",
+    "token_mean_legacy": "would make the objective depend on the micro-batch split (a mean of micro-batch "
+                         "means, the layout dependence of a plain micro-batch mean)",
+}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MICROBATCH_MEAN = "microbatch_mean"
 TERM_AGGREGATIONS = (MICROBATCH_MEAN,) + tuple(n for n in LOSS_AGGREGATIONS if n != "token_mean_legacy")
@@ -102,22 +115,42 @@ class LossConfig:
                 "exact global aggregation"})
     entropy_aggregation: str = field(default=MICROBATCH_MEAN, metadata={
         "help": "microbatch_mean (default) or a mode name for exact global aggregation"})
-    clip_eps_low: float = field(default=0.2, metadata={"help": "PPO ratio clip below: r >= 1 - eps_low"})
-    clip_eps_high: float = field(default=0.2, metadata={
-        "help": "PPO ratio clip above: r <= 1 + eps_high (DAPO clip-higher uses 0.28)"})
+    policy_loss: str = field(default="ppo_clip", metadata={
+        "help": "policy loss: " + ", ".join(POLICY_LOSSES) + " (aliases: "
+                + ", ".join(f"{k} -> {v}" for k, v in POLICY_LOSS_ALIASES.items()) + "); see docs/aggregation.md"})
+    clip_eps_low: Optional[float] = field(default=None, metadata={
+        "help": "ratio clip below, r >= 1 - eps_low (ppo_clip 0.2, gspo/gspo_token 3e-4, cispo 1.0 = no lower "
+                "bound; gmpo: in log space, log r >= -eps_low, 0.4); default: the chosen loss's"})
+    clip_eps_high: Optional[float] = field(default=None, metadata={
+        "help": "ratio clip above, r <= 1 + eps_high (ppo_clip 0.2, DAPO clip-higher 0.28, gspo/gspo_token 4e-4, "
+                "cispo 0.28; gmpo: log r <= eps_high, 0.4); default: the chosen loss's"})
     dual_clip_c: Optional[float] = field(default=None, metadata={
-        "help": "dual-clip constant c > 1 bounding the loss of negative-advantage tokens (off when unset)"})
+        "help": "ppo_clip: dual-clip constant c > 1 bounding the loss of negative-advantage tokens (off when "
+                "unset)"})
+    tau_pos: Optional[float] = field(default=None, metadata={
+        "help": "sapo: gate temperature of positive-advantage tokens (default 1.0)"})
+    tau_neg: Optional[float] = field(default=None, metadata={
+        "help": "sapo: gate temperature of negative-advantage tokens (default 1.05)"})
+    dppo_tv_delta: Optional[float] = field(default=None, metadata={
+        "help": "dppo_tv: total-variation trust region abs(p - p_old) <= delta, in (0, 1] (default 0.2)"})
+    dppo_kl_delta: Optional[float] = field(default=None, metadata={
+        "help": "dppo_kl: binary-KL trust region KL <= delta, > 0 (default 0.05)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature T > 0: rollouts are drawn from softmax(z / T), and every log-prob "
+                "and entropy of the loss (policy, behaviour, reference) is computed from z / T, so the "
+                "on-policy ratio is exactly 1"})
+    """Sampling temperature ``T``: the loss, the behaviour and reference log-probs and the entropy all use
+    ``log softmax(z / T)`` (the distribution the rollouts were drawn from). ``T = 1`` divides nothing."""
 
     def __post_init__(self) -> None:
         self.loss_aggregation = resolve_aggregation(self.loss_aggregation)
         self.kl_aggregation = resolve_term_aggregation(self.kl_aggregation, "kl_aggregation")
         self.entropy_aggregation = resolve_term_aggregation(self.entropy_aggregation, "entropy_aggregation")
         _choice(self.kl_estimator, KL_ESTIMATORS, "kl_estimator")
-        for name in ("kl_coef", "entropy_coef", "clip_eps_high"):
+        self.temperature = _finite(self.temperature, "temperature (--temperature)", low=0.0, low_open=True)
+        for name in ("kl_coef", "entropy_coef"):
             setattr(self, name, _finite(getattr(self, name), name, low=0.0))
-        self.clip_eps_low = _finite(self.clip_eps_low, "clip_eps_low", low=0.0, high=1.0)
-        if self.dual_clip_c is not None:
-            self.dual_clip_c = _finite(self.dual_clip_c, "dual_clip_c", low=1.0, low_open=True)
+        self._resolve_policy_loss()
         if self.max_response_length is not None:
             positive_int(self.max_response_length, "max_response_length")
         for attr in ("loss_aggregation", "kl_aggregation", "entropy_aggregation"):
@@ -126,6 +159,48 @@ class LossConfig:
                     and self.max_response_length is None:
                 raise ValueError(f"{attr}={mode!r} divides by the constant horizon L: set "
                                  "max_response_length (--max-response-length)")
+
+    def _resolve_policy_loss(self) -> None:
+        """The loss's name made canonical, its unset parameters set to the paper's defaults, every value
+        range-checked (naming the flag), and a parameter of another loss refused."""
+        try:
+            loss = get_policy_loss(self.policy_loss)
+        except ValueError as err:
+            raise ValueError(f"policy_loss (--policy-loss): {err}") from None
+        self.policy_loss = loss.name
+        if loss.level == SEQUENCE and self.loss_aggregation in _SEQUENCE_REFUSED:
+            raise ValueError(
+                f"policy_loss={loss.name!r} gives every token of a sequence the sequence's loss, so "
+                f"loss_aggregation={self.loss_aggregation!r} {_SEQUENCE_REFUSED[self.loss_aggregation]}; use "
+                f"{loss.paper_mode} (the paper's per-sequence mean), token_mean (length-weighted) or prompt_mean")
+        for name in _POLICY_PARAMS:
+            if name not in loss.params and getattr(self, name) is not None:
+                owners = [p.name for p in POLICY_LOSSES.values() if name in p.params]
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) is a parameter of {', '.join(owners)}, "
+                                 f"not of policy_loss={loss.name!r}; drop it or choose one of those losses")
+        for name, default in loss.params.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        flag = lambda n: f"{n} (--{n.replace('_', '-')})"                                    # noqa: E731
+        if "clip_eps_low" in loss.params:
+            # ratio space: the lower bound 1 - eps_low must stay >= 0; gmpo clips log r, any eps >= 0
+            high = math.inf if loss.name == "gmpo" else 1.0
+            self.clip_eps_low = _finite(self.clip_eps_low, flag("clip_eps_low"), low=0.0, high=high,
+                                        high_open=False)
+            self.clip_eps_high = _finite(self.clip_eps_high, flag("clip_eps_high"), low=0.0)
+        if self.dual_clip_c is not None:
+            self.dual_clip_c = _finite(self.dual_clip_c, flag("dual_clip_c"), low=1.0, low_open=True)
+        for name in ("tau_pos", "tau_neg", "dppo_kl_delta"):
+            if name in loss.params:
+                setattr(self, name, _finite(getattr(self, name), flag(name), low=0.0, low_open=True))
+        if "dppo_tv_delta" in loss.params:
+            self.dppo_tv_delta = _finite(self.dppo_tv_delta, flag("dppo_tv_delta"), low=0.0, low_open=True,
+                                         high=1.0, high_open=False)
+
+    @property
+    def policy_loss_params(self) -> dict:
+        """The chosen loss's parameters (``{name: value}``), as its registry function takes them."""
+        return {name: getattr(self, name) for name in get_policy_loss(self.policy_loss).params}
 
     @property
     def needs_groups(self) -> bool:
@@ -195,6 +270,8 @@ def _flag(f: dataclasses.Field) -> str:
 def _arg_type(f: dataclasses.Field):
     if f.name == "loss_aggregation":
         return _argparse_checked(resolve_aggregation)
+    if f.name == "policy_loss":
+        return _argparse_checked(lambda v: get_policy_loss(v).name)
     if f.name in ("kl_aggregation", "entropy_aggregation"):
         return _argparse_checked(lambda v: resolve_term_aggregation(v, f.name))
     base = f.type if isinstance(f.type, type) else str(f.type)
@@ -232,7 +309,8 @@ def add_loss_aggregation_args(parser: argparse.ArgumentParser) -> argparse.Argum
     """Add the plugin's flags to ``parser`` and return it (Megatron-LM ``extra_args_provider`` form).
 
     Loss flags: --loss-aggregation, --max-response-length, --kl-coef, --kl-estimator, --entropy-coef,
-    --kl-aggregation, --entropy-aggregation, --clip-eps-low, --clip-eps-high, --dual-clip-c.
+    --kl-aggregation, --entropy-aggregation, --policy-loss, --clip-eps-low, --clip-eps-high, --dual-clip-c,
+    --tau-pos, --tau-neg, --dppo-tv-delta, --dppo-kl-delta, --temperature.
     Advantage flags: --adv-estimator, --adv-mean-level, --adv-std-level, --adv-leave-one-out, --adv-eps,
     --adv-unbiased-std, --overlong-policy, --min-valid-group-size.
     """

@@ -5,7 +5,8 @@ Schulman, "Approximating KL Divergence" (2020). Tokens are sampled from pi_theta
 
 * ``k1 = d``                      unbiased, high variance, can be negative;
 * ``k2 = d^2 / 2``                biased, low variance, >= 0;
-* ``k3 = exp(-d) - 1 + d``        unbiased, low variance, >= 0 (the GRPO paper's choice).
+* ``k3 = exp(-d) - 1 + d``        unbiased, low variance, >= 0 (the GRPO paper's choice); the exponent
+  is clamped to ``[-20, 20]`` (``policy_losses.LOG_RATIO_BOUND``).
 
 One registry (:func:`register_kl_estimator`); :func:`get_kl_estimator` lists the valid names on error.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from megatron_rl_agg.core.policy_losses import LOG_RATIO_BOUND
 
 __all__ = ["KL_ESTIMATORS", "kl_estimate", "get_kl_estimator", "register_kl_estimator"]
 
@@ -45,8 +48,9 @@ def _k2(d: torch.Tensor) -> torch.Tensor:
 
 @register_kl_estimator("k3")
 def _k3(d: torch.Tensor) -> torch.Tensor:
-    # expm1 keeps exp(-d) - 1 accurate when d is tiny (the usual case early in training).
-    return torch.expm1(-d) + d
+    # expm1 keeps exp(-d) - 1 accurate when d is tiny (the usual case early in training). The exponent is
+    # clamped to [-20, 20] like every ratio's (policy_losses.LOG_RATIO_BOUND): finite in float32.
+    return torch.expm1(-d.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)) + d
 
 
 def get_kl_estimator(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

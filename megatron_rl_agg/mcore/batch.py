@@ -18,6 +18,7 @@ from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_we
 from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
+from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
@@ -66,6 +67,36 @@ def _mask_problem(mask: torch.Tensor) -> Optional[str]:
     return None
 
 
+def _logprob_flags(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
+                   device) -> torch.Tensor:
+    """``[2]`` int64 on the device: 1 where the behaviour (``old_logprobs``) / reference (``ref_logprobs``,
+    when ``kl_coef > 0``) log-probs hold a value that is not finite or is above 0 on a real token
+    (``loss_mask != 0``); no read from the device here (the flags ride on the one all-reduce below)."""
+    real = batch["loss_mask"] != 0
+    flags = []
+    for key, used in (("old_logprobs", True), ("ref_logprobs", loss_config.kl_coef > 0)):
+        lp = batch.get(key)
+        if lp is None or not used:
+            flags.append(torch.zeros((), dtype=torch.int64, device=device))
+            continue
+        flags.append((real & ~(torch.isfinite(lp) & (lp <= 0))).any().to(device=device, dtype=torch.int64))
+    return torch.stack(flags)
+
+
+def _logprob_problem(batch: Mapping[str, Optional[torch.Tensor]], key: str) -> str:
+    """The message naming the first bad row of ``batch[key]`` on this rank, or another rank's (error path
+    only: reads from the device)."""
+    lp = batch[key]
+    bad = (batch["loss_mask"] != 0) & ~(torch.isfinite(lp) & (lp <= 0))
+    what = "behaviour log-probs (old_logprobs)" if key == "old_logprobs" else "reference log-probs (ref_logprobs)"
+    if not bool(bad.any()):
+        return (f"{what} of another data-parallel rank hold a non-finite or positive value on a real token "
+                "(that rank's error names the row)")
+    row, col = (int(i) for i in torch.nonzero(bad)[0])
+    return (f"{what} of row {row}, token {col} is {float(lp[row, col])!r} on a real token (loss_mask 1): "
+            "log-probs must be finite and <= 0; fix the rollout that produced this row")
+
+
 def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
                          micro_batch_size: int, dp_group=None, *, cp_group=None,
                          calculate_per_token_loss: bool = False, vocab_size: Optional[int] = None
@@ -73,7 +104,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     """Split this DP rank's share of one mini-batch into micro-batches carrying exact global weights.
 
     Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
-    all-reduce(max) of the micro-batch count plus the ``token_weights`` counts of each distinct mode in
+    all-reduce(max) of the micro-batch count (with the flags of the mask and log-prob checks) plus the ``token_weights`` counts of each distinct mode in
     use, plus one all-reduce(sum) of the routed-token total under ``calculate_per_token_loss``; none per
     micro-batch and none over the CP group).
 
@@ -88,7 +119,8 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             ``tokens [B, S]`` int64 inputs; ``position_ids [B, S]`` (default ``arange(S)``);
             ``labels [B, S]`` next-token targets; ``loss_mask [B, S]`` 0/1 aligned with ``labels``;
             ``advantages [B]`` or ``[B, S]``; ``old_logprobs [B, S]`` behaviour log-probs of ``labels``
-            (optional: None means on-policy, ratio 1 with the detached current log-probs);
+            (optional: None means on-policy, ratio 1 with the detached current log-probs; checked here,
+            once: finite and ``<= 0`` on every real token, else a ValueError naming the row);
             ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
             prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
             model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
@@ -136,20 +168,25 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
 
     # M must be the same on every DP rank (Megatron runs one schedule of M micro-batches everywhere).
     # The 0/1 check of the mask rides on the same all-reduce, so a bad mask on one rank raises on all, and
-    # so does the label range [min, max] over the DP group (max of -min): the one read of this function,
-    # after which no label check reads the device (loss_func compares host ints with the logits' shape).
+    # so do the label range [min, max] over the DP group (max of -min) and the behaviour / reference
+    # log-prob checks (finite and <= 0 on real tokens): the one read of this function, after which no label
+    # check reads the device (loss_func compares host ints with the logits' shape).
     problem = _mask_problem(batch["loss_mask"])
     labels = batch["labels"].to(torch.int64)
     no_labels = labels.numel() == 0          # a rank with no rows: 0 stands in, in range of any vocabulary
     label_max = labels.new_zeros(()) if no_labels else labels.max()
     neg_label_min = labels.new_zeros(()) if no_labels else -labels.min()
-    n_local = torch.stack([torch.tensor(math.ceil(n_rows / micro_batch_size), device=device),
-                           torch.tensor(int(problem is not None), device=device),
-                           label_max.to(device), neg_label_min.to(device)])
-    num_mb, any_bad, label_max, neg_label_min = dist.all_reduce_max(n_local, dp_group).tolist()
+    n_local = torch.cat([torch.stack([torch.tensor(math.ceil(n_rows / micro_batch_size), device=device),
+                                      torch.tensor(int(problem is not None), device=device),
+                                      label_max.to(device), neg_label_min.to(device)]),
+                         _logprob_flags(batch, loss_config, device)])
+    reduced = dist.all_reduce_max(n_local, dp_group).tolist()
+    num_mb, any_bad, label_max, neg_label_min, bad_old, bad_ref = reduced
     if any_bad:
         raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
                                     "(that rank's error names them)")
+    if bad_old or bad_ref:
+        raise ValueError(_logprob_problem(batch, "old_logprobs" if bad_old else "ref_logprobs"))
     label_range = (-neg_label_min, label_max)
     if vocab_size is not None:
         _check_label_bounds(*label_range, vocab_size)
@@ -199,11 +236,18 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                                             device=device),
                  "total_tokens": dist.all_reduce_sum(local_routed, dp_group)[0]}
 
+    sequence_level = get_policy_loss(loss_config.policy_loss).level == SEQUENCE
     micro_batches = []
     for k in range(num_mb):
         sl = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
         mb = {key: (v[sl] if v is not None else None) for key, v in rows.items()}
         mb["attention_mask"] = attn[sl] if attn is not None and attn.shape[0] == padded else attn
+        if sequence_level:
+            # Sequence-level policy losses (mcore.sequence_ratio): each row's loss-token count from the FULL
+            # row (before the CP split) and its index in the micro-batch (packing broadcasts both per token).
+            mb["row_tokens"] = mb["loss_mask"].sum(-1).to(torch.float64)
+            mb["row_id"] = torch.arange(micro_batch_size, device=device)
+            mb["rows_per_microbatch"] = micro_batch_size
         # The micro-batch mean divides by the WHOLE micro-batch's tokens (all CP shards): full rows here.
         local_mean = microbatch_mean_weights(mb["loss_mask"], dtype=torch.float64)
         for key, w in global_w.items():

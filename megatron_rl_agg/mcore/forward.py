@@ -147,18 +147,27 @@ def broadcast_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> to
     return dist.all_reduce_sum(value, parallel_state.get_pipeline_model_parallel_group())
 
 
-def _label_logprobs(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+def _label_logprobs(logits: torch.Tensor, micro_batch: dict, *, temperature: float) -> torch.Tensor:
     # vocab_parallel_cross_entropy normalizes its input in place; the logits are not reused after this.
-    return vocab_parallel_logprobs(logits.float(), micro_batch["labels"])
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature        # the division of the sampler and of the loss's kernel
+    return vocab_parallel_logprobs(logits, micro_batch["labels"])
 
 
 def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tensor,
-                     micro_batch_size: int) -> torch.Tensor:
-    """``[R, S]`` float32 log-probs of ``labels`` under the model, on every pipeline stage.
+                     micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """``[R, S]`` float32 log-probs ``log softmax(z / T)[label]`` of ``labels`` under the model, on every
+    pipeline stage.
 
     Used for the frozen reference policy and for behaviour log-probs an offline file does not carry;
-    values at masked positions are meaningless and are ignored by the loss.
+    values at masked positions are meaningless and are ignored by the loss. ``temperature`` is the
+    sampling temperature ``T`` (``LossConfig.temperature``): the loss computes its log-probs from
+    ``z / T`` too, so a recorded on-policy log-prob equals the loss's (ratio exactly 1).
     """
-    out = run_forward_only(chunks, tokens, micro_batch_size, _label_logprobs, extra={"labels": labels},
-                           per_token=True)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    out = run_forward_only(chunks, tokens, micro_batch_size,
+                           functools.partial(_label_logprobs, temperature=float(temperature)),
+                           extra={"labels": labels}, per_token=True)
     return broadcast_from_last_stage(out, tuple(tokens.shape), torch.float32)

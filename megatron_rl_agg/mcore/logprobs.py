@@ -10,6 +10,7 @@ the label range read once per mini-batch); :func:`_check_label_range` the one of
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -44,7 +45,9 @@ def _chunk_rows(vocab_local: int, device: torch.device, chunk_rows: Optional[int
 class _LogprobsEntropy(torch.autograd.Function):
     """Fused vocab-parallel ``log p(label)`` and entropy; see :func:`vocab_parallel_logprobs_and_entropy`.
 
-    Notation per token (row ``n`` of the flattened ``[N, V/tp]`` shard): ``z`` the logits, ``c_r`` this
+    Notation per token (row ``n`` of the flattened ``[N, V/tp]`` shard): ``z`` the logits divided by the
+    temperature ``T`` (``z = logits / T``; the gradient w.r.t. the raw logits is ``1 / T`` times that
+    w.r.t. ``z``, applied to ``g_logp`` and ``g_H`` first), ``c_r`` this
     rank's row max, ``c`` the global row max, ``x = z - c_r`` (this rank's centered logits),
     ``e = exp(x)``, ``S = sum_v exp(z_v - c)`` and ``T = sum_v exp(z_v - c) (z_v - c)`` over the full
     vocabulary. Then ``log p_v = z_v - c - log S = x_v - k`` with ``k = log S - (c_r - c)``, and
@@ -69,7 +72,7 @@ class _LogprobsEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, entropy_grad, chunk_rows, tp_group, vocab_start):
+    def forward(ctx, logits, labels, entropy_grad, chunk_rows, tp_group, vocab_start, temperature):
         work = logits.float()           # the input itself when fp32 (rewritten in place), else a copy
         if not work.is_contiguous():
             work = work.contiguous()
@@ -80,6 +83,9 @@ class _LogprobsEntropy(torch.autograd.Function):
         owned = (local >= 0) & (local < vocab_local)
         local = torch.where(owned, local, 0)
         label_logit = flat.gather(1, local.unsqueeze(1)).squeeze(1)      # raw z_label (owner rows)
+        scaled = temperature != 1.0
+        if scaled:
+            label_logit = label_logit / temperature                     # z_label / T, as chunk.div_ below
 
         store = ctx.needs_input_grad[0]
         keep_exp = store and not entropy_grad
@@ -89,6 +95,8 @@ class _LogprobsEntropy(torch.autograd.Function):
         temp = flat.new_empty(min(chunk_rows, n), vocab_local)
         for i in range(0, n, chunk_rows):
             chunk = flat[i:i + chunk_rows]
+            if scaled:
+                chunk.div_(temperature)                     # z / T, in place
             rows = chunk.shape[0]
             e = temp[:rows]
             c = chunk.amax(dim=1, keepdim=True)
@@ -118,7 +126,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         entropy = log_total - weighted / total
 
         ctx.set_materialize_grads(False)
-        ctx.keep_exp, ctx.chunk_rows, ctx.shape = keep_exp, chunk_rows, logits.shape
+        ctx.keep_exp, ctx.chunk_rows, ctx.shape, ctx.temperature = keep_exp, chunk_rows, logits.shape, temperature
         if store:
             ctx.save_for_backward(work, log_total - shift, entropy, local, owned)
         logp, entropy_out = logp.view(labels.shape), entropy.view(labels.shape)
@@ -133,7 +141,11 @@ class _LogprobsEntropy(torch.autograd.Function):
         g_lp = None if grad_logp is None else grad_logp.reshape(-1).float()
         g_h = None if (grad_entropy is None or ctx.keep_exp) else grad_entropy.reshape(-1).float()
         if g_lp is None and g_h is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        if ctx.temperature != 1.0:
+            # d/dz = (1 / T) d/d(z / T), and the gradient below is linear in (g_logp, g_H)
+            g_lp = None if g_lp is None else g_lp / ctx.temperature
+            g_h = None if g_h is None else g_h / ctx.temperature
         if ctx.keep_exp:
             # p = e exp(-k): dL/dz = -g_logp p (+ g_logp at the label, below). One pass, in place.
             flat.mul_((-g_lp * torch.exp(-k)).unsqueeze(1))
@@ -157,7 +169,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         if g_lp is not None:
             rows = torch.arange(flat.shape[0], device=flat.device)
             flat.index_put_((rows, local), torch.where(owned, g_lp, 0.0), accumulate=True)
-        return work.view(ctx.shape), None, None, None, None, None
+        return work.view(ctx.shape), None, None, None, None, None, None
 
 
 def _label_error(value: int, vocab: int, where: str) -> ValueError:
@@ -186,9 +198,9 @@ def _check_label_bounds(low: int, high: int, vocab: int, where: str = "") -> Non
 
 def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
                                         entropy_grad: bool = True, chunk_rows: Optional[int] = None,
-                                        check_labels: bool = True
+                                        check_labels: bool = True, temperature: float = 1.0
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log p(label)`` and the entropy of ``softmax(logits)`` from vocab-parallel logits, in one pass.
+    """``log p(label)`` and the entropy of ``softmax(logits / T)`` from vocab-parallel logits, in one pass.
 
     What :func:`loss_func` uses. It allocates no ``[b, s, V / tp]`` tensor for fp32 logits: like
     Megatron's ``vocab_parallel_cross_entropy`` it works in the logits tensor IN PLACE and keeps it
@@ -209,6 +221,10 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
             single multiply, as cheap as Megatron's cross entropy's. True makes the entropy
             differentiable; its backward recomputes ``exp`` once per logit.
         chunk_rows: tokens per chunk (default: 512 KiB of fp32 logits on a CPU, 32 MiB on a GPU).
+        temperature: ``T > 0``, the sampling temperature: the logits are divided by ``T`` in the same
+            in-place pass (``z / T``, one division per logit, the operation the sampler and
+            :func:`megatron_rl_agg.mcore.forward.compute_logprobs` apply), and the gradient reaching
+            ``z`` carries the ``1 / T`` of the chain rule. ``T = 1`` divides nothing.
 
     Returns:
         ``(logp, entropy)``, each ``labels.shape`` float32 and identical on every TP rank; gradients
@@ -227,7 +243,10 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
     if check_labels:
         _check_label_range(labels, vocab, f" (vocab shard {vocab_local} x tensor-parallel size {tp_size})")
     rows = _chunk_rows(vocab_local, logits.device, chunk_rows)
-    return _LogprobsEntropy.apply(logits, labels, bool(entropy_grad), rows, group, tp_rank * vocab_local)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return _LogprobsEntropy.apply(logits, labels, bool(entropy_grad), rows, group, tp_rank * vocab_local,
+                                  float(temperature))
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -75,11 +75,12 @@ from megatron.core.utils import get_model_config
 
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.kl import kl_estimate
-from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
+from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.mcore.batch import LEGACY_MODE
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds, vocab_parallel_logprobs_and_entropy
 from megatron_rl_agg.mcore.setup_checks import check_megatron_setup
+from megatron_rl_agg.mcore.sequence_ratio import sequence_log_ratio
 
 __all__ = ["loss_func", "make_loss_func", "forward_step"]
 
@@ -94,7 +95,8 @@ def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 # LossConfig fields the weights of prepare_microbatches depend on: a loss evaluated with other values would
 # apply weights computed for another objective (and silently mis-scale it).
-_WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length")
+_WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length",
+                  "policy_loss")
 
 
 def _check_weights_match(micro_batch: Mapping[str, Any], loss_config: LossConfig) -> None:
@@ -162,10 +164,12 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         _check_label_bounds(*label_range, vocab, f" (vocab shard {output_tensor.shape[-1]} x tensor-parallel "
                                                  f"size {tp_size})")
 
-    # One in-place pass over the logits gives both (no [b, S, V/tp] temporary). Without an entropy bonus
+    # One in-place pass over the logits / T gives both (no [b, S, V/tp] temporary); T is the sampling
+    # temperature, so logp is the log-prob of the distribution the rollouts were drawn from. Without an entropy bonus
     # the entropy is only the entropy/mean metric: no gradient, and the backward is a single multiply.
     logp, entropy = vocab_parallel_logprobs_and_entropy(                # [b, S] float32 each
-        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=label_range is None)
+        output_tensor, labels, entropy_grad=loss_config.entropy_coef != 0, check_labels=label_range is None,
+        temperature=loss_config.temperature)
 
     # Masked positions are replaced by harmless constants BEFORE the nonlinear terms (ratio 1, A = 0,
     # ref = logp): a weight of 0 alone would still let an inf/NaN there poison the backward (0 * inf).
@@ -174,9 +178,14 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     old = current if old is None else torch.where(mask, old.to(current.dtype), current)
     adv = micro_batch["advantages"]
     adv = torch.where(mask, (adv.unsqueeze(-1) if adv.dim() == 1 else adv).to(current.dtype), 0.0)
-    pg, clipped, dual_clipped = ppo_clipped_surrogate(
-        logp, old, adv, clip_eps_low=loss_config.clip_eps_low, clip_eps_high=loss_config.clip_eps_high,
-        dual_clip_c=loss_config.dual_clip_c)
+    # The registered policy loss (core.policy_losses); a sequence-level one gets its per-sequence mean
+    # log-ratio computed exactly across CP ranks / packed segments (mcore.sequence_ratio).
+    policy = get_policy_loss(loss_config.policy_loss)
+    params = loss_config.policy_loss_params
+    seq = None
+    if policy.level == SEQUENCE:
+        seq = sequence_log_ratio(policy, params, logp, old, adv, mask, micro_batch)
+    pg, clipped, dual_clipped = policy(logp, old, adv, seq_log_ratio=seq, **params)
     pg = torch.where(mask, pg, 0.0)
 
     legacy = loss_config.loss_aggregation == LEGACY_MODE
@@ -208,6 +217,8 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     report["clip_frac/mean"] = _pair(torch.where(mask, clipped, 0).sum(), n_tokens)
     if loss_config.dual_clip_c is not None:
         report["dual_clip_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
+    elif policy.name in ("dppo_tv", "dppo_kl"):      # tokens outside the trust region (no gradient)
+        report["masked_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
     report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
     report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
     if per_token:

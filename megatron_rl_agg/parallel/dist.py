@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
            "all_gather_stacked", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
-           "count_collectives"]
+           "count_collectives", "all_reduce_sum_differentiable"]
 
 
 @dataclass
@@ -219,3 +219,33 @@ def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
     if not _active(group) or world_size(group) == 1:
         return tensor.unsqueeze(0)
     return _AllGatherStacked.apply(tensor, group)
+
+
+class _AllReduceSumDifferentiable(torch.autograd.Function):
+    """Forward: ``y = sum_r x_r`` on every rank (one all-reduce). Backward: every rank's objective uses
+    ``y``, so ``d (sum_r' L_r') / d x_r = sum_r' dL_r' / dy``: one all-reduce of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM, group=group)
+        _record("all_reduce_sum_grad", out.nbytes)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=ctx.group)
+        _record("all_reduce_sum_grad", total.nbytes)
+        return total, None
+
+
+def all_reduce_sum_differentiable(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``tensor`` over ``group`` with an autograd-correct backward (the output gradient summed over
+    the group): for per-sequence scalars split over context-parallel ranks (e.g. the numerator of a
+    sequence's mean log-ratio, ``[b]``), so each rank moves ``b`` numbers, not ``[b, T]`` log-probs.
+    Counted as ``all_reduce_sum_grad`` (forward and backward). Without a group: ``tensor`` itself."""
+    if not _active(group) or world_size(group) == 1:
+        return tensor
+    return _AllReduceSumDifferentiable.apply(tensor, group)

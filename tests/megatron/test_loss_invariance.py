@@ -159,3 +159,22 @@ def test_context_parallel_and_per_token_loss_layouts_are_covered(runs):
         assert layout in texts and f"{layout}:flag" in texts
     assert "dp2+m2:flag" in texts
     assert {"cp2+m4", "cp2+m4:flag"} <= {text for _, text, _ in layouts("kl")}
+
+
+def policy_layouts():
+    return [(nproc, text) for nproc in NPROCS for text, _ in worker.POLICY_LAYOUTS[nproc]]
+
+
+@pytest.mark.parametrize("config", list(worker.POLICY_CONFIGS))
+def test_every_policy_loss_gradient_equal_at_every_layout(runs, config):
+    """Each registered loss x token_mean / seq_mean_token_mean at M4, DP2, TP2, CP2 and CP2 with
+    calculate_per_token_loss: the gradient of the one-process, one-micro-batch run (rel 1e-5), and the
+    reported policy loss equals the whole-batch objective from full-vocabulary log-probs."""
+    ref = result(runs, 1, "pl", REF_LAYOUT, config)
+    assert max(float(g.abs().max()) for g in ref["grads"].values()) > 0
+    expected = load_result(runs[1][0], "reference")[f"pl/{config}"]
+    for nproc, layout in policy_layouts():
+        got = result(runs, nproc, "pl", layout, config)
+        rel, key = max_rel_diff(got["grads"], ref["grads"])
+        assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
+        assert got["metrics"]["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, config)

@@ -39,7 +39,8 @@ from torchrun_utils import save_result  # noqa: E402
 
 from megatron_rl_agg.core.kl import kl_estimate  # noqa: E402
 from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits  # noqa: E402
-from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate  # noqa: E402
+from megatron_rl_agg.core.policy_losses import (clamped_log_ratio, get_policy_loss,  # noqa: E402
+                                                ppo_clipped_surrogate, sequence_mean)
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.core.aggregation import aggregate  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
@@ -75,6 +76,17 @@ CONFIGS["global_kl_entropy"] = LossConfig(loss_aggregation="seq_mean_token_mean"
 # KL and entropy with the default micro-batch mean, policy term switched off (advantages 0).
 KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coef=0.05, **PG)
               for est in ("k1", "k2", "k3")}
+
+# Every other registered policy loss x {token_mean, seq_mean_token_mean} (ppo_clip is CONFIGS above), with
+# clip bounds wide enough that some sequences / tokens are clipped and others not; under CP the
+# sequence-level ones reduce one scalar per sequence over the CP group.
+POLICY_PARAMS = {"gspo": dict(clip_eps_low=0.1, clip_eps_high=0.15),
+                 "gspo_token": dict(clip_eps_low=0.1, clip_eps_high=0.15), "gmpo": {}, "cispo": {}, "sapo": {},
+                 "dppo_tv": dict(dppo_tv_delta=0.005), "dppo_kl": dict(dppo_kl_delta=0.001)}
+POLICY_CONFIGS = {f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name, **params)
+                  for name, params in POLICY_PARAMS.items() for mode in ("token_mean", "seq_mean_token_mean")}
+POLICY_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)], 2: [("dp2+m2", 2), ("tp2", 8), ("cp2+m4", 2),
+                                                          ("cp2+m4:flag", 2)], 4: []}
 
 # A ":flag" suffix runs the layout with calculate_per_token_loss=True (Megatron's 3-tuple contract).
 LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)],
@@ -198,6 +210,16 @@ def reference_objectives(out_dir, batch):
             out[f"{name}/mbs{mbs}/policy"] = float(aggregate(
                 pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
                 micro_batch_size=mbs))
+    old = batch["old_logprobs"].double()
+    adv = batch["advantages"].double().unsqueeze(-1).expand_as(logp)
+    for name, cfg in POLICY_CONFIGS.items():
+        loss = get_policy_loss(cfg.policy_loss)
+        seq = None
+        if loss.level == "sequence":
+            seq = sequence_mean(loss.seq_token_log_ratio(clamped_log_ratio(logp, old), adv,
+                                                         **cfg.policy_loss_params), mask)
+        pg = loss(logp, old, adv, seq_log_ratio=seq, **cfg.policy_loss_params)[0]
+        out[f"pl/{name}"] = float(aggregate(pg, mask, cfg.loss_aggregation))
     kl = kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
     out["kl_token_mean"] = float(aggregate(kl, mask, "token_mean"))
     out["entropy_token_mean"] = float(aggregate(ent, mask, "token_mean"))
@@ -316,6 +338,7 @@ def run(argv):
     start = time.perf_counter()
     batch = make_batch(ROW_TOKENS)
     run_layouts(out_dir, LAYOUTS[world], CONFIGS, batch, "pg")
+    run_layouts(out_dir, POLICY_LAYOUTS[world], POLICY_CONFIGS, batch, "pl")
     kl_batch = make_batch(EQUAL_TOKENS, seed=SEED + 1)
     kl_batch["advantages"] = torch.zeros(len(EQUAL_TOKENS))
     run_layouts(out_dir, KL_LAYOUTS[world], KL_CONFIGS, kl_batch, "kl")

@@ -39,6 +39,8 @@ ON_POLICY_LAYOUTS = {
 # MoE (4 experts, top-2, aux loss on) at EP1 (DP2) and EP2 (DP2): the same four micro-batches per DP rank.
 MOE = ["--num-experts", "4", "--moe-aux-loss-coeff", "0.05", "--disable-bias-linear"]
 EP2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
+TEMPERATURES = (0.5, 1.5)
+POLICY_LOSSES = ("gspo", "gspo_token", "gmpo", "cispo", "sapo", "dppo_tv", "dppo_kl")
 # Compared exactly (up to float formatting); step_time_s is wall time.
 SKIP = {"step_time_s"}
 
@@ -73,6 +75,16 @@ def worker_jobs(tmp):
     ]
     for name, flags in ON_POLICY_LAYOUTS.items():
         plan.append({"name": f"onp_{name}", "argv": ON_POLICY + ["--train-iters", "2"] + flags})
+    # Temperature: two mini-batches, so the second one's behaviour log-probs are recorded by the forward-only
+    # pass before the update; lr 0 keeps the policy the sampling one, so every ratio of step 1 must be 1.
+    for temp in TEMPERATURES:
+        plan.append({"name": f"temp_{temp}", "argv": ON_POLICY + [
+            "--train-iters", "1", "--mini-batches-per-step", "2", "--lr", "0", "--temperature", str(temp)]})
+    # Every other policy loss, the same way at T = 0.7: step 1 on-policy has ratio 1 for each.
+    for name in POLICY_LOSSES:
+        plan.append({"name": f"loss_{name}", "argv": ON_POLICY + [
+            "--train-iters", "1", "--mini-batches-per-step", "2", "--lr", "0", "--temperature", "0.7",
+            "--policy-loss", name]})
     plan += [
         {"name": "moe_save", "argv": offline + MOE + ["--train-iters", "1", "--save", ck3]},
         {"name": "moe_full", "argv": offline + MOE + ["--train-iters", "2"]},
@@ -126,6 +138,28 @@ def test_on_policy_generation_is_layout_independent(runs, layout):
             assert got[key] == pytest.approx(ref[key], rel=1e-9), (ref["step"], key)
         for key in ("policy_loss", "kl_loss", "entropy", "grad_norm"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (ref["step"], key)
+
+
+@pytest.mark.parametrize("temp", TEMPERATURES)
+def test_on_policy_ratio_is_one_at_any_temperature(runs, temp):
+    """Rollouts drawn from softmax(z / T): the recorded behaviour log-probs and the reference's (KL 0 at
+    step 1) equal the loss's, which are those of z / T as well (dropping T on either side fails this)."""
+    _, results = runs
+    (step,) = results[f"temp_{temp}"]
+    assert abs(step["ppo_kl"]) < 1e-6
+    assert step["clip_frac"] == 0.0
+    assert step["kl_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert step["num_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES)
+def test_every_policy_loss_has_ratio_one_on_policy(runs, name):
+    """--policy-loss X --temperature 0.7: the step runs, and with the policy the sampling one (lr 0) the
+    second mini-batch's recorded behaviour log-probs give ratio 1 (nothing clipped or masked)."""
+    _, results = runs
+    (step,) = results[f"loss_{name}"]
+    assert abs(step["ppo_kl"]) < 1e-6 and step["clip_frac"] == 0.0
+    assert step["num_tokens"] > 0 and step["grad_norm"] > 0
 
 
 def test_reference_policy_defaults_to_initial_weights_or_ref_load(runs):

@@ -124,7 +124,6 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples-per-prompt", type=int, default=8, help="on-policy group size n")
     g.add_argument("--max-new-tokens", type=int, default=8,
                    help="on-policy generation limit; longer responses are truncated (finish 'length')")
-    g.add_argument("--temperature", type=float, default=1.0, help="on-policy sampling temperature")
     g.add_argument("--rollout-failure-prob", type=float, default=0.0,
                    help="drop each on-policy sample with this probability (partial groups, as a rollout "
                         "service that loses samples)")
@@ -241,8 +240,6 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         if not 0.0 <= args.rollout_failure_prob < 1.0:
             raise TrainerArgsError(
                 f"--rollout-failure-prob must be in [0, 1), got {args.rollout_failure_prob}")
-        if args.temperature <= 0:
-            raise TrainerArgsError(f"--temperature must be > 0, got {args.temperature}")
         if args.max_response_length is None:
             args.max_response_length = args.max_new_tokens
     validation.check_model_shapes(args)

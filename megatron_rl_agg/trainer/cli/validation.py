@@ -30,7 +30,6 @@ FLOAT_RANGES = {
     "adam_beta2": (0.0, True, 1.0, False),
     "adam_eps": (0.0, False, math.inf, False),
     "clip_grad": (0.0, True, math.inf, False),
-    "temperature": (0.0, False, math.inf, False),
     "rollout_failure_prob": (0.0, True, 1.0, False),
     "distributed_timeout_minutes": (0.0, False, math.inf, False),
     "reward_timeout": (0.0, False, math.inf, False),

@@ -81,7 +81,8 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
     if tr.ref_chunks is not None:
         batch["ref_logprobs"] = reference.reference_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
-                                                             tr.args.micro_batch_size)
+                                                             tr.args.micro_batch_size,
+                                                             tr.loss_cfg.temperature)
     return batch, stats
 
 
@@ -129,7 +130,8 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
         for batch, _ in batches:
             if batch["old_logprobs"] is None:
                 batch["old_logprobs"] = forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"],
-                                                                 tr.args.micro_batch_size)
+                                                                 tr.args.micro_batch_size,
+                                                                 tr.loss_cfg.temperature)
     return batches
 
 
