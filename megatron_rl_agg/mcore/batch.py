@@ -231,7 +231,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             mb[key] = w[sl] if w is not None else local_mean
         if cp_size > 1:
             for key in _TOKEN_KEYS:
-                if mb[key] is not None and mb[key].dim() == 2:      # [b, S] (advantages may be [b])
+                if mb.get(key) is not None and mb[key].dim() == 2:  # [b, S] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
                   calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,
