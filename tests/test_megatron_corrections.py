@@ -213,3 +213,27 @@ def test_weights_match_is_checked_by_make_loss_func(megatron_loss):
     with pytest.raises(ValueError, match="is_level='token' \\(prepared\\) vs 'geometric'"):
         _check_weights_match(mb, LossConfig(is_level="geometric"))
     assert math.isfinite(float(mb["is_weights"].sum()))
+
+
+@pytest.mark.parametrize("cfg", [CASES[1], CASES[2]], ids=["geometric-mask-survivors", "sequence-veto-sn"])
+def test_packed_micro_batches_carry_the_weights(megatron_loss, cfg):
+    """THD packing moves the correction tensors with their tokens: same loss, logit gradients and metrics
+    as the padded micro-batches (survivors may shorten rows: packing cuts after the last loss token)."""
+    from megatron_rl_agg.mcore.packing import pack, pack_microbatches
+
+    logits, batch = make_batch()
+    padded = megatron_loss.prepare_microbatches(batch, cfg, 3)
+    packed = pack_microbatches(padded, pad_to_multiple_of=4)
+    for k, (mb, pmb) in enumerate(zip(padded, packed)):
+        rows = logits[3 * k:3 * k + 3]
+        rows = torch.cat([rows, torch.zeros(3 - rows.shape[0], S, V)])
+        a = rows.clone().requires_grad_(True)
+        b = pack(rows, pmb["packed_layout"]).requires_grad_(True)
+        loss_a, rep_a = megatron_loss.loss_func(a * 1.0, micro_batch=mb, loss_config=cfg)
+        loss_b, rep_b = megatron_loss.loss_func(b * 1.0, micro_batch=pmb, loss_config=cfg)
+        loss_a.backward()
+        loss_b.backward()
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(b.grad, pack(a.grad, pmb["packed_layout"]), rtol=1e-6, atol=1e-9)
+        for name in rep_a:
+            torch.testing.assert_close(rep_b[name].double(), rep_a[name].double(), rtol=1e-6, atol=1e-9)

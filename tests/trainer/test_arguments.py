@@ -53,6 +53,12 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--calculate-per-token-loss", "--ddp-average-in-collective"],
      "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective"),
     (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer"),
+    (["--recompute-logprobs"], "--recompute-logprobs needs --rollouts with 'logprobs'"),
+    (["--rollouts", "f.jsonl", "--is-level", "token"], "--is-level token needs --recompute-logprobs"),
+    (["--rollouts", "f.jsonl", "--recompute-logprobs", "--is-level", "token", "--is-low", "3"],
+     "--is-low=3.0 is above --is-high=2.0"),
+    (["--rollouts", "f.jsonl", "--recompute-logprobs", "--is-level", "token", "--is-mode", "mask",
+      "--is-low", "0.5", "--is-veto", "0.7"], "--is-veto=0.7 is above the lower bound --is-low=0.5"),
 ])
 def test_bad_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
