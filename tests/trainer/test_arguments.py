@@ -121,3 +121,19 @@ def test_world_size_rules(world, argv, message):
     with pytest.raises(TrainerArgsError, match=message):
         check_world(args, world)
     check_world(parse_args(MOE + ["--expert-model-parallel-size", "2"]), 2)    # DP2 = EP2: fits
+
+
+def test_recompute_logprobs_refuses_a_file_without_logprobs(tmp_path):
+    import json
+
+    from megatron_rl_agg.trainer.loop.build import _build_source
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt_id": "a", "prompt": [1, 2], "response": [3], "reward": 1.0,
+                                "finish_reason": "stop"}) + "\n")
+    args = parse_args(["--rollouts", str(path), "--recompute-logprobs", "--global-batch-size", "1"])
+    with pytest.raises(TrainerArgsError, match="--recompute-logprobs: .*r.jsonl has no 'logprobs'"):
+        _build_source(args)
+    path.write_text(json.dumps({"prompt_id": "a", "prompt": [1, 2], "response": [3], "reward": 1.0,
+                                "finish_reason": "stop", "logprobs": [-0.5]}) + "\n")
+    assert _build_source(args).has_logprobs
