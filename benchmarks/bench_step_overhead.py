@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-entropy-metric", action="store_true",
                    help="DIAGNOSTIC: log-probs from Megatron's cross entropy alone, the entropy metric "
                         "replaced by zeros (only with --entropy-coef 0), to measure what that metric costs")
+    p.add_argument("--is-level", default="off",
+                   help="off-policy correction (docs/off_policy.md): with a level other than off the batch gets "
+                        "behaviour log-probs and the baseline ('plain') becomes the plugin with the correction off")
+    p.add_argument("--is-mode", default="truncate")
+    p.add_argument("--is-self-normalize", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
@@ -125,9 +130,15 @@ def main(argv=None) -> dict:
     batch["old_logprobs"] = base + 0.1 * torch.randn(rows, args.seq_length, generator=gen)
     batch["ref_logprobs"] = base + 0.1 * torch.randn(rows, args.seq_length, generator=gen)
     batch.pop("group_sizes")
+    correction = args.is_level != "off"
+    if correction:
+        batch["behaviour_logprobs"] = batch["old_logprobs"] + 0.2 * torch.randn(rows, args.seq_length, generator=gen)
     batch = {k: v.to(device) for k, v in batch.items()}
-    cfg = LossConfig(loss_aggregation=args.loss_aggregation, kl_coef=args.kl_coef,
-                     entropy_coef=args.entropy_coef, max_response_length=args.seq_length)
+    cfg_off = LossConfig(loss_aggregation=args.loss_aggregation, kl_coef=args.kl_coef,
+                         entropy_coef=args.entropy_coef, max_response_length=args.seq_length)
+    cfg = LossConfig(**{**vars(cfg_off), "is_level": args.is_level, "is_mode": args.is_mode,
+                        "is_low": 0.5, "is_self_normalize": args.is_self_normalize})
+    batch_off = {k: v for k, v in batch.items() if k != "behaviour_logprobs"}
     positions = torch.arange(args.seq_length, device=device).expand(args.micro_batch_size, -1)
     plain_mbs = [{"tokens": batch["tokens"][k:k + args.micro_batch_size],
                   "labels": batch["labels"][k:k + args.micro_batch_size],
@@ -143,6 +154,9 @@ def main(argv=None) -> dict:
         optimizer.zero_grad()
         if variant == "plugin":
             mbs = prepare_microbatches(batch, cfg, args.micro_batch_size)
+            fn = forward_step
+        elif correction:      # baseline: the plugin with the correction off
+            mbs = prepare_microbatches(batch_off, cfg_off, args.micro_batch_size)
             fn = forward_step
         else:
             mbs, fn = plain_mbs, plain_forward_step

@@ -98,12 +98,18 @@ CASES = [LossConfig(loss_aggregation=m, max_response_length=S, kl_coef=0.1, entr
     LossConfig(loss_aggregation="prompt_mean", kl_coef=0.2, kl_aggregation="token_mean", entropy_coef=0.05,
                entropy_aggregation="prompt_mean", dual_clip_c=2.0),
     LossConfig(loss_aggregation="token_mean", entropy_coef=0.0),
+    # off-policy correction: weights, self-normalization and survivors prepared once; metrics in loss_func
+    LossConfig(loss_aggregation="seq_mean_token_mean", is_level="geometric", is_mode="mask", is_low=0.5,
+               is_high=2.0, is_veto=0.1, is_denominator="survivors", is_self_normalize=True),
 ]
 
 
 def run_loss(module, cfg, vocab_size, per_token=False):
     """prepare_microbatches once, then loss_func per micro-batch; returns the reads inside loss_func."""
     logits, batch = make_batch()
+    if cfg.is_level != "off":
+        shift = torch.rand(B, S, generator=torch.Generator().manual_seed(1))
+        batch["behaviour_logprobs"] = batch["old_logprobs"] - 0.3 * shift
     mbs = module.prepare_microbatches(batch, cfg, MICRO_BATCH, vocab_size=vocab_size,
                                       calculate_per_token_loss=per_token)
     assert len(mbs) == 3

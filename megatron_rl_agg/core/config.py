@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, get_aggregation, resolve_aggregation
+from megatron_rl_agg.core.corrections import IS_DENOMINATORS, IS_LEVELS, IS_MODES, check_is_settings
 from megatron_rl_agg.core.validate import positive_int
 from megatron_rl_agg.core.policy_losses import POLICY_LOSS_ALIASES, POLICY_LOSSES, SEQUENCE, get_policy_loss
 
@@ -141,6 +142,22 @@ class LossConfig:
                 "on-policy ratio is exactly 1"})
     """Sampling temperature ``T``: the loss, the behaviour and reference log-probs and the entropy all use
     ``log softmax(z / T)`` (the distribution the rollouts were drawn from). ``T = 1`` divides nothing."""
+    # Off-policy correction (docs/off_policy.md): weights pi_prox / pi_behave from batch['behaviour_logprobs'].
+    is_level: str = field(default="off", metadata={
+        "help": "importance weight between the proximal and the behaviour policy: off, token, sequence "
+                "(product exp(sum)), geometric (exp(mean))", "choices": IS_LEVELS})
+    is_mode: str = field(default="truncate", metadata={
+        "help": "treatment of the weight: truncate (cap at --is-high), clip ([--is-low, --is-high]), mask "
+                "(0 outside [--is-low, --is-high])", "choices": IS_MODES})
+    is_low: float = field(default=0.0, metadata={"help": "lower IS bound (clip, mask)"})
+    is_high: float = field(default=2.0, metadata={"help": "upper IS bound (truncate, clip, mask)"})
+    is_veto: Optional[float] = field(default=None, metadata={
+        "help": "v in (0, 1): reject a whole sequence when any token ratio is < v or > 1/v (off when unset)"})
+    is_denominator: str = field(default="keep_count", metadata={
+        "help": "zero-weight (masked / rejected) tokens: keep_count (still counted in the aggregation "
+                "denominators) or survivors (removed from the loss mask first)", "choices": IS_DENOMINATORS})
+    is_self_normalize: bool = field(default=False, metadata={
+        "help": "divide the IS weights by their mean over the mini-batch's counted loss tokens"})
 
     def __post_init__(self) -> None:
         self.loss_aggregation = resolve_aggregation(self.loss_aggregation)
@@ -153,6 +170,14 @@ class LossConfig:
         self._resolve_policy_loss()
         if self.max_response_length is not None:
             positive_int(self.max_response_length, "max_response_length")
+        self.is_low = _finite(self.is_low, "is_low (--is-low)", low=0.0)
+        self.is_high = _finite(self.is_high, "is_high (--is-high)", low=0.0, low_open=True)
+        if self.is_veto is not None:
+            self.is_veto = _finite(self.is_veto, "is_veto (--is-veto)", low=0.0, low_open=True, high=1.0)
+        if not isinstance(self.is_self_normalize, bool):
+            raise ValueError(f"is_self_normalize must be a bool, got {self.is_self_normalize!r}")
+        check_is_settings(self.is_level, self.is_mode, self.is_low, self.is_high, self.is_veto,
+                          self.is_denominator)
         for attr in ("loss_aggregation", "kl_aggregation", "entropy_aggregation"):
             mode = getattr(self, attr)
             if mode != MICROBATCH_MEAN and get_aggregation(mode).needs_max_response_length \
@@ -310,7 +335,8 @@ def add_loss_aggregation_args(parser: argparse.ArgumentParser) -> argparse.Argum
 
     Loss flags: --loss-aggregation, --max-response-length, --kl-coef, --kl-estimator, --entropy-coef,
     --kl-aggregation, --entropy-aggregation, --policy-loss, --clip-eps-low, --clip-eps-high, --dual-clip-c,
-    --tau-pos, --tau-neg, --dppo-tv-delta, --dppo-kl-delta, --temperature.
+    --tau-pos, --tau-neg, --dppo-tv-delta, --dppo-kl-delta, --temperature, and the off-policy correction
+    --is-level, --is-mode, --is-low, --is-high, --is-veto, --is-denominator, --is-self-normalize.
     Advantage flags: --adv-estimator, --adv-mean-level, --adv-std-level, --adv-leave-one-out, --adv-eps,
     --adv-unbiased-std, --overlong-policy, --min-valid-group-size.
     """

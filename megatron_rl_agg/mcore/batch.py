@@ -18,8 +18,10 @@ from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_we
 from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
+from megatron_rl_agg.core.corrections import behaviour_problem
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds
+from megatron_rl_agg.parallel.corrections import mini_batch_importance_weights
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
 from megatron_rl_agg.core.validate import positive_int
@@ -31,9 +33,12 @@ LEGACY_MODE = "token_mean_legacy"
 # Per-row tensors of a mini-batch that are sliced into micro-batches (None-valued keys are kept None).
 _ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
              "ref_logprobs", "attention_mask")
+# Off-policy correction tensors ([B, S], present only with batch['behaviour_logprobs']): the IS weight, the
+# token log-ratio logp_prox - logp_behave and the int8 flags of core.corrections (for the metrics).
+_IS_KEYS = ("is_weights", "is_log_ratio", "is_flags")
 # Per-token ([b, S]) tensors of a micro-batch that context parallelism splits along the sequence.
 _TOKEN_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
-               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights")
+               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights") + _IS_KEYS
 
 
 def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig) -> tuple[int, int]:
@@ -52,6 +57,13 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
     if loss_config.kl_coef > 0 and batch.get("ref_logprobs") is None:
         raise ValueError(f"kl_coef={loss_config.kl_coef} needs batch['ref_logprobs'] ([B, S] log-probs of "
                          "the labels under the reference policy); set kl_coef=0 to train without KL")
+    if loss_config.is_level != "off" and batch.get("behaviour_logprobs") is None:
+        raise ValueError(f"is_level={loss_config.is_level!r} needs batch['behaviour_logprobs'] ([B, S] log-probs "
+                         "of the labels under the policy that sampled them); set is_level='off' to train without "
+                         "the off-policy correction")
+    if batch.get("behaviour_logprobs") is not None and batch.get("old_logprobs") is None:
+        raise ValueError("batch['behaviour_logprobs'] needs batch['old_logprobs'] (the proximal log-probs the "
+                         "importance weight pi_prox / pi_behave is taken against)")
     if loss_config.needs_groups and batch.get("group_ids") is None:
         raise ValueError("prompt_mean aggregation needs batch['group_ids'] ([B] int64 prompt-group ids, the "
                          "same id on every DP rank for rows of one prompt)")
@@ -118,9 +130,16 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         batch: this rank's rows:
             ``tokens [B, S]`` int64 inputs; ``position_ids [B, S]`` (default ``arange(S)``);
             ``labels [B, S]`` next-token targets; ``loss_mask [B, S]`` 0/1 aligned with ``labels``;
-            ``advantages [B]`` or ``[B, S]``; ``old_logprobs [B, S]`` behaviour log-probs of ``labels``
-            (optional: None means on-policy, ratio 1 with the detached current log-probs; checked here,
-            once: finite and ``<= 0`` on every real token, else a ValueError naming the row);
+            ``advantages [B]`` or ``[B, S]``; ``old_logprobs [B, S]`` proximal ("old") log-probs of
+            ``labels`` (optional: None means on-policy, ratio 1 with the detached current log-probs; checked
+            here, once: finite and ``<= 0`` on every real token, else a ValueError naming the row);
+            ``behaviour_logprobs [B, S]`` log-probs of ``labels`` under the policy that sampled them
+            (optional, needs ``old_logprobs``; required when ``loss_config.is_level != 'off'``): checked
+            (shape; finite and <= 0 on loss tokens) with the mask, then the importance weights of
+            :mod:`megatron_rl_agg.core.corrections` are computed here from the full rows (with
+            ``is_self_normalize`` one more all-reduce(sum) over ``dp_group``); under
+            ``is_denominator='survivors'`` the zero-weight tokens leave ``loss_mask`` before any
+            aggregation weight is counted;
             ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
             prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
             model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
@@ -145,7 +164,8 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         ``M`` dicts (``M`` equal on every DP rank: the largest ``ceil(B / micro_batch_size)``; rows are
         padded with fully masked rows, which change nothing). Each holds the sliced row tensors (``[b, S / C]``
         per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
-        ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
+        with ``behaviour_logprobs`` also ``is_weights`` (float64), ``is_log_ratio`` (float64) and ``is_flags``
+        (int8), ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
         ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
         ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config``, ``vocab_size`` (None when
         not given) and ``label_range`` (``(min, max)`` label id of the mini-batch over the DP group, ints).
@@ -172,6 +192,9 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     # log-prob checks (finite and <= 0 on real tokens): the one read of this function, after which no label
     # check reads the device (loss_func compares host ints with the logits' shape).
     problem = _mask_problem(batch["loss_mask"])
+    behaviour = batch.get("behaviour_logprobs")
+    if problem is None and behaviour is not None:
+        problem = behaviour_problem(behaviour, batch["loss_mask"], (n_rows, seq))
     labels = batch["labels"].to(torch.int64)
     no_labels = labels.numel() == 0          # a rank with no rows: 0 stands in, in range of any vocabulary
     label_max = labels.new_zeros(()) if no_labels else labels.max()
@@ -195,6 +218,14 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     # Global weights from the REAL rows only: padded rows have no loss token and are appended after,
     # with zero weight, so they touch no count and need no group id.
     mask = batch["loss_mask"]
+    is_rows: dict[str, torch.Tensor] = {}
+    if behaviour is not None:
+        # Off-policy weights from the full rows, once per mini-batch (self-normalization: one all-reduce
+        # over the DP group). Under is_denominator='survivors' the zero-weight tokens leave the loss mask
+        # here, before any aggregation weight is counted.
+        isw = mini_batch_importance_weights(batch["old_logprobs"], behaviour, mask, loss_config, dp_group)
+        mask = isw.counted.to(mask.dtype)
+        is_rows = {"is_weights": isw.weights, "is_log_ratio": isw.log_ratio, "is_flags": isw.flags}
     cache: dict[str, torch.Tensor] = {}
 
     def weights_for(mode: str) -> Optional[torch.Tensor]:
@@ -212,6 +243,8 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                 "entropy_weights": weights_for(loss_config.entropy_aggregation)}
 
     rows = {k: batch.get(k) for k in _ROW_KEYS}
+    rows["loss_mask"] = mask
+    rows.update(is_rows)
     if rows["position_ids"] is None:
         rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
     attn = rows.pop("attention_mask")
@@ -254,7 +287,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             mb[key] = w[sl] if w is not None else local_mean
         if cp_size > 1:
             for key in _TOKEN_KEYS:
-                if mb[key] is not None and mb[key].dim() == 2:      # [b, S] (advantages may be [b])
+                if mb.get(key) is not None and mb[key].dim() == 2:  # [b, S] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
                   calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,

@@ -74,6 +74,7 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_model_config
 
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
+from megatron_rl_agg.core.corrections import correction_metrics
 from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore import compat
@@ -96,7 +97,8 @@ def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 # LossConfig fields the weights of prepare_microbatches depend on: a loss evaluated with other values would
 # apply weights computed for another objective (and silently mis-scale it).
 _WEIGHT_FIELDS = ("loss_aggregation", "kl_aggregation", "entropy_aggregation", "max_response_length",
-                  "policy_loss")
+                  "policy_loss", "is_level", "is_mode", "is_low", "is_high", "is_veto", "is_denominator",
+                  "is_self_normalize")
 
 
 def _check_weights_match(micro_batch: Mapping[str, Any], loss_config: LossConfig) -> None:
@@ -186,6 +188,10 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     if policy.level == SEQUENCE:
         seq = sequence_log_ratio(policy, params, logp, old, adv, mask, micro_batch)
     pg, clipped, dual_clipped = policy(logp, old, adv, seq_log_ratio=seq, **params)
+    is_w = micro_batch.get("is_weights")
+    if is_w is not None:
+        # Decoupled PPO (AReaL): clipped on pi/pi_prox above, weighted by the IS weight of pi_prox/pi_behave.
+        pg = pg * is_w
     pg = torch.where(mask, pg, 0.0)
 
     legacy = loss_config.loss_aggregation == LEGACY_MODE
@@ -221,6 +227,8 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         report["masked_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
     report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
     report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
+    if is_w is not None:
+        report.update(correction_metrics(is_w, micro_batch["is_log_ratio"], micro_batch["is_flags"]))
     if per_token:
         return loss.to(torch.float32), micro_batch["num_tokens"], report
     return loss.to(torch.float32), report

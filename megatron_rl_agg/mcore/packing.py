@@ -290,6 +290,14 @@ def pack_micro_batch(
     return packed, layout
 
 
+def _tokens_to_keep(mb: Mapping[str, object]) -> Tensor:
+    """The loss mask, widened by the off-policy correction's loss tokens (``is_flags`` bit 1): under
+    ``is_denominator='survivors'`` rejected tokens leave the loss mask but stay in its metrics."""
+    flags = mb.get("is_flags")
+    mask = mb["loss_mask"]
+    return mask if flags is None else torch.maximum(mask, (flags & 1).to(mask.dtype))
+
+
 def pack_microbatches(micro_batches: Sequence[Mapping[str, object]], *, pad_to_multiple_of: int = 1,
                       equal_length: bool = False) -> list:
     """Pack every micro-batch of ``mcore.batch.prepare_microbatches`` (one THD sequence each).
@@ -304,7 +312,7 @@ def pack_microbatches(micro_batches: Sequence[Mapping[str, object]], *, pad_to_m
     ``variable_seq_lengths=False`` (pass ``seq_length=L, micro_batch_size=1``). Under PP this is the
     option that also works with the interleaved (VPP) schedule.
     """
-    lengths = [lengths_from_loss_mask(mb["loss_mask"]) for mb in micro_batches]
+    lengths = [lengths_from_loss_mask(_tokens_to_keep(mb)) for mb in micro_batches]
     total = None
     if equal_length:
         total = max(-(-int(n.sum()) // pad_to_multiple_of) * pad_to_multiple_of for n in lengths)

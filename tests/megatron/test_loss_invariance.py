@@ -31,7 +31,7 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 TOL = 1e-5
-EXACT = [m for m in worker.MODES if m != "token_mean_legacy"] + ["global_kl_entropy"]
+EXACT = [m for m in worker.MODES if m != "token_mean_legacy"] + ["global_kl_entropy"] + list(worker.IS_CONFIGS)
 REF_LAYOUT = "dp1+m1"
 NPROCS = (1, 2, 4)
 
@@ -67,7 +67,7 @@ def test_gradient_equal_at_every_layout(runs, config):
         assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
 
 
-@pytest.mark.parametrize("config", worker.MODES + ["global_kl_entropy"])
+@pytest.mark.parametrize("config", worker.MODES + ["global_kl_entropy"] + list(worker.IS_CONFIGS))
 def test_reported_policy_loss_is_the_whole_batch_aggregate(runs, config):
     """policy_loss/sum, reduced over micro-batches and DP ranks, equals aggregate() of the whole batch
     (full-vocabulary log-probs from one forward pass); for the legacy mode at the layout's micro-batch
@@ -77,7 +77,10 @@ def test_reported_policy_loss_is_the_whole_batch_aggregate(runs, config):
         metrics = result(runs, nproc, "pg", layout, config)["metrics"]
         expected = ref[f"{config}/mbs{mbs}/policy"]
         assert metrics["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, config)
-        assert metrics["num_tokens/sum"] == sum(worker.ROW_TOKENS)
+        if config in worker.IS_CONFIGS:   # survivors: rejected / masked tokens left the loss mask
+            assert metrics["num_tokens/sum"] == ref[f"{config}/counted"], (layout, config)
+        else:
+            assert metrics["num_tokens/sum"] == sum(worker.ROW_TOKENS)
 
 
 def test_global_kl_and_entropy_terms_are_exact(runs):
@@ -178,3 +181,25 @@ def test_every_policy_loss_gradient_equal_at_every_layout(runs, config):
         rel, key = max_rel_diff(got["grads"], ref["grads"])
         assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
         assert got["metrics"]["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, config)
+
+
+@pytest.mark.parametrize("config", list(worker.IS_CONFIGS))
+def test_off_policy_metrics_equal_at_every_layout(runs, config):
+    """Behaviour log-probs that differ from the proximal ones: the correction's metrics (mismatch KL, IS
+    weight mean / min / max, fractions) are exact over micro-batches, DP and CP ranks (equal to the
+    one-process, one-micro-batch values), and the cases are not vacuous (weights moved, tokens dropped)."""
+    ref = result(runs, 1, "pg", REF_LAYOUT, config)["metrics"]
+    names = [n for n in ref if n.startswith(("is_", "mismatch_kl"))]
+    assert len(names) == 9
+    assert ref["mismatch_kl_k3/mean"] > 1e-3 and ref["is_weight/max"] > ref["is_weight/min"]
+    dropped = load_result(runs[1][0], "reference")[f"{config}/rejected_or_masked"]
+    frac = ref["is_masked_frac/mean"] + ref["is_rejected_frac/mean"]
+    assert frac == pytest.approx(dropped / sum(worker.ROW_TOKENS), abs=1e-12)
+    if worker.IS_CONFIGS[config].is_mode == "mask" or worker.IS_CONFIGS[config].is_veto:
+        assert dropped > 0, config
+    else:
+        assert ref["is_truncated_frac/mean"] > 0, config
+    for nproc, layout, _ in layouts():
+        metrics = result(runs, nproc, "pg", layout, config)["metrics"]
+        for n in names:
+            assert metrics[n] == pytest.approx(ref[n], rel=1e-9, abs=1e-12), (layout, config, n)

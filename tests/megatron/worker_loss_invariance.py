@@ -37,7 +37,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from torchrun_utils import save_result  # noqa: E402
 
+from megatron_rl_agg.core.corrections import MASKED, REJECTED  # noqa: E402
 from megatron_rl_agg.core.kl import kl_estimate  # noqa: E402
+from megatron_rl_agg.parallel.corrections import mini_batch_importance_weights  # noqa: E402
 from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits  # noqa: E402
 from megatron_rl_agg.core.policy_losses import (clamped_log_ratio, get_policy_loss,  # noqa: E402
                                                 ppo_clipped_surrogate, sequence_mean)
@@ -73,6 +75,21 @@ CONFIGS = {mode: LossConfig(loss_aggregation=mode, **PG) for mode in MODES}
 CONFIGS["global_kl_entropy"] = LossConfig(loss_aggregation="seq_mean_token_mean", kl_coef=0.1,
                                           kl_estimator="k3", kl_aggregation="token_mean", entropy_coef=0.05,
                                           entropy_aggregation="token_mean", **PG)
+# Off-policy correction (behaviour log-probs differ from the proximal ones, see make_batch): token and
+# sequence-level weights (product and geometric), with and without mini-batch self-normalization, both
+# denominator policies and a row veto; they run at every "pg" layout on the same batch.
+IS_CONFIGS = {
+    "is_token_truncate": LossConfig(loss_aggregation="token_mean", is_level="token", is_high=1.3, **PG),
+    "is_token_clip_sn": LossConfig(loss_aggregation="seq_mean_token_mean", is_level="token", is_mode="clip",
+                                   is_low=0.8, is_high=1.2, is_self_normalize=True, **PG),
+    "is_geometric_mask_sn": LossConfig(loss_aggregation="prompt_mean", is_level="geometric", is_mode="mask",
+                                       is_low=0.9, is_high=1.1, is_denominator="survivors",
+                                       is_self_normalize=True, **PG),
+    "is_sequence_veto": LossConfig(loss_aggregation="seq_mean_token_sum_norm", is_level="sequence",
+                                   is_mode="clip", is_low=0.5, is_high=2.0, is_veto=0.5,
+                                   is_denominator="survivors", **PG),
+}
+CONFIGS.update(IS_CONFIGS)
 # KL and entropy with the default micro-batch mean, policy term switched off (advantages 0).
 KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coef=0.05, **PG)
               for est in ("k1", "k2", "k3")}
@@ -125,6 +142,7 @@ def make_batch(row_tokens, seed=SEED):
         old_logprobs=old,
         ref_logprobs=base + 0.3 * torch.randn(n, SEQ, generator=gen),
         group_ids=torch.tensor(GROUP_IDS if n == len(GROUP_IDS) else [0] * n),
+        behaviour_logprobs=(old + 0.3 * torch.randn(n, SEQ, generator=gen)).clamp(max=-0.01),
     )
 
 
@@ -143,6 +161,8 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     from megatron_rl_agg.parallel.metrics import reduce_metrics
     from megatron_rl_agg.mcore.weights import gather_full_grads
 
+    if cfg.is_level == "off":    # the configs without correction run exactly as without behaviour log-probs
+        batch = {k: v for k, v in batch.items() if k != "behaviour_logprobs"}
     share = rank_share(batch, parallel_state.get_data_parallel_rank(), dist_size(dp_group))
     cp_group = parallel_state.get_context_parallel_group()
     micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
@@ -206,9 +226,16 @@ def reference_objectives(out_dir, batch):
         pg = ppo_clipped_surrogate(logp, batch["old_logprobs"].double(), batch["advantages"],
                                           clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                           dual_clip_c=cfg.dual_clip_c)[0]
+        counted = mask
+        if cfg.is_level != "off":     # whole-batch weights (one process: the mini-batch normalization)
+            isw = mini_batch_importance_weights(batch["old_logprobs"].double(),
+                                                batch["behaviour_logprobs"].double(), mask, cfg)
+            pg, counted = pg * isw.weights, isw.counted
+            out[f"{name}/counted"] = float(counted.sum())
+            out[f"{name}/rejected_or_masked"] = float(((isw.flags & (MASKED | REJECTED)) > 0).sum())
         for mbs in (8, 2):   # the legacy objective depends on the micro-batch size
             out[f"{name}/mbs{mbs}/policy"] = float(aggregate(
-                pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
+                pg, counted, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON,
                 micro_batch_size=mbs))
     old = batch["old_logprobs"].double()
     adv = batch["advantages"].double().unsqueeze(-1).expand_as(logp)

@@ -53,6 +53,12 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--calculate-per-token-loss", "--ddp-average-in-collective"],
      "--calculate-per-token-loss cannot be combined with --ddp-average-in-collective"),
     (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer"),
+    (["--recompute-logprobs"], "--recompute-logprobs needs --rollouts with 'logprobs'"),
+    (["--rollouts", "f.jsonl", "--is-level", "token"], "--is-level token needs --recompute-logprobs"),
+    (["--rollouts", "f.jsonl", "--recompute-logprobs", "--is-level", "token", "--is-low", "3"],
+     "--is-low=3.0 is above --is-high=2.0"),
+    (["--rollouts", "f.jsonl", "--recompute-logprobs", "--is-level", "token", "--is-mode", "mask",
+      "--is-low", "0.5", "--is-veto", "0.7"], "--is-veto=0.7 is above the lower bound --is-low=0.5"),
 ])
 def test_bad_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
@@ -115,3 +121,19 @@ def test_world_size_rules(world, argv, message):
     with pytest.raises(TrainerArgsError, match=message):
         check_world(args, world)
     check_world(parse_args(MOE + ["--expert-model-parallel-size", "2"]), 2)    # DP2 = EP2: fits
+
+
+def test_recompute_logprobs_refuses_a_file_without_logprobs(tmp_path):
+    import json
+
+    from megatron_rl_agg.trainer.loop.build import _build_source
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt_id": "a", "prompt": [1, 2], "response": [3], "reward": 1.0,
+                                "finish_reason": "stop"}) + "\n")
+    args = parse_args(["--rollouts", str(path), "--recompute-logprobs", "--global-batch-size", "1"])
+    with pytest.raises(TrainerArgsError, match="--recompute-logprobs: .*r.jsonl has no 'logprobs'"):
+        _build_source(args)
+    path.write_text(json.dumps({"prompt_id": "a", "prompt": [1, 2], "response": [3], "reward": 1.0,
+                                "finish_reason": "stop", "logprobs": [-0.5]}) + "\n")
+    assert _build_source(args).has_logprobs

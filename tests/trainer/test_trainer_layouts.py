@@ -75,6 +75,34 @@ MOE_LAYOUTS = {
 }
 
 
+# Off-policy correction (--recompute-logprobs): the file's log-probs are the behaviour policy's. At init
+# the model is near uniform (logp within a few 0.01 of -ln 32), so a token whose behaviour log-prob is
+# -ln 32 - 2 has ratio pi_prox / pi_behave ~ e^2 = 7.4 (outside [0.5, 2]) and one at -ln 32 has ratio ~1:
+# the truncated / masked tokens are known from the file alone.
+IS_RUNS = {
+    "token_truncate": ["--is-level", "token", "--is-mode", "truncate", "--is-high", "2.0"],
+    "token_mask_survivors": ["--is-level", "token", "--is-mode", "mask", "--is-low", "0.5", "--is-high", "2.0",
+                             "--is-denominator", "survivors", "--is-self-normalize"],
+    "geometric_clip": ["--is-level", "geometric", "--is-mode", "clip", "--is-low", "0.5", "--is-high", "1.5",
+                       "--is-self-normalize"],
+}
+IS_LAYOUTS = ("dp2", "cp2", "dp1m4")
+IS_GROUPS = [4, 4, 4, 4]
+LN_V = 3.4657359027997265        # ln 32
+
+
+def _is_shifted(i, j):
+    return (2 * i + j) % 3 == 0
+
+
+def write_off_policy_rollouts(path):
+    rows = write_rollouts(path, IS_GROUPS, seed=11)
+    for i, row in enumerate(rows):
+        row["logprobs"] = [-LN_V - (2.0 if _is_shifted(i, j) else 0.0) for j in range(len(row["response"]))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def _argv(path, mode, extra=(), policy="keep", gbs=16):
     return ["--rollouts", str(path), "--global-batch-size", str(gbs), "--train-iters", "1",
             "--loss-aggregation", mode, "--max-response-length", str(HORIZON), "--overlong-policy", policy,
@@ -108,6 +136,13 @@ def worker_jobs(tmp):
         for name in ("dp2", "tp2", "pp2vpp2", "cp2"):
             flags = LAYOUTS[name][1] + ["--mini-batches-per-step", "2", "--lr", "1e-2"]
             plan2.append({"name": f"{mode}/{name}/k2", "argv": _argv(tmp / "r.jsonl", mode, flags, gbs=8)})
+    write_off_policy_rollouts(tmp / "r_is.jsonl")
+    for name in IS_LAYOUTS:
+        nproc, flags = LAYOUTS[name]
+        for key, is_flags in IS_RUNS.items():
+            argv = _argv(tmp / "r_is.jsonl", "token_mean", flags + ["--recompute-logprobs", *is_flags])
+            argv[argv.index("--train-iters") + 1] = "3"
+            (plan2 if nproc == 2 else plan1).append({"name": f"is/{key}/{name}", "argv": argv})
     for name, (nproc, flags) in MOE_LAYOUTS.items():
         (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
                                                  "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
@@ -336,3 +371,36 @@ def test_launch_script_refuses_bad_launcher_options():
                               capture_output=True, text=True, timeout=30,
                               env={**os.environ, "PYTHON": "/nonexistent/python"})
         assert done.returncode == 2 and message in done.stderr, (flags, done.returncode, done.stderr)
+
+
+def _is_runs(results):
+    return {(key, name): results[f"is/{key}/{name}"] for key in IS_RUNS for name in IS_LAYOUTS}
+
+
+def test_off_policy_metrics_equal_the_file_and_agree_across_layouts(runs, shared_jobs):
+    """--recompute-logprobs with each correction, 3 steps at dp2, cp2 and dp1 x m4: step 1's truncated /
+    masked fractions equal the count of shifted behaviour log-probs in the file; the mismatch KL k1 is
+    the file's mean shift up to the near-uniform model's deviation from -ln V; every metric of step 1
+    (grad_norm included) agrees across the layouts."""
+    _, results = runs
+    rows = read_rollouts(shared_jobs / "r_is.jsonl")
+    shifted = sum(_is_shifted(i, j) for i, r in enumerate(rows) for j in range(len(r["response"])))
+    total = sum(len(r["response"]) for r in rows)
+    assert 0 < shifted < total
+    got = _is_runs(results)
+    for (key, name), lines in got.items():
+        assert len(lines) == 3, (key, name)
+        first = lines[0]
+        if key == "token_truncate":
+            assert first["is_truncated_frac"] == pytest.approx(shifted / total, abs=1e-12), name
+            assert first["is_weight_max"] == 2.0 and first["is_masked_frac"] == 0
+        elif key == "token_mask_survivors":
+            assert first["is_masked_frac"] == pytest.approx(shifted / total, abs=1e-12), name
+            assert first["num_tokens"] == total - shifted          # survivors leave the loss mask
+        # k1 = mean(logp_behave - logp_prox) = -2 * shifted / total + (ln V + mean logp_prox) ~ 0
+        assert first["mismatch_kl_k1"] == pytest.approx(-2.0 * shifted / total, abs=0.05), (key, name)
+        assert first["mismatch_kl_k3"] > 0.1
+        ref = got[(key, "dp1m4")][0]
+        for metric in ("grad_norm", "policy_loss", "mismatch_kl_k1", "mismatch_kl_k3", "is_weight_mean",
+                       "is_weight_max", "is_weight_min", "is_truncated_frac", "is_masked_frac"):
+            assert first[metric] == pytest.approx(ref[metric], rel=1e-5, abs=1e-9), (key, name, metric)

@@ -121,6 +121,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollouts", default=None,
                    help="offline JSONL rollout file; without it rollouts are generated on-policy by the "
                         "model on the built-in counting task")
+    g.add_argument("--recompute-logprobs", action="store_true",
+                   help="recompute the proximal (old) log-probs with the model before the step's first update "
+                        "and use the file's 'logprobs' as the behaviour log-probs of the off-policy correction "
+                        "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs'")
     g.add_argument("--num-samples-per-prompt", type=int, default=8, help="on-policy group size n")
     g.add_argument("--max-new-tokens", type=int, default=8,
                    help="on-policy generation limit; longer responses are truncated (finish 'length')")
@@ -276,6 +280,12 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     _validate_moe(args)
     if args.save_interval is not None:
         positive_flag(args.save_interval, "--save-interval", "positive")
+    if args.recompute_logprobs and args.rollouts is None:
+        raise TrainerArgsError("--recompute-logprobs needs --rollouts with 'logprobs' (the behaviour log-probs "
+                               "of the engine that sampled); on-policy rollouts are sampled by the model itself")
+    if getattr(args, "is_level", "off") != "off" and not args.recompute_logprobs:
+        raise TrainerArgsError(f"--is-level {args.is_level} needs --recompute-logprobs (the proximal log-probs "
+                               "recomputed by the model, the file's 'logprobs' as behaviour); or --is-level off")
     if args.ref_load is not None and args.kl_coef == 0:
         raise TrainerArgsError("--ref-load is only used with --kl-coef > 0")
     try:  # the dataclasses own the loss/advantage checks; run them now so errors come before startup

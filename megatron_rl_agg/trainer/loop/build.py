@@ -169,6 +169,9 @@ def _build_source(args):
         source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
                                args.mini_batches_per_step, tokenize=tokenize)
         check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
+        if args.recompute_logprobs and not source.has_logprobs:
+            raise TrainerArgsError(f"--recompute-logprobs: {args.rollouts} has no 'logprobs' (the behaviour "
+                                   "log-probs to correct against); add them or drop the flag")
         return source
     if args.prompt_data:
         from megatron_rl_agg.trainer.rollout.hf_text import text_task

@@ -120,12 +120,21 @@ def _check_reward_failures(tr: Trainer, step: int, step_rows, sums: dict) -> Non
 def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
     """Every mini-batch of the step, built before the first update.
 
-    With several mini-batches, rows without behaviour log-probs get the current model's (forward only,
+    With ``--recompute-logprobs`` the file's log-probs become ``behaviour_logprobs`` and the proximal
+    ``old_logprobs`` are the current model's (forward only, before any update). With several mini-batches,
+    rows without behaviour log-probs get the current model's (forward only,
     before any update): the "old" policy of every mini-batch is the one that generated / precedes the
     step. With one mini-batch they stay None and the loss uses the detached log-probs of the update's own
     forward pass: the same numbers, one forward pass fewer.
     """
     batches = [_local_batch(tr, step, j) for j in range(tr.args.mini_batches_per_step)]
+    if tr.args.recompute_logprobs:
+        # Decoupled PPO: the file's log-probs are the behaviour policy's; the proximal ones are the model's
+        # before the step's first update (forward only), recomputed for every mini-batch here.
+        for batch, _ in batches:
+            batch["behaviour_logprobs"] = batch["old_logprobs"]
+            batch["old_logprobs"] = forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"],
+                                                             tr.args.micro_batch_size)
     if tr.args.mini_batches_per_step > 1:
         for batch, _ in batches:
             if batch["old_logprobs"] is None:
@@ -150,6 +159,9 @@ def _combine(parts: list[dict]) -> dict:
     out["response_length"] = sum(p["length_sum"] for p in parts) / rows
     averaged = [k for k in parts[0] if k not in _SUMMED and k not in ("reward_sum", "length_sum")]
     out.update({key: sum(p[key] for p in parts) / len(parts) for key in averaged})
+    for key in averaged:     # extremes stay extremes (is_weight_max / is_weight_min)
+        if key.endswith("_max") or key.endswith("_min"):
+            out[key] = (max if key.endswith("_max") else min)(p[key] for p in parts)
     return out
 
 

@@ -28,6 +28,11 @@ __all__ = ["run_update", "loss_metrics"]
 _LOSS_REPORT = (("policy_loss/sum", "policy_loss"), ("kl_loss/sum", "kl_loss"), ("entropy/mean", "entropy"),
                 ("entropy_loss/sum", "entropy_loss"), ("loss/sum", "loss"), ("clip_frac/mean", "clip_frac"),
                 ("ppo_kl/mean", "ppo_kl"), ("num_tokens/sum", "num_tokens"))
+# With behaviour log-probs (--recompute-logprobs): the off-policy correction's metrics (docs/off_policy.md).
+_IS_REPORT = (("mismatch_kl_k1/mean", "mismatch_kl_k1"), ("mismatch_kl_k3/mean", "mismatch_kl_k3"),
+              ("is_weight/mean", "is_weight_mean"), ("is_weight/max", "is_weight_max"),
+              ("is_weight/min", "is_weight_min"), ("is_truncated_frac/mean", "is_truncated_frac"),
+              ("is_masked_frac/mean", "is_masked_frac"), ("is_rejected_frac/mean", "is_rejected_frac"))
 
 
 def _schedule_inputs(tr, micro: list) -> tuple[list, Any, int, int]:
@@ -102,12 +107,13 @@ def loss_metrics(tr, reports: list) -> dict:
     """Loss-function reports reduced over micro-batches and DP (last stage), then on every stage."""
     from megatron_rl_agg.parallel.metrics import reduce_metrics
 
+    table = _LOSS_REPORT + (_IS_REPORT if getattr(tr.args, "recompute_logprobs", False) else ())
     reduced = reduce_metrics(reports, tr.metrics_group) if reports else None
     values = None
     if reduced is not None:
-        values = torch.tensor([reduced.get(name, 0.0) for name, _ in _LOSS_REPORT], dtype=torch.float64,
+        values = torch.tensor([reduced.get(name, 0.0) for name, _ in table], dtype=torch.float64,
                               device=cpu_mode.device())
-    values = forward.broadcast_from_last_stage(values, (len(_LOSS_REPORT),), torch.float64)
-    out = {key: float(v) for (_, key), v in zip(_LOSS_REPORT, values.tolist())}
+    values = forward.broadcast_from_last_stage(values, (len(table),), torch.float64)
+    out = {key: float(v) for (_, key), v in zip(table, values.tolist())}
     out["num_tokens"] = int(round(out["num_tokens"]))
     return out
