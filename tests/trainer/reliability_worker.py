@@ -51,6 +51,7 @@ def main() -> int:
 
     from megatron_rl_agg.trainer.cli.arguments import parse_args
     from megatron_rl_agg.trainer.loop.train import run
+    from megatron_rl_agg.core import policy_losses
     from worker_jobs import freeze_survivors
 
     plan_path, out_dir = sys.argv[1], sys.argv[2]
@@ -68,6 +69,10 @@ def main() -> int:
                 _apply(entry["ops"])
             torch_dist.barrier()            # the group exists: an earlier entry created it
         before = _digest(entry["digest"]) if entry.get("digest") and rank == 0 else None
+        bound = policy_losses.LOG_RATIO_BOUND
+        # "log_ratio_bound": lift the loss's clamp of log r for this entry (a stack without the clamp), so a
+        # far-off behaviour log-prob overflows the ratio and the non-finite guard has something to catch.
+        policy_losses.LOG_RATIO_BOUND = entry.get("log_ratio_bound", bound)
         try:
             results[entry["name"]] = {"history": run(parse_args(entry["argv"]))}
             failed = False
@@ -75,6 +80,8 @@ def main() -> int:
             results[entry["name"]] = {"error": type(err).__name__, "message": str(err)}
             print(f"[rank {rank}] {entry['name']}: {type(err).__name__}: {err}", flush=True)
             failed = True
+        finally:
+            policy_losses.LOG_RATIO_BOUND = bound
         if before is not None:
             results[entry["name"]].update(before=before, after=_digest(entry["digest"]))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:

@@ -17,6 +17,7 @@ foreign checkpoints, non-finite updates. Four torchrun launches:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,10 +171,15 @@ def launches(tmp_path_factory):
                  {"op": "truncate", "path": str(ckc / "iter_0000006" / "__0_0.distcp"), "bytes": 100}]},
         {"name": "fallback", "argv": ON_POLICY + ["--train-iters", "4", "--load", str(ckc),
                                                   "--load-fallback"]},
-        {"name": "nonfinite", "argv": offline + ["--train-iters", "2"]},
-        {"name": "nonfinite_distopt", "argv": offline + ["--train-iters", "1", "--use-distributed-optimizer"]},
+        # The loss clamps log r at 20 (core.policy_losses.LOG_RATIO_BOUND), so the -87 behaviour log-probs
+        # train finitely ("clamped"); lifting the clamp (as a stack without it) overflows the ratio, which
+        # is what the non-finite guard must catch.
+        {"name": "clamped", "argv": offline + ["--train-iters", "1"]},
+        {"name": "nonfinite", "argv": offline + ["--train-iters", "2"], "log_ratio_bound": 1e4},
+        {"name": "nonfinite_distopt", "argv": offline + ["--train-iters", "1", "--use-distributed-optimizer"],
+         "log_ratio_bound": 1e4},
         {"name": "nonfinite_skip", "argv": offline + ["--train-iters", "2", "--on-nonfinite", "skip",
-                                                      "--save", str(tmp / "ckN")]},
+                                                      "--save", str(tmp / "ckN")], "log_ratio_bound": 1e4},
         {"name": "init", "argv": ON_POLICY + ["--train-iters", "1", "--lr", "0", "--save", str(tmp / "ck0")]},
     ]
     proc = _start(plan, tmp / "l4")
@@ -240,6 +246,8 @@ def test_checkpoint_refusals_and_fallback(launches):
 
 def test_nonfinite_update_stops_every_rank_and_skip_keeps_the_weights(launches):
     tmp, out = launches
+    clamped = out["r0"]["clamped"]["history"]
+    assert len(clamped) == 1 and math.isfinite(clamped[0]["grad_norm"]) and clamped[0]["num_skipped_updates"] == 0
     err = out["r0"]["nonfinite"]
     assert err["error"] == "NonFiniteError" and out["r1"]["nonfinite"] == err
     assert "step 1, update 1 of 1: non-finite" in err["message"] and "bad.jsonl:1" in err["message"]
