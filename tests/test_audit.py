@@ -43,6 +43,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5 must be between 1 and num_experts=4"),
     (["--layouts", "ep2+tp2", "--num-experts", "4", "--seq-length", "33"], "must be divisible by tp"),
     (["--layouts", "cp2", "--num-experts", "4"], "MoE with cp > 1 is not supported here"),
+    (["--policy-loss", "gpso"], "unknown policy loss 'gpso'; valid: ppo_clip, gspo, gspo_token, gmpo"),
+    (["--policy-loss", " , "], "--policy-loss: no loss given"),
+    (["--policy-loss", "gspo", "--modes", "token_sum"], "--policy-loss gspo with --modes token_sum"),
+    (["--policy-loss", "gmpo", "--modes", "token_mean_legacy", "seq_mean_token_sum"], "token_mean_legacy"),
+    (["--inject-bug", "cp_shard_sequence_ratio"], "add one of gspo, gspo_token, gmpo to --policy-loss"),
+    (["--policy-loss", "cispo", "--inject-bug", "cp_shard_sequence_ratio"], "(got cispo)"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     extra = ["--num-layers", "6"] if argv[:2] == ["--layouts", "pp4"] else []
@@ -51,7 +57,8 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 
 def test_inject_bug_choices_are_the_documented_ones(capsys):
-    assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count", "cp_token_count")
+    assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count", "cp_token_count",
+                          "cp_shard_sequence_ratio")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["check-invariance", "--inject-bug", "off_by_one"])
     assert "kl_times_microbatches" in capsys.readouterr().err
@@ -76,17 +83,21 @@ def test_relative_grad_diff_by_hand():
 
 
 def _result(mode, layout, rel, status):
-    return {"mode": mode, "layout": layout, "rel_diff": rel, "worst_param": "w", "status": status}
+    return {"policy_loss": "ppo_clip", "mode": mode, "layout": layout, "rel_diff": rel, "worst_param": "w", "status": status}
 
 
 def test_table_and_exit_status():
     results = [_result("token_mean", "m4", 1e-7, "PASS"), _result("token_mean", "dp2+m2", 0.3, "FAIL"),
-               _result("prompt_mean", "m4", 2e-7, "PASS")]
-    table = format_table(results, ["m4", "dp2+m2"], ["token_mean", "prompt_mean"], 1e-4, "local_token_count")
-    assert "SELF-TEST" in table and "2 PASS, 1 FAIL" in table
-    assert "FAIL token_mean @ dp2+m2: 3.000e-01 at w" in table
-    row = next(line for line in table.splitlines() if line.startswith("prompt_mean"))
+               _result("prompt_mean", "m4", 2e-7, "PASS"),
+               dict(_result("seq_mean_token_mean", "m4", 4e-7, "PASS"), policy_loss="gspo_token")]
+    pairs = [("ppo_clip", "token_mean"), ("ppo_clip", "prompt_mean"), ("gspo_token", "seq_mean_token_mean")]
+    table = format_table(results, ["m4", "dp2+m2"], pairs, 1e-4, "local_token_count")
+    assert "SELF-TEST" in table and "3 PASS, 1 FAIL" in table
+    assert "FAIL ppo_clip token_mean @ dp2+m2: 3.000e-01 at w" in table
+    row = next(line for line in table.splitlines() if line.startswith("ppo_clip    prompt_mean"))
     assert "2.0e-07 PASS" in row and row.rstrip().endswith("-")      # not run at dp2+m2
+    row = next(line for line in table.splitlines() if line.startswith("gspo_token  seq_mean_token_mean"))
+    assert "4.0e-07 PASS" in row and row.rstrip().endswith("-")
     assert exit_status(results) == 1
     assert exit_status(results[::2]) == 0
     assert exit_status([]) == 2
@@ -152,16 +163,29 @@ def _audit(tmp_path, argv, *, torchrun_nproc=None):
         proc.communicate()
         raise
     assert out.exists(), f"no results (exit {proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    results = json.loads(out.read_text())["results"]
-    return proc.returncode, stdout, {(r["mode"], r["layout"]): r["status"] for r in results}
+    return proc.returncode, stdout, json.loads(out.read_text())["results"]
+
+
+def _status(results, loss="ppo_clip"):
+    """``{(mode, layout): PASS/FAIL}`` of one policy loss's cells."""
+    return {(r["mode"], r["layout"]): r["status"] for r in results if r["policy_loss"] == loss}
 
 
 @pytest.mark.slow
 def test_clean_run_passes_everywhere(tmp_path):
-    code, stdout, status = _audit(tmp_path, ["--layouts", "dp2+m2 tp2+m2 pp2vpp2m4 cp2+m2"])
+    # Policy losses beside ppo_clip: the sequence-level gspo / gmpo (per-row ratio reduced over CP at
+    # cp2) skip the four modes they refuse (token_sum, seq_mean_token_sum(_norm), token_mean_legacy).
+    code, stdout, results = _audit(tmp_path, ["--layouts", "dp2+m2 tp2+m2 pp2vpp2m4 cp2+m2",
+                                              "--policy-loss", "ppo_clip,gspo", "geo_mean"])
+    status = _status(results)
     assert set(status.values()) == {"PASS"} and len(status) == 7 * 4, stdout
+    for loss, modes in (("gspo", 3), ("gmpo", 3)):
+        cells = _status(results, loss)
+        assert set(cells.values()) == {"PASS"} and len(cells) == modes * 4, (loss, stdout)
+        assert ("seq_mean_token_mean", "cp2+m2") in cells
     assert code == 0
-    assert "28 PASS, 0 FAIL" in stdout
+    assert "52 PASS, 0 FAIL" in stdout
+    assert "not audited (refused by the loss configuration): gspo x token_sum" in stdout
 
 
 @pytest.mark.slow
@@ -169,7 +193,8 @@ def test_moe_expert_parallel_layouts_pass(tmp_path):
     """An MoE model (4 experts, top-2) at EP2 on 2 processes: every mode PASSes against the reference."""
     argv = ["--layouts", "ep2+m2", "--num-experts", "4", "--num-layers", "2", "--modes", "token_mean",
             "seq_mean_token_sum_norm", "prompt_mean", "token_mean_legacy"]
-    code, stdout, status = _audit(tmp_path, argv)
+    code, stdout, results = _audit(tmp_path, argv)
+    status = _status(results)
     assert set(status.values()) == {"PASS"} and len(status) == 4, stdout
     assert code == 0
 
@@ -178,7 +203,8 @@ def test_moe_expert_parallel_layouts_pass(tmp_path):
 def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
     # Launched by torchrun directly; tp2 has one micro-batch, where "times M" is the identity.
     argv = ["--layouts", "dp2+m2 tp2", "--inject-bug", "kl_times_microbatches"]
-    code, stdout, status = _audit(tmp_path, argv, torchrun_nproc=2)
+    code, stdout, results = _audit(tmp_path, argv, torchrun_nproc=2)
+    status = _status(results)
     assert code != 0
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2+m2") for m, _ in status}
     assert all(status[(m, "tp2")] == "PASS" for m, _ in status)
@@ -188,17 +214,33 @@ def test_injected_kl_factor_fails_where_m_gt_1(tmp_path):
 def test_injected_local_count_fails_where_dp_gt_1(tmp_path):
     # token_sum has no count and token_mean_legacy uses micro-batch counts only: both stay PASS.
     argv = ["--layouts", "dp2+m2 pp2+m2", "--inject-bug", "local_token_count"]
-    code, stdout, status = _audit(tmp_path, argv)
+    code, stdout, results = _audit(tmp_path, argv)
+    status = _status(results)
     assert code == 1
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "dp2+m2") for m in GLOBAL_COUNT_MODES}
-    assert "FAIL token_mean @ dp2+m2" in stdout and "SELF-TEST" in stdout
+    assert "FAIL ppo_clip token_mean @ dp2+m2" in stdout and "SELF-TEST" in stdout
 
 
 @pytest.mark.slow
 def test_injected_cp_count_fails_where_cp_gt_1_under_the_per_token_flag(tmp_path):
     # Weights counted over dp x cp count every row twice at cp2; at dp2 the dp x cp group is the DP group.
     argv = ["--layouts", "cp2+m2 dp2+m2", "--inject-bug", "cp_token_count", "--calculate-per-token-loss"]
-    code, stdout, status = _audit(tmp_path, argv, torchrun_nproc=2)
+    code, stdout, results = _audit(tmp_path, argv, torchrun_nproc=2)
+    status = _status(results)
     assert code == 1
     assert {k for k, s in status.items() if s == "FAIL"} == {(m, "cp2+m2") for m in GLOBAL_COUNT_MODES}
-    assert "FAIL token_mean @ cp2+m2" in stdout and "SELF-TEST" in stdout
+    assert "FAIL ppo_clip token_mean @ cp2+m2" in stdout and "SELF-TEST" in stdout
+
+
+@pytest.mark.slow
+def test_injected_cp_shard_sequence_ratio_fails_where_cp_gt_1(tmp_path):
+    # GSPO's / GMPO's per-sequence ratio from the local CP shard only: wrong at cp2 for the sequence-level
+    # losses; at dp2 the shard is the whole row, and cispo (token level) has no sequence ratio.
+    argv = ["--layouts", "cp2+m2 dp2+m2", "--inject-bug", "cp_shard_sequence_ratio", "--policy-loss",
+            "gspo,gmpo,cispo", "--modes", "token_mean", "seq_mean_token_mean"]
+    code, stdout, results = _audit(tmp_path, argv)
+    assert code == 1 and len(results) == 3 * 2 * 2, stdout
+    failed = {(r["policy_loss"], r["mode"], r["layout"]) for r in results if r["status"] == "FAIL"}
+    assert failed == {(loss, m, "cp2+m2") for loss in ("gspo", "gmpo")
+                      for m in ("token_mean", "seq_mean_token_mean")}, stdout
+    assert "FAIL gspo seq_mean_token_mean @ cp2+m2" in stdout and "SELF-TEST" in stdout

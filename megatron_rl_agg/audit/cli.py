@@ -11,6 +11,7 @@ from megatron_rl_agg.audit.plan import AUDIT_BUGS, DEFAULT_LAYOUTS, SAME, _plan
 from megatron_rl_agg.audit.runner import _launch, _worker
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS
 from megatron_rl_agg.core.config import KL_ESTIMATORS
+from megatron_rl_agg.core.policy_losses import POLICY_LOSSES
 from megatron_rl_agg.mcore.spec import MOE_TOKEN_DISPATCHERS
 
 __all__ = ["add_audit_args", "check_invariance"]
@@ -27,13 +28,19 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--modes", nargs="+", default=["all"], metavar="MODE",
                    help="aggregation modes (aliases accepted) or 'all' (default): "
                         + ", ".join(LOSS_AGGREGATIONS))
+    g.add_argument("--policy-loss", nargs="+", default=["ppo_clip"], metavar="LOSS",
+                   help="policy losses to audit, separated by ',', ';' or spaces (aliases accepted), or 'all': "
+                        + ", ".join(POLICY_LOSSES) + " (default: ppo_clip); each runs with its paper defaults "
+                        "at every layout and mode; with --modes all a sequence-level loss skips the modes it "
+                        "refuses (listed), with named --modes such a combination is an error")
     g.add_argument("--tolerance", type=float, default=None,
                    help="largest relative gradient difference that passes "
                         "(default 1e-4, or 5e-2 with --bf16)")
     g.add_argument("--inject-bug", choices=AUDIT_BUGS, default=None,
                    help="SELF-TEST OF THE AUDIT ONLY: inject a wrong correction factor and expect FAIL rows "
                         "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1; "
-                        "cp_token_count: layouts with cp > 1)")
+                        "cp_token_count: layouts with cp > 1; cp_shard_sequence_ratio: the sequence-level losses at "
+                        "layouts with cp > 1)")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="run every layout with Megatron's calculate_per_token_loss=True (the loss returns "
                         "the 3-tuple (loss, num_tokens, report))")

@@ -3,8 +3,10 @@ micro-batches, so that the audit must print FAIL rows (see :mod:`megatron_rl_agg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+import types
+from typing import Iterator, Optional
 
 import torch
 
@@ -15,6 +17,13 @@ from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfig, mbs: int) -> None:
     """Apply the ``--inject-bug`` self-test to the prepared micro-batches (in place)."""
     if bug is None:
+        return
+    if bug == "cp_shard_sequence_ratio":
+        # The count half of the shard-local ratio (the numerator half is :func:`_injected_forward`): each
+        # row's loss tokens on THIS CP shard instead of the full row's.
+        for mb in micro_batches:
+            if "row_tokens" in mb:
+                mb["row_tokens"] = mb["loss_mask"].sum(-1).to(torch.float64)
         return
     if bug == "kl_times_microbatches":
         wrong = dataclasses.replace(cfg, kl_coef=cfg.kl_coef * len(micro_batches))
@@ -43,3 +52,23 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
                           dtype=torch.float64)
         for k, mb in enumerate(micro_batches):
             mb[key] = split_for_cp_rank(w[k * mbs:(k + 1) * mbs], cp_size, cp_rank, dim=1)
+
+
+@contextlib.contextmanager
+def _injected_forward(bug: Optional[str]) -> Iterator[None]:
+    """Around the layout's forward-backward: with ``cp_shard_sequence_ratio`` the per-sequence log-ratio
+    numerators of the sequence-level losses (GSPO, GSPO-token, GMPO) are NOT summed over the CP group, so,
+    with the shard counts planted by :func:`_inject`, every CP rank uses the mean log-ratio of its own
+    shard (the mistake of a GSPO that does not reduce over context parallelism). At cp1 the shard is the
+    row and nothing changes. Other bugs: nothing."""
+    if bug != "cp_shard_sequence_ratio":
+        yield
+        return
+    from megatron_rl_agg.mcore import sequence_ratio
+
+    real = sequence_ratio.dist
+    sequence_ratio.dist = types.SimpleNamespace(all_reduce_sum_differentiable=lambda tensor, group: tensor)
+    try:
+        yield
+    finally:
+        sequence_ratio.dist = real

@@ -13,13 +13,14 @@ from typing import Sequence
 
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS, resolve_aggregation
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig, resolve_term_aggregation
+from megatron_rl_agg.core.policy_losses import POLICY_LOSSES, SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.spec import GPTSpec
 from megatron_rl_agg.parallel.layout import parse_layouts
 from megatron_rl_agg.core.validate import positive_int
 
 __all__ = ["AUDIT_BUGS", "DEFAULT_LAYOUTS"]
 
-AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count")
+AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count", "cp_shard_sequence_ratio")
 DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 
@@ -37,12 +38,58 @@ def _resolve_modes(names: Sequence[str]) -> list[str]:
     return modes
 
 
+def _resolve_policy_losses(names: Sequence[str]) -> list[str]:
+    """The ``--policy-loss`` list (separated by ',', ';' or spaces; 'all' for every registered loss), each
+    name resolved by the registry's lookup (aliases accepted; an unknown name lists the valid ones)."""
+    if any(n.strip().lower() == "all" for n in names):
+        return list(POLICY_LOSSES)
+    losses: list[str] = []
+    for name in names:
+        for piece in re.split(r"[\s,;]+", name.strip()):
+            if not piece:
+                continue
+            try:
+                loss = get_policy_loss(piece).name
+            except ValueError as err:
+                raise ValueError(f"--policy-loss: {err}") from None
+            if loss not in losses:
+                losses.append(loss)
+    if not losses:
+        raise ValueError(f"--policy-loss: no loss given in {list(names)!r}; valid: all, "
+                         f"{', '.join(POLICY_LOSSES)}")
+    return losses
+
+
+def _pairs(losses: Sequence[str], modes: Sequence[str],
+           explicit_modes: bool, horizon: int) -> tuple[list, list]:
+    """``(pairs, refused)``: the audited ``(loss, mode)`` pairs and ``"loss x mode: reason"`` for each
+    combination ``LossConfig`` refuses (a sequence-level loss with a length-weighting mode). A refused
+    combination is an error when the user named the modes, a listed skip under ``--modes all``."""
+    pairs, refused = [], []
+    for loss in losses:
+        for mode in modes:
+            try:
+                LossConfig(loss_aggregation=mode, policy_loss=loss, max_response_length=horizon)
+            except ValueError as err:
+                if explicit_modes:
+                    raise ValueError(f"--policy-loss {loss} with --modes {mode}: {err}") from None
+                refused.append(f"{loss} x {mode}: {err}")
+                continue
+            pairs.append((loss, mode))
+    return pairs, refused
+
+
 @dataclasses.dataclass(kw_only=True)
 class _Plan:
     """Validated audit settings shared by the launcher and the workers."""
 
     layouts: list
     modes: list
+    policy_losses: list
+    pairs: list
+    """``(policy loss, mode)`` pairs audited, losses in ``--policy-loss`` order."""
+    refused: list
+    """``"loss x mode: reason"`` of the combinations skipped under ``--modes all``."""
     tolerance: float
     kl_aggregation: str
     entropy_aggregation: str
@@ -53,6 +100,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     """Validate every flag before any process is started (a worker error would strand its peers)."""
     layouts = parse_layouts(args.layouts)
     modes = _resolve_modes(args.modes)
+    losses = _resolve_policy_losses(args.policy_loss)
     for flag in ("kl_aggregation", "entropy_aggregation"):
         value = getattr(args, flag)
         if value.strip().lower() != SAME:
@@ -68,6 +116,11 @@ def _plan(args: argparse.Namespace) -> _Plan:
                              f"got {getattr(args, flag)}")
     if args.inject_bug == "kl_times_microbatches" and args.kl_coef == 0:
         raise ValueError("--inject-bug kl_times_microbatches scales the KL term: it needs --kl-coef > 0")
+    sequence_level = [n for n in POLICY_LOSSES if POLICY_LOSSES[n].level == SEQUENCE]
+    if args.inject_bug == "cp_shard_sequence_ratio" and not set(losses) & set(sequence_level):
+        raise ValueError("--inject-bug cp_shard_sequence_ratio corrupts the per-sequence ratio of a "
+                         f"sequence-level loss: add one of {', '.join(sequence_level)} to --policy-loss "
+                         f"(got {', '.join(losses)})")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"--tolerance must be > 0, got {tolerance}")
@@ -107,7 +160,12 @@ def _plan(args: argparse.Namespace) -> _Plan:
                 f"layout {name}: the interleaved schedule needs m to be a multiple of pp = {lay.pp}")
     horizon = args.max_response_length if args.max_response_length is not None else args.seq_length
     positive_int(horizon, "--max-response-length", must=">= 1")
-    return _Plan(layouts=layouts, modes=modes, tolerance=tolerance,
+    explicit = not any(n.strip().lower() == "all" for n in args.modes)
+    pairs, refused = _pairs(losses, modes, explicit, horizon)
+    if not pairs:
+        raise ValueError(f"no policy loss x mode pair to audit: {'; '.join(refused)}")
+    return _Plan(layouts=layouts, modes=modes, policy_losses=losses, pairs=pairs, refused=refused,
+                 tolerance=tolerance,
                  kl_aggregation=args.kl_aggregation.strip().lower(),
                  entropy_aggregation=args.entropy_aggregation.strip().lower(), max_response_length=horizon)
 
@@ -119,8 +177,9 @@ def _term_mode(choice: str, mode: str) -> str:
     return resolve_term_aggregation(choice)
 
 
-def _loss_config(plan: _Plan, args: argparse.Namespace, mode: str) -> LossConfig:
-    return LossConfig(loss_aggregation=mode, max_response_length=plan.max_response_length,
+def _loss_config(plan: _Plan, args: argparse.Namespace, mode: str, policy_loss: str = "ppo_clip") -> LossConfig:
+    """The audited configuration of ``(policy_loss, mode)``: the loss's paper defaults for its parameters."""
+    return LossConfig(loss_aggregation=mode, policy_loss=policy_loss, max_response_length=plan.max_response_length,
                       kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
                       kl_aggregation=_term_mode(plan.kl_aggregation, mode),
                       entropy_aggregation=_term_mode(plan.entropy_aggregation, mode))

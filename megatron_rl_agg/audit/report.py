@@ -39,20 +39,23 @@ def relative_grad_diff(got: dict, ref: dict) -> tuple[float, str]:
     return worst, worst_key
 
 
-def format_table(results: Sequence[dict], layouts: Sequence[str], modes: Sequence[str], tolerance: float,
-                 inject_bug: Optional[str] = None) -> str:
-    """The mode x layout table: each cell is the relative difference and PASS/FAIL (``-`` if not run)."""
-    cell = {(r["mode"], r["layout"]): r for r in results}
+def format_table(results: Sequence[dict], layouts: Sequence[str], pairs: Sequence[tuple[str, str]],
+                 tolerance: float, inject_bug: Optional[str] = None) -> str:
+    """The (policy loss, mode) x layout table: each cell is the relative difference and PASS/FAIL (``-`` if
+    not run). ``results`` carry ``policy_loss``, ``mode``, ``layout``, ``rel_diff``, ``status``,
+    ``worst_param``."""
+    cell = {(r["policy_loss"], r["mode"], r["layout"]): r for r in results}
     width = max(12, *(len(n) for n in layouts))
-    head = f"{'mode':<24}" + "".join(f" | {n:<{width}}" for n in layouts)
+    lw = max(11, *(len(loss) for loss, _ in pairs)) if pairs else 11
+    head = f"{'policy loss':<{lw}} {'mode':<24}" + "".join(f" | {n:<{width}}" for n in layouts)
     lines = [f"max relative gradient difference vs the single-process reference (tolerance {tolerance:.0e})"]
     if inject_bug:
         lines.append(f"SELF-TEST: bug {inject_bug!r} injected on purpose; FAIL rows are expected")
     lines += [head, "-" * len(head)]
-    for mode in modes:
-        row = f"{mode:<24}"
+    for loss, mode in pairs:
+        row = f"{loss:<{lw}} {mode:<24}"
         for name in layouts:
-            r = cell.get((mode, name))
+            r = cell.get((loss, mode, name))
             text = "-" if r is None else f"{r['rel_diff']:.1e} {r['status']}"
             row += f" | {text:<{width}}"
         lines.append(row)
@@ -63,7 +66,7 @@ def format_table(results: Sequence[dict], layouts: Sequence[str], modes: Sequenc
                      "their reference follows each layout's micro-batch split.")
     lines.append(f"{len(results) - len(fails)} PASS, {len(fails)} FAIL")
     for r in fails:
-        lines.append(f"  FAIL {r['mode']} @ {r['layout']}: {r['rel_diff']:.3e} at {r['worst_param']}")
+        lines.append(f"  FAIL {r['policy_loss']} {r['mode']} @ {r['layout']}: {r['rel_diff']:.3e} at {r['worst_param']}")
     return "\n".join(lines)
 
 
@@ -76,13 +79,16 @@ def exit_status(results: Sequence[dict]) -> int:
 
 def _report(args, plan: _Plan, results: list, skipped: list, seconds: float) -> int:
     names = [str(lay) for lay in plan.layouts]
-    print(format_table(results, [n for n in names if any(r["layout"] == n for r in results)], plan.modes,
+    print(format_table(results, [n for n in names if any(r["layout"] == n for r in results)], plan.pairs,
                        plan.tolerance, args.inject_bug))
+    for item in plan.refused:
+        print(f"not audited (refused by the loss configuration): {item}")
     for item in skipped:
         print(f"skipped: {item}")
-    print(f"checked {len(results)} mode x layout pairs in {seconds:.1f} s")
+    print(f"checked {len(results)} (policy loss, mode) x layout cells in {seconds:.1f} s")
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as fh:
             json.dump({"tolerance": plan.tolerance, "inject_bug": args.inject_bug, "modes": plan.modes,
+                       "policy_losses": plan.policy_losses, "refused": plan.refused,
                        "layouts": names, "skipped": skipped, "results": results}, fh, indent=1)
     return exit_status(results)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.audit.batch import make_batch
-from megatron_rl_agg.audit.inject import _inject
+from megatron_rl_agg.audit.inject import _inject, _injected_forward
 from megatron_rl_agg.audit.plan import _loss_config, _model_spec, _Plan, _term_mode
 from megatron_rl_agg.audit.report import FAIL, PASS, _report, exit_status, relative_grad_diff
 from megatron_rl_agg.core.aggregation import aggregate
@@ -27,7 +27,7 @@ from megatron_rl_agg.parallel.layout import Layout
 def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path: str) -> list[str]:
     """The flags of this run, spelled out, for the torchrun workers (one process count per launch)."""
     argv = ["check-invariance", "--layouts", " ".join(str(lay) for lay in layouts),
-            "--modes", *args.modes, "--json", json_path, "--seed", str(args.seed),
+            "--modes", *args.modes, "--policy-loss", *args.policy_loss, "--json", json_path, "--seed", str(args.seed),
             "--kl-estimator", args.kl_estimator, "--kl-aggregation", args.kl_aggregation,
             "--entropy-aggregation", args.entropy_aggregation]
     for flag in ("tolerance", "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
@@ -103,12 +103,13 @@ def _worker(args: argparse.Namespace, plan: _Plan) -> int:
     for lay in layouts:
         t0 = time.perf_counter()
         grads = _layout_grads(args, plan, spec, batch, lay)
-        for mode in plan.modes:
-            ref_key = _reference_key(plan, mode, args.batch_size, lay)
-            rel, where = relative_grad_diff(grads[mode], reference[ref_key])
-            results.append({"mode": mode, "layout": str(lay), "rel_diff": rel, "worst_param": where,
+        for loss, mode in plan.pairs:
+            ref_key = _reference_key(plan, loss, mode, args.batch_size, lay)
+            rel, where = relative_grad_diff(grads[(loss, mode)], reference[ref_key])
+            results.append({"policy_loss": loss, "mode": mode, "layout": str(lay), "rel_diff": rel,
+                            "worst_param": where,
                             "status": PASS if rel <= plan.tolerance else FAIL,
-                            "per_layout_reference": ref_key[1] is not None,
+                            "per_layout_reference": ref_key[2] is not None,
                             "seconds": round(time.perf_counter() - t0, 3)})
         if rank == 0:
             print(f"[check-invariance] {lay}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -126,18 +127,21 @@ def _per_microbatch(plan: _Plan, mode: str) -> bool:
                                                               _term_mode(plan.entropy_aggregation, mode))
 
 
-def _reference_key(plan: _Plan, mode: str, batch_size: int, lay: Layout) -> tuple[str, Optional[int]]:
-    """``(mode, micro-batch rows)``; the rows only matter for per-micro-batch terms."""
-    return mode, (batch_size // (lay.data_parallel_size * lay.num_microbatches) if _per_microbatch(plan, mode)
+def _reference_key(plan: _Plan, loss: str, mode: str, batch_size: int,
+                   lay: Layout) -> tuple[str, str, Optional[int]]:
+    """``(policy loss, mode, micro-batch rows)``; the rows only matter for per-micro-batch terms."""
+    return loss, mode, (batch_size // (lay.data_parallel_size * lay.num_microbatches) if _per_microbatch(plan, mode)
                   else None)
 
 
 def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Layout]) -> dict:
-    """Single-process reference gradients ``{(mode, rows or None): {key: grad}}``.
+    """Single-process reference gradients ``{(policy loss, mode, rows or None): {key: grad}}``.
 
     Built on every rank at tp = pp = 1 WITHOUT DDP: plain autograd through the full model on the whole
     mini-batch, the objective written from the definitions (``aggregate`` on full-vocabulary
-    log-probs/entropy). Also fills ``batch["old_logprobs"]`` / ``batch["ref_logprobs"]``: the current
+    log-probs/entropy; the policy term from :mod:`megatron_rl_agg.core.policy_losses`, a sequence-level
+    loss's per-row mean log-ratio taken over the FULL row's loss tokens with ``sequence_mean``: no CP
+    shard, no micro-batch split). Also fills ``batch["old_logprobs"]`` / ``batch["ref_logprobs"]``: the current
     log-probs plus fixed noise (so PPO ratios straddle the clip range), broadcast from rank 0.
     """
     import torch.distributed as torch_dist
@@ -145,7 +149,7 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     from megatron_rl_agg.mcore import compat
     from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
     from megatron_rl_agg.core.kl import kl_estimate
-    from megatron_rl_agg.core.policy_losses import ppo_clipped_surrogate
+    from megatron_rl_agg.core.policy_losses import SEQUENCE, clamped_log_ratio, get_policy_loss, sequence_mean
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
 
@@ -166,10 +170,12 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
         torch_dist.broadcast(ref, src=0)
     batch["old_logprobs"], batch["ref_logprobs"] = old, ref
 
-    keys = {_reference_key(plan, mode, args.batch_size, lay) for mode in plan.modes for lay in layouts}
+    keys = {_reference_key(plan, loss, mode, args.batch_size, lay) for loss, mode in plan.pairs
+            for lay in layouts}
     out = {}
-    for mode, rows in sorted(keys, key=lambda k: (k[0], k[1] or 0)):
-        cfg = _loss_config(plan, args, mode)
+    for name, mode, rows in sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0)):
+        cfg = _loss_config(plan, args, mode, name)
+        policy, params = get_policy_loss(name), cfg.policy_loss_params
 
         def agg(values, term_mode):
             if term_mode in (MICROBATCH_MEAN, "token_mean_legacy"):
@@ -180,8 +186,11 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
         model.zero_grad(set_to_none=True)
         logits = model(tokens, positions, None).float()
         logp = logprobs_from_logits(logits, batch["labels"])
-        pg, _, _ = ppo_clipped_surrogate(logp, old, batch["advantages"], clip_eps_low=cfg.clip_eps_low,
-                                         clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c)
+        seq = None
+        if policy.level == SEQUENCE:      # s_i from the mean over row i's loss tokens (full rows)
+            seq = sequence_mean(policy.seq_token_log_ratio(clamped_log_ratio(logp, old), batch["advantages"],
+                                                           **params), mask)
+        pg = policy(logp, old, batch["advantages"], seq_log_ratio=seq, **params)[0]
         objective = agg(pg, mode)
         if cfg.kl_coef > 0:
             kl = kl_estimate(logp, ref, cfg.kl_estimator)
@@ -190,14 +199,14 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
             entropy = entropy_from_logits(logits)
             objective = objective - cfg.entropy_coef * agg(entropy, cfg.entropy_aggregation)
         objective.backward()
-        out[(mode, rows)] = gather_full_grads(chunks)
+        out[(name, mode, rows)] = gather_full_grads(chunks)
     del chunks, model
     compat.destroy_model_parallel()
     return out
 
 
 def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
-    """``{mode: {key: grad}}`` after one forward-backward of the plugin's loss in layout ``lay``."""
+    """``{(policy loss, mode): {key: grad}}`` after one forward-backward of the plugin's loss in layout ``lay``."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -220,17 +229,19 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     local = {k: batch[k][dp_rank * rows:(dp_rank + 1) * rows] for k in keys}
     forward_backward = get_forward_backward_func()
     out = {}
-    for mode in plan.modes:
-        cfg = _loss_config(plan, args, mode)
+    for name, mode in plan.pairs:
+        cfg = _loss_config(plan, args, mode, name)
         for chunk in chunks:
             chunk.zero_grad_buffer()
         micro_batches = prepare_microbatches(local, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
                                              calculate_per_token_loss=flag)
         _inject(args.inject_bug, micro_batches, local, cfg, mbs)
         iters = [iter(micro_batches) for _ in chunks]
-        forward_backward(forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
-                         model=chunks, num_microbatches=len(micro_batches), seq_length=args.seq_length,
-                         micro_batch_size=mbs, forward_only=False)
-        out[mode] = gather_full_grads(chunks)
+        with _injected_forward(args.inject_bug):
+            forward_backward(forward_step_func=forward_step,
+                             data_iterator=iters if len(chunks) > 1 else iters[0], model=chunks,
+                             num_microbatches=len(micro_batches), seq_length=args.seq_length,
+                             micro_batch_size=mbs, forward_only=False)
+        out[(name, mode)] = gather_full_grads(chunks)
     del chunks
     return out

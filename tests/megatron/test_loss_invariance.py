@@ -164,19 +164,25 @@ def test_context_parallel_and_per_token_loss_layouts_are_covered(runs):
     assert {"cp2+m4", "cp2+m4:flag"} <= {text for _, text, _ in layouts("kl")}
 
 
-def policy_layouts():
-    return [(nproc, text) for nproc in NPROCS for text, _ in worker.POLICY_LAYOUTS[nproc]]
+def policy_layouts(config=None):
+    extra = config in worker.SEQUENCE_POLICY_CONFIGS
+    return [(nproc, text) for nproc in NPROCS for text, _ in
+            worker.POLICY_LAYOUTS[nproc] + (worker.SEQUENCE_POLICY_LAYOUTS[nproc] if extra else [])]
 
 
 @pytest.mark.parametrize("config", list(worker.POLICY_CONFIGS))
 def test_every_policy_loss_gradient_equal_at_every_layout(runs, config):
-    """Each registered loss x token_mean / seq_mean_token_mean at M4, DP2, TP2, CP2 and CP2 with
-    calculate_per_token_loss: the gradient of the one-process, one-micro-batch run (rel 1e-5), and the
-    reported policy loss equals the whole-batch objective from full-vocabulary log-probs."""
+    """Each registered loss x token_mean / seq_mean_token_mean (and gspo / cispo x prompt_mean, cispo x
+    seq_mean_token_sum_norm) at M4, DP2, TP2, CP2 and CP2 with calculate_per_token_loss, gspo / gmpo and the
+    added modes also at PP2 and CP2 x DP2: the gradient of the one-process, one-micro-batch run (rel 1e-5),
+    and the reported policy loss equals the whole-batch objective from full-vocabulary log-probs."""
     ref = result(runs, 1, "pl", REF_LAYOUT, config)
     assert max(float(g.abs().max()) for g in ref["grads"].values()) > 0
     expected = load_result(runs[1][0], "reference")[f"pl/{config}"]
-    for nproc, layout in policy_layouts():
+    layouts_run = policy_layouts(config)
+    if config.split(".")[0] in ("gspo", "gmpo"):
+        assert {"pp2+m4", "cp2+dp2+m2"} <= {text for _, text in layouts_run}
+    for nproc, layout in layouts_run:
         got = result(runs, nproc, "pl", layout, config)
         rel, key = max_rel_diff(got["grads"], ref["grads"])
         assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"

@@ -31,7 +31,7 @@ from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 pytestmark = pytest.mark.slow
 
 WORKER = pathlib.Path(__file__).with_name("worker_packing.py")
-MODES = ("token_mean", "seq_mean_token_mean")
+MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean")   # worker_packing.MODES
 TOL = 1e-6
 SINGLE = ["tp1", "tp1:abs"]
 TWO = ["tp2", "pp2:abs", "pp2+vpp2:fixed"]

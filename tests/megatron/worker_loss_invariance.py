@@ -15,6 +15,10 @@ state between layouts):
   ``dp2+m2``; the TP2 vocab-parallel log-prob/entropy checks against the full-logit reference (the
   separate functions and the fused kernel loss_func uses, with its collective count); the
   context-parallel refusal.
+* the policy losses (``POLICY_CONFIGS``, tag ``pl``): every loss x token_mean / seq_mean_token_mean and
+  gspo / cispo x prompt_mean, cispo x seq_mean_token_sum_norm at ``dp1+m1``, ``dp1+m4``, ``dp2+m2``,
+  ``tp2``, ``cp2+m4`` (also with calculate_per_token_loss); gspo, gmpo and the added modes also at
+  ``pp2+m4`` (2 processes) and ``cp2+dp2+m2`` (4 processes).
 
 For every layout and loss configuration it prepares the rank's share of the SAME global mini-batch with
 ``prepare_microbatches``, runs one forward-backward through ``get_forward_backward_func()`` with the
@@ -102,8 +106,19 @@ POLICY_PARAMS = {"gspo": dict(clip_eps_low=0.1, clip_eps_high=0.15),
                  "dppo_tv": dict(dppo_tv_delta=0.005), "dppo_kl": dict(dppo_kl_delta=0.001)}
 POLICY_CONFIGS = {f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name, **params)
                   for name, params in POLICY_PARAMS.items() for mode in ("token_mean", "seq_mean_token_mean")}
+# prompt_mean for a sequence-level and a token-level loss (prompt groups straddle ranks and micro-batches),
+# seq_mean_token_sum_norm for the token-level one (the sequence-level losses refuse it).
+POLICY_CONFIGS.update({f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name,
+                                                    max_response_length=HORIZON, **POLICY_PARAMS[name])
+                       for name, mode in (("gspo", "prompt_mean"), ("cispo", "prompt_mean"),
+                                          ("cispo", "seq_mean_token_sum_norm"))})
 POLICY_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)], 2: [("dp2+m2", 2), ("tp2", 8), ("cp2+m4", 2),
                                                           ("cp2+m4:flag", 2)], 4: []}
+# PP2 and CP2 x DP2 for the sequence-level losses (their per-row ratio on the last stage / summed over the
+# CP group of each DP rank) and the new modes.
+SEQUENCE_POLICY_CONFIGS = [name for name in POLICY_CONFIGS if name.split(".")[0] in ("gspo", "gmpo")] + [
+    "cispo.prompt_mean", "cispo.seq_mean_token_sum_norm"]
+SEQUENCE_POLICY_LAYOUTS = {1: [], 2: [("pp2+m4", 2)], 4: [("cp2+dp2+m2", 2)]}
 
 # A ":flag" suffix runs the layout with calculate_per_token_loss=True (Megatron's 3-tuple contract).
 LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)],
@@ -246,7 +261,8 @@ def reference_objectives(out_dir, batch):
             seq = sequence_mean(loss.seq_token_log_ratio(clamped_log_ratio(logp, old), adv,
                                                          **cfg.policy_loss_params), mask)
         pg = loss(logp, old, adv, seq_log_ratio=seq, **cfg.policy_loss_params)[0]
-        out[f"pl/{name}"] = float(aggregate(pg, mask, cfg.loss_aggregation))
+        out[f"pl/{name}"] = float(aggregate(pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES,
+                                            max_response_length=HORIZON))
     kl = kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
     out["kl_token_mean"] = float(aggregate(kl, mask, "token_mean"))
     out["entropy_token_mean"] = float(aggregate(ent, mask, "token_mean"))
@@ -366,6 +382,8 @@ def run(argv):
     batch = make_batch(ROW_TOKENS)
     run_layouts(out_dir, LAYOUTS[world], CONFIGS, batch, "pg")
     run_layouts(out_dir, POLICY_LAYOUTS[world], POLICY_CONFIGS, batch, "pl")
+    run_layouts(out_dir, SEQUENCE_POLICY_LAYOUTS[world],
+                {name: POLICY_CONFIGS[name] for name in SEQUENCE_POLICY_CONFIGS}, batch, "pl")
     kl_batch = make_batch(EQUAL_TOKENS, seed=SEED + 1)
     kl_batch["advantages"] = torch.zeros(len(EQUAL_TOKENS))
     run_layouts(out_dir, KL_LAYOUTS[world], KL_CONFIGS, kl_batch, "kl")

@@ -51,7 +51,15 @@ from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec  # no
 from megatron_rl_agg.mcore.packing import unpack  # noqa: E402
 
 SEED = 4321
-MODES = ("token_mean", "seq_mean_token_mean")
+MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean")
+"""Aggregation modes with the PPO clipped surrogate, and ``loss.mode``: GSPO (per-sequence ratio from the
+segment sums of each pack, clip bounds that clip some sequences) in the paper's per-sequence mean."""
+
+
+def loss_config(name: str) -> LossConfig:
+    loss, _, mode = name.rpartition(".")
+    extra = dict(policy_loss=loss, clip_eps_low=0.05, clip_eps_high=0.05) if loss else {}
+    return LossConfig(loss_aggregation=mode, kl_coef=0.05, entropy_coef=0.01, **extra)
 SEQ_LEN = 16
 # Real tokens per row (prompt 3 + response); row 5 has no response (fully masked), rows differ in
 # length so that packing moves every row but the first.
@@ -161,7 +169,7 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     batch = make_batch()
     result = {}
     for mode in MODES:
-        cfg = LossConfig(loss_aggregation=mode, kl_coef=0.05, entropy_coef=0.01)
+        cfg = loss_config(mode)
         padded = prepare_microbatches(batch, cfg, MICRO_BATCH_SIZE,
                                       dp_group=parallel_state.get_data_parallel_group())
         packed = pack_microbatches(padded, equal_length=fixed)

@@ -70,6 +70,9 @@ def worker_jobs(tmp):
         {"name": "off_vpp", "argv": offline + ["--train-iters", "2", "--load", ck2,
                                                "--pipeline-model-parallel-size", "2",
                                                "--num-layers-per-virtual-pipeline-stage", "1"]},
+        # off-policy (the file's behaviour log-probs): a DPPO trust region tight enough to mask some tokens
+        {"name": "off_dppo_tv", "argv": offline + ["--train-iters", "1", "--policy-loss", "dppo_tv",
+                                                   "--dppo-tv-delta", "0.01"]},
         {"name": "off_cp2", "argv": offline + ["--train-iters", "2", "--load", ck2,
                                                "--context-parallel-size", "2", "--calculate-per-token-loss"]},
     ]
@@ -158,8 +161,17 @@ def test_every_policy_loss_has_ratio_one_on_policy(runs, name):
     second mini-batch's recorded behaviour log-probs give ratio 1 (nothing clipped or masked)."""
     _, results = runs
     (step,) = results[f"loss_{name}"]
-    assert abs(step["ppo_kl"]) < 1e-6 and step["clip_frac"] == 0.0
+    assert abs(step["ppo_kl"]) < 1e-6 and step["clip_frac"] == 0.0 and step["masked_frac"] == 0.0
     assert step["num_tokens"] > 0 and step["grad_norm"] > 0
+
+
+def test_dppo_masked_fraction_reaches_the_metrics_line(runs):
+    """Off policy (the file's behaviour log-probs), a TV trust region of 0.01 masks some tokens but not all:
+    the line's masked_frac is the loss function's fraction (the on-policy 0 above is not a missing value)."""
+    _, results = runs
+    (step,) = results["off_dppo_tv"]
+    assert 0.0 < step["masked_frac"] < 1.0, step
+    assert step["clip_frac"] == 0.0 and abs(step["ppo_kl"]) > 1e-3
 
 
 def test_reference_policy_defaults_to_initial_weights_or_ref_load(runs):

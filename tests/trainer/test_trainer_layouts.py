@@ -59,6 +59,10 @@ LAYOUT_MODES = {
     "cp2flag": ["token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"],
     "dp2flag": ["token_sum", "seq_mean_token_mean", "seq_mean_token_sum"],
 }
+# The sequence-level losses whose per-sequence ratio spans CP shards and TP's vocabulary split: step 1
+# (on policy, T = 0.7) at three layouts, the paper's per-sequence mean.
+SEQUENCE_LOSSES = ("gspo", "gmpo")
+SEQUENCE_LOSS_LAYOUTS = ("dp2", "cp2", "tp2")
 # the overlong policies, with one mode per kind of count a dropped row changes: tokens, rows, groups
 POLICY_MODES = ("token_mean", "seq_mean_token_mean", "prompt_mean")
 # MoE (4 experts, top-2, aux loss on): every layout cuts the 16 rows into the same four micro-batches of
@@ -143,6 +147,10 @@ def worker_jobs(tmp):
             argv = _argv(tmp / "r_is.jsonl", "token_mean", flags + ["--recompute-logprobs", *is_flags])
             argv[argv.index("--train-iters") + 1] = "3"
             (plan2 if nproc == 2 else plan1).append({"name": f"is/{key}/{name}", "argv": argv})
+    for loss in SEQUENCE_LOSSES:
+        for name in SEQUENCE_LOSS_LAYOUTS:
+            flags = LAYOUTS[name][1] + ["--policy-loss", loss, "--temperature", "0.7"]
+            plan2.append({"name": f"{loss}/{name}", "argv": _argv(tmp / "r.jsonl", "seq_mean_token_mean", flags)})
     for name, (nproc, flags) in MOE_LAYOUTS.items():
         (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
                                                  "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
@@ -226,6 +234,22 @@ def test_step1_grad_norm_is_layout_invariant(runs, mode):
     losses = {name: results[f"{mode}/{name}"][0]["policy_loss"] for name in names}
     for value in losses.values():
         assert value == pytest.approx(losses["dp1m4"], rel=1e-5, abs=1e-7), losses
+
+
+@pytest.mark.parametrize("loss", SEQUENCE_LOSSES)
+def test_sequence_level_loss_step1_is_layout_invariant(runs, loss):
+    """--policy-loss gspo / gmpo --temperature 0.7: step-1 grad_norm and policy loss agree across dp2, cp2
+    (each row's mean log-ratio summed over the CP group) and tp2; on policy nothing is clipped or masked
+    and the loss is -(1/G) sum_i A_i (every sequence ratio 1)."""
+    rows, results = runs
+    lines = {name: results[f"{loss}/{name}"][0] for name in SEQUENCE_LOSS_LAYOUTS}
+    ref = lines["dp2"]
+    assert ref["grad_norm"] > 0
+    for name, line in lines.items():
+        assert line["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (name, lines)
+        assert line["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "seq_mean_token_mean", "keep"),
+                                                    rel=1e-6, abs=1e-7), name
+        assert abs(line["ppo_kl"]) < 1e-6 and line["clip_frac"] == 0.0 and line["masked_frac"] == 0.0, name
 
 
 def test_legacy_mode_depends_on_the_micro_batch_split(runs):

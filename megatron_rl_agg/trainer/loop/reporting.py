@@ -12,7 +12,8 @@ __all__ = ["MetricsLogger", "METRIC_KEYS"]
 
 # Keys every metrics line carries (the trainer may add more). Documented in docs/training.md.
 METRIC_KEYS = (
-    "step", "policy_loss", "kl_loss", "entropy", "entropy_loss", "loss", "grad_norm", "clip_frac", "ppo_kl",
+    "step", "policy_loss", "kl_loss", "entropy", "entropy_loss", "loss", "grad_norm", "clip_frac", "masked_frac",
+    "ppo_kl",
     "reward_mean", "response_length", "num_rows", "num_groups", "num_partial_groups", "num_dropped_groups",
     "num_failed_samples", "num_truncated", "num_tokens", "lr", "step_time_s",
 )

@@ -27,7 +27,9 @@ __all__ = ["run_update", "loss_metrics"]
 # Loss-function report names exported to the metrics line (name in the report -> metrics key).
 _LOSS_REPORT = (("policy_loss/sum", "policy_loss"), ("kl_loss/sum", "kl_loss"), ("entropy/mean", "entropy"),
                 ("entropy_loss/sum", "entropy_loss"), ("loss/sum", "loss"), ("clip_frac/mean", "clip_frac"),
-                ("ppo_kl/mean", "ppo_kl"), ("num_tokens/sum", "num_tokens"))
+                ("ppo_kl/mean", "ppo_kl"), ("masked_frac/mean", "masked_frac"), ("num_tokens/sum", "num_tokens"))
+# masked_frac: the DPPO losses' fraction of loss tokens outside the trust region (no gradient); the other
+# losses mask no token, so their reports carry no masked_frac and the line reads 0 (the true fraction).
 # With behaviour log-probs (--recompute-logprobs): the off-policy correction's metrics (docs/off_policy.md).
 _IS_REPORT = (("mismatch_kl_k1/mean", "mismatch_kl_k1"), ("mismatch_kl_k3/mean", "mismatch_kl_k3"),
               ("is_weight/mean", "is_weight_mean"), ("is_weight/max", "is_weight_max"),
