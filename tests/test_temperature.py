@@ -105,8 +105,8 @@ def test_recorded_behaviour_logprobs_give_ratio_one(mcore, temperature):
     with torch.no_grad():     # larger weights, so that log softmax(z / T) depends on T visibly
         for p in chunks[0].parameters():
             p.mul_(4.0)
-    recorded = forward.compute_logprobs(chunks, batch["tokens"], batch["labels"], 2, temperature)
-    untempered = forward.compute_logprobs(chunks, batch["tokens"], batch["labels"], 2)
+    recorded = forward.compute_logprobs(chunks, batch["tokens"], batch["labels"], 2, temperature=temperature)
+    untempered = forward.compute_logprobs(chunks, batch["tokens"], batch["labels"], 2, temperature=1.0)
     mask = batch["loss_mask"].bool()
     assert (recorded - untempered)[mask].abs().max() > 0.05          # T is not a no-op on this model
     cfg = LossConfig(loss_aggregation="token_mean", temperature=temperature)

@@ -156,14 +156,15 @@ def _label_logprobs(logits: torch.Tensor, micro_batch: dict, *, temperature: flo
 
 
 def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tensor,
-                     micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+                     micro_batch_size: int, *, temperature: float) -> torch.Tensor:
     """``[R, S]`` float32 log-probs ``log softmax(z / T)[label]`` of ``labels`` under the model, on every
     pipeline stage.
 
     Used for the frozen reference policy and for behaviour log-probs an offline file does not carry;
-    values at masked positions are meaningless and are ignored by the loss. ``temperature`` is the
-    sampling temperature ``T`` (``LossConfig.temperature``): the loss computes its log-probs from
-    ``z / T`` too, so a recorded on-policy log-prob equals the loss's (ratio exactly 1).
+    values at masked positions are meaningless and are ignored by the loss. ``temperature`` (required, no
+    default: a forgotten one would silently give log-probs of another distribution) is the sampling
+    temperature ``T`` (``LossConfig.temperature``): the loss computes its log-probs from ``z / T`` too, so a
+    recorded on-policy log-prob equals the loss's (ratio exactly 1).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")

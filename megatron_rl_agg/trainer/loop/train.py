@@ -82,7 +82,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     if tr.ref_chunks is not None:
         batch["ref_logprobs"] = reference.reference_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
                                                              tr.args.micro_batch_size,
-                                                             tr.loss_cfg.temperature)
+                                                             temperature=tr.loss_cfg.temperature)
     return batch, stats
 
 
@@ -128,19 +128,18 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
     forward pass: the same numbers, one forward pass fewer.
     """
     batches = [_local_batch(tr, step, j) for j in range(tr.args.mini_batches_per_step)]
-    if tr.args.recompute_logprobs:
-        # Decoupled PPO: the file's log-probs are the behaviour policy's; the proximal ones are the model's
-        # before the step's first update (forward only), recomputed for every mini-batch here.
-        for batch, _ in batches:
-            batch["behaviour_logprobs"] = batch["old_logprobs"]
-            batch["old_logprobs"] = forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"],
-                                                             tr.args.micro_batch_size)
-    if tr.args.mini_batches_per_step > 1:
-        for batch, _ in batches:
-            if batch["old_logprobs"] is None:
-                batch["old_logprobs"] = forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"],
-                                                                 tr.args.micro_batch_size,
-                                                                 tr.loss_cfg.temperature)
+
+    def model_logprobs(batch: dict) -> torch.Tensor:
+        # The current model's log-probs at the sampling temperature, forward only, before any update.
+        return forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"], tr.args.micro_batch_size,
+                                        temperature=tr.loss_cfg.temperature)
+
+    for batch, _ in batches:
+        if tr.args.recompute_logprobs:
+            # Decoupled PPO: the file's log-probs are the behaviour policy's, the model's the proximal ones.
+            batch["behaviour_logprobs"], batch["old_logprobs"] = batch["old_logprobs"], model_logprobs(batch)
+        elif tr.args.mini_batches_per_step > 1 and batch["old_logprobs"] is None:
+            batch["old_logprobs"] = model_logprobs(batch)
     return batches
 
 

@@ -37,7 +37,7 @@ def build_reference(spec, layer_spec, *, seed: int, init_fn=None) -> list:
 
 
 def reference_logprobs(ref_chunks: list, tokens: torch.Tensor, labels: torch.Tensor,
-                       micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+                       micro_batch_size: int, *, temperature: float) -> torch.Tensor:
     """``[R, S]`` log-probs ``log softmax(z_ref / T)[label]`` of ``labels`` under the reference policy, on
     every pipeline stage (``T`` the sampling temperature, as in the loss)."""
-    return forward.compute_logprobs(ref_chunks, tokens, labels, micro_batch_size, temperature)
+    return forward.compute_logprobs(ref_chunks, tokens, labels, micro_batch_size, temperature=temperature)
