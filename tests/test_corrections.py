@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_rl_agg.core.config import LossConfig
-from megatron_rl_agg.core.corrections import (LOSS_TOKEN, MASKED, REJECTED, TRUNCATED, behaviour_problem,
+from megatron_rl_agg.core.corrections import (LOSS_TOKEN, MASKED, REJECTED, TRUNCATED,
                                               correction_metrics, importance_weights, self_normalize)
 
 # Two rows, token ratios pi_prox / pi_behave:
@@ -142,18 +142,6 @@ def test_metrics_of_known_ratios():
     assert rep["mismatch_kl_k3/mean"].tolist() == pytest.approx([10.5 - 5 - math.log(12), 5])
     assert rep["is_truncated_frac/mean"].tolist() == [3, 5]
     assert rep["is_masked_frac/mean"].tolist() == [0, 5] and rep["is_rejected_frac/mean"].tolist() == [0, 5]
-
-
-def test_behaviour_problems_name_the_row():
-    assert behaviour_problem(BEHAVE, MASK, (2, 3)) is None
-    assert "must be [B, S] = [2, 4]" in behaviour_problem(BEHAVE, MASK, (2, 4))
-    bad = BEHAVE.clone()
-    bad[1, 2] = 0.5                                   # positive but not a loss token: fine
-    assert behaviour_problem(bad, MASK, (2, 3)) is None
-    bad[1, 1] = 0.5
-    assert "row 1 token 1 is 0.5" in behaviour_problem(bad, MASK, (2, 3))
-    bad[1, 1] = float("nan")
-    assert "row 1 token 1 is nan" in behaviour_problem(bad, MASK, (2, 3))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -194,8 +194,9 @@ def test_keep_count_and_survivors_denominators(megatron_loss):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda b: b.update(behaviour_logprobs=b["behaviour_logprobs"][:, :-1]), r"must be \[B, S\] = \[7, 6\]"),
-    (lambda b: b["behaviour_logprobs"].__setitem__((3, 4), 0.25), "row 3 token 4 is 0.25"),
-    (lambda b: b["behaviour_logprobs"].__setitem__((6, 1), float("inf")), "row 6 token 1 is inf"),
+    (lambda b: b["behaviour_logprobs"].__setitem__((3, 4), 0.25), r"\(behaviour_logprobs\) of row 3, token 4 is 0.25"),
+    (lambda b: b["behaviour_logprobs"].__setitem__((6, 1), float("inf")), r"\(behaviour_logprobs\) of row 6, token 1 is inf"),
+    (lambda b: b["behaviour_logprobs"].__setitem__((1, 4), float("nan")), r"\(behaviour_logprobs\) of row 1, token 4 is nan"),
     (lambda b: b.pop("behaviour_logprobs"), "is_level='token' needs batch\\['behaviour_logprobs'\\]"),
     (lambda b: b.pop("old_logprobs"), "needs batch\\['old_logprobs'\\]"),
 ])
@@ -204,6 +205,14 @@ def test_bad_behaviour_logprobs_are_refused_before_any_work(megatron_loss, edit,
     edit(batch)
     with pytest.raises(ValueError, match=message):
         megatron_loss.prepare_microbatches(batch, LossConfig(is_level="token"), 3)
+
+
+def test_behaviour_logprobs_off_the_loss_mask_are_not_checked(megatron_loss):
+    """Only loss tokens are checked: a positive value where the mask is 0 (row 2 has no loss token) passes."""
+    _, batch = make_batch()
+    batch["behaviour_logprobs"][2, 0] = 0.5
+    batch["behaviour_logprobs"][1, 0] = 0.5          # row 1's loss tokens are positions 3 and 4
+    assert megatron_loss.prepare_microbatches(batch, LossConfig(is_level="token"), 3)
 
 
 def test_weights_match_is_checked_by_make_loss_func(megatron_loss):

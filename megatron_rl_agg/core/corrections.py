@@ -8,7 +8,8 @@ multiplied by an importance weight ``w`` built from ``pi_prox / pi_behave``. ``w
 inputs (both log-prob sets are constants), so it is computed once per mini-batch on the full rows.
 
 Per loss token ``t`` of row ``i``, ``d_it = logp_prox - logp_behave`` (the token log-ratio). The level
-gives the log-weight (clamped to ``[-20, 20]`` before ``exp``: ``exp(20) ~ 4.9e8`` stays finite in
+gives the log-weight (clamped to ``[-20, 20]`` before ``exp``, the bound of every ratio,
+:data:`megatron_rl_agg.core.policy_losses.LOG_RATIO_BOUND`: ``exp(20) ~ 4.9e8`` stays finite in
 float32, and a sum over thousands of tokens cannot overflow to inf or underflow to an exact 0):
 
 * ``token``      ``w_it = exp(d_it)``                           (slime TIS, NeMo-RL ``tis``, AReaL)
@@ -44,14 +45,11 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from megatron_rl_agg.core.kl import get_kl_estimator
+from megatron_rl_agg.core.policy_losses import LOG_RATIO_BOUND
 
-__all__ = ["IS_LEVELS", "IS_MODES", "IS_DENOMINATORS", "LOG_RATIO_CLAMP", "LOSS_TOKEN", "TRUNCATED", "MASKED",
-           "REJECTED", "ISWeights", "get_is_level", "get_is_mode", "register_is_level", "register_is_mode",
-           "check_is_settings", "behaviour_problem", "importance_weights", "self_normalize",
-           "correction_metrics"]
-
-LOG_RATIO_CLAMP = 20.0
-"""Log-weights are clamped to ``[-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]`` before ``exp``."""
+__all__ = ["IS_LEVELS", "IS_MODES", "IS_DENOMINATORS", "LOSS_TOKEN", "TRUNCATED", "MASKED", "REJECTED",
+           "ISWeights", "get_is_level", "get_is_mode", "register_is_level", "register_is_mode",
+           "check_is_settings", "importance_weights", "self_normalize", "correction_metrics"]
 
 # Bits of the per-token flags tensor (int8): which tokens were counted and what the treatment did.
 LOSS_TOKEN, TRUNCATED, MASKED, REJECTED = 1, 2, 4, 8
@@ -160,23 +158,6 @@ def check_is_settings(level: str, mode: str, low: float, high: float, veto: Opti
                              "beyond the bounds (veto <= low and 1/veto >= high)")
 
 
-def behaviour_problem(behaviour: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> Optional[str]:
-    """Why ``behaviour`` ([B, T] log-probs of the sampled tokens) is unusable, or None (one host read).
-
-    Checks the shape, then on the loss tokens (``mask`` [B, T] 0/1) that every value is finite and
-    ``<= 0``; the message names the first bad row and its value.
-    """
-    if tuple(behaviour.shape) != tuple(shape):
-        return f"batch['behaviour_logprobs'] must be [B, S] = {list(shape)}, got {list(behaviour.shape)}"
-    on = mask.to(torch.bool)
-    bad = on & ~(torch.isfinite(behaviour) & (behaviour <= 0))
-    if not bool(bad.any()):
-        return None
-    row, col = (int(i) for i in bad.nonzero()[0])
-    return (f"batch['behaviour_logprobs'] row {row} token {col} is {float(behaviour[row, col])!r} on a loss "
-            "token: log-probs must be finite and <= 0")
-
-
 class ISWeights(NamedTuple):
     """Output of :func:`importance_weights` (all ``[B, T]``)."""
     weights: torch.Tensor    # float64 per-token weight (0 off the loss mask, masked and rejected tokens)
@@ -209,7 +190,7 @@ def importance_weights(prox: torch.Tensor, behaviour: torch.Tensor, mask: torch.
     flags = on.to(torch.int8) * LOSS_TOKEN
     if level == "off":
         return ISWeights(m.clone(), d, flags, m.clone())
-    log_w = get_is_level(level)(d, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_w = get_is_level(level)(d, m).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     w, truncated, masked = get_is_mode(mode)(torch.exp(log_w), low, high)
     if veto is not None:
         lv = math.log(veto)

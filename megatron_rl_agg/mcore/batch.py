@@ -18,7 +18,6 @@ from megatron_rl_agg.core.aggregation import check_loss_mask, microbatch_mean_we
 from megatron_rl_agg.parallel.weights import token_weights
 from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
-from megatron_rl_agg.core.corrections import behaviour_problem
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds
 from megatron_rl_agg.parallel.corrections import mini_batch_importance_weights
@@ -46,7 +45,7 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
         if batch.get(key) is None:
             raise ValueError(f"batch is missing {key!r}; required: tokens, labels, loss_mask, advantages")
     n_rows, seq = batch["tokens"].shape
-    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs"):
+    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs", "behaviour_logprobs"):
         t = batch.get(key)
         if t is not None and tuple(t.shape) != (n_rows, seq):
             raise ValueError(f"batch[{key!r}] must be [B, S] = [{n_rows}, {seq}], got {tuple(t.shape)}")
@@ -79,14 +78,20 @@ def _mask_problem(mask: torch.Tensor) -> Optional[str]:
     return None
 
 
+# The log-prob inputs checked once per mini-batch (finite and <= 0 on real tokens), and how errors name them.
+_LOGPROB_KEYS = {"old_logprobs": "old (proximal) log-probs", "ref_logprobs": "reference log-probs",
+                 "behaviour_logprobs": "behaviour log-probs"}
+
+
 def _logprob_flags(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig,
                    device) -> torch.Tensor:
-    """``[2]`` int64 on the device: 1 where the behaviour (``old_logprobs``) / reference (``ref_logprobs``,
-    when ``kl_coef > 0``) log-probs hold a value that is not finite or is above 0 on a real token
+    """``[3]`` int64 on the device, one per key of :data:`_LOGPROB_KEYS`: 1 where the old / proximal
+    (``old_logprobs``), reference (``ref_logprobs``, when ``kl_coef > 0``) or behaviour
+    (``behaviour_logprobs``) log-probs hold a value that is not finite or is above 0 on a real token
     (``loss_mask != 0``); no read from the device here (the flags ride on the one all-reduce below)."""
     real = batch["loss_mask"] != 0
     flags = []
-    for key, used in (("old_logprobs", True), ("ref_logprobs", loss_config.kl_coef > 0)):
+    for key, used in zip(_LOGPROB_KEYS, (True, loss_config.kl_coef > 0, True)):
         lp = batch.get(key)
         if lp is None or not used:
             flags.append(torch.zeros((), dtype=torch.int64, device=device))
@@ -98,10 +103,10 @@ def _logprob_flags(batch: Mapping[str, Optional[torch.Tensor]], loss_config: Los
 def _logprob_problem(batch: Mapping[str, Optional[torch.Tensor]], key: str) -> str:
     """The message naming the first bad row of ``batch[key]`` on this rank, or another rank's (error path
     only: reads from the device)."""
-    lp = batch[key]
-    bad = (batch["loss_mask"] != 0) & ~(torch.isfinite(lp) & (lp <= 0))
-    what = "behaviour log-probs (old_logprobs)" if key == "old_logprobs" else "reference log-probs (ref_logprobs)"
-    if not bool(bad.any()):
+    lp = batch.get(key)
+    what = f"{_LOGPROB_KEYS[key]} ({key})"
+    bad = None if lp is None else (batch["loss_mask"] != 0) & ~(torch.isfinite(lp) & (lp <= 0))
+    if bad is None or not bool(bad.any()):
         return (f"{what} of another data-parallel rank hold a non-finite or positive value on a real token "
                 "(that rank's error names the row)")
     row, col = (int(i) for i in torch.nonzero(bad)[0])
@@ -192,9 +197,6 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     # log-prob checks (finite and <= 0 on real tokens): the one read of this function, after which no label
     # check reads the device (loss_func compares host ints with the logits' shape).
     problem = _mask_problem(batch["loss_mask"])
-    behaviour = batch.get("behaviour_logprobs")
-    if problem is None and behaviour is not None:
-        problem = behaviour_problem(behaviour, batch["loss_mask"], (n_rows, seq))
     labels = batch["labels"].to(torch.int64)
     no_labels = labels.numel() == 0          # a rank with no rows: 0 stands in, in range of any vocabulary
     label_max = labels.new_zeros(()) if no_labels else labels.max()
@@ -204,12 +206,13 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
                                       label_max.to(device), neg_label_min.to(device)]),
                          _logprob_flags(batch, loss_config, device)])
     reduced = dist.all_reduce_max(n_local, dp_group).tolist()
-    num_mb, any_bad, label_max, neg_label_min, bad_old, bad_ref = reduced
+    num_mb, any_bad, label_max, neg_label_min, *bad_logprobs = reduced
     if any_bad:
         raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
                                     "(that rank's error names them)")
-    if bad_old or bad_ref:
-        raise ValueError(_logprob_problem(batch, "old_logprobs" if bad_old else "ref_logprobs"))
+    for key, bad in zip(_LOGPROB_KEYS, bad_logprobs):
+        if bad:
+            raise ValueError(_logprob_problem(batch, key))
     label_range = (-neg_label_min, label_max)
     if vocab_size is not None:
         _check_label_bounds(*label_range, vocab_size)
@@ -219,6 +222,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     # with zero weight, so they touch no count and need no group id.
     mask = batch["loss_mask"]
     is_rows: dict[str, torch.Tensor] = {}
+    behaviour = batch.get("behaviour_logprobs")
     if behaviour is not None:
         # Off-policy weights from the full rows, once per mini-batch (self-normalization: one all-reduce
         # over the DP group). Under is_denominator='survivors' the zero-weight tokens leave the loss mask
