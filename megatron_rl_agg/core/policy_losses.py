@@ -37,6 +37,15 @@ def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> tor
     return torch.clamp(logprobs - old_logprobs.detach(), -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
+def _clip_min(ratio, advantages, low, high):
+    """``max(-A s, -A clip(s, low, high))`` and the clipped indicator (strict ``>``: ties, a ratio
+    inside the band, count as unclipped and keep the gradient path)."""
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * torch.clamp(ratio, low, high)
+    clipped = clipped_loss > unclipped
+    return torch.maximum(unclipped, clipped_loss), clipped
+
+
 def ppo_clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -75,11 +84,7 @@ def ppo_clipped_surrogate(
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.to(logprobs.dtype).expand_as(logprobs)
     ratio = torch.exp(clamped_log_ratio(logprobs, old_logprobs))
-    unclipped = -advantages * ratio
-    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    # Strict '>' so that ties (ratio inside the band) count as unclipped and keep the gradient path.
-    clipped = clipped_loss > unclipped
-    loss = torch.maximum(unclipped, clipped_loss)
+    loss, clipped = _clip_min(ratio, advantages, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     if dual_clip_c is None:
         return loss, clipped, torch.zeros_like(clipped)
     bound = -dual_clip_c * advantages
@@ -123,14 +128,6 @@ def _ppo_clip(logprobs, old_logprobs, advantages, *, seq_log_ratio=None, clip_ep
     (Ye et al. 2020): :func:`ppo_clipped_surrogate`; ``masked`` marks the dual-clipped tokens."""
     return ppo_clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps_low=clip_eps_low,
                                  clip_eps_high=clip_eps_high, dual_clip_c=dual_clip_c)
-
-
-def _clip_min(ratio, advantages, low, high):
-    """``max(-A s, -A clip(s, low, high))`` and the clipped indicator (strict ``>``: ties keep the gradient)."""
-    unclipped = -advantages * ratio
-    clipped_loss = -advantages * torch.clamp(ratio, low, high)
-    clipped = clipped_loss > unclipped
-    return torch.maximum(unclipped, clipped_loss), clipped
 
 
 def _gspo(logprobs, old_logprobs, advantages, *, seq_log_ratio, clip_eps_low, clip_eps_high):
@@ -277,6 +274,9 @@ class PolicyLoss:
     seq_token_log_ratio: Optional[Callable] = None
     """Sequence level: ``(clamped log r [B, T], A, **params) -> [B, T]``, whose mean over a row's loss tokens
     the caller passes as ``seq_log_ratio``."""
+    masked_metric: Optional[str] = None
+    """Report name (``<name>/mean``) of the fraction of loss tokens the ``masked`` indicator marks, for a loss
+    whose mask is part of its definition (DPPO's tokens outside the trust region: ``masked_frac``)."""
 
     def __call__(self, logprobs, old_logprobs, advantages, *, seq_log_ratio=None, **params):
         return self.fn(logprobs, old_logprobs, advantages, seq_log_ratio=seq_log_ratio, **params)
@@ -295,8 +295,10 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {p.name: p for p in (
     PolicyLoss("cispo", TOKEN, dict(zip(_CLIP, (1.0, 0.28))), _cispo, "token_mean", "MiniMax-M1 2025 (CISPO)"),
     PolicyLoss("sapo", TOKEN, {"tau_pos": 1.0, "tau_neg": 1.05}, _sapo, "seq_mean_token_mean",
                "Gao et al. 2025 (SAPO)"),
-    PolicyLoss("dppo_tv", TOKEN, {"dppo_tv_delta": 0.2}, _dppo_tv, "token_mean", "DPPO, TV trust region"),
-    PolicyLoss("dppo_kl", TOKEN, {"dppo_kl_delta": 0.05}, _dppo_kl, "token_mean", "DPPO, KL trust region"),
+    PolicyLoss("dppo_tv", TOKEN, {"dppo_tv_delta": 0.2}, _dppo_tv, "token_mean", "DPPO, TV trust region",
+               masked_metric="masked_frac"),
+    PolicyLoss("dppo_kl", TOKEN, {"dppo_kl_delta": 0.05}, _dppo_kl, "token_mean", "DPPO, KL trust region",
+               masked_metric="masked_frac"),
 )}
 
 POLICY_LOSS_ALIASES = {"vanilla": "ppo_clip", "ppo": "ppo_clip", "geo_mean": "gmpo", "dppo": "dppo_tv",

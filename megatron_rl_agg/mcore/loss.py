@@ -223,8 +223,8 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
     report["clip_frac/mean"] = _pair(torch.where(mask, clipped, 0).sum(), n_tokens)
     if loss_config.dual_clip_c is not None:
         report["dual_clip_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
-    elif policy.name in ("dppo_tv", "dppo_kl"):      # tokens outside the trust region (no gradient)
-        report["masked_frac/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
+    elif policy.masked_metric is not None:           # e.g. DPPO: tokens outside the trust region (no gradient)
+        report[f"{policy.masked_metric}/mean"] = _pair(torch.where(mask, dual_clipped, 0).sum(), n_tokens)
     report["ppo_kl/mean"] = _pair(torch.where(mask, old - current, 0.0).sum(), n_tokens)
     report["num_tokens/sum"] = n_tokens.detach().to(torch.float64)
     if is_w is not None:
