@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Optional, Sequence
 
+from megatron_rl_agg.core.validate import positive_int
+
 __all__ = ["RewardResult", "RewardPool", "RewardWorkerError"]
 
 _START_TIMEOUT_S = 300.0     # importing a reward (sympy for math_verify) can take seconds on a busy host
@@ -120,8 +122,7 @@ class RewardPool:
     def __init__(self, reward: str, *, timeout: float = 10.0, workers: int = 1, start_method: str = "forkserver"):
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"reward timeout must be a positive number of seconds, got {timeout!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"reward workers must be an int >= 1, got {workers!r}")
+        positive_int(workers, "reward workers", must="an int >= 1")
         self.reward, self.timeout, self.num_workers = reward, float(timeout), workers
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
