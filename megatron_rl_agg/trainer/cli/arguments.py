@@ -125,6 +125,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="recompute the proximal (old) log-probs with the model before the step's first update "
                         "and use the file's 'logprobs' as the behaviour log-probs of the off-policy correction "
                         "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs'")
+    g.add_argument("--max-staleness", type=int, default=None,
+                   help="loss tokens whose staleness (k - 1) - version at step k exceeds this (the file's "
+                        "'versions') are dropped or masked (--staleness-mode; docs/off_policy.md); needs "
+                        "rollouts with 'versions'; default: no limit")
+    g.add_argument("--staleness-mode", choices=("drop", "mask"), default="drop",
+                   help="stale tokens (--max-staleness): drop = out of the loss and of every aggregation "
+                        "denominator; mask = advantage 0 (no policy gradient), still counted in the denominators")
     g.add_argument("--num-samples-per-prompt", type=int, default=8, help="on-policy group size n")
     g.add_argument("--max-new-tokens", type=int, default=8,
                    help="on-policy generation limit; longer responses are truncated (finish 'length')")
@@ -286,6 +293,15 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     if getattr(args, "is_level", "off") != "off" and not args.recompute_logprobs:
         raise TrainerArgsError(f"--is-level {args.is_level} needs --recompute-logprobs (the proximal log-probs "
                                "recomputed by the model, the file's 'logprobs' as behaviour); or --is-level off")
+    if args.max_staleness is not None and (isinstance(args.max_staleness, bool) or args.max_staleness < 0):
+        raise TrainerArgsError(f"--max-staleness must be an integer >= 0 (0: on-policy tokens only), got "
+                               f"{args.max_staleness!r}")
+    if args.max_staleness is not None and args.rollouts is None:
+        raise TrainerArgsError(f"--max-staleness {args.max_staleness} needs --rollouts with 'versions' (the "
+                               "policy version of each token); on-policy rows are sampled by the current weights")
+    if args.staleness_mode == "mask" and args.max_staleness is None:
+        raise TrainerArgsError("--staleness-mode mask needs --max-staleness K (the staleness above which tokens "
+                               "are masked)")
     if args.ref_load is not None and args.kl_coef == 0:
         raise TrainerArgsError("--ref-load is only used with --kl-coef > 0")
     try:  # the dataclasses own the loss/advantage checks; run them now so errors come before startup

@@ -169,6 +169,10 @@ def _build_source(args):
         source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
                                args.mini_batches_per_step, tokenize=tokenize)
         check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
+        source.check_versions(args.train_iters)      # every version <= k - 1 at its first step k
+        if args.max_staleness is not None and not source.has_versions:
+            raise TrainerArgsError(f"--max-staleness {args.max_staleness}: {args.rollouts} has no 'versions' "
+                                   "(the policy version of each token); add them or drop the flag")
         if args.recompute_logprobs and not source.has_logprobs:
             raise TrainerArgsError(f"--recompute-logprobs: {args.rollouts} has no 'logprobs' (the behaviour "
                                    "log-probs to correct against); add them or drop the flag")

@@ -35,7 +35,7 @@ import torch
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.mcore import compat, cpu_mode
 from megatron_rl_agg.parallel.advantages import compute_step_advantages
-from megatron_rl_agg.trainer.step import batching, reference, update
+from megatron_rl_agg.trainer.step import batching, reference, staleness, update
 from megatron_rl_agg.mcore import forward
 from megatron_rl_agg.trainer.loop import checkpoint, safety
 from megatron_rl_agg.trainer.loop.build import Trainer, build_trainer, model_sizes
@@ -76,6 +76,12 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
         process_group=tr.dp_group, expected_group_size=tr.source.expected_group_size)
     rows = replace(rows, loss_mask=rows.loss_mask * keep_row.unsqueeze(1).to(rows.loss_mask.dtype))
     stats.update(sums)
+    if getattr(tr.source, "has_versions", False):
+        # --max-staleness (drop: out of the loss mask; mask: advantage 0) and the staleness counts
+        loss_mask, adv, counts = staleness.apply_max_staleness(
+            rows.versions, rows.loss_mask, adv, step, tr.args.max_staleness, tr.args.staleness_mode, tr.dp_group)
+        rows = replace(rows, loss_mask=loss_mask)
+        stats["staleness"] = counts
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
@@ -150,7 +156,9 @@ _SUMMED = ("num_groups", "num_partial_groups", "num_dropped_groups", "num_trunca
 
 def _combine(parts: list[dict]) -> dict:
     """One metrics line from the mini-batches of a step: counts summed, reward and response length over
-    all rows, every loss term and the grad norm averaged over the mini-batches."""
+    all rows, every loss term and the grad norm averaged over the mini-batches; the staleness metrics
+    from the summed counts."""
+    stale = [p.pop("staleness") for p in parts if "staleness" in p]
     out = {key: sum(p[key] for p in parts) for key in _SUMMED}
     rows = max(out["num_rows"], 1)
     # over the rows that have a reward (rows whose reward failed have none)
@@ -161,6 +169,8 @@ def _combine(parts: list[dict]) -> dict:
     for key in averaged:     # extremes stay extremes (is_weight_max / is_weight_min)
         if key.endswith("_max") or key.endswith("_min"):
             out[key] = (max if key.endswith("_max") else min)(p[key] for p in parts)
+    if stale:            # rows with policy versions: exact over the mini-batches (counts summed)
+        out.update(staleness.combine_staleness(stale))
     return out
 
 

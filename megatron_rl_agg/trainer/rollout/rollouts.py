@@ -16,6 +16,11 @@ ended. Offline files hold one JSON object per line::
   that sampled it (below -88 the importance ratio overflows float32). Without it the trainer recomputes
   the old log-probs with the current model before the update, so the importance ratio of the first update
   is exactly 1.
+* ``versions`` (optional): the policy version that sampled each response token, the number of optimizer
+  steps applied to the weights that sampled it (initial weights: 0): a list of ints ``>= 0``, one per
+  response token, or one int for the whole row. Training step ``k`` (from 1) updates version ``k - 1``, so
+  a token used at step ``k`` has staleness ``(k - 1) - version`` (``--max-staleness``; a version above
+  ``k - 1`` is refused before step 1, see :meth:`.sources.OfflineSource.check_versions`).
 
 Files are parsed with :func:`json.loads` only: nothing is executed or unpickled. Every bad line raises a
 :class:`RolloutFormatError` naming the file, the line number and what is wrong.
@@ -40,7 +45,7 @@ __all__ = [
 
 FINISH_REASONS = ("stop", "length")
 _REQUIRED = ("prompt_id", "prompt", "response", "reward", "finish_reason")
-_OPTIONAL = ("logprobs",)
+_OPTIONAL = ("logprobs", "versions")
 
 # Lowest behaviour log-prob accepted. The ratio exp(logp - old_logp) <= exp(-old_logp) (logp <= 0) is
 # finite in float32 / bf16 only while -old_logp < log(3.4e38) = 88.72: a lower value makes an infinite
@@ -68,6 +73,9 @@ class Sample:
     reward_error: Optional[str] = None
     """Why the row has no reward (its ``--reward`` timed out, raised or was non-finite; ``reward`` is then
     NaN and the row is invalid: out of the group statistics and the loss), or None."""
+    versions: Optional[tuple[int, ...]] = None
+    """Policy version of each response token (optimizer steps applied to the weights that sampled it), or
+    None (unknown: no staleness)."""
 
     @property
     def truncated(self) -> bool:
@@ -135,7 +143,27 @@ def _sample_from_obj(obj, vocab_size: Optional[int], source: str, tokenize=None)
         if len(logprobs) != len(response):
             raise ValueError(f"'logprobs' has {len(logprobs)} entries for {len(response)} response tokens")
         logprobs = tuple(float(x) for x in logprobs)
-    return Sample(pid, prompt, response, float(obj["reward"]), obj["finish_reason"], logprobs, source)
+    versions = _versions(obj.get("versions"), len(response))
+    return Sample(pid, prompt, response, float(obj["reward"]), obj["finish_reason"], logprobs, source,
+                  versions=versions)
+
+
+def _versions(value, num_tokens: int) -> Optional[tuple[int, ...]]:
+    """``versions`` of one line: None, one int >= 0 for the whole row, or one int >= 0 per response token."""
+    if value is None:
+        return None
+    if _is_int(value):
+        value = [value] * num_tokens
+    elif not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise ValueError(f"'versions' must be an int or a list of ints (one policy version per response "
+                         f"token), got {str(value)[:80]}")
+    elif len(value) != num_tokens:
+        raise ValueError(f"'versions' has {len(value)} entries for {num_tokens} response tokens")
+    negative = [v for v in value if v < 0]
+    if negative:
+        raise ValueError(f"'versions' must be >= 0 (optimizer steps applied to the sampling weights; the "
+                         f"initial weights are version 0), got {negative[0]}")
+    return tuple(value)
 
 
 def parse_rollout_line(line: str, source: str, vocab_size: Optional[int] = None, tokenize=None) -> Sample:

@@ -47,6 +47,12 @@ class OfflineSource:
             raise rollouts.RolloutFormatError(
                 f"{first.source}: no 'logprobs', but other lines of {path} have them; give log-probs for "
                 "every line or for none (without them they are recomputed with the current model)")
+        with_versions = [s.versions is not None for s in self.samples]
+        if any(with_versions) and not all(with_versions):
+            first = self.samples[with_versions.index(False)]
+            raise rollouts.RolloutFormatError(
+                f"{first.source}: no 'versions', but other lines of {path} have them; give policy versions "
+                "for every line or for none")
         spans = rollouts.group_spans(self.samples)
         self.group_of_row = [g for g, (a, b) in enumerate(spans) for _ in range(a, b)]
         self.batches = rollouts.plan_minibatches(spans, global_batch_size)
@@ -55,6 +61,40 @@ class OfflineSource:
     @property
     def has_logprobs(self) -> bool:
         return self.samples[0].logprobs is not None
+
+    @property
+    def has_versions(self) -> bool:
+        """Whether the rows carry per-token policy versions (the file's ``versions`` key)."""
+        return self.samples[0].versions is not None
+
+    def check_versions(self, train_iters: int) -> None:
+        """Refuse, before step 1, a row whose policy version is above ``k - 1`` at a step ``k`` of
+        ``1..train_iters`` that uses it (training step ``k`` updates the weights of version ``k - 1``: a
+        higher version was sampled by weights this run has not made yet, a negative staleness).
+
+        Raises:
+            RolloutFormatError: naming the row (file and line), the version, the step and the bound.
+        """
+        if not self.has_versions:
+            return
+        newest = []          # per planned mini-batch: (highest version, its row)
+        for a, b in self.batches:
+            row = max(range(a, b), key=lambda i: max(self.samples[i].versions, default=-1))
+            newest.append((max(self.samples[row].versions, default=-1), self.samples[row]))
+        first_step = {}      # planned mini-batch -> first step that uses it
+        for step in range(1, train_iters + 1):
+            for index in range(self.mini_batches_per_step):
+                j = ((step - 1) * self.mini_batches_per_step + index) % len(self.batches)
+                first_step.setdefault(j, step)
+            if len(first_step) == len(self.batches):
+                break
+        for j, step in sorted(first_step.items(), key=lambda item: item[1]):
+            version, sample = newest[j]
+            if version > step - 1:
+                raise rollouts.RolloutFormatError(
+                    f"{sample.source}: policy version {version} is above {step - 1}, the version step {step} "
+                    f"trains from (step k updates version k - 1 to k; the row is used first at step {step}): "
+                    "a version counts the optimizer steps applied to the weights that sampled the token")
 
     def batch_rows(self, step: int, index: int = 0) -> tuple[int, int]:
         """Global file rows of mini-batch ``index`` of step ``step`` (1-based)."""

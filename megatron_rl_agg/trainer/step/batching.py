@@ -46,6 +46,9 @@ class RowBatch:
     """``[R, S]`` float32 behaviour log-probs aligned with ``labels`` (0 off the mask), or None."""
     valid: Optional[torch.Tensor] = None
     """``[R]`` bool, False on rows without a reward (``Sample.reward_error``); None = all valid."""
+    versions: Optional[torch.Tensor] = None
+    """``[R, S]`` int64 policy version of each response token aligned with ``labels`` (0 off the mask), or
+    None (the rows carry no versions)."""
 
     @property
     def num_rows(self) -> int:
@@ -72,10 +75,11 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
     """Pack ``samples`` into a :class:`RowBatch` (layout in the module docstring).
 
     ``old_logprobs`` is filled only when every sample carries log-probs; a mini-batch that mixes rows
-    with and without them is rejected (the two halves would use different old policies).
+    with and without them is rejected (the two halves would use different old policies). ``versions``
+    likewise (every sample's ``versions`` or none).
 
     Raises:
-        ValueError: a row longer than ``seq_length + 1`` tokens, or mixed log-prob presence.
+        ValueError: a row longer than ``seq_length + 1`` tokens, or mixed log-prob / version presence.
     """
     num = len(samples)
     with_lp = [s.logprobs is not None for s in samples]
@@ -87,6 +91,11 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
     labels = torch.zeros(num, seq_length, dtype=torch.int64)
     mask = torch.zeros(num, seq_length, dtype=torch.float32)
     old_lp = torch.zeros(num, seq_length, dtype=torch.float32) if all(with_lp) and num else None
+    with_versions = [s.versions is not None for s in samples]
+    if any(with_versions) and not all(with_versions):
+        first = samples[with_versions.index(False)]
+        raise ValueError(f"{first.source}: row without 'versions' in a mini-batch whose other rows have them")
+    versions = torch.zeros(num, seq_length, dtype=torch.int64) if all(with_versions) and num else None
     for i, s in enumerate(samples):
         full = list(s.prompt) + list(s.response)
         if len(full) > seq_length + 1:
@@ -98,12 +107,14 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         mask[i, lo:hi] = 1.0
         if old_lp is not None:
             old_lp[i, lo:hi] = torch.tensor(s.logprobs, dtype=torch.float32)
+        if versions is not None:
+            versions[i, lo:hi] = torch.tensor(s.versions, dtype=torch.int64)
     return RowBatch(
         tokens=tokens, labels=labels, loss_mask=mask,
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
-        old_logprobs=old_lp,
+        old_logprobs=old_lp, versions=versions,
         valid=torch.tensor([s.reward_error is None for s in samples], dtype=torch.bool).reshape(num))
 
 
@@ -128,5 +139,5 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         group_ids=pad_rows_to(batch.group_ids, total, pad_group_id(dp_rank)),
         rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
         old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0),
-        valid=pad_rows_to(batch.valid, total, False))
+        valid=pad_rows_to(batch.valid, total, False), versions=pad_rows_to(batch.versions, total, 0))
     return padded, pad_rows_to(advantages, total, 0.0)
