@@ -49,6 +49,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--policy-loss", "gmpo", "--modes", "token_mean_legacy", "seq_mean_token_sum"], "token_mean_legacy"),
     (["--inject-bug", "cp_shard_sequence_ratio"], "add one of gspo, gspo_token, gmpo to --policy-loss"),
     (["--policy-loss", "cispo", "--inject-bug", "cp_shard_sequence_ratio"], "(got cispo)"),
+    (["--is-mode", "clip"], "--is-mode and --is-self-normalize need --is-level"),
+    (["--is-self-normalize"], "--is-mode and --is-self-normalize need --is-level"),
+    (["--inject-bug", "is_microbatch_normalization"], "it needs --is-level token, sequence or geometric"),
+    (["--inject-bug", "is_microbatch_normalization", "--is-level", "token"], "and --is-self-normalize"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     extra = ["--num-layers", "6"] if argv[:2] == ["--layouts", "pp4"] else []
@@ -58,7 +62,7 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 def test_inject_bug_choices_are_the_documented_ones(capsys):
     assert AUDIT_BUGS == ("kl_times_microbatches", "local_token_count", "cp_token_count",
-                          "cp_shard_sequence_ratio")
+                          "cp_shard_sequence_ratio", "is_microbatch_normalization")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["check-invariance", "--inject-bug", "off_by_one"])
     assert "kl_times_microbatches" in capsys.readouterr().err
@@ -244,3 +248,28 @@ def test_injected_cp_shard_sequence_ratio_fails_where_cp_gt_1(tmp_path):
     assert failed == {(loss, m, "cp2+m2") for loss in ("gspo", "gmpo")
                       for m in ("token_mean", "seq_mean_token_mean")}, stdout
     assert "FAIL gspo seq_mean_token_mean @ cp2+m2" in stdout and "SELF-TEST" in stdout
+
+
+@pytest.mark.slow
+def test_off_policy_correction_passes_at_dp_and_cp(tmp_path):
+    """Behaviour log-probs 0.2 x N(0, 1) off the proximal ones, sequence-level weights (the product over
+    each FULL row, one scalar per row reduced over the CP group) masked outside [0.8, 1.2] and
+    self-normalized over the mini-batch: ppo_clip and gspo equal the reference at dp2 and cp2."""
+    argv = ["--layouts", "dp2+m2 cp2+m2", "--policy-loss", "ppo_clip,gspo", "--modes", "token_mean",
+            "seq_mean_token_mean", "--is-level", "sequence", "--is-mode", "mask", "--is-self-normalize"]
+    code, stdout, results = _audit(tmp_path, argv)
+    assert code == 0 and len(results) == 2 * 2 * 2 and {r["status"] for r in results} == {"PASS"}, stdout
+    assert "off-policy correction: --is-level sequence --is-mode mask" in stdout
+
+
+@pytest.mark.slow
+def test_injected_microbatch_is_normalization_fails_where_m_gt_1(tmp_path):
+    """The IS self-normalization over each micro-batch (slime's) instead of the mini-batch: one micro-batch
+    is the mini-batch at m1 (PASS); at m4 every cell FAILs."""
+    argv = ["--layouts", "m1 m4", "--modes", "token_mean", "seq_mean_token_mean", "--is-level", "token",
+            "--is-mode", "truncate", "--is-self-normalize", "--inject-bug", "is_microbatch_normalization"]
+    code, stdout, results = _audit(tmp_path, argv)
+    status = _status(results)
+    assert code == 1
+    assert {k for k, s in status.items() if s == "FAIL"} == {(m, "m4") for m, _ in status}, stdout
+    assert all(status[(m, "m1")] == "PASS" for m, _ in status) and "SELF-TEST" in stdout

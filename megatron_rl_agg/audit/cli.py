@@ -11,6 +11,7 @@ from megatron_rl_agg.audit.plan import AUDIT_BUGS, DEFAULT_LAYOUTS, SAME, _plan
 from megatron_rl_agg.audit.runner import _launch, _worker
 from megatron_rl_agg.core.aggregation import LOSS_AGGREGATIONS
 from megatron_rl_agg.core.config import KL_ESTIMATORS
+from megatron_rl_agg.core.corrections import IS_LEVELS, IS_MODES
 from megatron_rl_agg.core.policy_losses import POLICY_LOSSES
 from megatron_rl_agg.mcore.spec import MOE_TOKEN_DISPATCHERS
 
@@ -40,7 +41,9 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="SELF-TEST OF THE AUDIT ONLY: inject a wrong correction factor and expect FAIL rows "
                         "(kl_times_microbatches: layouts with m > 1; local_token_count: layouts with dp > 1; "
                         "cp_token_count: layouts with cp > 1; cp_shard_sequence_ratio: the sequence-level losses at "
-                        "layouts with cp > 1)")
+                        "layouts with cp > 1; is_microbatch_normalization: the IS self-normalization over each "
+                        "micro-batch instead of the mini-batch, layouts with dp * m > 1 or cp > 1, needs "
+                        "--is-level and --is-self-normalize)")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="run every layout with Megatron's calculate_per_token_loss=True (the loss returns "
                         "the 3-tuple (loss, num_tokens, report))")
@@ -69,6 +72,14 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'same' (default: the audited mode; microbatch_mean for token_mean_legacy), "
                         "microbatch_mean, or a mode name")
     b.add_argument("--entropy-aggregation", default=SAME, help="as --kl-aggregation")
+    b.add_argument("--is-level", choices=IS_LEVELS, default="off",
+                   help="off-policy correction audited (docs/off_policy.md): behaviour log-probs differing from "
+                        "the proximal ones, importance weights pi_prox / pi_behave at this level (default off)")
+    b.add_argument("--is-mode", choices=IS_MODES, default=None,
+                   help="treatment of the weights (needs --is-level): truncate (above 1.2), clip (to [0.8, "
+                        "1.2]) or mask (0 outside [0.8, 1.2]); default truncate")
+    b.add_argument("--is-self-normalize", action="store_true",
+                   help="self-normalize the importance weights over the mini-batch (needs --is-level)")
     b.add_argument("--max-response-length", type=int, default=None,
                    help="L of seq_mean_token_sum_norm (default: --seq-length)")
     return parser

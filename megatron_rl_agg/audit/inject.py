@@ -25,6 +25,16 @@ def _inject(bug: Optional[str], micro_batches: list, local: dict, cfg: LossConfi
             if "row_tokens" in mb:
                 mb["row_tokens"] = mb["loss_mask"].sum(-1).to(torch.float64)
         return
+    if bug == "is_microbatch_normalization":
+        # The importance weights self-normalized over each micro-batch's counted tokens (this rank's, this CP
+        # shard's: slime's per-micro-batch normalization) instead of over the whole mini-batch. Rescaling the
+        # mini-batch-normalized weights by n_mb / sum_mb(w) gives exactly the per-micro-batch normalization.
+        from megatron_rl_agg.core.corrections import self_normalize
+
+        for mb in micro_batches:
+            w, counted = mb["is_weights"], mb["loss_mask"].to(torch.float64)
+            mb["is_weights"] = self_normalize(w, torch.stack([(w * counted).sum(), counted.sum()]))
+        return
     if bug == "kl_times_microbatches":
         wrong = dataclasses.replace(cfg, kl_coef=cfg.kl_coef * len(micro_batches))
         for mb in micro_batches:

@@ -20,7 +20,11 @@ from megatron_rl_agg.core.validate import positive_int
 
 __all__ = ["AUDIT_BUGS", "DEFAULT_LAYOUTS"]
 
-AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count", "cp_shard_sequence_ratio")
+AUDIT_BUGS = ("kl_times_microbatches", "local_token_count", "cp_token_count", "cp_shard_sequence_ratio",
+              "is_microbatch_normalization")
+# Bounds of the audited importance-weight treatments: the audit's behaviour log-probs differ from the
+# proximal ones by 0.2 x N(0, 1) per token, so token ratios straddle both bounds (and sequence ratios more so).
+IS_BOUNDS = (0.8, 1.2)
 DEFAULT_LAYOUTS = "m1,m4,dp2+m2,tp2+m2,pp2+m4,pp2+vpp2+m4"
 SAME = "same"
 
@@ -94,6 +98,9 @@ class _Plan:
     kl_aggregation: str
     entropy_aggregation: str
     max_response_length: int
+    is_level: str = "off"
+    is_mode: str = "truncate"
+    is_self_normalize: bool = False
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
@@ -121,6 +128,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise ValueError("--inject-bug cp_shard_sequence_ratio corrupts the per-sequence ratio of a "
                          f"sequence-level loss: add one of {', '.join(sequence_level)} to --policy-loss "
                          f"(got {', '.join(losses)})")
+    is_level, is_mode = args.is_level, args.is_mode
+    if is_level == "off" and (is_mode is not None or args.is_self_normalize):
+        raise ValueError("--is-mode and --is-self-normalize need --is-level token, sequence or geometric (the "
+                         "off-policy correction is off)")
+    if args.inject_bug == "is_microbatch_normalization" and (is_level == "off" or not args.is_self_normalize):
+        raise ValueError("--inject-bug is_microbatch_normalization corrupts the self-normalization of the "
+                         "importance weights: it needs --is-level token, sequence or geometric and "
+                         "--is-self-normalize")
     tolerance = args.tolerance if args.tolerance is not None else (5e-2 if args.bf16 else 1e-4)
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"--tolerance must be > 0, got {tolerance}")
@@ -167,7 +182,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     return _Plan(layouts=layouts, modes=modes, policy_losses=losses, pairs=pairs, refused=refused,
                  tolerance=tolerance,
                  kl_aggregation=args.kl_aggregation.strip().lower(),
-                 entropy_aggregation=args.entropy_aggregation.strip().lower(), max_response_length=horizon)
+                 entropy_aggregation=args.entropy_aggregation.strip().lower(), max_response_length=horizon,
+                 is_level=is_level, is_mode=is_mode or "truncate", is_self_normalize=bool(args.is_self_normalize))
 
 
 def _term_mode(choice: str, mode: str) -> str:
@@ -178,11 +194,14 @@ def _term_mode(choice: str, mode: str) -> str:
 
 
 def _loss_config(plan: _Plan, args: argparse.Namespace, mode: str, policy_loss: str = "ppo_clip") -> LossConfig:
-    """The audited configuration of ``(policy_loss, mode)``: the loss's paper defaults for its parameters."""
+    """The audited configuration of ``(policy_loss, mode)``: the loss's paper defaults for its parameters, and
+    the off-policy correction of ``--is-level`` / ``--is-mode`` (bounds :data:`IS_BOUNDS`)."""
     return LossConfig(loss_aggregation=mode, policy_loss=policy_loss, max_response_length=plan.max_response_length,
                       kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
                       kl_aggregation=_term_mode(plan.kl_aggregation, mode),
-                      entropy_aggregation=_term_mode(plan.entropy_aggregation, mode))
+                      entropy_aggregation=_term_mode(plan.entropy_aggregation, mode),
+                      is_level=plan.is_level, is_mode=plan.is_mode, is_low=IS_BOUNDS[0], is_high=IS_BOUNDS[1],
+                      is_self_normalize=plan.is_self_normalize)
 
 
 def _model_spec(args: argparse.Namespace):

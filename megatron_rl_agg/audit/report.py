@@ -7,7 +7,7 @@ import json
 import math
 from typing import Optional, Sequence
 
-from megatron_rl_agg.audit.plan import _Plan
+from megatron_rl_agg.audit.plan import IS_BOUNDS, _Plan
 
 __all__ = ["relative_grad_diff", "format_table", "exit_status"]
 
@@ -81,6 +81,10 @@ def _report(args, plan: _Plan, results: list, skipped: list, seconds: float) -> 
     names = [str(lay) for lay in plan.layouts]
     print(format_table(results, [n for n in names if any(r["layout"] == n for r in results)], plan.pairs,
                        plan.tolerance, args.inject_bug))
+    if plan.is_level != "off":
+        print(f"off-policy correction: --is-level {plan.is_level} --is-mode {plan.is_mode} (bounds "
+              f"[{IS_BOUNDS[0]:g}, {IS_BOUNDS[1]:g}]), self-normalized over the mini-batch: "
+              f"{'yes' if plan.is_self_normalize else 'no'}")
     for item in plan.refused:
         print(f"not audited (refused by the loss configuration): {item}")
     for item in skipped:
@@ -90,5 +94,6 @@ def _report(args, plan: _Plan, results: list, skipped: list, seconds: float) -> 
         with open(args.json_path, "w", encoding="utf-8") as fh:
             json.dump({"tolerance": plan.tolerance, "inject_bug": args.inject_bug, "modes": plan.modes,
                        "policy_losses": plan.policy_losses, "refused": plan.refused,
-                       "layouts": names, "skipped": skipped, "results": results}, fh, indent=1)
+                       "is_level": plan.is_level, "is_mode": plan.is_mode,
+                       "is_self_normalize": plan.is_self_normalize, "layouts": names, "skipped": skipped, "results": results}, fh, indent=1)
     return exit_status(results)

@@ -40,6 +40,10 @@ def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path:
         argv.append("--bf16")
     if args.calculate_per_token_loss:
         argv.append("--calculate-per-token-loss")
+    if args.is_level != "off":
+        argv += ["--is-level", args.is_level] + (["--is-mode", args.is_mode] if args.is_mode else [])
+    if args.is_self_normalize:
+        argv.append("--is-self-normalize")
     return argv
 
 
@@ -142,13 +146,19 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     log-probs/entropy; the policy term from :mod:`megatron_rl_agg.core.policy_losses`, a sequence-level
     loss's per-row mean log-ratio taken over the FULL row's loss tokens with ``sequence_mean``: no CP
     shard, no micro-batch split). Also fills ``batch["old_logprobs"]`` / ``batch["ref_logprobs"]``: the current
-    log-probs plus fixed noise (so PPO ratios straddle the clip range), broadcast from rank 0.
+    log-probs plus fixed noise (so PPO ratios straddle the clip range), broadcast from rank 0. With
+    ``--is-level`` also ``batch["behaviour_logprobs"]`` (the old ones plus 0.2 x N(0, 1), capped at 0), and
+    the reference multiplies the policy term by the importance weights of
+    :func:`megatron_rl_agg.core.corrections.importance_weights` over the WHOLE mini-batch (self-normalized
+    over it with ``--is-self-normalize``), every term aggregated over the counted mask of the denominator
+    policy.
     """
     import torch.distributed as torch_dist
 
     from megatron_rl_agg.mcore import compat
     from megatron_rl_agg.core.logits import entropy_from_logits, logprobs_from_logits
     from megatron_rl_agg.core.kl import kl_estimate
+    from megatron_rl_agg.core.corrections import importance_weights, self_normalize
     from megatron_rl_agg.core.policy_losses import SEQUENCE, clamped_log_ratio, get_policy_loss, sequence_mean
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
@@ -164,11 +174,15 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     with torch.no_grad():
         logp0 = logprobs_from_logits(model(tokens, positions, None), batch["labels"])
         gen = torch.Generator().manual_seed(args.seed + 1)
-        noise = torch.randn((2,) + tuple(logp0.shape), generator=gen).to(logp0.device)
+        noise = torch.randn((3,) + tuple(logp0.shape), generator=gen).to(logp0.device)
         old, ref = logp0 + 0.1 * noise[0], logp0 + 0.3 * noise[1]
-        torch_dist.broadcast(old, src=0)
-        torch_dist.broadcast(ref, src=0)
+        behaviour = (old + 0.2 * noise[2]).clamp(max=0.0)
+        for t in (old, ref, behaviour):
+            torch_dist.broadcast(t, src=0)
     batch["old_logprobs"], batch["ref_logprobs"] = old, ref
+    if plan.is_level != "off":
+        batch["behaviour_logprobs"] = behaviour
+    full_mask = mask
 
     keys = {_reference_key(plan, loss, mode, args.batch_size, lay) for loss, mode in plan.pairs
             for lay in layouts}
@@ -176,6 +190,13 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     for name, mode, rows in sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0)):
         cfg = _loss_config(plan, args, mode, name)
         policy, params = get_policy_loss(name), cfg.policy_loss_params
+        is_w, mask = None, full_mask
+        if plan.is_level != "off":     # the whole mini-batch at once: the definition
+            isw = importance_weights(old, behaviour, full_mask, level=cfg.is_level, mode=cfg.is_mode, low=cfg.is_low,
+                                     high=cfg.is_high, veto=cfg.is_veto, denominator=cfg.is_denominator)
+            is_w, mask = isw.weights, isw.counted
+            if cfg.is_self_normalize:
+                is_w = self_normalize(is_w, torch.stack([(is_w * mask).sum(), mask.sum()]))
 
         def agg(values, term_mode):
             if term_mode in (MICROBATCH_MEAN, "token_mean_legacy"):
@@ -191,6 +212,8 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
             seq = sequence_mean(policy.seq_token_log_ratio(clamped_log_ratio(logp, old), batch["advantages"],
                                                            **params), mask)
         pg = policy(logp, old, batch["advantages"], seq_log_ratio=seq, **params)[0]
+        if is_w is not None:
+            pg = pg * is_w
         objective = agg(pg, mode)
         if cfg.kl_coef > 0:
             kl = kl_estimate(logp, ref, cfg.kl_estimator)
@@ -225,7 +248,8 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     rows = args.batch_size // lay.data_parallel_size
     mbs = rows // lay.num_microbatches
-    keys = ("tokens", "labels", "loss_mask", "advantages", "old_logprobs", "ref_logprobs", "group_ids")
+    keys = ("tokens", "labels", "loss_mask", "advantages", "old_logprobs", "ref_logprobs", "group_ids") + \
+        (("behaviour_logprobs",) if plan.is_level != "off" else ())
     local = {k: batch[k][dp_rank * rows:(dp_rank + 1) * rows] for k in keys}
     forward_backward = get_forward_backward_func()
     out = {}
