@@ -112,6 +112,12 @@ POLICY_CONFIGS.update({f"{name}.{mode}": LossConfig(loss_aggregation=mode, polic
                                                     max_response_length=HORIZON, **POLICY_PARAMS[name])
                        for name, mode in (("gspo", "prompt_mean"), ("cispo", "prompt_mean"),
                                           ("cispo", "seq_mean_token_sum_norm"))})
+# Off-policy correction with a sequence-level loss: gspo with sequence-level importance weights (the product
+# over each FULL row, masked outside [0.5, 2], self-normalized over the mini-batch): the per-sequence ratio
+# and the per-row weight both span CP shards; it runs at every policy layout plus PP2 and CP2 x DP2.
+POLICY_CONFIGS["gspo.seq_mean_token_mean_is"] = LossConfig(
+    loss_aggregation="seq_mean_token_mean", policy_loss="gspo", is_level="sequence", is_mode="mask", is_low=0.5,
+    is_high=2.0, is_self_normalize=True, **POLICY_PARAMS["gspo"])
 POLICY_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)], 2: [("dp2+m2", 2), ("tp2", 8), ("cp2+m4", 2),
                                                           ("cp2+m4:flag", 2)], 4: []}
 # PP2 and CP2 x DP2 for the sequence-level losses (their per-row ratio on the last stage / summed over the
@@ -261,7 +267,12 @@ def reference_objectives(out_dir, batch):
             seq = sequence_mean(loss.seq_token_log_ratio(clamped_log_ratio(logp, old), adv,
                                                          **cfg.policy_loss_params), mask)
         pg = loss(logp, old, adv, seq_log_ratio=seq, **cfg.policy_loss_params)[0]
-        out[f"pl/{name}"] = float(aggregate(pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES,
+        counted = mask
+        if cfg.is_level != "off":     # whole-batch weights (one process: the mini-batch normalization)
+            isw = mini_batch_importance_weights(old, batch["behaviour_logprobs"].double(), mask, cfg)
+            pg, counted = pg * isw.weights, isw.counted
+            out[f"pl/{name}/masked"] = float(((isw.flags & MASKED) > 0).sum())
+        out[f"pl/{name}"] = float(aggregate(pg, counted, cfg.loss_aggregation, group_sizes=GROUP_SIZES,
                                             max_response_length=HORIZON))
     kl = kl_estimate(logp, batch["ref_logprobs"].double(), "k3")
     out["kl_token_mean"] = float(aggregate(kl, mask, "token_mean"))
