@@ -31,7 +31,8 @@ from torchrun_utils import load_result, max_rel_diff  # noqa: E402
 pytestmark = pytest.mark.slow
 
 WORKER = pathlib.Path(__file__).with_name("worker_packing.py")
-MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean")   # worker_packing.MODES
+MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean", "token_mean+is",
+         "gspo.seq_mean_token_mean+is")   # worker_packing.MODES (+is: with the off-policy correction)
 TOL = 1e-6
 SINGLE = ["tp1", "tp1:abs"]
 TWO = ["tp2", "pp2:abs", "pp2+vpp2:fixed"]
@@ -88,6 +89,9 @@ def _assert_packed_equals_padded(item, result, kl_coef=0.05, entropy_coef=0.01):
 def test_packed_equals_padded_single_process(single):
     for item, result in single.items():
         _assert_packed_equals_padded(item, result)
+        for mode in ("token_mean", "gspo.seq_mean_token_mean"):     # the correction changes the objective
+            plain, corrected = result[mode]["terms_padded"], result[mode + "+is"]["terms_padded"]
+            assert abs(corrected["policy_loss/sum"] - plain["policy_loss/sum"]) > 1e-3, (item, mode)
 
 
 def test_packed_equals_padded_tp2_pp2_vpp2(two, single):

@@ -51,14 +51,24 @@ from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec  # no
 from megatron_rl_agg.mcore.packing import unpack  # noqa: E402
 
 SEED = 4321
-MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean")
+MODES = ("token_mean", "seq_mean_token_mean", "gspo.seq_mean_token_mean", "token_mean+is",
+         "gspo.seq_mean_token_mean+is")
 """Aggregation modes with the PPO clipped surrogate, and ``loss.mode``: GSPO (per-sequence ratio from the
-segment sums of each pack, clip bounds that clip some sequences) in the paper's per-sequence mean."""
+segment sums of each pack, clip bounds that clip some sequences) in the paper's per-sequence mean. ``+is``:
+with the off-policy correction (behaviour log-probs off the proximal ones, :data:`IS_SETTINGS`)."""
+# The correction of a ``+is`` mode, by policy loss: token-level weights clipped to [0.8, 1.2] for the PPO
+# surrogate, sequence-level weights (product over the full row) masked outside [0.5, 2] for GSPO; both
+# self-normalized over the mini-batch.
+IS_SETTINGS = {"": dict(is_level="token", is_mode="clip", is_low=0.8, is_high=1.2, is_self_normalize=True),
+               "gspo": dict(is_level="sequence", is_mode="mask", is_low=0.5, is_high=2.0, is_self_normalize=True)}
 
 
 def loss_config(name: str) -> LossConfig:
+    name, _, corrected = name.partition("+")
     loss, _, mode = name.rpartition(".")
     extra = dict(policy_loss=loss, clip_eps_low=0.05, clip_eps_high=0.05) if loss else {}
+    if corrected:
+        extra.update(IS_SETTINGS[loss])
     return LossConfig(loss_aggregation=mode, kl_coef=0.05, entropy_coef=0.01, **extra)
 SEQ_LEN = 16
 # Real tokens per row (prompt 3 + response); row 5 has no response (fully masked), rows differ in
@@ -97,6 +107,9 @@ def make_batch() -> dict:
         "old_logprobs": (-4.2 + 0.3 * torch.randn(n, SEQ_LEN, generator=gen)) * loss_mask,
         "ref_logprobs": (-4.2 + 0.3 * torch.randn(n, SEQ_LEN, generator=gen)) * loss_mask,
         "group_ids": torch.arange(n) // 2,
+        # the sampling engine's (the +is modes only): drawn like the old ones, so the token log-ratio
+        # logp_prox - logp_behave is 0.3 x sqrt(2) x N(0, 1): some weights clipped / rows masked, others not
+        "behaviour_logprobs": (-4.2 + 0.3 * torch.randn(n, SEQ_LEN, generator=gen)) * loss_mask,
     }
 
 
@@ -170,7 +183,8 @@ def run_item(item: str, index: int, out_dir: str) -> str:
     result = {}
     for mode in MODES:
         cfg = loss_config(mode)
-        padded = prepare_microbatches(batch, cfg, MICRO_BATCH_SIZE,
+        rows = batch if cfg.is_level != "off" else {k: v for k, v in batch.items() if k != "behaviour_logprobs"}
+        padded = prepare_microbatches(rows, cfg, MICRO_BATCH_SIZE,
                                       dp_group=parallel_state.get_data_parallel_group())
         packed = pack_microbatches(padded, equal_length=fixed)
         grads_pad, terms_pad, logp_pad = run_once(chunks, padded, forward_step)
