@@ -3,7 +3,8 @@ gradient w.r.t. the logits of Megatron's schedule (each micro-batch's loss / M, 
 gradient of the whole mini-batch's objective written directly (registry loss on the full batch, the
 sequence means over each row's loss tokens, ``aggregation.aggregate``), at several micro-batch sizes,
 for every mode each loss defines (token_mean, seq_mean_token_mean, prompt_mean, and
-seq_mean_token_sum_norm for the token-level losses), in the 2-tuple and the 3-tuple (``calculate_per_token_loss``) contracts and with sequence packing.
+seq_mean_token_sum_norm for the token-level losses), in the 2-tuple and the 3-tuple
+(``calculate_per_token_loss``) contracts and with sequence packing.
 Multi-process layouts: tests/megatron/test_loss_invariance.py (``pl-`` results)."""
 
 import pytest
