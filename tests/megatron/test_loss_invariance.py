@@ -2,7 +2,9 @@
 DDP, the real schedules, gloo on CPU): the full gradient of every non-legacy aggregation mode after one
 forward-backward is the same at (DP1, M1), (DP1, M4), (DP2, M2), (TP2), (PP2, M4), (PP2, VPP2, M4), and
 under context parallelism at CP2, CP2 x DP2, CP2 x TP2 and CP2 x PP2, each CP layout also with
-``calculate_per_token_loss=True`` (Megatron's 3-tuple contract; DP2 too).
+``calculate_per_token_loss=True`` (Megatron's 3-tuple contract; DP2 too). Every registered policy loss
+runs in every mode it defines at M4, DP2, TP2, PP2, CP2, CP2 x DP2, CP2 with the flag and packed (THD) at
+M4, PP2 and DP2 with the flag (``worker.POLICY_LAYOUTS``), from one model build per layout.
 
 The global mini-batch (see ``worker_loss_invariance.py``) has unequal row lengths, a fully masked row and
 prompt groups split across micro-batches and across DP ranks. Three launches cover every layout: one
