@@ -23,6 +23,7 @@ through Megatron's schedule:
   on a GPU the wall time).
 
       OMP_NUM_THREADS=1 python benchmarks/bench_policy_losses.py --step-time
+      OMP_NUM_THREADS=1 python benchmarks/bench_policy_losses.py --step-time --losses cispo --repeats 41
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl_agg.audit.batch import make_batch  # noqa: E402
 from megatron_rl_agg.core.config import LossConfig  # noqa: E402
-from megatron_rl_agg.core.policy_losses import POLICY_LOSSES  # noqa: E402
+from megatron_rl_agg.core.policy_losses import POLICY_LOSSES, get_policy_loss  # noqa: E402
 from megatron_rl_agg.mcore import compat, cpu_mode  # noqa: E402
 from megatron_rl_agg.mcore.build import build_model, build_optimizer  # noqa: E402
 from megatron_rl_agg.mcore.spec import GPTSpec  # noqa: E402
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15, help="--step-time: timed pairs per loss")
     p.add_argument("--warmup", type=int, default=1, help="--step-time: untimed pairs per loss")
+    p.add_argument("--losses", default=None,
+                   help="--step-time: comma-separated registered losses to time against ppo_clip (default: all)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
@@ -132,6 +135,12 @@ def traffic(args) -> dict:
     return out
 
 
+def _losses(args) -> list:
+    """The losses ``--losses`` names (canonical names; an unknown one lists the valid ones), ppo_clip dropped."""
+    names = POLICY_LOSSES if args.losses is None else [get_policy_loss(n).name for n in args.losses.split(",")]
+    return [n for n in dict.fromkeys(names) if n != "ppo_clip"]
+
+
 def step_time(args) -> dict:
     """Median over paired repeats of ``t_loss / t_ppo_clip`` for every registered loss."""
     chunks, batch, device = _setup(args, 1)
@@ -150,9 +159,7 @@ def step_time(args) -> dict:
         return clock() - t0
 
     out = {"clock": "wall" if device.type == "cuda" else "cpu", "ratio": {}}
-    for loss in POLICY_LOSSES:
-        if loss == "ppo_clip":
-            continue
+    for loss in _losses(args):
         ratios, mode = [], POLICY_LOSSES[loss].paper_mode      # both sides aggregated with the loss's mode
         for r in range(args.warmup + args.repeats):
             order = ("ppo_clip", loss) if r % 2 == 0 else (loss, "ppo_clip")

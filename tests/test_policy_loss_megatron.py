@@ -2,7 +2,9 @@
 gradient w.r.t. the logits of Megatron's schedule (each micro-batch's loss / M, summed) equals the
 gradient of the whole mini-batch's objective written directly (registry loss on the full batch, the
 sequence means over each row's loss tokens, ``aggregation.aggregate``), at several micro-batch sizes,
-in the 2-tuple and the 3-tuple (``calculate_per_token_loss``) contracts and with sequence packing.
+for every mode each loss defines (token_mean, seq_mean_token_mean, prompt_mean, and
+seq_mean_token_sum_norm for the token-level losses), in the 2-tuple and the 3-tuple
+(``calculate_per_token_loss``) contracts and with sequence packing.
 Multi-process layouts: tests/megatron/test_loss_invariance.py (``pl-`` results)."""
 
 import pytest
@@ -22,7 +24,8 @@ GROUP_SIZES = [3, 2, 2]
 PARAMS = {"gspo": dict(clip_eps_low=0.1, clip_eps_high=0.15), "gspo_token": dict(clip_eps_low=0.1, clip_eps_high=0.15),
           "ppo_clip": dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=2.0),
           "cispo": dict(clip_eps_high=0.2), "dppo_tv": dict(dppo_tv_delta=0.05), "dppo_kl": dict(dppo_kl_delta=0.01)}
-MODES = ["token_mean", "seq_mean_token_mean", "prompt_mean"]
+MODES = ["token_mean", "seq_mean_token_mean", "prompt_mean", "seq_mean_token_sum_norm"]
+HORIZON = 8   # L of seq_mean_token_sum_norm (> S: the constant horizon, not a row length)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def make_batch(seed=0):
 
 
 def config(name, mode):
-    return LossConfig(loss_aggregation=mode, policy_loss=name, **PARAMS.get(name, {}))
+    return LossConfig(loss_aggregation=mode, policy_loss=name, max_response_length=HORIZON, **PARAMS.get(name, {}))
 
 
 def schedule(mcore, logits, batch, cfg, mbs, per_token=False, packed=False):
@@ -87,13 +90,17 @@ def reference(logits, batch, cfg):
         seq = sequence_mean(loss.seq_token_log_ratio(clamped_log_ratio(logp, batch["old_logprobs"]), adv,
                                                      **cfg.policy_loss_params), mask)
     pg = loss(logp, batch["old_logprobs"], adv, seq_log_ratio=seq, **cfg.policy_loss_params)[0]
-    value = aggregate(pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES)
+    value = aggregate(pg, mask, cfg.loss_aggregation, group_sizes=GROUP_SIZES, max_response_length=HORIZON)
     value.backward()
     return logits.grad, float(value.detach())
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(POLICY_LOSSES))
+# Every loss x every mode it defines (the sequence-level losses refuse seq_mean_token_sum_norm: the last test).
+CASES = [(name, mode) for name, loss in POLICY_LOSSES.items() for mode in MODES
+         if not (loss.level == "sequence" and mode == "seq_mean_token_sum_norm")]
+
+
+@pytest.mark.parametrize("name,mode", CASES)
 def test_every_loss_equals_the_whole_batch_objective(mcore, name, mode):
     logits, batch = make_batch()
     cfg = config(name, mode)

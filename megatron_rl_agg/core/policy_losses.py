@@ -195,10 +195,12 @@ def _cispo(logprobs, old_logprobs, advantages, *, seq_log_ratio=None, clip_eps_l
     (``token_mean``) and sets no lower bound (``eps_low = 1``: the weight is only floored at 0).
     """
     adv = _expand(advantages, logprobs)
-    ratio = torch.exp(clamped_log_ratio(logprobs, old_logprobs)).detach()
+    # The weight is a constant: computed from detached log-probs, so autograd records only the product
+    # with logp (no discarded graph for the ratio); the constant factor -w A is formed before it.
+    ratio = torch.exp(clamped_log_ratio(logprobs.detach(), old_logprobs))
     weight = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     clipped = weight != ratio
-    return -weight * adv * logprobs, clipped, torch.zeros_like(clipped)
+    return (weight * adv).neg_() * logprobs, clipped, torch.zeros_like(clipped)
 
 
 def _sapo(logprobs, old_logprobs, advantages, *, seq_log_ratio=None, tau_pos, tau_neg):

@@ -2,7 +2,9 @@
 DDP, the real schedules, gloo on CPU): the full gradient of every non-legacy aggregation mode after one
 forward-backward is the same at (DP1, M1), (DP1, M4), (DP2, M2), (TP2), (PP2, M4), (PP2, VPP2, M4), and
 under context parallelism at CP2, CP2 x DP2, CP2 x TP2 and CP2 x PP2, each CP layout also with
-``calculate_per_token_loss=True`` (Megatron's 3-tuple contract; DP2 too).
+``calculate_per_token_loss=True`` (Megatron's 3-tuple contract; DP2 too). Every registered policy loss
+runs in every mode it defines at M4, DP2, TP2, PP2, CP2, CP2 x DP2, CP2 with the flag and packed (THD) at
+M4, PP2 and DP2 with the flag (``worker.POLICY_LAYOUTS``), from one model build per layout.
 
 The global mini-batch (see ``worker_loss_invariance.py``) has unequal row lengths, a fully masked row and
 prompt groups split across micro-batches and across DP ranks. Three launches cover every layout: one
@@ -164,31 +166,56 @@ def test_context_parallel_and_per_token_loss_layouts_are_covered(runs):
     assert {"cp2+m4", "cp2+m4:flag"} <= {text for _, text, _ in layouts("kl")}
 
 
-def policy_layouts(config=None):
-    extra = config in worker.SEQUENCE_POLICY_CONFIGS
-    return [(nproc, text) for nproc in NPROCS for text, _ in
-            worker.POLICY_LAYOUTS[nproc] + (worker.SEQUENCE_POLICY_LAYOUTS[nproc] if extra else [])]
+def policy_layouts():
+    return [(nproc, text) for nproc in NPROCS for text, _ in worker.POLICY_LAYOUTS[nproc]]
+
+
+def test_every_policy_loss_and_mode_is_covered():
+    """Every registered loss x every issue mode it defines (ppo_clip through the "pg" configs), at M4, DP2,
+    TP2, PP2, CP2, CP2 x DP2, CP2 with calculate_per_token_loss and packed (M4, PP2, DP2 with the flag)."""
+    from megatron_rl_agg.core.policy_losses import POLICY_LOSSES
+
+    defined = {f"{name}.{mode}" for name, loss in POLICY_LOSSES.items() if name != "ppo_clip"
+               for mode in worker.POLICY_MODES if not (loss.level == "sequence" and mode == "seq_mean_token_sum_norm")}
+    assert set(worker.POLICY_CONFIGS) == defined | {"gspo.seq_mean_token_mean_is"} and len(defined) == 25
+    assert set(worker.POLICY_MODES) <= set(worker.MODES) and set(worker.PACKED_PG_MODES) == set(worker.POLICY_MODES)
+    assert {text for _, text in policy_layouts()} == {
+        "dp1+m1", "dp1+m4", "dp1+m4:packed", "dp2+m2", "tp2", "pp2+m4", "cp2+m4", "cp2+m4:flag",
+        "pp2+m4:packed", "dp2+m2:flag,packed", "cp2+dp2+m2"}
 
 
 @pytest.mark.parametrize("config", list(worker.POLICY_CONFIGS))
 def test_every_policy_loss_gradient_equal_at_every_layout(runs, config):
-    """Each registered loss x token_mean / seq_mean_token_mean (and gspo / cispo x prompt_mean, cispo x
-    seq_mean_token_sum_norm) at M4, DP2, TP2, CP2 and CP2 with calculate_per_token_loss, gspo / gmpo and the
-    added modes also at PP2 and CP2 x DP2: the gradient of the one-process, one-micro-batch run (rel 1e-5),
-    and the reported policy loss equals the whole-batch objective from full-vocabulary log-probs."""
+    """Each registered loss x token_mean / seq_mean_token_mean / prompt_mean (and seq_mean_token_sum_norm
+    for the token-level losses) at every policy layout, packed ones included: the gradient of the
+    one-process, one-micro-batch padded run (rel 1e-5), and the reported policy loss equals the whole-batch
+    objective from full-vocabulary log-probs."""
     ref = result(runs, 1, "pl", REF_LAYOUT, config)
     assert max(float(g.abs().max()) for g in ref["grads"].values()) > 0
     expected = load_result(runs[1][0], "reference")[f"pl/{config}"]
     if worker.POLICY_CONFIGS[config].is_level != "off":    # the correction masks some rows, not all
         assert 0 < load_result(runs[1][0], "reference")[f"pl/{config}/masked"] < sum(worker.ROW_TOKENS)
-    layouts_run = policy_layouts(config)
-    if config.split(".")[0] in ("gspo", "gmpo"):
-        assert {"pp2+m4", "cp2+dp2+m2"} <= {text for _, text in layouts_run}
-    for nproc, layout in layouts_run:
+    for nproc, layout in policy_layouts():
         got = result(runs, nproc, "pl", layout, config)
         rel, key = max_rel_diff(got["grads"], ref["grads"])
         assert rel <= TOL, f"{config} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
         assert got["metrics"]["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, config)
+        assert got["metrics"]["num_tokens/sum"] == sum(worker.ROW_TOKENS), (layout, config)
+
+
+@pytest.mark.parametrize("mode", worker.PACKED_PG_MODES)
+def test_packed_ppo_clip_gradient_equal(runs, mode):
+    """The PPO surrogate (asymmetric and dual clip) with packed micro-batches: the padded one-process,
+    one-micro-batch gradient and the whole-batch objective."""
+    ref = result(runs, 1, "pg", REF_LAYOUT, mode)
+    expected = load_result(runs[1][0], "reference")[f"{mode}/mbs8/policy"]
+    packed = [(nproc, text) for nproc, text in policy_layouts() if "packed" in text]
+    assert len(packed) == 3
+    for nproc, layout in packed:
+        got = result(runs, nproc, "pg", layout, mode)
+        rel, key = max_rel_diff(got["grads"], ref["grads"])
+        assert rel <= TOL, f"{mode} at {layout}: {key} differs from {REF_LAYOUT} by {rel:.3e}"
+        assert got["metrics"]["policy_loss/sum"] == pytest.approx(expected, rel=TOL, abs=1e-7), (layout, mode)
 
 
 @pytest.mark.parametrize("config", list(worker.IS_CONFIGS))

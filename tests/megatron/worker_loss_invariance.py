@@ -15,10 +15,12 @@ state between layouts):
   ``dp2+m2``; the TP2 vocab-parallel log-prob/entropy checks against the full-logit reference (the
   separate functions and the fused kernel loss_func uses, with its collective count); the
   context-parallel refusal.
-* the policy losses (``POLICY_CONFIGS``, tag ``pl``): every loss x token_mean / seq_mean_token_mean and
-  gspo / cispo x prompt_mean, cispo x seq_mean_token_sum_norm at ``dp1+m1``, ``dp1+m4``, ``dp2+m2``,
-  ``tp2``, ``cp2+m4`` (also with calculate_per_token_loss); gspo, gmpo and the added modes also at
-  ``pp2+m4`` (2 processes) and ``cp2+dp2+m2`` (4 processes).
+* the policy losses (``POLICY_CONFIGS``, tag ``pl``): every loss x token_mean / seq_mean_token_mean /
+  prompt_mean and, token-level losses, seq_mean_token_sum_norm, at ``dp1+m1``, ``dp1+m4`` (1 process),
+  ``dp2+m2``, ``tp2``, ``pp2+m4``, ``cp2+m4`` (also with calculate_per_token_loss) (2 processes),
+  ``cp2+dp2+m2`` (4 processes), and packed (THD) at ``dp1+m4``, ``pp2+m4`` and ``dp2+m2`` with
+  calculate_per_token_loss, where the PPO surrogate's four modes also run (tag ``pg``); one model build
+  per layout for all of them.
 
 For every layout and loss configuration it prepares the rank's share of the SAME global mini-batch with
 ``prepare_microbatches``, runs one forward-backward through ``get_forward_backward_func()`` with the
@@ -98,33 +100,35 @@ CONFIGS.update(IS_CONFIGS)
 KL_CONFIGS = {f"kl_{est}": LossConfig(kl_coef=0.1, kl_estimator=est, entropy_coef=0.05, **PG)
               for est in ("k1", "k2", "k3")}
 
-# Every other registered policy loss x {token_mean, seq_mean_token_mean} (ppo_clip is CONFIGS above), with
-# clip bounds wide enough that some sequences / tokens are clipped and others not; under CP the
-# sequence-level ones reduce one scalar per sequence over the CP group.
+# Every other registered policy loss (ppo_clip is CONFIGS above) x every issue mode it defines: token_mean,
+# seq_mean_token_mean, prompt_mean (prompt groups straddle ranks and micro-batches) and, for the token-level
+# losses, seq_mean_token_sum_norm (the sequence-level ones refuse it). Clip bounds wide enough that some
+# sequences / tokens are clipped and others not; under CP the sequence-level losses reduce one scalar per
+# sequence over the CP group.
 POLICY_PARAMS = {"gspo": dict(clip_eps_low=0.1, clip_eps_high=0.15),
                  "gspo_token": dict(clip_eps_low=0.1, clip_eps_high=0.15), "gmpo": {}, "cispo": {}, "sapo": {},
                  "dppo_tv": dict(dppo_tv_delta=0.005), "dppo_kl": dict(dppo_kl_delta=0.001)}
-POLICY_CONFIGS = {f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name, **params)
-                  for name, params in POLICY_PARAMS.items() for mode in ("token_mean", "seq_mean_token_mean")}
-# prompt_mean for a sequence-level and a token-level loss (prompt groups straddle ranks and micro-batches),
-# seq_mean_token_sum_norm for the token-level one (the sequence-level losses refuse it).
-POLICY_CONFIGS.update({f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name,
-                                                    max_response_length=HORIZON, **POLICY_PARAMS[name])
-                       for name, mode in (("gspo", "prompt_mean"), ("cispo", "prompt_mean"),
-                                          ("cispo", "seq_mean_token_sum_norm"))})
+POLICY_MODES = ("token_mean", "seq_mean_token_mean", "prompt_mean", "seq_mean_token_sum_norm")
+SEQUENCE_LEVEL = ("gspo", "gspo_token", "gmpo")
+POLICY_CONFIGS = {f"{name}.{mode}": LossConfig(loss_aggregation=mode, policy_loss=name,
+                                               max_response_length=HORIZON, **params)
+                  for name, params in POLICY_PARAMS.items() for mode in POLICY_MODES
+                  if not (name in SEQUENCE_LEVEL and mode == "seq_mean_token_sum_norm")}
 # Off-policy correction with a sequence-level loss: gspo with sequence-level importance weights (the product
 # over each FULL row, masked outside [0.5, 2], self-normalized over the mini-batch): the per-sequence ratio
-# and the per-row weight both span CP shards; it runs at every policy layout plus PP2 and CP2 x DP2.
+# and the per-row weight both span CP shards; it runs at every policy layout.
 POLICY_CONFIGS["gspo.seq_mean_token_mean_is"] = LossConfig(
     loss_aggregation="seq_mean_token_mean", policy_loss="gspo", is_level="sequence", is_mode="mask", is_low=0.5,
     is_high=2.0, is_self_normalize=True, **POLICY_PARAMS["gspo"])
-POLICY_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)], 2: [("dp2+m2", 2), ("tp2", 8), ("cp2+m4", 2),
-                                                          ("cp2+m4:flag", 2)], 4: []}
-# PP2 and CP2 x DP2 for the sequence-level losses (their per-row ratio on the last stage / summed over the
-# CP group of each DP rank) and the new modes.
-SEQUENCE_POLICY_CONFIGS = [name for name in POLICY_CONFIGS if name.split(".")[0] in ("gspo", "gmpo")] + [
-    "cispo.prompt_mean", "cispo.seq_mean_token_sum_norm"]
-SEQUENCE_POLICY_LAYOUTS = {1: [], 2: [("pp2+m4", 2)], 4: [("cp2+dp2+m2", 2)]}
+# Every policy config at every one of these layouts, from ONE model build per layout. ":packed" packs each
+# micro-batch into one THD sequence (packed_local_layer_spec, the same weights; equal-length packs under
+# PP) and also runs the PPO surrogate of PACKED_PG_MODES under the "pg" tag. Packing under CP is refused
+# (packing.pack_micro_batch; tests/test_packing.py), so there is no CP packed layout.
+POLICY_LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2), ("dp1+m4:packed", 2)],
+                  2: [("dp2+m2", 2), ("tp2", 8), ("pp2+m4", 2), ("cp2+m4", 2), ("cp2+m4:flag", 2),
+                      ("pp2+m4:packed", 2), ("dp2+m2:flag,packed", 2)],
+                  4: [("cp2+dp2+m2", 2)]}
+PACKED_PG_MODES = POLICY_MODES
 
 # A ":flag" suffix runs the layout with calculate_per_token_loss=True (Megatron's 3-tuple contract).
 LAYOUTS = {1: [("dp1+m1", 8), ("dp1+m4", 2)],
@@ -172,12 +176,14 @@ def rank_share(batch, dp_rank, dp_size):
     return {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in batch.items()}
 
 
-def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
-    """One forward-backward of ``cfg`` on the rank's share; returns (full grads, reduced metrics)."""
+def run_config(chunks, batch, cfg, mbs, dp_group, flag=False, packed=False):
+    """One forward-backward of ``cfg`` on the rank's share; returns (full grads, reduced metrics). With
+    ``packed`` each micro-batch is one THD sequence (``pack_microbatches``; equal lengths under PP)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore.packing import pack_microbatches, packed_forward_step
     from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.parallel.metrics import reduce_metrics
     from megatron_rl_agg.mcore.weights import gather_full_grads
@@ -188,12 +194,17 @@ def run_config(chunks, batch, cfg, mbs, dp_group, flag=False):
     cp_group = parallel_state.get_context_parallel_group()
     micro_batches = prepare_microbatches(share, cfg, mbs, dp_group=dp_group, cp_group=cp_group,
                                          calculate_per_token_loss=flag)
+    step, seq_length, rows = forward_step, SEQ, mbs
+    if packed:
+        micro_batches = pack_microbatches(micro_batches,
+                                          equal_length=parallel_state.get_pipeline_model_parallel_world_size() > 1)
+        step, seq_length, rows = packed_forward_step, micro_batches[0]["tokens"].shape[1], 1
     for chunk in chunks:
         chunk.zero_grad_buffer()
     iterator = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterator, model=chunks,
-        num_microbatches=len(micro_batches), seq_length=SEQ, micro_batch_size=mbs, forward_only=False)
+        forward_step_func=step, data_iterator=iterator, model=chunks,
+        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=rows, forward_only=False)
     grads = gather_full_grads(chunks)
     # Reports exist on the last pipeline stage only; reduce them over its dp x cp group there (each CP
     # rank reports partial sums of its shards).
@@ -208,27 +219,37 @@ def dist_size(group):
     return torch_dist.get_world_size(group)
 
 
-def run_layouts(out_dir, layouts, configs, batch, tag):
+def run_layouts(out_dir, layouts, groups, batch):
+    """``groups``: ``[(tag, configs)]``, every config of every group run from ONE model build per layout.
+    A layout's suffix holds comma-separated variants: ``flag`` (calculate_per_token_loss=True), ``packed``
+    (THD micro-batches through ``packed_local_layer_spec``, the same weights)."""
     from megatron.core import parallel_state
+
+    from megatron_rl_agg.mcore.packed_attention import packed_local_layer_spec
 
     for layout_text, mbs in layouts:
         start = time.perf_counter()
         layout_only, _, variant = layout_text.partition(":")
+        variants = set(variant.split(",")) if variant else set()
+        if not variants <= {"flag", "packed"}:
+            raise ValueError(f"unknown variant in {layout_text!r}; valid: flag, packed")
         layout = parse_layout(layout_only)
         compat.initialize_model_parallel(layout.tp, layout.pp, layout.vpp, cp=layout.cp, seed=SEED)
-        flag = variant == "flag"
-        chunks = build_model(SPEC, calculate_per_token_loss=flag)
+        flag, packed = "flag" in variants, "packed" in variants
+        layer_spec = packed_local_layer_spec(normalization=SPEC.normalization) if packed else None
+        chunks = build_model(SPEC, calculate_per_token_loss=flag, layer_spec=layer_spec)
         init_weights(chunks, seed=SEED)
         dp_group = parallel_state.get_data_parallel_group()
-        for name, cfg in configs.items():
-            grads, metrics = run_config(chunks, batch, cfg, mbs, dp_group, flag)
-            if torch_dist.get_rank() == 0:
-                save_result(out_dir, f"{tag}-{layout_text}-{name}",
-                            {"grads": grads, "metrics": metrics, "micro_batch_size": mbs})
+        for tag, configs in groups:
+            for name, cfg in configs.items():
+                grads, metrics = run_config(chunks, batch, cfg, mbs, dp_group, flag, packed)
+                if torch_dist.get_rank() == 0:
+                    save_result(out_dir, f"{tag}-{layout_text}-{name}",
+                                {"grads": grads, "metrics": metrics, "micro_batch_size": mbs})
         compat.destroy_model_parallel()
         if torch_dist.get_rank() == 0:
-            print(f"{tag} {layout_text}: {len(configs)} configs in {time.perf_counter() - start:.2f} s",
-                  flush=True)
+            print(f"{'+'.join(tag for tag, _ in groups)} {layout_text}: {sum(len(c) for _, c in groups)} configs "
+                  f"in {time.perf_counter() - start:.2f} s", flush=True)
 
 
 def reference_objectives(out_dir, batch):
@@ -391,13 +412,14 @@ def run(argv):
     world = torch_dist.get_world_size()
     start = time.perf_counter()
     batch = make_batch(ROW_TOKENS)
-    run_layouts(out_dir, LAYOUTS[world], CONFIGS, batch, "pg")
-    run_layouts(out_dir, POLICY_LAYOUTS[world], POLICY_CONFIGS, batch, "pl")
-    run_layouts(out_dir, SEQUENCE_POLICY_LAYOUTS[world],
-                {name: POLICY_CONFIGS[name] for name in SEQUENCE_POLICY_CONFIGS}, batch, "pl")
+    run_layouts(out_dir, LAYOUTS[world], [("pg", CONFIGS)], batch)
+    packed_pg = {mode: CONFIGS[mode] for mode in PACKED_PG_MODES}
+    for layout in POLICY_LAYOUTS[world]:
+        groups = [("pl", POLICY_CONFIGS)] + ([("pg", packed_pg)] if "packed" in layout[0] else [])
+        run_layouts(out_dir, [layout], groups, batch)
     kl_batch = make_batch(EQUAL_TOKENS, seed=SEED + 1)
     kl_batch["advantages"] = torch.zeros(len(EQUAL_TOKENS))
-    run_layouts(out_dir, KL_LAYOUTS[world], KL_CONFIGS, kl_batch, "kl")
+    run_layouts(out_dir, KL_LAYOUTS[world], [("kl", KL_CONFIGS)], kl_batch)
     if world == 1:
         reference_objectives(out_dir, batch)
     elif world == 2:
