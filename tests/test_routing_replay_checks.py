@@ -8,7 +8,8 @@ import torch
 
 from megatron_rl_agg.core.config import LossConfig
 from megatron_rl_agg.mcore.batch import prepare_microbatches
-from megatron_rl_agg.mcore.routing_replay import check_routes, get_replay_mode, padding_routes, routes_of_map
+from megatron_rl_agg.core.routing import get_replay_mode
+from megatron_rl_agg.mcore.routing_replay import check_routes, padding_routes, routes_of_map
 
 
 def test_mode_lookup_lists_valid_names():

@@ -44,26 +44,12 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from megatron_rl_agg.core.context_parallel import merge_cp_shards
+from megatron_rl_agg.core.routing import REPLAY_MODES, get_replay_mode
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.parallel import dist
 
 __all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "chunk_routers", "RouteRecorder",
            "set_replay", "mark_backward", "clear", "check_routes", "padding_routes", "routes_of_map"]
-
-# name -> what the update replays
-REPLAY_MODES = {
-    "off": "no replay: the update routes with the live router",
-    "r2": "replay the routes recorded in the proximal / old log-prob forward",
-    "r3": "replay the routes the rollout engine used (the rollout's per-token routes)",
-}
-
-
-def get_replay_mode(name: str) -> str:
-    """``name`` if it is a routing-replay mode, else a ValueError listing the valid ones."""
-    if name not in REPLAY_MODES:
-        raise ValueError(f"unknown MoE routing replay mode {name!r}; valid: {', '.join(REPLAY_MODES)}")
-    return name
-
 
 def moe_layer_numbers(config) -> list[int]:
     """Global 1-based layer numbers of the MoE layers, in order (Megatron's ``moe_layer_freq`` pattern:

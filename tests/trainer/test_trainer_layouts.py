@@ -76,6 +76,11 @@ MOE_LAYOUTS = {
     "ep2": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
     "ep2/allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"]),
     "ep2/flag": (2, ["--expert-model-parallel-size", "2", "--calculate-per-token-loss"]),
+    # routing replay R2: the routes of the old log-prob forward replayed in the update; on the step-1
+    # weights they are the live routes, so the step equals the run without replay
+    "dp1m4/r2": (1, ["--moe-routing-replay", "r2"]),
+    "ep2/r2": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+                   "--moe-routing-replay", "r2"]),
 }
 
 
@@ -317,8 +322,8 @@ def test_metrics_lines_carry_every_documented_key(runs):
 
 def test_moe_step1_is_expert_parallel_invariant(runs):
     """MoE: step-1 grad_norm, policy_loss and the load-balancing loss agree between EP1 (DP1 x M4, DP2)
-    and EP2 (both dispatchers, and with --calculate-per-token-loss); the MoE model is really another model
-    than the dense one."""
+    and EP2 (both dispatchers, and with --calculate-per-token-loss), with and without --moe-routing-replay r2
+    (whose old log-probs give ppo_kl 0 at step 1); the MoE model is really another model than the dense one."""
     rows, results = runs
     lines = {name: results[f"moe/{name}"][0] for name in MOE_LAYOUTS}
     ref = lines["dp1m4"]
@@ -327,6 +332,8 @@ def test_moe_step1_is_expert_parallel_invariant(runs):
     for name, line in lines.items():
         for key in ("grad_norm", "policy_loss", "load_balancing_loss", "entropy"):
             assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
+    for name in ("dp1m4/r2", "ep2/r2"):
+        assert abs(lines[name]["ppo_kl"]) < 1e-7, (name, lines[name]["ppo_kl"])
     assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
                                                abs=1e-7)
 

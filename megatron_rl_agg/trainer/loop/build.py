@@ -125,7 +125,9 @@ def _build_policy(args, spec):
                                                use_distributed_optimizer=args.use_distributed_optimizer,
                                                average_in_collective=args.ddp_average_in_collective)
     chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config,
-                         calculate_per_token_loss=args.calculate_per_token_loss)
+                         calculate_per_token_loss=args.calculate_per_token_loss,
+                         **({"moe_enable_routing_replay": True}
+                            if getattr(args, "moe_routing_replay", "off") != "off" else {}))
     if args.hf_checkpoint:                          # each rank reads only the slices it holds
         from megatron_rl_agg.trainer.loop.hf_model import load_hf_policy
 
