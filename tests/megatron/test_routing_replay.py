@@ -24,13 +24,14 @@ WORKER = pathlib.Path(__file__).with_name("worker_routing_replay.py")
 TOL = 1e-5
 REF = "dp1+m4"
 LAUNCHES = {
-    1: [REF, "dp1+m4:recompute", "dp1+m4:pack"],
+    1: [REF, "dp1+m4:recompute", "dp1+m4:pack", "dp1+m4:r3"],
     2: ["dp2+m2", "ep2+m2", "cp2+m4", "pp2+m4", "pp2vpp2+m4", "pp2+m4:recompute"],
     4: ["tp2+ep2+m2"],
 }
 ITEMS = [item for items in LAUNCHES.values() for item in items]
 COMPARED = [item for item in ITEMS if not item.endswith(":recompute")]
-SAME_GRADS = [item for item in ITEMS if item not in (REF, "dp1+m4:pack")]
+SAME_GRADS = [item for item in ITEMS if item not in (REF, "dp1+m4:pack", "dp1+m4:r3")]
+R2_ITEMS = [item for item in ITEMS if item != "dp1+m4:r3"]
 
 
 def worker_jobs(directory):
@@ -50,7 +51,16 @@ def test_update_routes_equal_recorded_routes(shared_jobs, item):
     assert min(got["mismatch_free"]) > 0.1, got["mismatch_free"]
 
 
-@pytest.mark.parametrize("item", ITEMS)
+def test_r3_file_routes_are_the_ones_used(shared_jobs):
+    """Acceptance 3: the routes of a rollout file (read by the trainer's reader, laid out by its row
+    builder, padding positions and rows given padding routes) are the experts every token used in the
+    update, compared per token and layer; the live router chooses others for most tokens."""
+    got = load_result(shared_jobs, "dp1+m4:r3")
+    assert got["mismatch"] == [0.0] * 4 and min(got["compared"]) == 96
+    assert min(got["mismatch_free"]) > 0.3, got["mismatch_free"]
+
+
+@pytest.mark.parametrize("item", R2_ITEMS)
 def test_step_one_ratio_is_one_with_replay(shared_jobs, item):
     """Acceptance 2: same weights, noisy router: |ppo_kl| < 1e-6 with R2 (the gate values move by O(eps)
     only), and far above it without replay (other experts)."""

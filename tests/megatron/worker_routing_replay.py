@@ -117,6 +117,41 @@ def mismatch(recorded, live, layers, packed_index=None):
     return out
 
 
+def r3_routes(rows):
+    """``[rows, SEQ, 4, 2]`` routes of rollout-file rows: random distinct top-2 experts per token and layer
+    written as JSON lines, read by ``read_rollouts`` and laid out by ``build_rows`` (the trainer's path)."""
+    import json
+    import tempfile
+
+    from megatron_rl_agg.trainer.rollout.rollouts import check_sample_routes, read_rollouts
+    from megatron_rl_agg.trainer.step.batching import build_rows
+
+    gen = torch.Generator().manual_seed(77)
+    lines = []
+    for i in range(rows):
+        n = 2 + (i % 4) * 2 + 3                          # prompt 2 + response, <= SEQ + 1 tokens
+        routes = torch.rand(n, 4, moe.EXPERTS, generator=gen).argsort(-1)[..., :2]
+        lines.append(json.dumps({"prompt_id": i, "prompt": [1, 2], "response": [3] * (n - 2), "reward": 1.0,
+                                 "finish_reason": "stop", "routes": routes.tolist()}))
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+        fh.write("\n".join(lines) + "\n")
+    samples = read_rollouts(fh.name)
+    pathlib.Path(fh.name).unlink()
+    check_sample_routes(samples, 4, 2, moe.EXPERTS, "r3 file")
+    return build_rows(samples, base.SEQ, list(range(rows))).routes
+
+
+def expected_maps(routes):
+    """Per layer, per micro-batch, the ``[S * b, E]`` sequence-first routing map the routes describe."""
+    maps = {}
+    for layer in range(routes.shape[2]):
+        for k in range(0, routes.shape[0], MBS):
+            r = routes[k:k + MBS, :, layer].transpose(0, 1).reshape(-1, routes.shape[-1])
+            m = torch.zeros(r.shape[0], moe.EXPERTS, dtype=torch.bool)
+            maps.setdefault(layer, []).append(m.scatter_(1, r, True))
+    return maps
+
+
 def update(chunks, share, routes, pack, capture):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -161,8 +196,8 @@ def run_item(out_dir, item):
     from megatron_rl_agg.mcore.weights import init_weights
 
     layout_text, _, variant = item.partition(":")
-    if variant not in ("", "pack", "recompute"):
-        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'pack', 'recompute'")
+    if variant not in ("", "pack", "recompute", "r3"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'pack', 'recompute', 'r3'")
     layout = parse_layout(layout_text)
     if layout.num_microbatches * layout.data_parallel_size != 4:
         raise ValueError(f"{item}: M * D must be 4 (the same four micro-batches)")
@@ -186,6 +221,11 @@ def run_item(out_dir, item):
     old, routes = compute_logprobs(chunks, share["tokens"], share["labels"], MBS, temperature=1.0,
                                    record_routes=True)
     recorded = capture.take()
+    if variant == "r3":
+        # R3: the routes of a rollout file (random distinct experts per token and layer, through the
+        # trainer's reader and row builder) replace the recorded ones; expected maps built from them
+        routes = r3_routes(share["tokens"].shape[0])
+        recorded = expected_maps(routes)
     share = dict(share, old_logprobs=old)
     share.pop("behaviour_logprobs")
     near_tie(chunks, -1.0)

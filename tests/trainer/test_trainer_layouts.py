@@ -112,6 +112,19 @@ def write_off_policy_rollouts(path):
     return rows
 
 
+def write_routed_rollouts(path, out):
+    """``path``'s rows with MoE routes (routing replay R3): random distinct top-2 of 4 experts for every
+    token of prompt + response at each of the 4 layers of MODEL_ARGS."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        n = len(row["prompt"]) + len(row["response"])
+        row["routes"] = torch.rand(n, 4, 4, generator=gen).argsort(-1)[..., :2].tolist()
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _argv(path, mode, extra=(), policy="keep", gbs=16):
     return ["--rollouts", str(path), "--global-batch-size", str(gbs), "--train-iters", "1",
             "--loss-aggregation", mode, "--max-response-length", str(HORIZON), "--overlong-policy", policy,
@@ -159,6 +172,9 @@ def worker_jobs(tmp):
     for name, (nproc, flags) in MOE_LAYOUTS.items():
         (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
                                                  "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
+    write_routed_rollouts(tmp / "r.jsonl", tmp / "r3.jsonl")
+    plan1.append({"name": "moe/r3", "argv": _argv(tmp / "r3.jsonl", "token_mean",
+                                                  MOE_FLAGS + ["--moe-routing-replay", "r3"])})
     return [trainer_job(plan2, 2, tmp, 600), trainer_job(plan1, 1, tmp, 300)]
 
 
@@ -334,6 +350,11 @@ def test_moe_step1_is_expert_parallel_invariant(runs):
             assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
     for name in ("dp1m4/r2", "ep2/r2"):
         assert abs(lines[name]["ppo_kl"]) < 1e-7, (name, lines[name]["ppo_kl"])
+    # R3: the file's routes (random, not the live router's) are replayed: the same rows and loss (ratio 1 on
+    # policy), another gradient
+    r3 = results["moe/r3"][0]
+    assert r3["policy_loss"] == pytest.approx(ref["policy_loss"], rel=1e-6) and r3["ppo_kl"] == 0
+    assert abs(r3["grad_norm"] / ref["grad_norm"] - 1) > 1e-3, (r3["grad_norm"], ref["grad_norm"])
     assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
                                                abs=1e-7)
 

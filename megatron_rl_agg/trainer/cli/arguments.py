@@ -307,10 +307,10 @@ def _validate_moe(args: argparse.Namespace) -> None:
     replay = getattr(args, "moe_routing_replay", "off")
     if replay != "off" and experts is None:
         raise TrainerArgsError(f"--moe-routing-replay {replay} needs --num-experts (a dense model has no router)")
-    if replay == "r3":
-        raise TrainerArgsError("--moe-routing-replay r3 (the rollout engine's routes) is not wired yet: neither "
-                               "rollout files nor the generator carry routes; use r2 (routes of the old log-prob "
-                               "forward) or off")
+    if replay == "r3" and args.rollouts is None:
+        raise TrainerArgsError("--moe-routing-replay r3 replays the routes of an offline --rollouts file (its "
+                               "'routes' key); on-policy rollouts do not record routes yet (the Megatron "
+                               "generator and vLLM engine routes are not wired); use r2 or off")
     if args.moe_aux_loss_coeff < 0:
         raise TrainerArgsError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
     if experts is None:

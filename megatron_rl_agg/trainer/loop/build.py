@@ -21,6 +21,7 @@ from megatron_rl_agg.trainer.loop import checkpoint
 from megatron_rl_agg.trainer.rollout import generation, task
 from megatron_rl_agg.trainer.cli.arguments import check_world, virtual_pipeline_size
 from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_rollout_rows
+from megatron_rl_agg.trainer.rollout.rollouts import check_sample_routes
 from megatron_rl_agg.trainer.rollout.sources import OfflineSource, OnPolicySource
 
 __all__ = ["Trainer", "build_trainer", "model_sizes"]
@@ -171,6 +172,12 @@ def _build_source(args):
         source = OfflineSource(args.rollouts, args.global_batch_size, args.vocab_size,
                                args.mini_batches_per_step, tokenize=tokenize)
         check_rollout_rows(source.samples, args.seq_length, args.rollouts)   # the whole file, before step 1
+        if getattr(args, "moe_routing_replay", "off") == "r3":            # routes against the model
+            try:
+                check_sample_routes(source.samples, args.num_layers, args.moe_router_topk, args.num_experts,
+                                    args.rollouts)
+            except ValueError as err:
+                raise TrainerArgsError(str(err)) from None
         if args.recompute_logprobs and not source.has_logprobs:
             raise TrainerArgsError(f"--recompute-logprobs: {args.rollouts} has no 'logprobs' (the behaviour "
                                    "log-probs to correct against); add them or drop the flag")

@@ -78,7 +78,9 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     stats.update(sums)
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
-             "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
+             "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None,
+             # routing replay R3: the rollout file's routes (checked against the model before step 1)
+             "routes": rows.routes if getattr(tr.args, "moe_routing_replay", "off") == "r3" else None}
     if tr.ref_chunks is not None:
         batch["ref_logprobs"] = reference.reference_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
                                                              tr.args.micro_batch_size,

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.core.rows import pad_rows_to
+from megatron_rl_agg.mcore.routing_replay import padding_routes
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["RowBatch", "build_rows", "pad_group_id", "pad_rows"]
@@ -46,6 +47,9 @@ class RowBatch:
     """``[R, S]`` float32 behaviour log-probs aligned with ``labels`` (0 off the mask), or None."""
     valid: Optional[torch.Tensor] = None
     """``[R]`` bool, False on rows without a reward (``Sample.reward_error``); None = all valid."""
+    routes: Optional[torch.Tensor] = None
+    """``[R, S, L, k]`` int64 MoE routes of the model inputs (``Sample.routes`` without the last token;
+    positions past the row and padding rows: ``padding_routes``), or None."""
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +91,11 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
     labels = torch.zeros(num, seq_length, dtype=torch.int64)
     mask = torch.zeros(num, seq_length, dtype=torch.float32)
     old_lp = torch.zeros(num, seq_length, dtype=torch.float32) if all(with_lp) and num else None
+    with_routes = num > 0 and all(s.routes is not None for s in samples)
+    routes = None
+    if with_routes:
+        layers, topk = len(samples[0].routes[0]), len(samples[0].routes[0][0])
+        routes = padding_routes((num, seq_length, layers), topk)
     for i, s in enumerate(samples):
         full = list(s.prompt) + list(s.response)
         if len(full) > seq_length + 1:
@@ -98,12 +107,14 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         mask[i, lo:hi] = 1.0
         if old_lp is not None:
             old_lp[i, lo:hi] = torch.tensor(s.logprobs, dtype=torch.float32)
+        if routes is not None:       # the route of each model input (the last token is never one)
+            routes[i, : len(full) - 1] = torch.tensor(s.routes[:-1], dtype=torch.int64)
     return RowBatch(
         tokens=tokens, labels=labels, loss_mask=mask,
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
-        old_logprobs=old_lp,
+        old_logprobs=old_lp, routes=routes,
         valid=torch.tensor([s.reward_error is None for s in samples], dtype=torch.bool).reshape(num))
 
 
@@ -128,5 +139,8 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         group_ids=pad_rows_to(batch.group_ids, total, pad_group_id(dp_rank)),
         rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
         old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0),
-        valid=pad_rows_to(batch.valid, total, False))
+        valid=pad_rows_to(batch.valid, total, False),
+        routes=None if batch.routes is None else torch.cat(
+            [batch.routes, padding_routes((total - batch.num_rows,) + tuple(batch.routes.shape[1:3]),
+                                          batch.routes.shape[3])]))
     return padded, pad_rows_to(advantages, total, 0.0)
