@@ -118,7 +118,7 @@ def mismatch(recorded, live, layers, packed_index=None):
 
 
 def r3_routes(rows):
-    """``[rows, SEQ, 4, 2]`` routes of rollout-file rows: random distinct top-2 experts per token and layer
+    """``([rows, SEQ, 4, 2] routes, the same built independently)`` of rollout-file rows: random distinct top-2 experts per token and layer
     written as JSON lines, read by ``read_rollouts`` and laid out by ``build_rows`` (the trainer's path)."""
     import json
     import tempfile
@@ -128,9 +128,14 @@ def r3_routes(rows):
 
     gen = torch.Generator().manual_seed(77)
     lines = []
+    # what the update must use, built here from the file's lists: token t of a row routes as the file's
+    # entry t (the model input t); positions past the row: experts 0, 1
+    expected = torch.tensor([0, 1]).expand(rows, base.SEQ, 4, 2).clone()
     for i in range(rows):
         n = 2 + (i % 4) * 2 + 3                          # prompt 2 + response, <= SEQ + 1 tokens
         routes = torch.rand(n, 4, moe.EXPERTS, generator=gen).argsort(-1)[..., :2]
+        for t in range(n - 1):
+            expected[i, t] = routes[t]
         lines.append(json.dumps({"prompt_id": i, "prompt": [1, 2], "response": [3] * (n - 2), "reward": 1.0,
                                  "finish_reason": "stop", "routes": routes.tolist()}))
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
@@ -138,7 +143,7 @@ def r3_routes(rows):
     samples = read_rollouts(fh.name)
     pathlib.Path(fh.name).unlink()
     check_sample_routes(samples, 4, 2, moe.EXPERTS, "r3 file")
-    return build_rows(samples, base.SEQ, list(range(rows))).routes
+    return build_rows(samples, base.SEQ, list(range(rows))).routes, expected
 
 
 def expected_maps(routes):
@@ -224,8 +229,8 @@ def run_item(out_dir, item):
     if variant == "r3":
         # R3: the routes of a rollout file (random distinct experts per token and layer, through the
         # trainer's reader and row builder) replace the recorded ones; expected maps built from them
-        routes = r3_routes(share["tokens"].shape[0])
-        recorded = expected_maps(routes)
+        routes, expected = r3_routes(share["tokens"].shape[0])
+        recorded = expected_maps(expected)
     share = dict(share, old_logprobs=old)
     share.pop("behaviour_logprobs")
     near_tie(chunks, -1.0)
