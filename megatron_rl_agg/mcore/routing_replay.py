@@ -268,3 +268,67 @@ def check_routes(routes: torch.Tensor, num_rows: int, seq_length: int, num_layer
             pos = [int(i) for i in dup.nonzero()[0]]
             raise ValueError(f"{what}[{pos[0]}, {pos[1]}, {pos[2]}] repeats an expert "
                              f"({routes[tuple(pos)].tolist()}): the top-{topk} experts of a token must differ")
+
+
+class MismatchCounter:
+    """The routing-mismatch metric of a replayed update: per MoE layer, the fraction of routed tokens whose
+    replayed top-k set differs from the one the live router would choose in the same forward
+    (``topk(logits)``, or ``topk(score(logits) + expert_bias)`` with an expert bias), i.e. the tokens that
+    would route elsewhere without replay at that layer. Counted on the device by a forward hook on every
+    router (forward calls only: a recomputed forward in backward is not counted twice), summed over all
+    ranks by :meth:`fractions` (each token of a layer is routed on exactly one rank: SP / CP shards, DP and
+    EP rows, one pipeline stage per layer), so the value is exact over ranks. Padding rows and tokens are
+    counted like every routed token. Group-limited routing (``moe_router_num_groups``) is refused.
+    """
+
+    def __init__(self, chunks):
+        from megatron.core.utils import get_model_config
+
+        config = get_model_config(chunks[0])
+        if getattr(config, "moe_router_num_groups", None):
+            raise ValueError("the routing-mismatch metric does not cover group-limited routing "
+                             f"(moe_router_num_groups={config.moe_router_num_groups})")
+        numbers = moe_layer_numbers(config)
+        self.topk = int(config.moe_router_topk)
+        self.score = getattr(config, "moe_router_score_function", "softmax")
+        self.counts = None
+        self.layers = len(numbers)
+        self.handles = []
+        for chunk in chunks:
+            for module in _unwrap(chunk).modules():
+                if getattr(module, "router_replay", None) is not None:
+                    self.handles.append(module.register_forward_hook(self._hook(numbers.index(module.layer_number))))
+
+    def _hook(self, index):
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        def hook(module, inputs, output):
+            if module.router_replay.router_replay_action != RouterReplayAction.REPLAY_FORWARD:
+                return
+            with torch.no_grad():
+                logits = module.gating(inputs[0]).view(-1, output[1].shape[-1]).float()
+                scores = logits
+                if getattr(module, "expert_bias", None) is not None:
+                    base = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
+                    scores = base + module.expert_bias
+                live = torch.zeros_like(output[1]).scatter_(1, scores.topk(self.topk, dim=-1).indices, True)
+                differs = (live != output[1]).any(-1)
+                if self.counts is None:
+                    self.counts = torch.zeros(self.layers, 2, dtype=torch.float64, device=logits.device)
+                self.counts[index, 0] += differs.sum()
+                self.counts[index, 1] += differs.numel()
+        return hook
+
+    def fractions(self) -> list[float]:
+        """Per MoE layer, mismatched / routed tokens over all ranks (one all-reduce; 0.0 for no token)."""
+        from megatron_rl_agg.mcore.cpu_mode import device
+
+        counts = self.counts if self.counts is not None else torch.zeros(self.layers, 2, dtype=torch.float64,
+                                                                          device=device())
+        counts = dist.all_reduce_sum(counts.clone(), dist.world_group())
+        self.counts = None
+        return (counts[:, 0] / counts[:, 1].clamp(min=1)).tolist()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

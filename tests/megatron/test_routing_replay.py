@@ -78,3 +78,19 @@ def test_replayed_gradient_equals_single_process(shared_jobs, item):
     assert rel <= TOL, f"{item}: {key} differs from {REF} by {rel:.3e}"
     rel_free, _ = max_rel_diff(ref["grads_free"], ref["grads"])
     assert rel_free > 1e-2
+
+
+@pytest.mark.parametrize("item", R2_ITEMS)
+def test_routing_mismatch_metric_exact_over_ranks(shared_jobs, item):
+    """The routing-mismatch metric of the replayed update (``routing_replay.MismatchCounter``: per layer,
+    tokens whose live top-k differs from the replayed one, summed over all ranks): at the first MoE layer
+    the live router sees the same hidden states as in the run without replay, so it equals the measured
+    fraction of tokens routed elsewhere without replay exactly; every layout (recompute included: the
+    recomputed forward is not counted twice) gives the one-process values."""
+    got = load_result(shared_jobs, item)
+    ref = load_result(shared_jobs, REF)
+    assert len(got["metric"]) == 4 and all(0 < m <= 1 for m in got["metric"])
+    if item == "dp1+m4:pack":          # packing drops padding tokens and adds filler: other counts
+        return
+    assert got["metric"][0] == pytest.approx(ref["mismatch_free"][0], abs=1e-12)
+    assert got["metric"] == pytest.approx(ref["metric"], abs=1e-12), item

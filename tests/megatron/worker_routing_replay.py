@@ -180,17 +180,22 @@ def update(chunks, share, routes, pack, capture):
         chunk.zero_grad_buffer()
     iterator = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
     capture.take()
+    counter = routing_replay.MismatchCounter(chunks) if routes is not None else None
     reports = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iterator, model=chunks, num_microbatches=len(mbs),
         seq_length=seq, micro_batch_size=rows, forward_only=False)
     routing_replay.clear(chunks)
     maps = capture.take()
+    metric = None
+    if counter is not None:
+        metric = counter.fractions()
+        counter.remove()
     metrics = (reduce_metrics(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
                if parallel_state.is_pipeline_last_stage() else {})
     gathered = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, metrics)
     moe.aux_loss_total()              # clears Megatron's aux-loss tracker
-    return gather_full_grads(chunks), next(m for m in gathered if m), maps, index
+    return gather_full_grads(chunks), next(m for m in gathered if m), maps, index, metric
 
 
 def run_item(out_dir, item):
@@ -237,7 +242,9 @@ def run_item(out_dir, item):
     layers = routes.shape[2]
     result = {"routes_shape": list(routes.shape)}
     for tag, given in (("", routes), ("_free", None)):
-        grads, metrics, live, index = update(chunks, share, given, variant == "pack", capture)
+        grads, metrics, live, index, metric = update(chunks, share, given, variant == "pack", capture)
+        if metric is not None:
+            result["metric"] = metric
         counts = torch.zeros(layers, 2, dtype=torch.float64)
         if variant != "recompute":
             counts = mismatch(recorded, live, layers, index)
