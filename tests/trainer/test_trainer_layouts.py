@@ -350,11 +350,15 @@ def test_moe_step1_is_expert_parallel_invariant(runs):
             assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
     for name in ("dp1m4/r2", "ep2/r2"):
         assert abs(lines[name]["ppo_kl"]) < 1e-7, (name, lines[name]["ppo_kl"])
+        # same weights: the live router would choose the replayed experts for every token
+        assert lines[name]["routing_mismatch"] == 0 and "routing_mismatch_l3" in lines[name]
+    assert "routing_mismatch" not in ref
     # R3: the file's routes (random, not the live router's) are replayed: the same rows and loss (ratio 1 on
     # policy), another gradient
     r3 = results["moe/r3"][0]
     assert r3["policy_loss"] == pytest.approx(ref["policy_loss"], rel=1e-6) and r3["ppo_kl"] == 0
     assert abs(r3["grad_norm"] / ref["grad_norm"] - 1) > 1e-3, (r3["grad_norm"], ref["grad_norm"])
+    assert 0.3 < r3["routing_mismatch"] < 1        # random routes: mostly not the live router's choice
     assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
                                                abs=1e-7)
 

@@ -190,8 +190,7 @@ def train_step(tr: Trainer, step: int) -> dict:
         reports, grad_norm, applied, aux = update.run_update(tr, batch, step, index)
         part = {**update.loss_metrics(tr, reports), "grad_norm": grad_norm,
                 "num_skipped_updates": int(not applied), **stats}
-        if aux is not None:
-            part["load_balancing_loss"] = aux
+        part.update(aux)             # MoE: load_balancing_loss, routing_mismatch (update.run_update)
         parts.append(part)
     combined = {"step": step, **_combine(parts), "lr": tr.args.lr,
                 "step_time_s": round(time.perf_counter() - start, 4)}
