@@ -48,7 +48,8 @@ from megatron_rl_agg.core.routing import REPLAY_MODES, get_replay_mode
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.parallel import dist
 
-__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "chunk_routers", "RouteRecorder",
+__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "chunk_routers", "RouteRecorder", "recording",
+           "MismatchCounter",
            "set_replay", "mark_backward", "clear", "check_routes", "padding_routes", "routes_of_map"]
 
 def moe_layer_numbers(config) -> list[int]:
