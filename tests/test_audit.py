@@ -43,6 +43,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5 must be between 1 and num_experts=4"),
     (["--layouts", "ep2+tp2", "--num-experts", "4", "--seq-length", "33"], "must be divisible by tp"),
     (["--layouts", "cp2", "--num-experts", "4"], "MoE with cp > 1 is not supported here"),
+    (["--moe-routing-replay", "r2"], "--moe-routing-replay r2 needs an MoE model; set --num-experts"),
     (["--policy-loss", "gpso"], "unknown policy loss 'gpso'; valid: ppo_clip, gspo, gspo_token, gmpo"),
     (["--policy-loss", " , "], "--policy-loss: no loss given"),
     (["--policy-loss", "gspo", "--modes", "token_sum"], "--policy-loss gspo with --modes token_sum"),
@@ -200,6 +201,19 @@ def test_moe_expert_parallel_layouts_pass(tmp_path):
     code, stdout, results = _audit(tmp_path, argv)
     status = _status(results)
     assert set(status.values()) == {"PASS"} and len(status) == 4, stdout
+    assert code == 0
+
+
+@pytest.mark.slow
+def test_moe_routing_replay_r2_passes(tmp_path):
+    """check-invariance --moe-routing-replay r2: the routes of the reference's forward are replayed in the
+    reference and, sliced per layout, at EP2 and PP2: every cell PASSes (misaligned routes would route
+    tokens to other experts than the reference's and fail)."""
+    argv = ["--layouts", "ep2+m2 pp2+m2", "--num-experts", "4", "--num-layers", "2", "--modes", "token_mean",
+            "--moe-routing-replay", "r2"]
+    code, stdout, results = _audit(tmp_path, argv)
+    status = _status(results)
+    assert set(status.values()) == {"PASS"} and len(status) == 2, stdout
     assert code == 0
 
 

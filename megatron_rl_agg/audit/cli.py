@@ -59,6 +59,9 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoE: experts per layer (every MLP a Megatron MoE layer, no linear biases, aux loss "
                         "off); needed by ep<N> layouts and divisible by every ep")
     m.add_argument("--moe-router-topk", type=int, default=2, help="MoE: experts per token")
+    m.add_argument("--moe-routing-replay", choices=("off", "r2"), default="off",
+                   help="MoE: r2 records the routes of the reference's forward (before the gradient pass) and "
+                        "replays them in the reference and at every layout (docs/routing_replay.md)")
     m.add_argument("--moe-token-dispatcher-type", choices=MOE_TOKEN_DISPATCHERS, default="alltoall",
                    help="MoE: token dispatcher")
     b = parser.add_argument_group("batch and loss")

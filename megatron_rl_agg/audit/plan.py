@@ -147,6 +147,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
             factors = "dp*ep*m" if lay.ep > 1 else "dp*m"
             raise ValueError(
                 f"layout {name}: --batch-size {args.batch_size} is not divisible by {factors} = {rows}")
+        if getattr(args, "moe_routing_replay", "off") != "off" and spec.num_experts is None:
+            raise ValueError(f"--moe-routing-replay {args.moe_routing_replay} needs an MoE model; set --num-experts")
         if lay.ep > 1 and spec.num_experts is None:
             raise ValueError(f"layout {name}: ep{lay.ep} needs an MoE model; set --num-experts")
         if spec.num_experts is not None and spec.num_experts % lay.ep:

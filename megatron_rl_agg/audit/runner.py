@@ -32,7 +32,7 @@ def _worker_argv(args: argparse.Namespace, layouts: Sequence[Layout], json_path:
             "--entropy-aggregation", args.entropy_aggregation]
     for flag in ("tolerance", "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
                  "batch_size", "kl_coef", "entropy_coef", "max_response_length", "inject_bug", "num_experts",
-                 "moe_router_topk", "moe_token_dispatcher_type"):
+                 "moe_router_topk", "moe_token_dispatcher_type", "moe_routing_replay"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
@@ -160,11 +160,13 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     from megatron_rl_agg.core.kl import kl_estimate
     from megatron_rl_agg.core.corrections import importance_weights, self_normalize
     from megatron_rl_agg.core.policy_losses import SEQUENCE, clamped_log_ratio, get_policy_loss, sequence_mean
+    from megatron_rl_agg.mcore import routing_replay
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
 
+    replay = getattr(args, "moe_routing_replay", "off") == "r2"
     compat.initialize_model_parallel(1, 1, seed=args.seed)
-    chunks = build_model(spec, wrap_ddp=False)
+    chunks = build_model(spec, wrap_ddp=False, **_replay_config(args))
     init_weights(chunks, seed=args.seed)
     model = chunks[0]
     tokens = batch["tokens"]
@@ -172,7 +174,14 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
     mask = batch["loss_mask"]
 
     with torch.no_grad():
+        recorder = routing_replay.RouteRecorder(chunks, *tokens.shape) if replay else None
+        if recorder is not None:      # R2: the routes of this forward, replayed in every gradient pass
+            recorder.before(model)
         logp0 = logprobs_from_logits(model(tokens, positions, None), batch["labels"])
+        if recorder is not None:
+            recorder.after(model, {"tokens": tokens, "row_offset": 0})
+            batch["routes"] = recorder.routes()
+            torch_dist.broadcast(batch["routes"], src=0)
         gen = torch.Generator().manual_seed(args.seed + 1)
         noise = torch.randn((3,) + tuple(logp0.shape), generator=gen).to(logp0.device)
         old, ref = logp0 + 0.1 * noise[0], logp0 + 0.3 * noise[1]
@@ -205,6 +214,8 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
                              max_response_length=cfg.max_response_length)
 
         model.zero_grad(set_to_none=True)
+        if replay:
+            routing_replay.set_replay(model, batch["routes"])
         logits = model(tokens, positions, None).float()
         logp = logprobs_from_logits(logits, batch["labels"])
         seq = None
@@ -222,10 +233,17 @@ def _reference_grads(args, plan: _Plan, spec, batch: dict, layouts: Sequence[Lay
             entropy = entropy_from_logits(logits)
             objective = objective - cfg.entropy_coef * agg(entropy, cfg.entropy_aggregation)
         objective.backward()
+        if replay:
+            routing_replay.clear(chunks)
         out[(name, mode, rows)] = gather_full_grads(chunks)
     del chunks, model
     compat.destroy_model_parallel()
     return out
+
+
+def _replay_config(args) -> dict:
+    """Model-config overrides of ``--moe-routing-replay``: Megatron's RouterReplay on each MoE router."""
+    return {"moe_enable_routing_replay": True} if getattr(args, "moe_routing_replay", "off") != "off" else {}
 
 
 def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
@@ -235,13 +253,14 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
 
     from megatron_rl_agg.mcore import compat
     from megatron_rl_agg.mcore.loss import forward_step
+    from megatron_rl_agg.mcore import routing_replay
     from megatron_rl_agg.mcore.batch import prepare_microbatches
     from megatron_rl_agg.mcore.build import build_model
     from megatron_rl_agg.mcore.weights import gather_full_grads, init_weights
 
     compat.initialize_model_parallel(lay.tp, lay.pp, lay.vpp, cp=lay.cp, seed=args.seed, ep=lay.ep)
     flag = bool(args.calculate_per_token_loss)
-    chunks = build_model(spec, calculate_per_token_loss=flag)
+    chunks = build_model(spec, calculate_per_token_loss=flag, **_replay_config(args))
     init_weights(chunks, seed=args.seed)
     dp_group = parallel_state.get_data_parallel_group()
     cp_group = parallel_state.get_context_parallel_group()
@@ -250,6 +269,7 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
     mbs = rows // lay.num_microbatches
     keys = ("tokens", "labels", "loss_mask", "advantages", "old_logprobs", "ref_logprobs", "group_ids") + \
         (("behaviour_logprobs",) if plan.is_level != "off" else ())
+    keys += ("routes",) if batch.get("routes") is not None else ()
     local = {k: batch[k][dp_rank * rows:(dp_rank + 1) * rows] for k in keys}
     forward_backward = get_forward_backward_func()
     out = {}
@@ -266,6 +286,8 @@ def _layout_grads(args, plan: _Plan, spec, batch: dict, lay: Layout) -> dict:
                              data_iterator=iters if len(chunks) > 1 else iters[0], model=chunks,
                              num_microbatches=len(micro_batches), seq_length=args.seq_length,
                              micro_batch_size=mbs, forward_only=False)
+        if batch.get("routes") is not None:
+            routing_replay.clear(chunks)
         out[(name, mode)] = gather_full_grads(chunks)
     del chunks
     return out

@@ -20,6 +20,7 @@ from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.context_parallel import check_cp_seq_length, split_for_cp_rank
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds
+from megatron_rl_agg.mcore.routing_replay import padding_routes
 from megatron_rl_agg.parallel.corrections import mini_batch_importance_weights
 from megatron_rl_agg.parallel import dist
 from megatron_rl_agg.core.rows import pad_rows_to
@@ -37,7 +38,7 @@ _ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old
 _IS_KEYS = ("is_weights", "is_log_ratio", "is_flags")
 # Per-token ([b, S]) tensors of a micro-batch that context parallelism splits along the sequence.
 _TOKEN_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
-               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights") + _IS_KEYS
+               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights", "routes") + _IS_KEYS
 
 
 def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig) -> tuple[int, int]:
@@ -49,6 +50,10 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
         t = batch.get(key)
         if t is not None and tuple(t.shape) != (n_rows, seq):
             raise ValueError(f"batch[{key!r}] must be [B, S] = [{n_rows}, {seq}], got {tuple(t.shape)}")
+    routes = batch.get("routes")
+    if routes is not None and (routes.dim() != 4 or tuple(routes.shape[:2]) != (n_rows, seq)):
+        raise ValueError(f"batch['routes'] must be [B, S, moe_layers, topk] with B={n_rows}, S={seq}; got "
+                         f"{tuple(routes.shape)}")
     adv = batch["advantages"]
     if tuple(adv.shape) not in ((n_rows,), (n_rows, seq)):
         raise ValueError(f"batch['advantages'] must be [B] or [B, S] with B={n_rows}, S={seq}; "
@@ -147,7 +152,10 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             aggregation weight is counted;
             ``ref_logprobs [B, S]`` (required when ``kl_coef > 0``); ``group_ids [B]`` int64 global
             prompt-group ids (required by ``prompt_mean``); ``attention_mask`` (optional, passed to the
-            model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask).
+            model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask);
+            ``routes [B, S, L, k]`` int64 MoE expert indices to replay (optional,
+            :mod:`megatron_rl_agg.mcore.routing_replay`): sliced and CP-split like every per-token tensor,
+            padding rows get ``padding_routes``.
         loss_config: the loss settings.
         micro_batch_size: rows per micro-batch.
         dp_group: the data-parallel group WITHOUT context parallelism
@@ -252,7 +260,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     if rows["position_ids"] is None:
         rows["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand(n_rows, seq)
     attn = rows.pop("attention_mask")
+    routes = batch.get("routes")
     rows = {k: pad_rows_to(v, padded) for k, v in rows.items()}
+    if routes is not None:
+        # MoE routing replay: padding rows replay experts 0 .. k-1 (valid and distinct; no loss weight)
+        pad = padding_routes((padded - n_rows,) + tuple(routes.shape[1:3]), routes.shape[3], routes.device)
+        rows["routes"] = torch.cat([routes.to(torch.int64), pad], dim=0)
     if attn is not None and attn.shape[0] == n_rows and padded > n_rows:
         if n_rows == 0:
             raise ValueError("a per-row attention_mask cannot be padded on a rank with no rows; pass a mask "
@@ -291,7 +304,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             mb[key] = w[sl] if w is not None else local_mean
         if cp_size > 1:
             for key in _TOKEN_KEYS:
-                if mb.get(key) is not None and mb[key].dim() == 2:  # [b, S] (advantages may be [b])
+                if mb.get(key) is not None and mb[key].dim() >= 2:  # [b, S, ...] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
                   calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,

@@ -14,6 +14,7 @@ summed over the CP group by its ``output_fn`` (see :mod:`megatron_rl_agg.trainer
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional, Sequence
 
@@ -39,8 +40,10 @@ def microbatch_multiple() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size() if vpp else 1
 
 
-def _forward_step(data_iterator, model, *, output_fn: Callable, inference_context=None):
+def _forward_step(data_iterator, model, *, output_fn: Callable, inference_context=None, recorder=None):
     micro_batch = next(data_iterator)
+    if recorder is not None:
+        recorder.before(model)
     if inference_context is None:
         output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
     else:
@@ -49,6 +52,8 @@ def _forward_step(data_iterator, model, *, output_fn: Callable, inference_contex
         # Megatron's inference mode gathers the logits over TP itself (it asserts runtime_gather_output)
         output = model(micro_batch["tokens"], micro_batch["position_ids"], None,
                        inference_context=inference_context, runtime_gather_output=True)
+    if recorder is not None:
+        recorder.after(model, micro_batch)
 
     def collect(output_tensor):
         # Megatron's forward-only path stores the second element of a 2-tuple; the loss is unused.
@@ -61,7 +66,7 @@ def _forward_step(data_iterator, model, *, output_fn: Callable, inference_contex
 @torch.no_grad()
 def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: int, output_fn: Callable,
                      extra: Optional[dict] = None, per_token: bool = False, *, inference_context=None,
-                     position_offset: int = 0) -> Optional[torch.Tensor]:
+                     position_offset: int = 0, recorder=None) -> Optional[torch.Tensor]:
     """``output_fn(logits, micro_batch)`` of every micro-batch of ``tokens``, concatenated over rows.
 
     Args:
@@ -80,6 +85,8 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
             caller advances its ``sequence_len_offset``. The chunks must be in eval mode. The last
             stage's logits are then the full vocabulary of the last position only, ``[b, 1, V]``.
         position_offset: position id of ``tokens[:, 0]`` (the cached tokens precede it).
+        recorder: a :class:`megatron_rl_agg.mcore.routing_replay.RouteRecorder` that records the MoE
+            routes of every micro-batch (R2), or None.
 
     Returns:
         ``[R, ...]`` on the last pipeline stage, None on the other stages.
@@ -118,7 +125,7 @@ def run_forward_only(chunks: Sequence, tokens: torch.Tensor, micro_batch_size: i
     chunk_list = list(chunks)
     reports = get_forward_backward_func()(
         forward_step_func=functools.partial(_forward_step, output_fn=output_fn,
-                                            inference_context=inference_context),
+                                            inference_context=inference_context, recorder=recorder),
         # interleaved schedules take one iterator per virtual stage, each reading every micro-batch
         data_iterator=[iter(micro_batches) for _ in chunk_list] if len(chunk_list) > 1
         else iter(micro_batches),
@@ -156,7 +163,7 @@ def _label_logprobs(logits: torch.Tensor, micro_batch: dict, *, temperature: flo
 
 
 def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tensor,
-                     micro_batch_size: int, *, temperature: float) -> torch.Tensor:
+                     micro_batch_size: int, *, temperature: float, record_routes: bool = False):
     """``[R, S]`` float32 log-probs ``log softmax(z / T)[label]`` of ``labels`` under the model, on every
     pipeline stage.
 
@@ -165,10 +172,20 @@ def compute_logprobs(chunks: Sequence, tokens: torch.Tensor, labels: torch.Tenso
     default: a forgotten one would silently give log-probs of another distribution) is the sampling
     temperature ``T`` (``LossConfig.temperature``): the loss computes its log-probs from ``z / T`` too, so a
     recorded on-policy log-prob equals the loss's (ratio exactly 1).
+
+    ``record_routes=True`` (MoE routing replay R2, :mod:`megatron_rl_agg.mcore.routing_replay`; the model
+    built with ``moe_enable_routing_replay=True``) also records the expert indices every MoE router chose
+    and returns ``(logprobs, routes)``, ``routes [R, S, L, k]`` int64 on every rank.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    out = run_forward_only(chunks, tokens, micro_batch_size,
-                           functools.partial(_label_logprobs, temperature=float(temperature)),
-                           extra={"labels": labels}, per_token=True)
-    return broadcast_from_last_stage(out, tuple(tokens.shape), torch.float32)
+    from megatron_rl_agg.mcore import routing_replay
+
+    context = (routing_replay.recording(list(chunks), tokens.shape[0], tokens.shape[1]) if record_routes
+               else contextlib.nullcontext())
+    with context as recorder:
+        out = run_forward_only(chunks, tokens, micro_batch_size,
+                               functools.partial(_label_logprobs, temperature=float(temperature)),
+                               extra={"labels": labels}, per_token=True, recorder=recorder)
+        logprobs = broadcast_from_last_stage(out, tuple(tokens.shape), torch.float32)
+        return (logprobs, recorder.routes()) if record_routes else logprobs

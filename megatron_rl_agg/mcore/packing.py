@@ -47,6 +47,7 @@ from torch import Tensor
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_model_config
 
+from megatron_rl_agg.mcore import routing_replay
 from megatron_rl_agg.mcore.loss import make_loss_func
 from megatron_rl_agg.core.validate import positive_int
 
@@ -350,7 +351,12 @@ def packed_forward_step(data_iterator, model):
                 f"sequence packing with pipeline_model_parallel_size={pp}: packed micro-batches differ "
                 "in length; pack them with pack_microbatches(..., equal_length=True) or set "
                 "variable_seq_lengths=True so that stages exchange activation shapes")
+    routes = micro_batch.get("routes")
+    if routes is not None:       # MoE routing replay: packed [1, T, L, k], filler after the real tokens
+        routing_replay.set_replay(model, routes, num_real_tokens=micro_batch["packed_layout"].num_real_tokens)
     output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params)
+    if routes is not None:
+        output = routing_replay.mark_backward(model, output)
     return output, make_loss_func(micro_batch, model)
 
 

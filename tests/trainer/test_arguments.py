@@ -95,10 +95,21 @@ MOE = ["--num-experts", "4", "--disable-bias-linear"]
     (MOE + ["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be a positive integer"),
     (MOE + ["--tensor-model-parallel-size", "2", "--seq-length", "15"], "MoE layers at TP > 1 run sequence parallel"),
     (MOE + ["--context-parallel-size", "2"], "--num-experts with --context-parallel-size > 1 is not supported"),
+    (["--moe-routing-replay", "r2"], "--moe-routing-replay r2 needs --num-experts"),
+    (MOE + ["--moe-routing-replay", "r3"], "--moe-routing-replay r3 replays the routes of an offline --rollouts file"),
 ])
 def test_bad_moe_combinations(argv, message):
     with pytest.raises(TrainerArgsError, match=message):
         parse_args(argv)
+
+
+def test_routing_replay_flag(capsys):
+    assert parse_args(MOE + ["--moe-routing-replay", "r2"]).moe_routing_replay == "r2"
+    assert parse_args(MOE).moe_routing_replay == "off"
+    with pytest.raises(SystemExit):
+        parse_args(MOE + ["--moe-routing-replay", "r4"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'r4'" in err and "'off', 'r2', 'r3'" in err
 
 
 def test_unknown_dispatcher_lists_the_valid_ones(capsys):

@@ -82,3 +82,51 @@ def test_plan_minibatches_packs_whole_groups():
     assert rollouts.plan_minibatches(spans, 5) == [(0, 5), (5, 10), (10, 11)]
     with pytest.raises(ValueError, match="group of 4 rows .* --global-batch-size 3"):
         rollouts.plan_minibatches(spans, 3)
+
+
+# MoE routing replay R3: the optional per-token 'routes' key ([T][layers][top_k], T = prompt + response)
+def _routed(routes, prompt=(1, 2), response=(3,)):
+    return json.dumps({"prompt_id": 0, "prompt": list(prompt), "response": list(response), "reward": 1.0,
+                       "finish_reason": "stop", "routes": routes})
+
+
+def test_routes_parsed_and_laid_out_per_model_input():
+    import torch
+
+    from megatron_rl_agg.mcore.routing_replay import padding_routes
+    from megatron_rl_agg.trainer.step.batching import build_rows, pad_rows
+
+    routes = [[[0, 1]], [[2, 3]], [[1, 3]]]
+    s = rollouts.parse_rollout_line(_routed(routes), "f:1")
+    assert s.routes == (((0, 1),), ((2, 3),), ((1, 3),))
+    rollouts.check_sample_routes([s], 1, 2, 4, "f")
+    rows = build_rows([s], 4, [0])
+    # the model's inputs are the first T - 1 tokens; later positions replay padding routes
+    assert rows.routes.tolist()[0][:2] == [[[0, 1]], [[2, 3]]]
+    assert torch.equal(rows.routes[0, 2:], padding_routes((2, 1), 2))
+    padded, _ = pad_rows(rows, torch.zeros(1), 2, 0)
+    assert torch.equal(padded.routes[1], padding_routes((4, 1), 2))
+
+
+@pytest.mark.parametrize("routes, message", [
+    ([[[0, 1]], [[2, 3]]], r"one \[layers\]\[top_k\] entry per token of prompt \+ response \(3 tokens\), got 2"),
+    ([[[0, 1]], [[2, 3]], [[1, 3]], [[0, 2]]], r"\(3 tokens\), got 4: routes for padding tokens"),
+    ([[[0, 1]], [[2, 2]], [[1, 3]]], r"'routes'\[1\]\[0\] = \[2, 2\]: expert indices must be >= 0 and distinct"),
+    ([[[0, 1]], [[-1, 2]], [[1, 3]]], r"'routes'\[1\]\[0\] = \[-1, 2\]"),
+    ([[[0, 1]], [[2]], [[1, 3]]], r"'routes'\[1\] is not \[1\]\[2\]"),
+    ([[[0, 1.5]], [[2, 3]], [[1, 3]]], r"'routes'\[0\] must be a \[layers\]\[top_k\] list of ints"),
+])
+def test_bad_routes_are_clear_errors(routes, message):
+    with pytest.raises(RolloutFormatError, match=message):
+        rollouts.parse_rollout_line(_routed(routes), "f:1")
+
+
+def test_routes_checked_against_the_model():
+    s = rollouts.parse_rollout_line(_routed([[[0, 1]], [[2, 4]], [[1, 3]]]), "f:1")
+    with pytest.raises(ValueError, match=r"f:1: 'routes' holds expert 4, outside \[0, 4\) \(--num-experts 4\)"):
+        rollouts.check_sample_routes([s], 1, 2, 4, "f")
+    with pytest.raises(ValueError, match=r"entries are \[1\]\[2\], the model needs \[2\]\[2\]"):
+        rollouts.check_sample_routes([s], 2, 2, 8, "f")
+    bare = rollouts.parse_rollout_line(_routed(None), "f:2")
+    with pytest.raises(ValueError, match="f:2: no 'routes'"):
+        rollouts.check_sample_routes([bare], 1, 2, 4, "f")

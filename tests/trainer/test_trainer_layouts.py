@@ -76,6 +76,11 @@ MOE_LAYOUTS = {
     "ep2": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
     "ep2/allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"]),
     "ep2/flag": (2, ["--expert-model-parallel-size", "2", "--calculate-per-token-loss"]),
+    # routing replay R2: the routes of the old log-prob forward replayed in the update; on the step-1
+    # weights they are the live routes, so the step equals the run without replay
+    "dp1m4/r2": (1, ["--moe-routing-replay", "r2"]),
+    "ep2/r2": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+                   "--moe-routing-replay", "r2"]),
 }
 
 
@@ -105,6 +110,19 @@ def write_off_policy_rollouts(path):
         row["logprobs"] = [-LN_V - (2.0 if _is_shifted(i, j) else 0.0) for j in range(len(row["response"]))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def write_routed_rollouts(path, out):
+    """``path``'s rows with MoE routes (routing replay R3): random distinct top-2 of 4 experts for every
+    token of prompt + response at each of the 4 layers of MODEL_ARGS."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        n = len(row["prompt"]) + len(row["response"])
+        row["routes"] = torch.rand(n, 4, 4, generator=gen).argsort(-1)[..., :2].tolist()
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _argv(path, mode, extra=(), policy="keep", gbs=16):
@@ -154,6 +172,9 @@ def worker_jobs(tmp):
     for name, (nproc, flags) in MOE_LAYOUTS.items():
         (plan2 if nproc == 2 else plan1).append({"name": f"moe/{name}",
                                                  "argv": _argv(tmp / "r.jsonl", "token_mean", MOE_FLAGS + flags)})
+    write_routed_rollouts(tmp / "r.jsonl", tmp / "r3.jsonl")
+    plan1.append({"name": "moe/r3", "argv": _argv(tmp / "r3.jsonl", "token_mean",
+                                                  MOE_FLAGS + ["--moe-routing-replay", "r3"])})
     return [trainer_job(plan2, 2, tmp, 600), trainer_job(plan1, 1, tmp, 300)]
 
 
@@ -317,8 +338,8 @@ def test_metrics_lines_carry_every_documented_key(runs):
 
 def test_moe_step1_is_expert_parallel_invariant(runs):
     """MoE: step-1 grad_norm, policy_loss and the load-balancing loss agree between EP1 (DP1 x M4, DP2)
-    and EP2 (both dispatchers, and with --calculate-per-token-loss); the MoE model is really another model
-    than the dense one."""
+    and EP2 (both dispatchers, and with --calculate-per-token-loss), with and without --moe-routing-replay r2
+    (whose old log-probs give ppo_kl 0 at step 1); the MoE model is really another model than the dense one."""
     rows, results = runs
     lines = {name: results[f"moe/{name}"][0] for name in MOE_LAYOUTS}
     ref = lines["dp1m4"]
@@ -327,6 +348,17 @@ def test_moe_step1_is_expert_parallel_invariant(runs):
     for name, line in lines.items():
         for key in ("grad_norm", "policy_loss", "load_balancing_loss", "entropy"):
             assert line[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
+    for name in ("dp1m4/r2", "ep2/r2"):
+        assert abs(lines[name]["ppo_kl"]) < 1e-7, (name, lines[name]["ppo_kl"])
+        # same weights: the live router would choose the replayed experts for every token
+        assert lines[name]["routing_mismatch"] == 0 and "routing_mismatch_l3" in lines[name]
+    assert "routing_mismatch" not in ref
+    # R3: the file's routes (random, not the live router's) are replayed: the same rows and loss (ratio 1 on
+    # policy), another gradient
+    r3 = results["moe/r3"][0]
+    assert r3["policy_loss"] == pytest.approx(ref["policy_loss"], rel=1e-6) and r3["ppo_kl"] == 0
+    assert abs(r3["grad_norm"] / ref["grad_norm"] - 1) > 1e-3, (r3["grad_norm"], ref["grad_norm"])
+    assert 0.3 < r3["routing_mismatch"] < 1        # random routes: mostly not the live router's choice
     assert ref["policy_loss"] == pytest.approx(_expected_policy_loss(rows, "token_mean", "keep"), rel=1e-6,
                                                abs=1e-7)
 

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import yaml
 
 from megatron_rl_agg.core.config import AdvantageConfig, LossConfig, add_loss_aggregation_args
+from megatron_rl_agg.core.routing import REPLAY_MODES
 from megatron_rl_agg.trainer.cli import validation
 from megatron_rl_agg.trainer.cli.hf_args import add_hf_args, validate_hf_args
 from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_positive_flags, positive_flag
@@ -87,6 +88,10 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="coefficient of the load-balancing aux loss (0: off); the metric "
                         "load_balancing_loss is reported without it")
+    g.add_argument("--moe-routing-replay", choices=list(REPLAY_MODES), default="off",
+                   help="MoE routing replay: r2 records the routes of the old log-prob forward (before the "
+                        "update) and replays them in every micro-batch of the update; r3 (the rollout "
+                        "engine's routes) is not wired yet (docs/routing_replay.md)")
     g.add_argument("--disable-bias-linear", action="store_true",
                    help="no biases in the linear layers (needed with --num-experts on the local spec)")
 
@@ -315,6 +320,13 @@ def _validate_moe(args: argparse.Namespace) -> None:
     """MoE flags that cannot work, before any process starts (the world-size rule: :func:`check_world`)."""
     check_positive_flags(args, "expert_model_parallel_size")
     ep, experts = args.expert_model_parallel_size, args.num_experts
+    replay = getattr(args, "moe_routing_replay", "off")
+    if replay != "off" and experts is None:
+        raise TrainerArgsError(f"--moe-routing-replay {replay} needs --num-experts (a dense model has no router)")
+    if replay == "r3" and args.rollouts is None:
+        raise TrainerArgsError("--moe-routing-replay r3 replays the routes of an offline --rollouts file (its "
+                               "'routes' key); on-policy rollouts do not record routes yet (the Megatron "
+                               "generator and vLLM engine routes are not wired); use r2 or off")
     if args.moe_aux_loss_coeff < 0:
         raise TrainerArgsError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
     if experts is None:

@@ -21,6 +21,7 @@ from megatron_rl_agg.trainer.loop import checkpoint
 from megatron_rl_agg.trainer.rollout import generation, task
 from megatron_rl_agg.trainer.cli.arguments import check_world, virtual_pipeline_size
 from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_rollout_rows
+from megatron_rl_agg.trainer.rollout.rollouts import check_sample_routes
 from megatron_rl_agg.trainer.rollout.sources import OfflineSource, OnPolicySource
 
 __all__ = ["Trainer", "build_trainer", "model_sizes"]
@@ -125,7 +126,9 @@ def _build_policy(args, spec):
                                                use_distributed_optimizer=args.use_distributed_optimizer,
                                                average_in_collective=args.ddp_average_in_collective)
     chunks = build_model(spec, layer_spec=_layer_spec(args, spec), ddp_config=ddp_config,
-                         calculate_per_token_loss=args.calculate_per_token_loss)
+                         calculate_per_token_loss=args.calculate_per_token_loss,
+                         **({"moe_enable_routing_replay": True}
+                            if getattr(args, "moe_routing_replay", "off") != "off" else {}))
     if args.hf_checkpoint:                          # each rank reads only the slices it holds
         from megatron_rl_agg.trainer.loop.hf_model import load_hf_policy
 
@@ -173,6 +176,12 @@ def _build_source(args):
         if args.max_staleness is not None and not source.has_versions:
             raise TrainerArgsError(f"--max-staleness {args.max_staleness}: {args.rollouts} has no 'versions' "
                                    "(the policy version of each token); add them or drop the flag")
+        if getattr(args, "moe_routing_replay", "off") == "r3":            # routes against the model
+            try:
+                check_sample_routes(source.samples, args.num_layers, args.moe_router_topk, args.num_experts,
+                                    args.rollouts)
+            except ValueError as err:
+                raise TrainerArgsError(str(err)) from None
         if args.recompute_logprobs and not source.has_logprobs:
             raise TrainerArgsError(f"--recompute-logprobs: {args.rollouts} has no 'logprobs' (the behaviour "
                                    "log-probs to correct against); add them or drop the flag")

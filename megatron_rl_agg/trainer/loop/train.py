@@ -84,7 +84,9 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
         stats["staleness"] = counts
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
-             "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None}
+             "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None,
+             # routing replay R3: the rollout file's routes (checked against the model before step 1)
+             "routes": rows.routes if getattr(tr.args, "moe_routing_replay", "off") == "r3" else None}
     if tr.ref_chunks is not None:
         batch["ref_logprobs"] = reference.reference_logprobs(tr.ref_chunks, rows.tokens, rows.labels,
                                                              tr.args.micro_batch_size,
@@ -131,7 +133,9 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
     rows without behaviour log-probs get the current model's (forward only,
     before any update): the "old" policy of every mini-batch is the one that generated / precedes the
     step. With one mini-batch they stay None and the loss uses the detached log-probs of the update's own
-    forward pass: the same numbers, one forward pass fewer.
+    forward pass: the same numbers, one forward pass fewer. With ``--moe-routing-replay r2`` every
+    mini-batch gets the model's log-probs AND the routes of that forward (``batch['routes']``, replayed
+    in the update; docs/routing_replay.md): they are the old log-probs unless the rollouts carry them.
     """
     batches = [_local_batch(tr, step, j) for j in range(tr.args.mini_batches_per_step)]
 
@@ -140,8 +144,19 @@ def _step_batches(tr: Trainer, step: int) -> list[tuple[dict, dict]]:
         return forward.compute_logprobs(tr.chunks, batch["tokens"], batch["labels"], tr.args.micro_batch_size,
                                         temperature=tr.loss_cfg.temperature)
 
+    replay = getattr(tr.args, "moe_routing_replay", "off") == "r2"
     for batch, _ in batches:
-        if tr.args.recompute_logprobs:
+        if replay:
+            # MoE routing replay R2: the routes of this forward (the proximal / old log-prob pass) are
+            # replayed in every micro-batch of the update (mcore.routing_replay)
+            logprobs, batch["routes"] = forward.compute_logprobs(
+                tr.chunks, batch["tokens"], batch["labels"], tr.args.micro_batch_size,
+                temperature=tr.loss_cfg.temperature, record_routes=True)
+            if tr.args.recompute_logprobs:
+                batch["behaviour_logprobs"], batch["old_logprobs"] = batch["old_logprobs"], logprobs
+            elif batch["old_logprobs"] is None:
+                batch["old_logprobs"] = logprobs
+        elif tr.args.recompute_logprobs:
             # Decoupled PPO: the file's log-probs are the behaviour policy's, the model's the proximal ones.
             batch["behaviour_logprobs"], batch["old_logprobs"] = batch["old_logprobs"], model_logprobs(batch)
         elif tr.args.mini_batches_per_step > 1 and batch["old_logprobs"] is None:
@@ -185,8 +200,7 @@ def train_step(tr: Trainer, step: int) -> dict:
         reports, grad_norm, applied, aux = update.run_update(tr, batch, step, index)
         part = {**update.loss_metrics(tr, reports), "grad_norm": grad_norm,
                 "num_skipped_updates": int(not applied), **stats}
-        if aux is not None:
-            part["load_balancing_loss"] = aux
+        part.update(aux)             # MoE: load_balancing_loss, routing_mismatch (update.run_update)
         parts.append(part)
     combined = {"step": step, **_combine(parts), "lr": tr.args.lr,
                 "step_time_s": round(time.perf_counter() - start, 4)}

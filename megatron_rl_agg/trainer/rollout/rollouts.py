@@ -45,7 +45,7 @@ __all__ = [
 
 FINISH_REASONS = ("stop", "length")
 _REQUIRED = ("prompt_id", "prompt", "response", "reward", "finish_reason")
-_OPTIONAL = ("logprobs", "versions")
+_OPTIONAL = ("logprobs", "versions", "routes")
 
 # Lowest behaviour log-prob accepted. The ratio exp(logp - old_logp) <= exp(-old_logp) (logp <= 0) is
 # finite in float32 / bf16 only while -old_logp < log(3.4e38) = 88.72: a lower value makes an infinite
@@ -76,6 +76,10 @@ class Sample:
     versions: Optional[tuple[int, ...]] = None
     """Policy version of each response token (optimizer steps applied to the weights that sampled it), or
     None (unknown: no staleness)."""
+    routes: Optional[tuple] = None
+    """MoE routes the engine used (routing replay R3): one ``[layers][top_k]`` list of expert indices per
+    token of ``prompt + response`` (``T`` entries; the last token's is never an input of the update), or
+    None. Checked against the model by :func:`check_sample_routes`."""
 
     @property
     def truncated(self) -> bool:
@@ -144,8 +148,9 @@ def _sample_from_obj(obj, vocab_size: Optional[int], source: str, tokenize=None)
             raise ValueError(f"'logprobs' has {len(logprobs)} entries for {len(response)} response tokens")
         logprobs = tuple(float(x) for x in logprobs)
     versions = _versions(obj.get("versions"), len(response))
+    routes = _routes(obj.get("routes"), len(prompt) + len(response))
     return Sample(pid, prompt, response, float(obj["reward"]), obj["finish_reason"], logprobs, source,
-                  versions=versions)
+                  versions=versions, routes=routes)
 
 
 def _versions(value, num_tokens: int) -> Optional[tuple[int, ...]]:
@@ -164,6 +169,50 @@ def _versions(value, num_tokens: int) -> Optional[tuple[int, ...]]:
         raise ValueError(f"'versions' must be >= 0 (optimizer steps applied to the sampling weights; the "
                          f"initial weights are version 0), got {negative[0]}")
     return tuple(value)
+
+
+def _routes(routes, num_tokens: int) -> Optional[tuple]:
+    """The optional ``routes`` key: ``[T][layers][top_k]`` non-negative ints, ``T = len(prompt) +
+    len(response)``, the same ``layers`` and ``top_k`` for every token, distinct experts per token."""
+    if routes is None:
+        return None
+    if not isinstance(routes, list) or len(routes) != num_tokens:
+        got = len(routes) if isinstance(routes, list) else type(routes).__name__
+        raise ValueError(f"'routes' must hold one [layers][top_k] entry per token of prompt + response "
+                         f"({num_tokens} tokens), got {got}: routes for padding tokens or missing tokens")
+    shape = None
+    for t, token in enumerate(routes):
+        if not isinstance(token, list) or not all(isinstance(layer, list) and all(_is_int(e) for e in layer)
+                                                  for layer in token):
+            raise ValueError(f"'routes'[{t}] must be a [layers][top_k] list of ints, got {str(token)[:80]}")
+        this = (len(token), len(token[0]) if token else 0)
+        if shape is None:
+            shape = this
+        if this != shape or any(len(layer) != shape[1] for layer in token):
+            raise ValueError(f"'routes'[{t}] is not [{shape[0]}][{shape[1]}] like 'routes'[0]")
+        for layer_index, layer in enumerate(token):
+            if any(e < 0 for e in layer) or len(set(layer)) != len(layer):
+                raise ValueError(f"'routes'[{t}][{layer_index}] = {layer}: expert indices must be >= 0 and "
+                                 "distinct")
+    return tuple(tuple(tuple(layer) for layer in token) for token in routes)
+
+
+def check_sample_routes(samples: Sequence[Sample], num_layers: int, topk: int, num_experts: int,
+                        path: str) -> None:
+    """Every sample carries routes of ``[num_layers][topk]`` experts in ``[0, num_experts)`` (routing
+    replay R3; run on the whole file before step 1)."""
+    for s in samples:
+        if s.routes is None:
+            raise ValueError(f"{s.source}: no 'routes' (--moe-routing-replay r3 replays the routes of every row "
+                             f"of {path}); add them or use --moe-routing-replay r2 / off")
+        shape = (len(s.routes[0]), len(s.routes[0][0]) if s.routes[0] else 0)
+        if shape != (num_layers, topk):
+            raise ValueError(f"{s.source}: 'routes' entries are [{shape[0]}][{shape[1]}], the model needs "
+                             f"[{num_layers}][{topk}] (MoE layers x --moe-router-topk)")
+        high = max(e for token in s.routes for layer in token for e in layer)
+        if high >= num_experts:
+            raise ValueError(f"{s.source}: 'routes' holds expert {high}, outside [0, {num_experts}) "
+                             f"(--num-experts {num_experts})")
 
 
 def parse_rollout_line(line: str, source: str, vocab_size: Optional[int] = None, tokenize=None) -> Sample:

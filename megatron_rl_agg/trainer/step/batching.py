@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl_agg.core.rows import pad_rows_to
+from megatron_rl_agg.mcore.routing_replay import padding_routes
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
 __all__ = ["RowBatch", "build_rows", "pad_group_id", "pad_rows"]
@@ -49,6 +50,9 @@ class RowBatch:
     versions: Optional[torch.Tensor] = None
     """``[R, S]`` int64 policy version of each response token aligned with ``labels`` (0 off the mask), or
     None (the rows carry no versions)."""
+    routes: Optional[torch.Tensor] = None
+    """``[R, S, L, k]`` int64 MoE routes of the model inputs (``Sample.routes`` without the last token;
+    positions past the row and padding rows: ``padding_routes``), or None."""
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +100,11 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         first = samples[with_versions.index(False)]
         raise ValueError(f"{first.source}: row without 'versions' in a mini-batch whose other rows have them")
     versions = torch.zeros(num, seq_length, dtype=torch.int64) if all(with_versions) and num else None
+    with_routes = num > 0 and all(s.routes is not None for s in samples)
+    routes = None
+    if with_routes:
+        layers, topk = len(samples[0].routes[0]), len(samples[0].routes[0][0])
+        routes = padding_routes((num, seq_length, layers), topk)
     for i, s in enumerate(samples):
         full = list(s.prompt) + list(s.response)
         if len(full) > seq_length + 1:
@@ -109,12 +118,14 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
             old_lp[i, lo:hi] = torch.tensor(s.logprobs, dtype=torch.float32)
         if versions is not None:
             versions[i, lo:hi] = torch.tensor(s.versions, dtype=torch.int64)
+        if routes is not None:       # the route of each model input (the last token is never one)
+            routes[i, : len(full) - 1] = torch.tensor(s.routes[:-1], dtype=torch.int64)
     return RowBatch(
         tokens=tokens, labels=labels, loss_mask=mask,
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
-        old_logprobs=old_lp, versions=versions,
+        old_logprobs=old_lp, versions=versions, routes=routes,
         valid=torch.tensor([s.reward_error is None for s in samples], dtype=torch.bool).reshape(num))
 
 
@@ -139,5 +150,8 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         group_ids=pad_rows_to(batch.group_ids, total, pad_group_id(dp_rank)),
         rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
         old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0),
-        valid=pad_rows_to(batch.valid, total, False), versions=pad_rows_to(batch.versions, total, 0))
+        valid=pad_rows_to(batch.valid, total, False), versions=pad_rows_to(batch.versions, total, 0),
+        routes=None if batch.routes is None else torch.cat(
+            [batch.routes, padding_routes((total - batch.num_rows,) + tuple(batch.routes.shape[1:3]),
+                                          batch.routes.shape[3])]))
     return padded, pad_rows_to(advantages, total, 0.0)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_rl_agg.mcore import routing_replay
 from megatron_rl_agg.mcore import compat, cpu_mode
 from megatron_rl_agg.mcore import forward
 from megatron_rl_agg.trainer.step.nonfinite import check_update
@@ -57,7 +58,8 @@ def _schedule_inputs(tr, micro: list) -> tuple[list, Any, int, int]:
 
 def run_update(tr, batch: dict, step: int = 0, index: int = 0) -> tuple[list, float, bool, Any]:
     """Forward-backward over the micro-batches and one optimizer step; returns (reports, grad_norm,
-    applied, MoE load-balancing loss or None). A non-finite loss term or gradient raises or, with
+    applied, MoE metrics: ``load_balancing_loss`` with an aux loss, ``routing_mismatch`` (mean over MoE
+    layers) and ``routing_mismatch_l<i>`` with routing replay; ``{}`` for a dense model). A non-finite loss term or gradient raises or, with
     ``--on-nonfinite skip``, drops the update (``applied`` False, grad_norm NaN): see
     :func:`.nonfinite.check_update`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -73,10 +75,23 @@ def run_update(tr, batch: dict, step: int = 0, index: int = 0) -> tuple[list, fl
         chunk.zero_grad_buffer()
     tr.optimizer.zero_grad()
     iterator = [iter(micro) for _ in tr.chunks] if len(tr.chunks) > 1 else iter(micro)
-    reports = get_forward_backward_func()(
-        forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
-        seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
-    aux = _load_balancing_loss(tr, len(micro))
+    counter = routing_replay.MismatchCounter(tr.chunks) if batch.get("routes") is not None else None
+    try:
+        reports = get_forward_backward_func()(
+            forward_step_func=step_func, data_iterator=iterator, model=tr.chunks, num_microbatches=len(micro),
+            seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
+    finally:
+        if counter is not None:
+            counter.remove()
+            routing_replay.clear(tr.chunks)
+    aux = {}
+    lb = _load_balancing_loss(tr, len(micro))
+    if lb is not None:
+        aux["load_balancing_loss"] = lb
+    if counter is not None:        # MoE routing replay: the routing mismatch per layer, exact over ranks
+        fractions = counter.fractions()
+        aux["routing_mismatch"] = sum(fractions) / len(fractions)
+        aux.update({f"routing_mismatch_l{i}": f for i, f in enumerate(fractions)})
     if not check_update(tr.optimizer, reports, step=step, index=index,
                                num_updates=tr.args.mini_batches_per_step, policy=tr.args.on_nonfinite,
                                source=tr.source, device=cpu_mode.device()):
