@@ -68,6 +68,8 @@ class Sample:
     reward_error: Optional[str] = None
     """Why the row has no reward (its ``--reward`` timed out, raised or was non-finite; ``reward`` is then
     NaN and the row is invalid: out of the group statistics and the loss), or None."""
+    versions: Optional[tuple[int, ...]] = None
+    """Policy version of each response token: optimizer steps applied to the weights that sampled it."""
 
     @property
     def truncated(self) -> bool:
