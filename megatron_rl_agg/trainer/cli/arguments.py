@@ -126,7 +126,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-logprobs", action="store_true",
                    help="recompute the proximal (old) log-probs with the model before the step's first update "
                         "and use the file's 'logprobs' as the behaviour log-probs of the off-policy correction "
-                        "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs'")
+                        "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs' (or --rollout-engine vllm: "
+                        "the engine's log-probs are the behaviour ones)")
     g.add_argument("--num-samples-per-prompt", type=int, default=8, help="on-policy group size n")
     g.add_argument("--max-new-tokens", type=int, default=8,
                    help="on-policy generation limit; longer responses are truncated (finish 'length')")
@@ -164,7 +165,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="after every sync, check that the engine's log-probs of a probe sequence equal the "
                         "model's (within --verify-sync-tol); stop the run otherwise")
     g.add_argument("--verify-sync-tol", type=float, default=1e-4,
-                   help="largest |log-prob difference| --verify-sync accepts (fp32; raise it for bf16)")
+                   help="largest absolute log-prob difference --verify-sync accepts (fp32; raise it for bf16)")
     g.add_argument("--async-rollouts", type=int, default=0, choices=(0, 1),
                    help="1: request step k+1's rollouts while step k trains (one step off-policy, "
                         "staleness 1 from step 2); 0: synchronous")
