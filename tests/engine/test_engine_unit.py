@@ -51,6 +51,8 @@ def _argv(model, *extra):
     (["--rollout-engine", "vllm", "--vllm-url", "http://a:1", "--vllm-python", "/bin/true"], "give one"),
     (["--rollout-engine", "vllm", "--vllm-timeout", "0"], "--vllm-timeout must be > 0 seconds, got 0.0"),
     (["--rollout-engine", "vllm", "--temperature", "0.7"], "--temperature 0.7"),
+    (["--rollout-engine", "vllm", "--vllm-timeout", "60", "--distributed-timeout-minutes", "1"],
+     "--vllm-timeout 60 s must be below --distributed-timeout-minutes 1 (= 60 s)"),
     (["--rollout-engine", "vllm", "--verify-sync-tol", "-1"], "--verify-sync-tol must be > 0, got -1.0"),
 ])
 def test_engine_flags_refused_up_front(hf_dirs, extra, message):

@@ -191,29 +191,38 @@ def test_readme_attach_command_dp2_async_verified_sync(engine, tmp_path):
     assert abs(lines[0]["ppo_kl"]) <= TOL, lines[0]
 
 
-def test_verify_sync_fails_loudly_when_the_sync_is_skipped(engine, tmp_path):
-    """The attach command in one process with the sync's reload removed (the export still runs)."""
+def test_tp2_verified_sync_then_a_skipped_sync_fails_loudly(engine, tmp_path):
+    """The attach command at TP2 (two processes, one DP rank) whose second sync skips the reload (the export
+    still runs): the first sync verifies (Megatron's TP2 log-probs equal the engine's), the second stops
+    the run on every rank with --verify-sync's message."""
     skip = tmp_path / "skip_sync.py"
     skip.write_text(
         "import runpy, sys\n"
         "from megatron_rl_agg.engine import sync\n"
-        "def no_reload(self, export, version):\n"
+        "real = sync.DirectorySync.sync\n"
+        "def skip_second(self, export, version):\n"
+        "    if version < 2:\n"
+        "        return real(self, export, version)\n"
         "    export(self.directory)\n"
         "    self.version = version\n"
         "    return version\n"
-        "sync.DirectorySync.sync = no_reload\n"
+        "sync.DirectorySync.sync = skip_second\n"
         "sys.argv = ['scripts/train_grpo.py'] + sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     cwd = _readme_dir(tmp_path, engine["model"])
     argv = _attach_argv(engine)
-    argv = [sys.executable, str(skip), *argv[argv.index("scripts/train_grpo.py") + 1:], *TEST_FLAGS,
-            "--train-iters", "2", "--async-rollouts", "0"]
+    at = argv.index("scripts/train_grpo.py")
+    argv = [*argv[:at], str(skip), *argv[at + 1:], *TEST_FLAGS, "--async-rollouts", "0",
+            "--tensor-model-parallel-size", "2"]
     try:
         bad = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     finally:
         engine["client"].reload_weights(engine["model"])
     assert bad.returncode != 0
-    assert "--verify-sync: after the sync to version 1 (step 1)" in bad.stderr, bad.stderr[-3000:]
+    assert "--verify-sync: after the sync to version 2 (step 2)" in bad.stderr, bad.stderr[-3000:]
+    lines = [json.loads(x) for x in (cwd / "m.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["verify_sync_max_diff"] <= TOL and lines[0]["grad_norm"] > 0, lines
+    assert abs(lines[0]["ppo_kl"]) <= TOL, lines[0]
 
 
 def test_server_killed_mid_run_is_an_error_naming_the_url(engine):

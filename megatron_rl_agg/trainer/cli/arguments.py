@@ -155,9 +155,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-args", default="",
                    help="extra arguments of the launched server, one shell-quoted string (e.g. "
                         "\"--max-num-seqs 64 --tensor-parallel-size 2\")")
-    g.add_argument("--vllm-timeout", type=float, default=600.0,
+    g.add_argument("--vllm-timeout", type=float, default=300.0,
                    help="seconds the launched server may take to become healthy, and any one HTTP call to "
-                        "the engine may take; past it the run stops naming the URL")
+                        "the engine may take; past it the run stops naming the URL (below "
+                        "--distributed-timeout-minutes, which bounds the other ranks' wait)")
     g.add_argument("--sync-dir", default=None,
                    help="directory the weights are exported to for the engine after every step (default: a "
                         "fresh directory under /dev/shm, removed at the end)")
@@ -356,6 +357,11 @@ def _validate_engine(args: argparse.Namespace) -> None:
             raise TrainerArgsError(str(err)) from None
     if not args.vllm_timeout > 0:
         raise TrainerArgsError(f"--vllm-timeout must be > 0 seconds, got {args.vllm_timeout}")
+    if args.vllm_timeout >= 60 * args.distributed_timeout_minutes:
+        raise TrainerArgsError(
+            f"--vllm-timeout {args.vllm_timeout:g} s must be below --distributed-timeout-minutes "
+            f"{args.distributed_timeout_minutes:g} (= {60 * args.distributed_timeout_minutes:g} s): the other ranks "
+            "wait for rank 0's engine calls that long, and must hear the engine's error, naming its URL, first")
     if not args.verify_sync_tol > 0:
         raise TrainerArgsError(f"--verify-sync-tol must be > 0, got {args.verify_sync_tol}")
     if args.temperature != 1.0:
