@@ -238,12 +238,14 @@ def test_server_killed_mid_run_is_an_error_naming_the_url(engine):
 
 
 def test_readme_launch_command_then_sigint_leaves_no_server(tmp_path):
-    """The launch command as written (the trainer starts its own server); SIGINT after step 1: the run
-    stops after the step and the server's process (PID from the trainer's line) is gone."""
+    """The launch command as written (the trainer starts its own server, here of a tiny Qwen3-style model);
+    SIGINT after step 1: the run stops after the step and the server's process (PID from the trainer's
+    line) is gone. Step 1 also checks the Qwen3 weight mapping against the engine (ratio 1, verified
+    sync after a real update)."""
     _require_vllm()
     launch = readme_vllm_commands()["launch"]
     cwd = tmp_path
-    save_engine_model(str(tmp_path / "model"), "qwen2", seed=1)
+    save_engine_model(str(tmp_path / "model"), "qwen3", seed=4)    # q/k norms: the other family here
     _readme_dir(tmp_path, str(tmp_path / "model"))
     env = _env()
     # no checkpoint on the signal (its save is not what this test is about, and costs time); the output
@@ -251,7 +253,8 @@ def test_readme_launch_command_then_sigint_leaves_no_server(tmp_path):
     log = cwd / "train.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *launch[1:], "--metrics-file", "m.jsonl", "--no-progress-bar",
-                                 "--no-save-on-interrupt"], cwd=cwd, env=env, stdout=out,
+                                 "--no-save-on-interrupt", "--reward", "engine_rewards:digit_fraction",
+                                 "--lr", "1e-3", "--verify-sync-tol", str(TOL)], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     metrics, pid = cwd / "m.jsonl", None
     try:
@@ -274,4 +277,7 @@ def test_readme_launch_command_then_sigint_leaves_no_server(tmp_path):
     assert proc.returncode == 0, text[-5000:]
     assert "stopped by a signal after step" in text, text[-3000:]
     assert not _alive(pid), f"server pid {pid} outlived the run"
+    # a Qwen3-style model: Megatron's log-probs equal the engine's before and after a real update
+    first = json.loads(metrics.read_text().splitlines()[0])
+    assert abs(first["ppo_kl"]) <= TOL and first["grad_norm"] > 0 and first["verify_sync_max_diff"] <= TOL, first
     assert (cwd / "runs" / "qwen-vllm" / "vllm_server.log").stat().st_size > 0
