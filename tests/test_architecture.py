@@ -21,8 +21,9 @@ ALLOWED = {
     "mcore": {"core", "parallel"},
     "hf": {"core", "parallel", "mcore"},
     "audit": {"core", "parallel", "mcore"},
-    "trainer": {"core", "parallel", "mcore", "hf"},
-    "cli": {"core", "parallel", "mcore", "hf", "audit", "trainer"},
+    "engine": {"core", "parallel", "hf"},
+    "trainer": {"core", "parallel", "mcore", "hf", "engine"},
+    "cli": {"core", "parallel", "mcore", "hf", "audit", "engine", "trainer"},
     # the public surface: lazy attribute table only (PEP 562), eager imports from core/parallel
     "__init__": {"core", "parallel", "mcore", "hf", "trainer"},
 }

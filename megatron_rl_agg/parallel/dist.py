@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
            "all_gather_stacked", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
-           "count_collectives", "all_reduce_sum_differentiable"]
+           "count_collectives", "all_reduce_sum_differentiable", "broadcast_object"]
 
 
 @dataclass
@@ -139,6 +139,22 @@ def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX, group=group)
     _record("all_reduce_max", out.nbytes)
     return out
+
+
+def broadcast_object(obj, src: int = 0, device="cpu"):
+    """World rank ``src``'s picklable ``obj`` on every rank of the world (``broadcast_object_list``: a
+    size then a byte payload). Used where one rank talks to an outside service (the inference engine)
+    and every rank must see the same answer, errors included. The world group's timeout bounds the
+    wait. ``device``: the model's (CUDA under NCCL). Without an initialised world: ``obj``.
+    """
+    group = world_group()
+    if group is None or world_size(group) == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src, group=group,
+                                     device=torch.device(device) if device != "cpu" else None)
+    _record("broadcast_object", 0)
+    return box[0]
 
 
 def all_gather_varlen(rows: torch.Tensor, group=None) -> torch.Tensor:

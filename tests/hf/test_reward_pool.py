@@ -86,7 +86,7 @@ def test_failed_rewards_give_the_advantages_of_rows_marked_invalid_by_hand():
     samples marked invalid by hand (and any reward there), and differs from scoring the failures 0."""
     from megatron_rl_agg.core.config import AdvantageConfig
     from megatron_rl_agg.parallel.advantages import compute_step_advantages
-    from megatron_rl_agg.trainer.rollout.generation import _score
+    from megatron_rl_agg.trainer.rollout.generation import score_responses
     from megatron_rl_agg.trainer.rollout.rollouts import Sample
     from megatron_rl_agg.trainer.step.batching import build_rows
 
@@ -95,7 +95,7 @@ def test_failed_rewards_give_the_advantages_of_rows_marked_invalid_by_hand():
     with RewardPool("reward_fixtures:flaky", timeout=1.0, workers=2) as pool:
         task = SimpleNamespace(rewards=lambda prompts, responses: pool.score(
             [("q", r, a) for r, a in zip(responses, prompts)]))
-        scored = _score(task, answers, texts)
+        scored = score_responses(task, answers, texts)
     failed = [i for i, t in enumerate(texts) if t in ("raise", "sleep", "nan", "inf")]
     assert [i for i, (_, err) in enumerate(scored) if err is not None] == failed
     gids = [i // 4 for i in range(16)]

@@ -26,6 +26,8 @@ from megatron_rl_agg.trainer.cli.validation import TrainerArgsError, check_posit
 # Megatron's MoE token dispatchers the trainer runs (mcore.spec.MOE_TOKEN_DISPATCHERS; mcore/spec.py imports
 # torch at module level, this module must not need it to print --help).
 MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
+# Who samples on-policy rollouts (megatron_rl_agg.trainer.rollout.sources / .engine_source).
+ROLLOUT_ENGINES = ("megatron", "vllm")
 
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "validate_args", "check_world",
            "virtual_pipeline_size"]
@@ -129,7 +131,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-logprobs", action="store_true",
                    help="recompute the proximal (old) log-probs with the model before the step's first update "
                         "and use the file's 'logprobs' as the behaviour log-probs of the off-policy correction "
-                        "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs'")
+                        "(--is-level; docs/off_policy.md); needs --rollouts with 'logprobs' (or --rollout-engine vllm: "
+                        "the engine's log-probs are the behaviour ones)")
     g.add_argument("--max-staleness", type=int, default=None,
                    help="loss tokens whose staleness (k - 1) - version at step k exceeds this (the file's "
                         "'versions') are dropped or masked (--staleness-mode; docs/off_policy.md); needs "
@@ -147,6 +150,38 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--task-max-count", type=int, default=5, help="counting task: largest count n")
     g.add_argument("--task-max-distractors", type=int, default=2,
                    help="counting task: up to this many distractor digits per prompt")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("inference engine (docs/engine.md)")
+    g.add_argument("--rollout-engine", default="megatron", choices=ROLLOUT_ENGINES,
+                   help="who samples on-policy rollouts: the Megatron model itself, or a vLLM server (needs "
+                        "--hf-checkpoint and --prompt-data; weights synced after every step)")
+    g.add_argument("--vllm-url", default=None,
+                   help="attach to running vLLM servers (http://host:port[,http://host:port...]; prompts "
+                        "split across them; started with VLLM_SERVER_DEV_MODE=1); without it the trainer "
+                        "launches one itself")
+    g.add_argument("--vllm-python", default=None,
+                   help="Python of the vLLM environment for the server the trainer launches (default: "
+                        ".venv-vllm/bin/python of this repository, built by scripts/setup_vllm.sh)")
+    g.add_argument("--vllm-args", default="",
+                   help="extra arguments of the launched server, one shell-quoted string (e.g. "
+                        "\"--max-num-seqs 64 --tensor-parallel-size 2\")")
+    g.add_argument("--vllm-timeout", type=float, default=300.0,
+                   help="seconds the launched server may take to become healthy, and any one HTTP call to "
+                        "the engine may take; past it the run stops naming the URL (below "
+                        "--distributed-timeout-minutes, which bounds the other ranks' wait)")
+    g.add_argument("--sync-dir", default=None,
+                   help="directory the weights are exported to for the engine after every step (default: a "
+                        "fresh directory under /dev/shm, removed at the end)")
+    g.add_argument("--verify-sync", action="store_true",
+                   help="after every sync, check that the engine's log-probs of a probe sequence equal the "
+                        "model's (within --verify-sync-tol); stop the run otherwise")
+    g.add_argument("--verify-sync-tol", type=float, default=1e-4,
+                   help="largest absolute log-prob difference --verify-sync accepts (fp32; raise it for bf16)")
+    g.add_argument("--async-rollouts", type=int, default=0, choices=(0, 1),
+                   help="1: request step k+1's rollouts while step k trains (one step off-policy, "
+                        "staleness 1 from step 2); 0: synchronous")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of option defaults (CLI overrides it)")
     for add in (_add_parallel_args, _add_model_args, _add_moe_args, _add_optimizer_args, _add_checkpoint_args,
-                _add_data_args, _add_logging_args):
+                _add_data_args, _add_engine_args, _add_logging_args):
         add(parser)
     add_hf_args(parser)
     add_loss_aggregation_args(parser)
@@ -292,7 +327,8 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     _validate_moe(args)
     if args.save_interval is not None:
         positive_flag(args.save_interval, "--save-interval", "positive")
-    if args.recompute_logprobs and args.rollouts is None:
+    _validate_engine(args)
+    if args.recompute_logprobs and args.rollouts is None and args.rollout_engine == "megatron":
         raise TrainerArgsError("--recompute-logprobs needs --rollouts with 'logprobs' (the behaviour log-probs "
                                "of the engine that sampled); on-policy rollouts are sampled by the model itself")
     if getattr(args, "is_level", "off") != "off" and not args.recompute_logprobs:
@@ -314,6 +350,47 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         AdvantageConfig.from_args(args)
     except ValueError as err:
         raise TrainerArgsError(str(err)) from None
+
+
+def _validate_engine(args: argparse.Namespace) -> None:
+    """``--rollout-engine vllm`` and its flags (before any process group; the URLs are parsed here)."""
+    engine_flags = [f for f, v in (("--vllm-url", args.vllm_url), ("--vllm-python", args.vllm_python),
+                                   ("--sync-dir", args.sync_dir), ("--verify-sync", args.verify_sync),
+                                   ("--async-rollouts", args.async_rollouts)) if v]
+    if args.rollout_engine not in ROLLOUT_ENGINES:
+        raise TrainerArgsError(f"--rollout-engine {args.rollout_engine!r}; valid: {list(ROLLOUT_ENGINES)}")
+    if args.rollout_engine == "megatron":
+        if engine_flags:
+            raise TrainerArgsError(f"{', '.join(engine_flags)} need --rollout-engine vllm (the Megatron "
+                                   "generator samples with the model itself)")
+        return
+    if not (args.hf_checkpoint and args.prompt_data):
+        raise TrainerArgsError("--rollout-engine vllm needs --hf-checkpoint (the model the engine serves and "
+                               "the weights it reloads) and --prompt-data (text prompts)")
+    if args.vllm_url and args.vllm_python:
+        raise TrainerArgsError("--vllm-url attaches to running servers; --vllm-python launches one: give one")
+    if args.vllm_url:
+        from megatron_rl_agg.engine.client import EngineError, parse_urls
+
+        try:
+            parse_urls(args.vllm_url)
+        except EngineError as err:
+            raise TrainerArgsError(str(err)) from None
+    if not args.vllm_timeout > 0:
+        raise TrainerArgsError(f"--vllm-timeout must be > 0 seconds, got {args.vllm_timeout}")
+    if args.vllm_timeout >= 60 * args.distributed_timeout_minutes:
+        raise TrainerArgsError(
+            f"--vllm-timeout {args.vllm_timeout:g} s must be below --distributed-timeout-minutes "
+            f"{args.distributed_timeout_minutes:g} (= {60 * args.distributed_timeout_minutes:g} s): the other ranks "
+            "wait for rank 0's engine calls that long, and must hear the engine's error, naming its URL, first")
+    if not args.verify_sync_tol > 0:
+        raise TrainerArgsError(f"--verify-sync-tol must be > 0, got {args.verify_sync_tol}")
+    if args.temperature != 1.0:
+        raise TrainerArgsError(f"--rollout-engine vllm with --temperature {args.temperature:g}: vLLM reports the "
+                               "log-probs of the raw logits (temperature 1), which would not be the behaviour "
+                               "policy's; use --temperature 1")
+    if args.async_rollouts not in (0, 1):
+        raise TrainerArgsError(f"--async-rollouts {args.async_rollouts}; valid: 0, 1")
 
 
 def _validate_moe(args: argparse.Namespace) -> None:

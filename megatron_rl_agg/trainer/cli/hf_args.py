@@ -88,6 +88,12 @@ def validate_hf_args(args: argparse.Namespace) -> None:
     args.num_layers, args.hidden_size, args.ffn_hidden_size = arch.num_layers, arch.hidden_size, \
         arch.ffn_hidden_size
     args.num_attention_heads, args.vocab_size = arch.num_attention_heads, arch.vocab_size
+    if getattr(args, "rollout_engine", "megatron") == "vllm" and arch.tie_word_embeddings:
+        raise TrainerArgsError(
+            f"--rollout-engine vllm: {args.hf_checkpoint} ties its input and output embeddings "
+            "(tie_word_embeddings); vLLM's in-place weight reload (0.32) does not update a tied LM head, so "
+            "the engine would keep sampling with the old output layer after every sync. Use a checkpoint "
+            "with untied embeddings (e.g. Qwen2.5-7B, Llama 3.1 8B) or --rollout-engine megatron")
     if arch.vocab_size % args.tensor_model_parallel_size:
         # Padding rows would enter the softmax of every log-prob with logit 0 (Megatron-LM does that);
         # the trainer refuses rather than train on log-probs that differ from the model's.

@@ -205,6 +205,10 @@ def _build_source(args):
         samples_per_prompt=args.num_samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, failure_prob=args.rollout_failure_prob, vocab_size=args.vocab_size,
         seed=args.seed)
+    if args.rollout_engine == "vllm":
+        from megatron_rl_agg.trainer.loop.engine import build_engine_source
+
+        return build_engine_source(args, spec)
     return OnPolicySource(spec, args.seq_length, args.micro_batch_size, args.mini_batches_per_step)
 
 

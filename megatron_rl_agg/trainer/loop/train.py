@@ -228,6 +228,12 @@ def _save_hf(tr: Trainer) -> None:
     save_hf(tr.chunks, tr.args)
 
 
+def _export_for_engine(tr: Trainer, out_dir: str) -> None:
+    from megatron_rl_agg.trainer.loop.hf_model import save_hf
+
+    save_hf(tr.chunks, tr.args, out_dir=out_dir)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Train from ``args`` (see :mod:`.arguments`); returns every step's metrics (on every rank).
 
@@ -268,6 +274,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         with safety.StopSignal() as stop:
             for step in range(tr.start_step + 1, args.train_iters + 1):
                 metrics = train_step(tr, step)
+                if hasattr(tr.source, "after_step"):       # an inference engine: sync its weights
+                    metrics.update(tr.source.after_step(step, tr.chunks,
+                                                        lambda out: _export_for_engine(tr, out)))
                 history.append(metrics)
                 logger.log(metrics)
                 stopping = stop.requested(cpu_mode.device())

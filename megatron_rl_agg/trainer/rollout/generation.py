@@ -37,7 +37,8 @@ from megatron_rl_agg.trainer.rollout import task
 from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
-__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "step_prompts", "on_policy_rows"]
+__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "step_prompts", "on_policy_rows",
+           "score_responses"]
 
 
 def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
@@ -256,7 +257,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
                        temperature=spec.temperature, micro_batch_rows=micro_batch_rows,
                        eos_ids=getattr(spec.task, "eos_ids", (task.EOS,)))
     kept = [(g, response, finish) for g, (response, finish) in zip(rows, outputs) if not bool(lost[g])]
-    rewards = _score(spec.task, [prompts[g // n] for g, _, _ in kept], [r for _, r, _ in kept])
+    rewards = score_responses(spec.task, [prompts[g // n] for g, _, _ in kept], [r for _, r, _ in kept])
     samples, gids = [], []
     for (g, response, finish), (reward, error) in zip(kept, rewards):
         samples.append(Sample(g // n, tuple(prompts[g // n]), tuple(response), reward, finish, None,
@@ -265,7 +266,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
     return samples, gids, int(lost[start:end].sum())
 
 
-def _score(rollout_task, prompts: Sequence, responses: Sequence) -> list[tuple[float, Optional[str]]]:
+def score_responses(rollout_task, prompts: Sequence, responses: Sequence) -> list[tuple[float, Optional[str]]]:
     """``[(reward, error)]`` of the responses: a text task's rewards come from its reward workers in one
     batch (``TextTask.rewards``; a failed sample gets ``(nan, why)``), the counting task's from
     :func:`.task.reward`."""
