@@ -24,7 +24,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
-           "all_gather_stacked", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
+           "all_gather_stacked", "all_gather_objects", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
            "count_collectives", "all_reduce_sum_differentiable"]
 
 
@@ -184,6 +184,17 @@ def all_gather_fixed(rows: torch.Tensor, group=None) -> torch.Tensor:
     torch_dist.all_gather(gathered, rows, group=group)
     _record("all_gather_fixed", len(gathered) * rows.nbytes)
     return torch.cat(gathered, dim=0)
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj`` in rank order (one ``all_gather_object``): small metadata only
+    (its payload is not counted by the traffic counter). Without a group: ``[obj]``."""
+    if not _active(group) or world_size(group) == 1:
+        return [obj]
+    out = [None] * world_size(group)
+    torch_dist.all_gather_object(out, obj, group=group)
+    _record("all_gather_objects", 0)
+    return out
+
+
 class _AllGatherStacked(torch.autograd.Function):
     """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
 
