@@ -240,7 +240,7 @@ def stage_full_params(chunks: list, tp_group=None) -> Iterator[tuple[str, Option
     Call on every rank of one tensor-parallel group (one pipeline stage of one DP x CP replica; the
     export calls it on DP x CP rank 0 only). Only main replicas count (:func:`_is_main_replica`), so
     every tensor of the model is yielded exactly once over the stages of a replica: a TP-split tensor
-    after one ``all_gather_fixed`` of the shards' values over ``tp_group`` (the pieces are placed by
+    after one ``all_gather_into`` of the shards' values over ``tp_group`` (the pieces are placed by
     their global offsets), a replicated one as TP rank 0 holds it (no collective). ``layer`` is the global layer index of stacked ``decoder.layers.*`` keys. The values
     are the parameters' own (``sh.data``) cast to fp32 on the host, as :func:`gather_full_params`.
     A rank holds its stage plus one gathered tensor (its ``W`` shards and the assembled copy) at a time.
@@ -284,28 +284,30 @@ def stage_full_params(chunks: list, tp_group=None) -> Iterator[tuple[str, Option
                 yield key, layer_index, sh.data.detach().float().cpu().reshape(
                     tuple(sh.global_shape[sh.prepend_axis_num:])).clone()
             continue
-        flat = torch.cat([sh.data.detach().reshape(-1) for sh in shards]).unsqueeze(0)
-        gathered = dist.all_gather_fixed(flat, tp_group)                            # [W, local elements]
+        flat = torch.cat([sh.data.detach().reshape(-1) for sh in shards])
+        gathered = dist.all_gather_into(flat, tp_group)                             # [W, local elements]
+        del flat
         if tp_rank != 0:
+            del gathered
             continue
-        gathered = gathered.float().cpu()
         position = split.index((key, layer))
         shape = everyone[0][position][2]
-        full = torch.zeros(shape)
-        seen = torch.zeros(shape, dtype=torch.bool)
+        full = torch.empty(shape)
+        placed = 0
         for rank_layout, values in zip(everyone, gathered):
             start = 0
             for offset, piece_shape in rank_layout[position][3]:
-                n = _numel(piece_shape)
                 if len(piece_shape) != len(shape):
                     raise RuntimeError(f"a shard {piece_shape} of {key!r} does not match its tensor's rank {shape}")
-                index_ = tuple(slice(o, o + s) for o, s in zip(offset, piece_shape))
-                full[index_] = values[start:start + n].reshape(full[index_].shape)
-                seen[index_] = True
+                n = _numel(piece_shape)
+                full[tuple(slice(o, o + s) for o, s in zip(offset, piece_shape))] = \
+                    values[start:start + n].reshape(piece_shape)            # cast to fp32 on the copy
                 start += n
-        if not bool(seen.all()):
-            raise RuntimeError(f"the TP shards of {key!r} (layer {layer_index}) do not cover its {shape} elements")
-        del gathered, flat, seen                      # only the assembled tensor is alive while it is used
+                placed += n
+        if placed != full.numel():        # Megatron's shards tile the tensor without overlap
+            raise RuntimeError(f"the TP shards of {key!r} (layer {layer_index}) hold {placed} of its "
+                               f"{full.numel()} elements")
+        del gathered                                  # only the assembled tensor is alive while it is used
         yield key, layer_index, full
         del full
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
-           "all_gather_stacked", "all_gather_objects", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
+           "all_gather_stacked", "all_gather_objects", "all_gather_into", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
            "count_collectives", "all_reduce_sum_differentiable"]
 
 
@@ -184,6 +184,19 @@ def all_gather_fixed(rows: torch.Tensor, group=None) -> torch.Tensor:
     torch_dist.all_gather(gathered, rows, group=group)
     _record("all_gather_fixed", len(gathered) * rows.nbytes)
     return torch.cat(gathered, dim=0)
+def all_gather_into(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order, ``[W, *tensor.shape]``, gathered straight into one
+    output buffer (one ``all_gather_into_tensor``; no per-rank list and no concatenation copy, for large
+    one-off gathers such as an export's). Shapes and dtypes must agree on all ranks. Not differentiable."""
+    if not _active(group) or world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    size = world_size(group)
+    out = tensor.new_empty(size * tensor.numel())          # gloo wants the flat concatenation
+    torch_dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1), group=group)
+    _record("all_gather_into", out.nbytes)
+    return out.view((size,) + tuple(tensor.shape))
+
+
 def all_gather_objects(obj, group=None) -> list:
     """Every rank's picklable ``obj`` in rank order (one ``all_gather_object``): small metadata only
     (its payload is not counted by the traffic counter). Without a group: ``[obj]``."""

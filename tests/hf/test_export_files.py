@@ -37,7 +37,8 @@ def test_planned_files_equal_save_file(tmp_path, dtype, max_shard_bytes):
     out = write_hf_dir(str(tmp_path / "out"), tensors, config, max_shard_bytes=max_shard_bytes)
     assert differing_files(ref, out) == []
     plan = shards.plan_shards({n: t.shape for n, t in tensors.items()}, dtype, max_shard_bytes)
-    assert len(plan.files) == (1 if max_shard_bytes > 10**6 else len(plan.files)) and len(plan.files) >= 1
+    if max_shard_bytes > 10**6:
+        assert plan.files == ("model.safetensors",)
     if max_shard_bytes == 1:
         assert len(plan.files) == len(tensors)           # one tensor per file when each is over the limit
 
@@ -69,3 +70,13 @@ def test_plan_errors_name_the_bad_tensor(tmp_path):
         shards.plan_shards({"w": (2,)}, torch.float64, 10)
     with pytest.raises(HFExportError, match=r"one dtype; the tensors for .* have \['torch.bfloat16', 'torch.float32'\]"):
         write_hf_dir(str(tmp_path / "mixed"), {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.bfloat16)}, {})
+
+
+def test_a_file_fills_up_to_exactly_the_limit(tmp_path):
+    """Three 40-byte tensors at 80 bytes per file: two files ([a, b], [c]), as the reference cuts them."""
+    tensors = {n: torch.full((10,), float(i)) for i, n in enumerate("abc")}
+    plan = shards.plan_shards({n: t.shape for n, t in tensors.items()}, torch.float32, 80)
+    assert [plan.file_of[n] for n in "abc"] == ["model-00001-of-00002.safetensors"] * 2 + \
+        ["model-00002-of-00002.safetensors"]
+    ref = reference_write(str(tmp_path / "ref"), tensors, {}, max_shard_bytes=80)
+    assert differing_files(ref, write_hf_dir(str(tmp_path / "out"), tensors, {}, max_shard_bytes=80)) == []
