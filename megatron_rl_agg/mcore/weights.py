@@ -240,7 +240,7 @@ def stage_full_params(chunks: list, tp_group=None) -> Iterator[tuple[str, Option
     Call on every rank of one tensor-parallel group (one pipeline stage of one DP x CP replica; the
     export calls it on DP x CP rank 0 only). Only main replicas count (:func:`_is_main_replica`), so
     every tensor of the model is yielded exactly once over the stages of a replica: a TP-split tensor
-    after one ``all_gather_into`` of the shards' values over ``tp_group`` (the pieces are placed by
+    after one ``gather_to_first`` of the shards' values over ``tp_group`` (only TP rank 0 receives) (the pieces are placed by
     their global offsets), a replicated one as TP rank 0 holds it (no collective). ``layer`` is the global layer index of stacked ``decoder.layers.*`` keys. The values
     are the parameters' own (``sh.data``) cast to fp32 on the host, as :func:`gather_full_params`.
     A rank holds its stage plus one gathered tensor (its ``W`` shards and the assembled copy) at a time.
@@ -285,10 +285,9 @@ def stage_full_params(chunks: list, tp_group=None) -> Iterator[tuple[str, Option
                     tuple(sh.global_shape[sh.prepend_axis_num:])).clone()
             continue
         flat = torch.cat([sh.data.detach().reshape(-1) for sh in shards])
-        gathered = dist.all_gather_into(flat, tp_group)                             # [W, local elements]
+        gathered = dist.gather_to_first(flat, tp_group)                 # [W, local elements] on TP rank 0
         del flat
-        if tp_rank != 0:
-            del gathered
+        if gathered is None:
             continue
         position = split.index((key, layer))
         shape = everyone[0][position][2]
