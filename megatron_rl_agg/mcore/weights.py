@@ -5,19 +5,20 @@ along a leading layer axis, so ``grads["decoder.layers.mlp.linear_fc1.weight"]``
 ``[num_layers, ffn, hidden]`` whatever the layout. :func:`init_weights` gives every layout the same full
 weights (a function of ``(seed, global key)`` only) and :func:`gather_full_grads` /
 :func:`gather_full_params` assemble full tensors on every rank, so gradients and weights from different
-layouts are directly comparable.
+layouts are directly comparable. :func:`stage_full_params` is the export's streaming form: one pipeline
+stage's full tensors, one at a time, gathered over tensor parallelism only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from megatron_rl_agg.core.seeds import seeded_generator
 from megatron_rl_agg.mcore.build import unwrap
 
-__all__ = ["init_weights", "gather_full_grads", "gather_full_params"]
+__all__ = ["init_weights", "gather_full_grads", "gather_full_params", "stage_full_params"]
 
 
 def _flat_sharded_tensors(model):
@@ -222,3 +223,97 @@ def gather_full_grads(chunks: list, *, check_replicas: bool = True) -> dict[str,
 def gather_full_params(chunks: list, *, check_replicas: bool = True) -> dict[str, torch.Tensor]:
     """Every parameter's full value (as fp32), keyed by global key, on every rank."""
     return _gather_full(chunks, lambda param, sh: (sh.data, None), check_replicas)
+
+
+def _is_main_replica(sh) -> bool:
+    """Megatron dist-checkpointing's rule: the copy a checkpoint saves has every ``replica_id`` part 0
+    (not a TP-duplicated norm on TP rank > 0, not the last stage's tied output-layer copy, DP rank 0)."""
+    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+    return all(int(r) == 0 for r in rid)
+
+
+@torch.no_grad()
+def stage_full_params(chunks: list, tp_group=None) -> Iterator[tuple[str, Optional[int], torch.Tensor]]:
+    """``(global key, layer or None, full fp32 tensor)`` of this pipeline stage's parameters, one at a time,
+    on TP rank 0 of ``tp_group`` (the other TP ranks take part in the gathers and yield nothing).
+
+    Call on every rank of one tensor-parallel group (one pipeline stage of one DP x CP replica; the
+    export calls it on DP x CP rank 0 only). Only main replicas count (:func:`_is_main_replica`), so
+    every tensor of the model is yielded exactly once over the stages of a replica: a TP-split tensor
+    after one ``gather_to_first`` of the shards' values over ``tp_group`` (only TP rank 0 receives) (the pieces are placed by
+    their global offsets), a replicated one as TP rank 0 holds it (no collective). ``layer`` is the global layer index of stacked ``decoder.layers.*`` keys. The values
+    are the parameters' own (``sh.data``) cast to fp32 on the host, as :func:`gather_full_params`.
+    A rank holds its stage plus one gathered tensor (its ``W`` shards and the assembled copy) at a time.
+
+    One ``all_gather_objects`` of the shard layout first checks that the TP ranks agree on the
+    sequence of TP-split tensors and their sizes (raises otherwise, on every rank, before any gather).
+    """
+    from megatron_rl_agg.parallel import dist
+
+    groups: dict[tuple, list] = {}
+    for _, sh in _param_shards(chunks):
+        if not _is_main_replica(sh):
+            continue
+        prepend = sh.prepend_axis_num
+        groups.setdefault((sh.key, tuple(sh.global_offset[:prepend])), []).append(sh)
+    split, layout = [], []
+    for (key, layer), shards in groups.items():
+        sh0 = shards[0]
+        frag = 1
+        for f in sh0.axis_fragmentations[sh0.prepend_axis_num:]:
+            frag *= int(f)
+        if frag > 1:
+            split.append((key, layer))
+            layout.append((key, layer, tuple(sh0.global_shape[sh0.prepend_axis_num:]),
+                           [(tuple(sh.global_offset[sh.prepend_axis_num:]), tuple(sh.data.shape)) for sh in shards]))
+    everyone = dist.all_gather_objects(layout, tp_group)
+    signature = [[(k, lay, shape, sum(_numel(s) for _, s in pieces)) for k, lay, shape, pieces in rank_layout]
+                 for rank_layout in everyone]
+    if any(sig != signature[0] for sig in signature):
+        raise RuntimeError("tensor-parallel ranks disagree on the TP-split tensors of their stage "
+                           f"(key, layer, shape, local elements per rank): {signature}")
+    split_set = set(split)
+    tp_rank = dist.rank(tp_group)
+    for (key, layer), shards in groups.items():
+        layer_index = layer[0] if layer else None
+        if (key, layer) not in split_set:
+            if len(shards) != 1:
+                raise RuntimeError(f"{key!r} (layer {layer_index}) has {len(shards)} unsplit parts on one rank")
+            if tp_rank == 0:
+                sh = shards[0]
+                yield key, layer_index, sh.data.detach().float().cpu().reshape(
+                    tuple(sh.global_shape[sh.prepend_axis_num:])).clone()
+            continue
+        flat = torch.cat([sh.data.detach().reshape(-1) for sh in shards])
+        gathered = dist.gather_to_first(flat, tp_group)                 # [W, local elements] on TP rank 0
+        del flat
+        if gathered is None:
+            continue
+        position = split.index((key, layer))
+        shape = everyone[0][position][2]
+        full = torch.empty(shape)
+        placed = 0
+        for rank_layout, values in zip(everyone, gathered):
+            start = 0
+            for offset, piece_shape in rank_layout[position][3]:
+                if len(piece_shape) != len(shape):
+                    raise RuntimeError(f"a shard {piece_shape} of {key!r} does not match its tensor's rank {shape}")
+                n = _numel(piece_shape)
+                full[tuple(slice(o, o + s) for o, s in zip(offset, piece_shape))] = \
+                    values[start:start + n].reshape(piece_shape)            # cast to fp32 on the copy
+                start += n
+                placed += n
+        if placed != full.numel():        # Megatron's shards tile the tensor without overlap
+            raise RuntimeError(f"the TP shards of {key!r} (layer {layer_index}) hold {placed} of its "
+                               f"{full.numel()} elements")
+        del gathered                                  # only the assembled tensor is alive while it is used
+        yield key, layer_index, full
+        del full
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+

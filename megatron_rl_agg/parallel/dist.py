@@ -24,7 +24,8 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_gather_varlen", "all_gather_fixed",
-           "all_gather_stacked", "world_group", "barrier", "unresponsive_ranks", "CollectiveTraffic",
+           "all_gather_stacked", "all_gather_objects", "gather_to_first", "world_group", "barrier",
+           "unresponsive_ranks", "CollectiveTraffic",
            "count_collectives", "all_reduce_sum_differentiable", "broadcast_object"]
 
 
@@ -200,6 +201,35 @@ def all_gather_fixed(rows: torch.Tensor, group=None) -> torch.Tensor:
     torch_dist.all_gather(gathered, rows, group=group)
     _record("all_gather_fixed", len(gathered) * rows.nbytes)
     return torch.cat(gathered, dim=0)
+def gather_to_first(tensor: torch.Tensor, group=None):
+    """Every rank's ``tensor`` stacked in rank order, ``[W, *tensor.shape]``, on the group's rank 0 only
+    (None on the others, which only send): one ``gather``, for large one-off collections such as an
+    export's, where the other ranks must not hold the gathered tensor. Shapes and dtypes must agree.
+    Not differentiable. Without a group: ``tensor.unsqueeze(0)``."""
+    if not _active(group) or world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    size, first = world_size(group), torch_dist.get_global_rank(group, 0)
+    if rank(group) == 0:
+        out = tensor.new_empty((size,) + tuple(tensor.shape))
+        torch_dist.gather(tensor.contiguous(), gather_list=list(out.unbind(0)), dst=first, group=group)
+        _record("gather_to_first", out.nbytes)
+        return out
+    torch_dist.gather(tensor.contiguous(), gather_list=None, dst=first, group=group)
+    _record("gather_to_first", 0)
+    return None
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj`` in rank order (one ``all_gather_object``): small metadata only
+    (its payload is not counted by the traffic counter). Without a group: ``[obj]``."""
+    if not _active(group) or world_size(group) == 1:
+        return [obj]
+    out = [None] * world_size(group)
+    torch_dist.all_gather_object(out, obj, group=group)
+    _record("all_gather_objects", 0)
+    return out
+
+
 class _AllGatherStacked(torch.autograd.Function):
     """Forward: ``[C, *shape]`` stack of every rank's ``[*shape]`` tensor (one all-gather).
 

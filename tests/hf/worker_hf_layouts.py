@@ -4,7 +4,8 @@ compare fp32 logits with transformers', and export back from every layout. Launc
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/hf/worker_hf_layouts.py DIR
 
 ``DIR/<family>/`` holds the model (written by the test), ``DIR/<family>.pt`` the input tokens and
-transformers' logits. Per family and layout this writes ``DIR/export-<family>-<layout>/`` and, on the last
+transformers' logits. Per family and layout this writes ``DIR/export-<family>-<layout>/`` (at TP1 also the
+reference route's ``DIR/reference-<family>[-sharded]/``, see tests/hf/export_reference.py) and, on the last
 pipeline stage of global rank 0's pipeline, ``DIR/result-<family>-<layout>.pt`` with the max abs logit
 difference, plus the deliberately wrong variants (plain ``[q; k; v]``, wrong rope base, no rope scaling).
 """
@@ -18,11 +19,16 @@ import sys
 import torch
 
 from megatron_rl_agg.mcore import compat
-from megatron_rl_agg.hf.export import export_hf
+from megatron_rl_agg.hf.export import _config_json, _generation_config, export_hf, full_to_hf
 from megatron_rl_agg.hf.load import HFCheckpoint, gpt_spec_from_hf, load_hf_weights
 from megatron_rl_agg.mcore.build import build_model
 from megatron_rl_agg.parallel.layout import parse_layout
 from megatron_rl_agg.mcore import forward
+from megatron_rl_agg.mcore.weights import gather_full_params
+
+from export_reference import reference_write
+
+SHARDED = 60_000          # bytes per file of the sharded exports (several files + index)
 
 LAYOUTS = ("tp1", "tp2", "pp2", "pp2+vpp2")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -61,9 +67,11 @@ def run(argv: list[str]) -> None:
             chunks = build_model(spec, wrap_ddp=False)
             load_hf_weights(chunks, ckpt)
             result = {"padded_vocab": spec.vocab_size, "diff": _logit_diff(chunks, tokens, ref)}
+            if text == "tp1":          # the reference route: one process writes the full model
+                write_reference(chunks, ckpt, root, family)
             export_hf(chunks, ckpt.arch, os.path.join(root, f"export-{family}-{text}"),
                       source_config=ckpt.config, source_dir=ckpt.model_dir,
-                      max_shard_bytes=60_000 if text == "pp2" else 5 * 2**30)    # pp2: sharded + index
+                      max_shard_bytes=SHARDED if text == "pp2" else 5 * 2**30)    # pp2: sharded + index
             if text == "tp2" and family != "mistral":    # the same comparison must fail for a wrong mapping
                 load_hf_weights(chunks, ckpt, qkv_layout="plain")
                 result["plain_qkv_diff"] = _logit_diff(chunks, tokens, ref)
@@ -77,6 +85,24 @@ def run(argv: list[str]) -> None:
             if result["diff"] is not None and forward_owner(rank):
                 torch.save(result, os.path.join(root, f"result-{family}-{text}.pt"))
             compat.destroy_model_parallel()
+
+
+def write_reference(chunks, ckpt, root: str, family: str) -> None:
+    """``DIR/reference-<family>[-sharded]/``: the export as one process wrote it before the per-stage
+    writers (every rank gathers the full fp32 model; rank 0 writes with ``safetensors.save_file``)."""
+    import torch.distributed as torch_dist
+
+    full = gather_full_params(chunks)
+    if torch_dist.get_rank() != 0:
+        return
+    from megatron_rl_agg.hf.config import config_dtype
+
+    dtype = config_dtype(ckpt.config)
+    tensors = full_to_hf(ckpt.arch, full, getattr(torch, dtype))
+    for suffix, limit in (("", 5 * 2**30), ("-sharded", SHARDED)):
+        reference_write(os.path.join(root, f"reference-{family}{suffix}"), tensors,
+                        _config_json(ckpt.arch, ckpt.config, dtype), tokenizer_dir=ckpt.model_dir,
+                        generation_config=_generation_config(ckpt.model_dir, ckpt.model_dir), max_shard_bytes=limit)
 
 
 def main(root: str) -> None:

@@ -1,5 +1,5 @@
 """The trainer's token sampling draws from ``softmax(z / T)``: a chi-square test of the tokens
-``sample_tokens`` picks with ``gumbel_noise`` (the functions on-policy generation calls) on fixed logits.
+``sample_tokens`` picks with ``GumbelNoise`` (what on-policy generation calls) on fixed logits.
 
 The cached-vs-recompute generation tests compare two paths through the same sampler, so a sampler that
 ignored the temperature would pass them; this test fails then. Single process, no model: the draws
@@ -11,20 +11,24 @@ import math
 import pytest
 import torch
 
-from megatron_rl_agg.trainer.rollout.generation import RolloutSpec, gumbel_noise, sample_tokens
+from megatron_rl_agg.trainer.rollout.generation import GumbelNoise, RolloutSpec, sample_tokens
 
 LOGITS = torch.tensor([0.0, 0.4, 0.8, 1.2, 1.6, 2.0])
-DRAWS = 20_000
+ROWS, POSITIONS = 100, 200
+DRAWS = ROWS * POSITIONS
 # p-value below which the sampled counts are declared not to follow the distribution
 ALPHA = 1e-3
 
 
 def _draw(temperature: float, step: int) -> torch.Tensor:
-    """``[V]`` counts of ``DRAWS`` tokens sampled at ``temperature`` from ``LOGITS`` (one row each)."""
-    spec = RolloutSpec(task=None, num_prompts=DRAWS, samples_per_prompt=1, max_new_tokens=1,
+    """``[V]`` counts of ``DRAWS`` tokens sampled at ``temperature`` from ``LOGITS`` (``ROWS`` rows, each
+    drawing ``POSITIONS`` tokens one position at a time, as generation does)."""
+    spec = RolloutSpec(task=None, num_prompts=ROWS, samples_per_prompt=1, max_new_tokens=POSITIONS,
                        temperature=temperature, failure_prob=0.0, vocab_size=LOGITS.numel(), seed=11)
-    noise = gumbel_noise(spec, step, slice(0, DRAWS))[:, 0]                 # [DRAWS, V]
-    tokens = sample_tokens(LOGITS.expand(DRAWS, -1), noise, temperature)   # [DRAWS]
+    noise = GumbelNoise(spec, step, 0, ROWS)
+    every = torch.ones(ROWS, dtype=torch.bool)
+    tokens = torch.cat([sample_tokens(LOGITS.expand(ROWS, -1), noise.draw(torch.full((ROWS,), j), every),
+                                      temperature) for j in range(POSITIONS)])          # [DRAWS]
     return torch.bincount(tokens, minlength=LOGITS.numel()).double()
 
 

@@ -37,8 +37,8 @@ from megatron_rl_agg.trainer.rollout import task
 from megatron_rl_agg.core.rows import shard_bounds
 from megatron_rl_agg.trainer.rollout.rollouts import Sample
 
-__all__ = ["step_generator", "RolloutSpec", "sample_tokens", "generate", "step_prompts", "on_policy_rows",
-           "score_responses"]
+__all__ = ["step_generator", "RolloutSpec", "GumbelNoise", "sample_tokens", "generate", "step_prompts",
+           "on_policy_rows", "score_responses"]
 
 
 def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
@@ -66,12 +66,93 @@ class RolloutSpec:
         return self.num_prompts * self.samples_per_prompt
 
 
-def gumbel_noise(spec: RolloutSpec, step: int, rows: slice) -> torch.Tensor:
-    """``[len(rows), max_new_tokens, V]`` Gumbel noise of the given global rows of ``step``."""
-    u = torch.rand((spec.num_rows, spec.max_new_tokens, spec.vocab_size),
-                   generator=step_generator(spec.seed, step, "sample"), dtype=torch.float64)[rows]
-    # u in [0, 1): clamp away from 0 so -log(-log(u)) stays finite.
-    return -torch.log(-torch.log(u.clamp(min=1e-300)))
+class GumbelNoise:
+    """Gumbel noise ``g = -log(-log(u))`` of the global rows ``[start, end)`` of ``step``, drawn one decode
+    step at a time: :meth:`draw` gives ``[rows, V]`` float64 for one position per row.
+
+    The values are those of ONE uniform draw ``u = torch.rand((R, N, V), dtype=float64)`` from
+    ``step_generator(seed, step, "sample")`` (``R = spec.num_rows``, ``N = max_new_tokens``,
+    ``V = vocab_size``), clamped to ``>= 1e-300`` so ``g`` stays finite; row ``g`` position ``j`` is
+    ``u[g, j]``. That is what the generator drew before this class: the same tokens for the same seed,
+    and the draw of a row still depends on its global row number only (any DP layout draws the same).
+    The CPU generator fills a tensor in row-major order, a fixed number of Mersenne Twister outputs per
+    element, so row ``g`` begins ``g * N * V`` elements into the stream: on the first draw the generator
+    is advanced to row ``start`` (drawn and discarded in blocks of at most ``BLOCK`` elements) and then
+    through this rank's rows, keeping each row's generator (its ~5 kB state) at its start; each later
+    draw of a row takes the next ``V`` elements of its own generator. So a row's positions must be drawn
+    in order ``0, 1, 2, ...`` (each at most once; generation does exactly that).
+
+    Memory: ``[end - start, V]`` float64 per draw, a ``BLOCK`` buffer and the row states, whatever the
+    step's total rows ``R`` (the old ``[R, N, V]`` tensor was 37 GiB per rank for the README's Qwen
+    example). Time: the skip generates the ``end * N * V`` uniforms before this rank's last row once
+    (the old tensor generated all ``R * N * V`` on every rank); only the last pipeline stage draws, so
+    the other stages never pay it. Everything is on the host, as the sampling is.
+    """
+
+    BLOCK = 2**20
+
+    def __init__(self, spec: RolloutSpec, step: int, start: int, end: int):
+        if not 0 <= start <= end <= spec.num_rows:
+            raise ValueError(f"rows [{start}, {end}) are not within the step's {spec.num_rows} rows")
+        self.spec, self.step, self.start, self.end = spec, step, start, end
+        self.vocab_size = spec.vocab_size
+        self._rows: Optional[list[torch.Generator]] = None
+        self._next = torch.zeros(end - start, dtype=torch.int64)        # next position of each row
+
+    def _row_generators(self) -> list[torch.Generator]:
+        gen = step_generator(self.spec.seed, self.step, "sample")
+        per_row = self.spec.max_new_tokens * self.vocab_size
+        buffer = torch.empty(min(self.BLOCK, max(per_row * self.start, per_row)), dtype=torch.float64)
+        rows = []
+        skip = per_row * self.start
+        for _ in range(self.end - self.start):
+            while skip > 0:
+                n = min(skip, buffer.numel())
+                torch.rand(n, generator=gen, dtype=torch.float64, out=buffer[:n])
+                skip -= n
+            row = torch.Generator()
+            row.set_state(gen.get_state())
+            rows.append(row)
+            skip = per_row
+        return rows
+
+    def draw(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``[rows, V]`` float64: row ``i``'s noise at position ``positions[i]`` where ``active[i]``, else 0.
+
+        Args:
+            positions: ``[rows]`` int64, the response index each row samples (only active rows are read).
+            active: ``[rows]`` bool, the rows that sample now.
+
+        Raises:
+            RuntimeError: an active row asks for another position than its next one (out of order, twice
+                or past ``max_new_tokens``).
+        """
+        if self._rows is None:
+            self._rows = self._row_generators()
+        out = torch.zeros(self.end - self.start, self.vocab_size, dtype=torch.float64)
+        for i in torch.nonzero(active).flatten().tolist():
+            j = int(positions[i])
+            if j != int(self._next[i]) or j >= self.spec.max_new_tokens:
+                raise RuntimeError(f"row {self.start + i} asks for the noise of position {j}; its next is "
+                                   f"{int(self._next[i])} of {self.spec.max_new_tokens} (positions are drawn in order)")
+            torch.rand(self.vocab_size, generator=self._rows[i], dtype=torch.float64, out=out[i])
+            self._next[i] = j + 1
+        rows = active.nonzero().flatten()
+        out[rows] = -torch.log(-torch.log(out[rows].clamp(min=1e-300)))
+        return out
+
+
+class _FixedNoise:
+    """A given ``[rows, N, V]`` noise tensor behind :meth:`GumbelNoise.draw`'s interface (tests and
+    benchmarks pass fixed noise to :func:`generate`): any position, in any order."""
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+        self.vocab_size = noise.shape[-1]
+
+    def draw(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.noise.shape[0])
+        return self.noise[rows, positions.clamp(0, self.noise.shape[1] - 1)]
 
 
 def sample_tokens(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -106,7 +187,7 @@ def _cached_last_logits(logits: torch.Tensor, micro_batch: dict) -> torch.Tensor
 
 
 @torch.no_grad()
-def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Tensor, *,
+def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise, *,
              seq_length: int, max_new_tokens: int, temperature: float,
              micro_batch_rows: int, kv_cache: Optional[bool] = None,
              eos_ids: Sequence[int] = (task.EOS,)) -> list[tuple[list[int], str]]:
@@ -114,8 +195,9 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
 
     Args:
         prompts: ``R`` prompts (this rank's rows); ``len(prompt) + max_new_tokens <= seq_length + 1``.
-        noise: ``[R, max_new_tokens, V]`` Gumbel noise for these rows; logits past ``V`` (TP vocabulary
-            padding of an imported model) are never sampled.
+        noise: the Gumbel noise of these rows: a :class:`GumbelNoise` (drawn one position at a time) or a
+            ``[R, max_new_tokens, V]`` tensor; logits past ``V`` (TP vocabulary padding of an imported
+            model) are never sampled.
         micro_batch_rows: rows per forward micro-batch; ``R`` is padded to a multiple of it times
             :func:`~megatron_rl_agg.mcore.forward.microbatch_multiple`.
         kv_cache: KV-cached decoding; False recomputes the prefix for every token. Both draw the same
@@ -129,6 +211,8 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
     loop at the same step; nothing here communicates across DP ranks.
     """
     num = len(prompts)
+    if isinstance(noise, torch.Tensor):
+        noise = _FixedNoise(noise)
     block = micro_batch_rows * forward.microbatch_multiple()
     padded = max(1, -(-num // block)) * block
     tokens = torch.zeros(padded, seq_length, dtype=torch.int64)
@@ -156,7 +240,8 @@ def generate(chunks: Sequence, prompts: Sequence[Sequence[int]], noise: torch.Te
         logits = forward.run_forward_only(chunks, tokens, micro_batch_rows, _last_position_logits,
                                           extra={"positions": lengths - 1})
         if logits is not None:   # last stage: sample on the host, where the noise lives
-            logits = sample_tokens(logits[:num, : noise.shape[-1]].cpu(), noise[:, j], temperature)
+            picked = noise.draw(torch.full((num,), j, dtype=torch.int64), ~done)
+            logits = sample_tokens(logits[:num, : noise.vocab_size].cpu(), picked, temperature)
         nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
         for i in torch.nonzero(~done).flatten().tolist():
             responses[i].append(int(nxt[i]))
@@ -213,8 +298,8 @@ def _generate_cached(chunks, tokens, lengths, num, noise, *, seq_length, max_new
             j = t - (real - 1)                                    # response index sampled at t, per row
             sampling = (j >= 0) & ~finished
             if logits is not None:   # last stage: sample on the host, where the noise lives
-                picked = noise[rows, j.clamp(0, max_new_tokens - 1)]
-                logits = sample_tokens(logits[:num, : noise.shape[-1]].cpu(), picked, temperature)
+                picked = noise.draw(j.clamp(0, max_new_tokens - 1), sampling)
+                logits = sample_tokens(logits[:num, : noise.vocab_size].cpu(), picked, temperature)
             nxt = forward.broadcast_from_last_stage(logits, (num,), torch.int64).cpu()
             for i in torch.nonzero(sampling).flatten().tolist():
                 responses[i].append(int(nxt[i]))
@@ -252,7 +337,7 @@ def on_policy_rows(chunks: Sequence, spec: RolloutSpec, step: int, rows: tuple[i
     start, end = rows[0] + lo, rows[0] + hi
     rows = range(start, end)
     n = spec.samples_per_prompt
-    outputs = generate(chunks, [prompts[g // n] for g in rows], gumbel_noise(spec, step, slice(start, end)),
+    outputs = generate(chunks, [prompts[g // n] for g in rows], GumbelNoise(spec, step, start, end),
                        seq_length=seq_length, max_new_tokens=spec.max_new_tokens,
                        temperature=spec.temperature, micro_batch_rows=micro_batch_rows,
                        eos_ids=getattr(spec.task, "eos_ids", (task.EOS,)))
