@@ -18,14 +18,15 @@ PROMPTS = REPO / "examples" / "gsm8k_mini.jsonl"
 VOCAB = 384
 
 
-def save_engine_model(path: str, family: str = "qwen2", seed: int = 0) -> str:
-    """A 2-layer ``family`` model (hidden 128, 4 heads of 32, 2 KV heads, untied embeddings) with random
-    norms and biases,
-    and a byte-level BPE tokenizer of the shipped prompt file (chat template, EOS ``<|endoftext|>``)."""
+def save_engine_model(path: str, family: str = "qwen2", seed: int = 0, *, hidden: int = 128, layers: int = 2,
+                      ffn: int = 192) -> str:
+    """A ``family`` model (default: 2 layers, hidden 128, FFN 192; heads of 32, ``hidden / 32`` of them,
+    half as many KV heads; untied embeddings) with random norms and biases, and a byte-level BPE
+    tokenizer of the shipped prompt file (chat template, EOS ``<|endoftext|>``)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = hf_config(family, vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_attention_heads=4,
-                    num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256)
+    cfg = hf_config(family, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
+                    num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64, num_hidden_layers=layers, max_position_embeddings=256)
     cfg.head_dim = 32                   # the test family configs fix 16 for Qwen3; vLLM's CPU needs >= 32
     cfg.tie_word_embeddings = False     # vLLM's in-place reload misses a tied LM head (docs/engine.md)
     if family == "llama":

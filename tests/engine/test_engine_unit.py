@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -73,6 +74,10 @@ def test_tied_embeddings_refused_for_vllm_only(hf_dirs):
         parse_args(_argv(hf_dirs["tied"], "--rollout-engine", "vllm"))
     parse_args(_argv(hf_dirs["tied"]))                   # the Megatron generator is fine with it
     args = parse_args(_argv(hf_dirs["untied"], "--rollout-engine", "vllm", "--async-rollouts", "1"))
+    # the engine's rows carry versions: --max-staleness applies to them as to a rollout file's
+    assert parse_args(_argv(hf_dirs["untied"], "--rollout-engine", "vllm", "--max-staleness", "0")).max_staleness == 0
+    with pytest.raises(TrainerArgsError, match="or --rollout-engine vllm"):
+        parse_args(_argv(hf_dirs["untied"], "--max-staleness", "0"))
     assert args.rollout_engine == "vllm" and args.async_rollouts == 1
 
 
@@ -179,6 +184,16 @@ class _CountingSync(WeightSync):
         return version
 
 
+def _staleness_metrics(samples, step, max_staleness=None):
+    """The trainer's staleness metrics of one DP rank's rows (train.py's path: rows, then the filter)."""
+    from megatron_rl_agg.trainer.step import batching, staleness
+
+    rows = batching.build_rows(samples, 16, list(range(len(samples))))
+    mask, _, counts = staleness.apply_max_staleness(rows.versions, rows.loss_mask, torch.ones(len(samples)),
+                                                    step, max_staleness, "drop")
+    return mask, staleness.combine_staleness([counts])
+
+
 @pytest.mark.parametrize("async_rollouts, versions", [(0, [0, 1, 2]), (1, [0, 0, 1])])
 def test_engine_source_versions_and_staleness(fake_url, async_rollouts, versions):
     from megatron_rl_agg.trainer.rollout.engine_source import EngineSource, prompt_seeds
@@ -200,9 +215,18 @@ def test_engine_source_versions_and_staleness(fake_url, async_rollouts, versions
         assert all(s.logprobs == (-0.5 - versions[step - 1],) * 3 for s in rows.samples)
         assert all(s.reward == s.response[0] / 100 for s in rows.samples)
         seen.append(rows.samples[0].versions)
+        assert source.has_versions          # the trainer's staleness metrics and --max-staleness read them
+        mask, stale = _staleness_metrics(rows.samples, step)
+        expect = step - 1 - versions[step - 1]          # async 1: 0, 1, 1; synchronous: 0, 0, 0
+        assert stale["staleness_max"] == expect and stale["staleness_mean"] == expect, stale
+        assert stale["staleness_frac_1"] == float(expect == 1) and stale["num_stale_tokens"] == 0
+        mask0, limited = _staleness_metrics(rows.samples, step, max_staleness=0)   # --max-staleness 0
+        assert limited["num_stale_tokens"] == (6 if expect else 0)
+        assert int(mask0.sum()) == (0 if expect else int(mask.sum())) and int(mask.sum()) == 6
         metrics = source.after_step(step, [], exports.append)
-        assert metrics["rollout_version"] == versions[step - 1]
-        assert metrics["rollout_staleness"] == step - 1 - versions[step - 1]
+        assert metrics["rollout_version"] == versions[step - 1] and "rollout_staleness" not in metrics
+        if step < 3:
+            assert metrics["engine_version"] == step and metrics["engine_wait_s"] >= 0
     source.close()
     assert seen == [(v,) * 3 for v in versions]
     assert exports == ["dir", "dir"]                              # no sync after the last step

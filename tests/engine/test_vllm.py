@@ -173,7 +173,7 @@ def test_readme_attach_command_dp2_async_verified_sync(engine, tmp_path):
     (started with the README server line's flags, checked in _attach_argv)."""
     cwd = _readme_dir(tmp_path, engine["model"])
     try:
-        proc = subprocess.run([*_attach_argv(engine), *TEST_FLAGS], cwd=cwd, env=_env(), capture_output=True,
+        proc = subprocess.run([*_attach_argv(engine), *TEST_FLAGS, "--max-staleness", "1"], cwd=cwd, env=_env(), capture_output=True,
                               text=True, timeout=400)
     finally:
         engine["client"].reload_weights(engine["model"])      # the next test starts from the checkpoint
@@ -183,7 +183,9 @@ def test_readme_attach_command_dp2_async_verified_sync(engine, tmp_path):
     for m in lines:
         assert all(not isinstance(v, float) or (v == v and abs(v) != float("inf")) for v in m.values()), m
     assert [m["rollout_version"] for m in lines] == [0, 0, 1]
-    assert [m["rollout_staleness"] for m in lines] == [0, 1, 1]
+    # staleness (k - 1) - v through the trainer's staleness metrics (one implementation with rollout files)
+    assert [m["staleness_max"] for m in lines] == [0, 1, 1] and [m["staleness_mean"] for m in lines] == [0, 1, 1]
+    assert [m["staleness_frac_1"] for m in lines] == [0, 1, 1] and all(m["num_stale_tokens"] == 0 for m in lines)
     assert [m.get("engine_version") for m in lines] == [1, 2, None]
     assert all(m["verify_sync_max_diff"] <= TOL for m in lines[:2])
     assert all(m["grad_norm"] > 0 for m in lines)            # the weights really change between syncs

@@ -337,9 +337,10 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     if args.max_staleness is not None and (isinstance(args.max_staleness, bool) or args.max_staleness < 0):
         raise TrainerArgsError(f"--max-staleness must be an integer >= 0 (0: on-policy tokens only), got "
                                f"{args.max_staleness!r}")
-    if args.max_staleness is not None and args.rollouts is None:
+    if args.max_staleness is not None and args.rollouts is None and args.rollout_engine != "vllm":
         raise TrainerArgsError(f"--max-staleness {args.max_staleness} needs --rollouts with 'versions' (the "
-                               "policy version of each token); on-policy rows are sampled by the current weights")
+                               "policy version of each token) or --rollout-engine vllm (its rows record the "
+                               "engine's version); on-policy rows are sampled by the current weights")
     if args.staleness_mode == "mask" and args.max_staleness is None:
         raise TrainerArgsError("--staleness-mode mask needs --max-staleness K (the staleness above which tokens "
                                "are masked)")

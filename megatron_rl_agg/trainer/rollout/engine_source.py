@@ -7,7 +7,9 @@ row (response tokens, behaviour log-probs, finish reason) with the engine's weig
 ranks (:func:`megatron_rl_agg.engine.sync.rank0_call`: an engine error raises the same message on every
 rank). Each DP rank then keeps its shard of the rows, as the on-policy source does, and scores them with
 its reward workers. ``Sample.logprobs`` are the engine's (behaviour) log-probs; ``Sample.versions`` the
-engine's version for every response token.
+engine's version for every response token (``has_versions``, as an offline file with ``versions``: the
+trainer's staleness metrics and ``--max-staleness``, :mod:`megatron_rl_agg.trainer.step.staleness`, read
+them; one implementation for both sources).
 
 Versions (v = optimizer steps applied to the weights that sampled a token; initial weights v = 0):
 after step ``k`` trains, :meth:`EngineSource.after_step` syncs the weights (version ``k``). Synchronous
@@ -26,6 +28,7 @@ weight mapping or a sync that did not happen).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -74,6 +77,7 @@ class EngineSource:
     """Mini-batches of whole prompt groups sampled by an inference engine (module docstring)."""
 
     has_logprobs = True
+    has_versions = True      # every row's Sample.versions: the staleness metrics and --max-staleness apply
 
     def __init__(self, spec: generation.RolloutSpec, client: Optional[EngineClient], sync: WeightSync, *,
                  is_rank0: bool, device="cpu", async_rollouts: int = 0, train_iters: int,
@@ -146,15 +150,21 @@ class EngineSource:
 
     def after_step(self, step: int, chunks: Sequence, export) -> dict:
         """After step ``step`` trained: sync the weights into the engine (version ``step``; not after the
-        run's last step), verify with ``--verify-sync``; returns the step's engine metrics."""
+        run's last step), verify with ``--verify-sync``; returns the step's engine metrics:
+        ``rollout_version`` (the version that sampled the step's rows; their staleness is in the step's
+        ``staleness_*`` metrics, :mod:`megatron_rl_agg.trainer.step.staleness`), and after a sync
+        ``engine_version``, ``engine_wait_s`` (rank 0's wait for the request in flight, ``--async-rollouts
+        1``), ``sync_export_s``, ``sync_reload_s`` (and ``verify_sync_max_diff``)."""
         got = self.step_rows(step)
-        metrics = {"rollout_version": got["version"], "rollout_staleness": (step - 1) - got["version"]}
+        metrics = {"rollout_version": got["version"]}   # staleness: the loss's staleness_* metrics
         if step >= self.train_iters:
             return metrics
+        waited = time.perf_counter()
         if self.is_rank0 and step + 1 in self._pending:
             self._pending[step + 1].wait()        # its rows keep the version they were sampled with
+        waited = time.perf_counter() - waited
         self.sync.sync(export, step)
-        metrics.update({"engine_version": self.sync.version, **self.sync.last_seconds})
+        metrics.update({"engine_version": self.sync.version, "engine_wait_s": waited, **self.sync.last_seconds})
         if self.verify_tol is not None:
             metrics["verify_sync_max_diff"] = self.verify(chunks, step)
         return metrics
