@@ -7,7 +7,9 @@ Megatron generator), to ``POST /v1/completions``::
      "seed": s, "logprobs": 0, "return_token_ids": true}
 
 and each choice gives the sampled ``token_ids``, their log-probs (``logprobs.token_logprobs``: the
-engine's behaviour log-probs) and the ``finish_reason`` (``stop`` / ``length``). Scoring a given sequence
+engine's behaviour log-probs, ``log_softmax(z / T)`` when the server runs with ``--logprobs-mode
+processed_logprobs``, as a launched one does; vLLM's default reports ``log_softmax(z)`` at any ``T``) and
+the ``finish_reason`` (``stop`` / ``length``). Scoring a given sequence
 (``--verify-sync``) asks for ``prompt_logprobs: 0`` with ``max_tokens: 1``: the log-prob of every token
 given its prefix (``None`` for the first).
 

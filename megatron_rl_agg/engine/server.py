@@ -1,12 +1,17 @@
 """A vLLM server the trainer launches itself (no ``--vllm-url``), and stops on every exit path.
 
 Launch: ``<--vllm-python> -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port P
---served-model-name policy --dtype D --max-model-len L --seed S --enforce-eager [--vllm-args ...]`` with
+--served-model-name policy --dtype D --max-model-len L --seed S --enforce-eager --logprobs-mode
+processed_logprobs [--vllm-args ...]`` with
 ``VLLM_SERVER_DEV_MODE=1`` (the weight-sync endpoints), ``HF_HUB_OFFLINE=1``, and on a CPU build
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1) and ``VLLM_CPU_OMP_THREADS_BIND=nobind`` unless already set.
 stdout and stderr go to ``log_path`` (under the run directory). :meth:`VLLMServer.start` polls
 ``GET /health`` until it answers or ``timeout`` seconds pass; a server that exits first is an error
-quoting the end of its log.
+quoting the end of its log. ``--logprobs-mode processed_logprobs``: the sampled tokens' log-probs are
+``log_softmax(z / T)`` of the logits ``z`` after temperature scaling (vLLM's default ``raw_logprobs`` is
+``log_softmax(z)`` whatever the temperature), the behaviour policy the trainer's loss compares with at
+``--temperature T``; at ``T = 1`` both are the same, and ``prompt_logprobs`` (``--verify-sync``) are raw
+in either mode.
 
 Stop: the server runs in its own session (process group); :meth:`VLLMServer.stop` sends SIGTERM to the
 group, then SIGKILL after ``grace`` seconds, and waits, so the engine's worker processes go with it.
@@ -48,7 +53,7 @@ def server_command(python: str, model_dir: str, port: int, *, dtype: str, max_mo
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
             "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--seed", str(seed), "--enforce-eager",
-            *list(extra_args)]
+            "--logprobs-mode", "processed_logprobs", *list(extra_args)]
 
 
 def _die_with_parent() -> None:

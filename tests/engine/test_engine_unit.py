@@ -51,7 +51,12 @@ def _argv(model, *extra):
     (["--rollout-engine", "vllm", "--vllm-url", "ftp://x"], "bad entries ['ftp://x']"),
     (["--rollout-engine", "vllm", "--vllm-url", "http://a:1", "--vllm-python", "/bin/true"], "give one"),
     (["--rollout-engine", "vllm", "--vllm-timeout", "0"], "--vllm-timeout must be > 0 seconds, got 0.0"),
-    (["--rollout-engine", "vllm", "--temperature", "0.7"], "--temperature 0.7"),
+    (["--rollout-engine", "vllm", "--vllm-url", "http://a:1", "--temperature", "0.7"],
+     "unless the server runs with --logprobs-mode processed_logprobs"),
+    (["--rollout-engine", "vllm", "--temperature", "0.7", "--vllm-args", "--logprobs-mode raw_logprobs"],
+     "--vllm-args sets --logprobs-mode raw_logprobs"),
+    (["--rollout-engine", "vllm", "--vllm-processed-logprobs"], "--vllm-processed-logprobs describes --vllm-url"),
+    (["--vllm-processed-logprobs"], "--vllm-processed-logprobs need --rollout-engine vllm"),
     (["--rollout-engine", "vllm", "--vllm-timeout", "60", "--distributed-timeout-minutes", "1"],
      "--vllm-timeout 60 s must be below --distributed-timeout-minutes 1 (= 60 s)"),
     (["--rollout-engine", "vllm", "--verify-sync-tol", "-1"], "--verify-sync-tol must be > 0, got -1.0"),
@@ -78,6 +83,10 @@ def test_tied_embeddings_refused_for_vllm_only(hf_dirs):
     assert parse_args(_argv(hf_dirs["untied"], "--rollout-engine", "vllm", "--max-staleness", "0")).max_staleness == 0
     with pytest.raises(TrainerArgsError, match="or --rollout-engine vllm"):
         parse_args(_argv(hf_dirs["untied"], "--max-staleness", "0"))
+    # T != 1: a launched server reports log-probs after temperature scaling; attached ones must say so
+    assert parse_args(_argv(hf_dirs["untied"], "--rollout-engine", "vllm", "--temperature", "0.7")).temperature == 0.7
+    parse_args(_argv(hf_dirs["untied"], "--rollout-engine", "vllm", "--temperature", "0.7", "--vllm-url",
+                     "http://a:1", "--vllm-processed-logprobs"))
     assert args.rollout_engine == "vllm" and args.async_rollouts == 1
 
 
@@ -116,6 +125,7 @@ def test_server_refuses_a_missing_python(tmp_path):
     cmd = server_command("py", "M", 8000, dtype="float32", max_model_len=97, seed=3, extra_args=["--x", "1"])
     assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"] and cmd[-2:] == ["--x", "1"]
     assert cmd[cmd.index("--max-model-len") + 1] == "97" and cmd[cmd.index("--seed") + 1] == "3"
+    assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"     # log-probs at the temperature
 
 
 # ------------------------------------------------------------------------------------------------------

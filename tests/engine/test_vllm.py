@@ -68,14 +68,14 @@ def _alive(pid: int) -> bool:
         return fh.read().split(")")[1].split()[0] != "Z"
 
 
-def _hf_logprobs(model_dir: str, tokens: list[int]) -> torch.Tensor:
-    """``[len - 1]`` fp32 transformers log-probs of ``tokens[1:]``."""
+def _hf_logprobs(model_dir: str, tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """``[len - 1]`` fp32 transformers log-probs of ``tokens[1:]``, ``log_softmax(z / T)``."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float()
-    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    return torch.log_softmax(logits / temperature, -1)[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
 
 PROMPT_A, PROMPT_B = [5, 17, 40, 33, 8], [9, 100, 250, 3]
@@ -97,6 +97,11 @@ def test_behaviour_logprobs_equal_the_model(engine):
             assert (scored - _hf_logprobs(model, prompt + list(c.token_ids))).abs().max() <= TOL
     again = client.generate([PROMPT_A], n=2, temperature=1.0, max_tokens=12, stop_token_ids=[0], seeds=[3])
     assert again[0] == out[0]                               # same seed, same samples
+    # T = 0.7: the launched server's --logprobs-mode processed_logprobs reports log_softmax(z / T)
+    for c in client.generate([PROMPT_A], n=2, temperature=0.7, max_tokens=12, stop_token_ids=[0], seeds=[5])[0]:
+        seq, got = PROMPT_A + list(c.token_ids), torch.tensor(c.logprobs)
+        assert (got - _hf_logprobs(model, seq, 0.7)[len(PROMPT_A) - 1:]).abs().max() <= TOL
+        assert (got - _hf_logprobs(model, seq)[len(PROMPT_A) - 1:]).abs().max() > 1e-2   # not the raw ones
 
 
 def test_reload_weights_serves_the_new_model(engine, tmp_path):
@@ -112,6 +117,63 @@ def test_reload_weights_serves_the_new_model(engine, tmp_path):
     finally:
         client.reload_weights(model)
     assert (torch.tensor(client.score([seq])[0]) - old).abs().max() <= TOL
+
+
+SEQS = [PROMPT_A + [7, 7, 21, 90, 100, 3, 250, 12], PROMPT_B + [44, 12, 5, 300, 17], [1, 2, 3, 4, 5, 6]]
+
+
+def test_megatron_logprobs_equal_the_engine_llama_qwen2_qwen3_tp1_tp2(engine, tmp_path):
+    """Acceptance 1: the engine's log-probs of given tokens equal Megatron-Core's (fp32, max abs <= 1e-5) for
+    a Llama-, a Qwen2- (the module's server) and a Qwen3-style model, Megatron at TP1 and at TP2. One
+    torchrun of 2 processes computes Megatron's twelve sets (tests/engine/megatron_logprobs.py) while
+    the Llama and Qwen3 servers start, both at once."""
+    import threading
+
+    models = {"qwen2": engine["model"],
+              "llama": save_engine_model(str(tmp_path / "llama"), "llama", seed=5),
+              "qwen3": save_engine_model(str(tmp_path / "qwen3"), "qwen3", seed=6)}
+    (tmp_path / "seqs.json").write_text(json.dumps(SEQS))
+    out = tmp_path / "megatron.json"
+    megatron = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(HERE / "megatron_logprobs.py"), str(out), str(tmp_path / "seqs.json"), *models.values()],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    servers = {name: VLLMServer(str(VLLM_PYTHON), models[name], str(tmp_path / f"{name}.log"), max_model_len=64,
+                                seed=0, timeout=400) for name in ("llama", "qwen3")}
+    done, errors, ready = threading.Event(), [], threading.Semaphore(0)
+
+    def start(server):              # the thread lives on: a launched server dies with its thread (pdeathsig)
+        try:
+            server.start()
+        except Exception as err:   # noqa: BLE001 - raised below
+            errors.append(err)
+        ready.release()
+        done.wait()
+
+    for server in servers.values():
+        threading.Thread(target=start, args=(server,), daemon=True).start()
+    try:
+        for _ in servers:
+            ready.acquire()
+        assert not errors, errors
+        engine_lp = {"qwen2": engine["client"].score(SEQS)}
+        for name, server in servers.items():
+            engine_lp[name] = EngineClient([server.url], timeout=120).score(SEQS)
+        log, _ = megatron.communicate(timeout=400)
+    finally:
+        for server in servers.values():
+            server.stop()
+        done.set()
+        if megatron.poll() is None:
+            megatron.kill()
+    assert megatron.returncode == 0, log[-4000:]
+    got = json.loads(out.read_text())
+    for name, path in models.items():
+        for tp in ("1", "2"):
+            for seq, mine, theirs in zip(SEQS, got[path][tp], engine_lp[name]):
+                assert len(mine) == len(theirs) == len(seq) - 1
+                gap = (torch.tensor(mine) - torch.tensor(theirs)).abs().max()
+                assert gap <= TOL, (name, tp, gap)
 
 
 def _env() -> dict:
@@ -194,9 +256,10 @@ def test_readme_attach_command_dp2_async_verified_sync(engine, tmp_path):
 
 
 def test_tp2_verified_sync_then_a_skipped_sync_fails_loudly(engine, tmp_path):
-    """The attach command at TP2 (two processes, one DP rank) whose second sync skips the reload (the export
-    still runs): the first sync verifies (Megatron's TP2 log-probs equal the engine's), the second stops
-    the run on every rank with --verify-sync's message."""
+    """The attach command at TP2 (two processes, one DP rank) and --temperature 0.7, whose second sync skips
+    the reload (the export still runs): step 1's ratio is 1 at T = 0.7 (engine and Megatron both
+    log_softmax(z / T)), the first sync verifies (Megatron's TP2 log-probs equal the engine's), the second
+    stops the run on every rank with --verify-sync's message."""
     skip = tmp_path / "skip_sync.py"
     skip.write_text(
         "import runpy, sys\n"
@@ -214,8 +277,10 @@ def test_tp2_verified_sync_then_a_skipped_sync_fails_loudly(engine, tmp_path):
     cwd = _readme_dir(tmp_path, engine["model"])
     argv = _attach_argv(engine)
     at = argv.index("scripts/train_grpo.py")
+    # at --temperature 0.7: the module's server (launched as the trainer launches one) reports log-probs
+    # after temperature scaling, which --vllm-processed-logprobs asserts for an attached server
     argv = [*argv[:at], str(skip), *argv[at + 1:], *TEST_FLAGS, "--async-rollouts", "0",
-            "--tensor-model-parallel-size", "2"]
+            "--tensor-model-parallel-size", "2", "--temperature", "0.7", "--vllm-processed-logprobs"]
     try:
         bad = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     finally:

@@ -167,6 +167,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-args", default="",
                    help="extra arguments of the launched server, one shell-quoted string (e.g. "
                         "\"--max-num-seqs 64 --tensor-parallel-size 2\")")
+    g.add_argument("--vllm-processed-logprobs", action="store_true",
+                   help="the --vllm-url servers run with --logprobs-mode processed_logprobs (log-probs after "
+                        "temperature scaling), so --temperature other than 1 is allowed with them; the server "
+                        "the trainer launches always does")
     g.add_argument("--vllm-timeout", type=float, default=300.0,
                    help="seconds the launched server may take to become healthy, and any one HTTP call to "
                         "the engine may take; past it the run stops naming the URL (below "
@@ -353,9 +357,23 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         raise TrainerArgsError(str(err)) from None
 
 
+def _logprobs_mode(vllm_args: str):
+    """The ``--logprobs-mode`` value in ``--vllm-args`` (None when absent)."""
+    import shlex
+
+    words = shlex.split(vllm_args or "")
+    for i, word in enumerate(words):
+        if word.startswith("--logprobs-mode="):
+            return word.split("=", 1)[1]
+        if word == "--logprobs-mode" and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
 def _validate_engine(args: argparse.Namespace) -> None:
     """``--rollout-engine vllm`` and its flags (before any process group; the URLs are parsed here)."""
     engine_flags = [f for f, v in (("--vllm-url", args.vllm_url), ("--vllm-python", args.vllm_python),
+                                   ("--vllm-processed-logprobs", args.vllm_processed_logprobs),
                                    ("--sync-dir", args.sync_dir), ("--verify-sync", args.verify_sync),
                                    ("--async-rollouts", args.async_rollouts)) if v]
     if args.rollout_engine not in ROLLOUT_ENGINES:
@@ -386,10 +404,19 @@ def _validate_engine(args: argparse.Namespace) -> None:
             "wait for rank 0's engine calls that long, and must hear the engine's error, naming its URL, first")
     if not args.verify_sync_tol > 0:
         raise TrainerArgsError(f"--verify-sync-tol must be > 0, got {args.verify_sync_tol}")
-    if args.temperature != 1.0:
-        raise TrainerArgsError(f"--rollout-engine vllm with --temperature {args.temperature:g}: vLLM reports the "
-                               "log-probs of the raw logits (temperature 1), which would not be the behaviour "
-                               "policy's; use --temperature 1")
+    if args.vllm_processed_logprobs and not args.vllm_url:
+        raise TrainerArgsError("--vllm-processed-logprobs describes --vllm-url servers; the server the trainer "
+                               "launches always runs with --logprobs-mode processed_logprobs")
+    mode = _logprobs_mode(args.vllm_args)
+    if args.temperature != 1.0 and args.vllm_url and not args.vllm_processed_logprobs:
+        raise TrainerArgsError(
+            f"--rollout-engine vllm with --temperature {args.temperature:g} and --vllm-url: vLLM reports the "
+            "log-probs of the raw logits (temperature 1) unless the server runs with --logprobs-mode "
+            "processed_logprobs; start it so and pass --vllm-processed-logprobs, or use --temperature 1")
+    if args.temperature != 1.0 and not args.vllm_url and mode not in (None, "processed_logprobs"):
+        raise TrainerArgsError(
+            f"--vllm-args sets --logprobs-mode {mode}: with --temperature {args.temperature:g} the behaviour "
+            "log-probs must be processed_logprobs (after temperature scaling); drop it or use --temperature 1")
     if args.async_rollouts not in (0, 1):
         raise TrainerArgsError(f"--async-rollouts {args.async_rollouts}; valid: 0, 1")
 
