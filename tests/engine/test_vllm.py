@@ -255,6 +255,26 @@ def test_readme_attach_command_dp2_async_verified_sync(engine, tmp_path):
     assert abs(lines[0]["ppo_kl"]) <= TOL, lines[0]
 
 
+def test_readme_attach_command_tp2_math_reward_three_steps(engine, tmp_path):
+    """Acceptance 3 at TP2: the README's attach command as written (the math reward on the shipped prompt
+    file, --async-rollouts 1, --verify-sync) with --tensor-model-parallel-size 2, three whole steps."""
+    cwd = _readme_dir(tmp_path, engine["model"])
+    try:
+        proc = subprocess.run([*_attach_argv(engine), "--tensor-model-parallel-size", "2", "--metrics-file",
+                               "m.jsonl", "--no-progress-bar", "--verify-sync-tol", str(TOL)], cwd=cwd,
+                              env=_env(), capture_output=True, text=True, timeout=400)
+    finally:
+        engine["client"].reload_weights(engine["model"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    lines = [json.loads(x) for x in (cwd / "m.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert all(not isinstance(v, float) or (v == v and abs(v) != float("inf")) for v in m.values()), m
+    assert [m["rollout_version"] for m in lines] == [0, 0, 1] and [m["staleness_max"] for m in lines] == [0, 1, 1]
+    assert all(m["verify_sync_max_diff"] <= TOL for m in lines[:2])
+    assert abs(lines[0]["ppo_kl"]) <= TOL, lines[0]
+
+
 def test_tp2_verified_sync_then_a_skipped_sync_fails_loudly(engine, tmp_path):
     """The attach command at TP2 (two processes, one DP rank) and --temperature 0.7, whose second sync skips
     the reload (the export still runs): step 1's ratio is 1 at T = 0.7 (engine and Megatron both
