@@ -472,24 +472,34 @@ def test_per_token_loss_three_tuple_gives_the_same_gradient(megatron_loss, cfg, 
 
 
 def test_per_token_loss_arithmetic_written_out(megatron_loss):
-    """b = 3 rows of S = 6 per micro-batch, M = ceil(7 / 3) = 3: each micro-batch reports the routed
-    tokens n = b * S = 18 (padding included) and N = M * b * S = 54. A token_sum policy term (w = mask)
-    returns N * sum(mask * pg); a micro-batch-mean KL returns (N / (M * D)) * sum(kl) / n_tokens with
-    D = 1, i.e. 18 * the micro-batch's KL token mean."""
+    """b = 3 rows of S = 6 per micro-batch, M = ceil(7 / 3) = 3: each micro-batch reports its REAL tokens
+    (the padding row of the last one excluded: n = 18, 18, 6) and N = 42. A token_sum policy term
+    (w = mask) returns N * sum(mask * pg); a micro-batch-mean KL returns (N / (M * D)) * sum(kl) / n_tokens
+    with D = 1, i.e. 14 * the micro-batch's KL token mean. A ``token_mask`` (columns past a row's end)
+    takes its zeros out of n and N too, and every micro-batch carries the padding mask."""
     logits, batch = make_batch()
     batch["advantages"] = torch.zeros(B)                 # no policy term: the KL alone
     cfg = config("token_sum", kl_coef=1.0, kl_estimator="k1")
     mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
     assert len(mbs) == 3
-    assert [int(mb["num_tokens"]) for mb in mbs] == [18, 18, 18]
-    assert float(mbs[0]["total_tokens"]) == 54.0
+    assert [int(mb["num_tokens"]) for mb in mbs] == [18, 18, 6]
+    assert float(mbs[0]["total_tokens"]) == 42.0
+    assert mbs[2]["padding_mask"].tolist() == [[False] * 6, [True] * 6, [True] * 6]
+    assert not any(mb["empty_microbatches"] for mb in mbs)
     mb = mbs[0]
     loss, n, _ = megatron_loss.loss_func(logits[:3].clone(), micro_batch=mb, loss_config=cfg)
     logp = logprobs_from_logits(logits[:3], batch["labels"][:3])
     kl = (logp - batch["ref_logprobs"][:3]) * batch["loss_mask"][:3]          # k1 = log p - log p_ref
-    expected = 18.0 * kl.sum() / batch["loss_mask"][:3].sum()
+    expected = 14.0 * kl.sum() / batch["loss_mask"][:3].sum()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert int(n) == 18
+    token_mask = torch.ones(B, 6)
+    token_mask[0, 4:] = 0                                 # row 0 ends after 4 tokens
+    batch["token_mask"] = token_mask
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
+    assert [int(mb["num_tokens"]) for mb in mbs] == [16, 18, 6]
+    assert float(mbs[0]["total_tokens"]) == 40.0
+    assert mbs[0]["padding_mask"][0].tolist() == [False] * 4 + [True] * 2
 
 
 def test_forward_step_runs_a_real_model(megatron_loss):

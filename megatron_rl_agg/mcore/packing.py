@@ -354,7 +354,11 @@ def packed_forward_step(data_iterator, model):
     routes = micro_batch.get("routes")
     if routes is not None:       # MoE routing replay: packed [1, T, L, k], filler after the real tokens
         routing_replay.set_replay(model, routes, num_real_tokens=micro_batch["packed_layout"].num_real_tokens)
-    output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params)
+    pad_kw = routing_replay.padding_kwargs(model, micro_batch)
+    if pad_kw:                   # the filler segment after the real tokens is not a real token either
+        real = torch.arange(pad_kw["padding_mask"].shape[1], device=pad_kw["padding_mask"].device)
+        pad_kw["padding_mask"] = pad_kw["padding_mask"] | (real >= micro_batch["packed_layout"].num_real_tokens)
+    output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params, **pad_kw)
     if routes is not None:
         output = routing_replay.mark_backward(model, output)
     return output, make_loss_func(micro_batch, model)

@@ -48,7 +48,7 @@ from megatron_rl_agg.core.routing import REPLAY_MODES, get_replay_mode
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.parallel import dist
 
-__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "chunk_routers", "RouteRecorder", "recording",
+__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "padding_kwargs", "chunk_routers", "RouteRecorder", "recording",
            "MismatchCounter",
            "set_replay", "mark_backward", "clear", "check_routes", "padding_routes", "routes_of_map"]
 
@@ -107,6 +107,42 @@ def _sp_group(config):
 
 def _routers_by_chunk(chunks) -> dict[int, list]:
     return {id(chunk): chunk_routers(chunk) for chunk in chunks}
+
+
+def _aux_loss_on(config) -> bool:
+    coeff = getattr(config, "moe_aux_loss_coeff", 0.0) or 0.0
+    on = any(c > 0 for c in coeff) if isinstance(coeff, (list, tuple)) else coeff > 0
+    return on or bool(getattr(config, "moe_z_loss_coeff", None))
+
+
+def padding_kwargs(model, micro_batch) -> dict:
+    """The ``padding_mask`` keyword for ``model(...)``: ``{"padding_mask": [b, s] bool}`` (True = not a real
+    token: padding rows, columns past a row's end, packing filler) for an MoE model when the micro-batch
+    carries one (:func:`megatron_rl_agg.mcore.batch.prepare_microbatches`), else ``{}``.
+
+    Megatron-Core's ``GPTModel`` hands it to every router (both releases: ``TopKRouter.routing``), which then
+    leaves those tokens out of the aux / z-loss statistics: the per-expert counts ``f_i``, the mean
+    probabilities ``P_i`` and the token count ``T`` of ``E * sum_i f_i P_i`` (Switch Transformer), and under
+    ``calculate_per_token_loss`` the per-micro-batch token count. Dispatch is unchanged (a padding token
+    still goes to some expert; its output has no loss weight). A micro-batch with no real token on some
+    data-parallel rank would make ``T = 0`` (Megatron divides by it: NaN), so with an aux / z loss on it
+    is refused here, on every rank alike (``mb["empty_microbatches"]`` is the same on every DP rank).
+    """
+    mask = micro_batch.get("padding_mask")
+    if mask is None:
+        return {}
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    if not getattr(config, "num_moe_experts", None):
+        return {}
+    if micro_batch.get("empty_microbatches") and _aux_loss_on(config):
+        raise ValueError(
+            "a micro-batch of some data-parallel rank holds no real token (only padding rows, or token_mask 0 "
+            "everywhere): with an MoE aux / z loss Megatron divides its statistics by a zero real-token count "
+            "(NaN). Give every data-parallel rank the same number of micro-batches of real rows (rows per rank "
+            "within micro_batch_size of each other, no rows of padding only), or set moe_aux_loss_coeff = moe_z_loss_coeff = 0")
+    return {"padding_mask": mask}
 
 
 def padding_routes(shape: Sequence[int], topk: int, device=None) -> torch.Tensor:
