@@ -585,3 +585,92 @@ def test_average_over_minibatches():
     assert out == {"a/sum": 2.0, "b/max": 3.0, "c/min": -2.0, "d/mean": 3.0}
     with pytest.raises(ValueError, match="mini-batch 1 has metrics"):
         average_over_minibatches([{"a/sum": 1.0}, {"b/sum": 1.0}])
+
+
+def test_micro_batches_without_a_real_token_are_flagged(megatron_loss):
+    """B = 7 rows, 3 per micro-batch (M = 3): with rows 3-5 of token_mask 0 the second micro-batch holds no
+    real token, and so does none other (the third has row 6 and two padding rows). The flags an MoE
+    model's padding mask needs (mcore.moe_padding) come from the one read of prepare_microbatches."""
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 3)
+    assert [mb["no_real_token"] for mb in mbs] == [False, False, False]
+    assert [mb["any_padding"] for mb in mbs] == [True] * 3          # the two padding rows of the last
+    assert not any(mb["empty_microbatches"] for mb in mbs)
+    token_mask = torch.ones(B, 6)
+    token_mask[3:6] = 0
+    mbs = megatron_loss.prepare_microbatches({**batch, "token_mask": token_mask}, cfg, 3)
+    assert [mb["no_real_token"] for mb in mbs] == [False, True, False]
+    assert all(mb["empty_microbatches"] for mb in mbs)
+    mbs = megatron_loss.prepare_microbatches({k: v[:6] for k, v in batch.items()}, cfg, 3)
+    assert [(mb["no_real_token"], mb["any_padding"], mb["empty_microbatches"]) for mb in mbs] == [(False,) * 3] * 2
+
+
+def _moe_stub(**overrides):
+    fields = dict(num_moe_experts=4, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=None,
+                  moe_router_load_balancing_type="aux_loss", moe_router_enable_expert_bias=False,
+                  recompute_granularity=None)
+    fields.update(overrides)
+    return types.SimpleNamespace(config=types.SimpleNamespace(**fields))
+
+
+def test_masked_forward_leaves_out_an_empty_micro_batch_and_refuses_what_it_cannot(megatron_loss):
+    """moe_padding.masked_forward: the mask for an MoE model, nothing for a dense one; the aux coefficient
+    at 0 only inside the forward of a micro-batch without a real token; clear refusals for the expert
+    bias with padding, global_aux_loss and recomputation with an empty micro-batch."""
+    from megatron_rl_agg.mcore.moe_padding import masked_forward
+
+    mask = torch.tensor([[False, True]])
+    mb = {"padding_mask": mask, "no_real_token": False, "empty_microbatches": True, "any_padding": True}
+    dense = types.SimpleNamespace(config=types.SimpleNamespace(num_moe_experts=None))
+    with masked_forward(dense, mb) as kw:
+        assert kw == {}
+    model = _moe_stub()
+    with masked_forward(model, mb) as kw:
+        assert kw["padding_mask"] is mask and model.config.moe_aux_loss_coeff == 0.1
+    for coeff, off in ((0.1, 0.0), ([0.1, 0.2], [0.0, 0.0])):
+        model = _moe_stub(moe_aux_loss_coeff=coeff)
+        with masked_forward(model, {**mb, "no_real_token": True}) as kw:
+            assert kw["padding_mask"] is mask and model.config.moe_aux_loss_coeff == off
+        assert model.config.moe_aux_loss_coeff == coeff
+    with pytest.raises(ValueError, match="moe_router_enable_expert_bias=True with padding tokens"):
+        with masked_forward(_moe_stub(moe_router_enable_expert_bias=True), mb):
+            pass
+    with masked_forward(_moe_stub(moe_router_enable_expert_bias=True), {**mb, "any_padding": False,
+                                                                         "empty_microbatches": False}) as kw:
+        assert kw["padding_mask"] is mask
+    with pytest.raises(ValueError, match="'global_aux_loss' with a micro-batch that holds no real token"):
+        with masked_forward(_moe_stub(moe_router_load_balancing_type=["aux_loss", "global_aux_loss"],
+                                      moe_aux_loss_coeff=[0.1, 0.1]), mb):
+            pass
+    with pytest.raises(ValueError, match="recompute_granularity='full' with an MoE aux loss"):
+        with masked_forward(_moe_stub(recompute_granularity="full"), mb):
+            pass
+    with masked_forward(_moe_stub(recompute_granularity="full", moe_aux_loss_coeff=0.0), mb) as kw:
+        assert kw["padding_mask"] is mask                       # no aux / z loss: nothing to leave out
+    # calculate_per_token_loss: the coefficients times aux_scale = N / (M * D * n_k) during the forward
+    model = _moe_stub(calculate_per_token_loss=True, moe_z_loss_coeff=0.01)
+    with masked_forward(model, {**mb, "empty_microbatches": False, "aux_scale": 0.5}):
+        assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.05, 0.005)
+    assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.1, 0.01)
+    with masked_forward(model, {**mb, "no_real_token": True, "aux_scale": 0.0}):
+        assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.0, None)
+    with pytest.raises(ValueError, match="padding tokens and TP x CP = 2 > 1"):
+        with masked_forward(_moe_stub(calculate_per_token_loss=True, tensor_model_parallel_size=2), mb):
+            pass
+
+
+def test_aux_scale_restores_the_flag_off_weight(megatron_loss):
+    """Under the flag, micro-batch k's aux_scale is N / (M * D * n_k): rows of 6, 6, 6 | 6, 6, 6 | 6 real
+    tokens (the last micro-batch with two padding rows): N = 42, M = 3, D = 1 -> 42 / (3 * 18) and
+    42 / (3 * 6); flag off 1.0; a micro-batch without a real token 0 either way."""
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    on = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
+    assert [mb["aux_scale"] for mb in on] == pytest.approx([42 / 54, 42 / 54, 42 / 18], rel=1e-12)
+    off = megatron_loss.prepare_microbatches(batch, cfg, 3)
+    assert [mb["aux_scale"] for mb in off] == [1.0, 1.0, 1.0]
+    token_mask = torch.ones(B, 6)
+    token_mask[3:6] = 0
+    on = megatron_loss.prepare_microbatches({**batch, "token_mask": token_mask}, cfg, 3, calculate_per_token_loss=True)
+    assert [mb["aux_scale"] for mb in on] == pytest.approx([24 / 54, 0.0, 24 / 18], rel=1e-12)

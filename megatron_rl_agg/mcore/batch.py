@@ -185,7 +185,10 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
         with ``behaviour_logprobs`` also ``is_weights`` (float64), ``is_log_ratio`` (float64) and ``is_flags``
         (int8), ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, ``padding_mask`` (bool ``[b, S / C]``, True on
-        padding rows and on ``token_mask == 0``), under the flag
+        padding rows and on ``token_mask == 0``), ``no_real_token`` (bool: the whole micro-batch, every CP
+        shard, has no real token), ``aux_scale`` (float: the MoE aux / z-loss coefficient factor, 0 without a
+        real token, ``N / (M * D * n_k)`` under the flag, else 1), ``empty_microbatches`` / ``any_padding`` (bool, the same on every DP rank:
+        some rank has such a micro-batch / any padding token; see :mod:`megatron_rl_agg.mcore.moe_padding`), under the flag
         ``num_tokens`` (int32, the shard's real tokens ``sum(~padding_mask)``) and ``total_tokens`` (``N``, float64, the sum of
         ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config``, ``vocab_size`` (None when
         not given) and ``label_range`` (``(min, max)`` label id of the mini-batch over the DP group, ints).
@@ -217,18 +220,24 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     label_max = labels.new_zeros(()) if no_labels else labels.max()
     neg_label_min = labels.new_zeros(()) if no_labels else -labels.min()
     own_mb = math.ceil(n_rows / micro_batch_size)
-    # a micro-batch of this rank without a real token (token_mask all 0): rides on the same all-reduce
-    real_rows = (batch["token_mask"].ne(0).any(1) if batch.get("token_mask") is not None
-                 else torch.ones(n_rows, dtype=torch.bool, device=device))
-    empty_local = (~pad_rows_to(real_rows, own_mb * micro_batch_size, fill=False)
-                   .view(own_mb, micro_batch_size).any(1)).any().to(torch.int64)
+    # Real tokens (token_mask != 0; every column of a real row without token_mask). The flags an MoE
+    # model's padding mask needs on every rank alike (mcore.moe_padding) ride on the same all-reduce: a
+    # micro-batch of this rank without a real token, a padding column, the fewest micro-batches / rows.
+    real = (batch["token_mask"] != 0 if batch.get("token_mask") is not None
+            else torch.ones(n_rows, seq, dtype=torch.bool, device=device))
+    own_real = pad_rows_to(real.sum(1), own_mb * micro_batch_size, fill=0).view(own_mb, micro_batch_size).sum(1)
+    empty_local = own_real.eq(0).any().to(torch.int64)
     n_local = torch.cat([torch.stack([torch.tensor(own_mb, device=device), torch.tensor(-own_mb, device=device),
-                                      empty_local.to(device),
+                                      torch.tensor(-n_rows, device=device), empty_local.to(device),
+                                      (~real).any().to(torch.int64).to(device),
                                       torch.tensor(int(problem is not None), device=device),
                                       label_max.to(device), neg_label_min.to(device)]),
                          _logprob_flags(batch, loss_config, device)])
-    reduced = dist.all_reduce_max(n_local, dp_group).tolist()
-    num_mb, neg_min_mb, any_empty, any_bad, label_max, neg_label_min, *bad_logprobs = reduced
+    # this rank's real tokens per own micro-batch come back with the same (single) read of the device
+    reduced = torch.cat([dist.all_reduce_max(n_local, dp_group), own_real.to(n_local.dtype).to(device)]).tolist()
+    reduced, own_real = reduced[:n_local.numel()], reduced[n_local.numel():]
+    (num_mb, neg_min_mb, neg_min_rows, any_empty, any_pad_col, any_bad, label_max, neg_label_min,
+     *bad_logprobs) = reduced
     if any_bad:
         raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
                                     "(that rank's error names them)")
@@ -277,10 +286,11 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     routes = batch.get("routes")
     rows = {k: pad_rows_to(v, padded) for k, v in rows.items()}
     # Not a real token: padding rows and the columns past a row's last token (token_mask == 0). An MoE
-    # model leaves them out of its aux-loss statistics (forward_step passes Megatron's padding_mask).
-    real = (batch["token_mask"] != 0 if batch.get("token_mask") is not None
-            else torch.ones(n_rows, seq, dtype=torch.bool, device=device))
+    # model leaves them out of its aux-loss statistics (forward_step passes Megatron's padding_mask;
+    # mcore.moe_padding).
     rows["padding_mask"] = pad_rows_to(~real, padded, fill=True)
+    real_counts = [int(own_real[k]) if k < own_mb else 0 for k in range(num_mb)]   # past own_mb: padding rows
+    any_padding = bool(any_pad_col or -neg_min_rows < padded)
     extra: dict[str, Any] = {}
     if calculate_per_token_loss:
         # Megatron sums the returned num_tokens over micro-batches and dp x cp ranks (finalize_model_grads)
@@ -290,6 +300,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         # N = sum over DP ranks of this rank's real tokens: one all-reduce over the DP group.
         local_real = real.sum().to(torch.float64).reshape(1)
         extra = {"total_tokens": dist.all_reduce_sum(local_real, dp_group)[0]}
+    # The MoE aux / z-loss scale of each micro-batch (mcore.moe_padding): 0 without a real token (left out);
+    # under the flag Megatron multiplies micro-batch k's aux loss by its real tokens n_k and divides by N,
+    # so N / (M * D * n_k) restores the 1 / (M * D) of the flag-off schedule (one more read, per call).
+    n_total = float(extra["total_tokens"]) if calculate_per_token_loss else 0.0
+    aux_scale = [0.0 if n == 0 else (n_total / (num_mb * dp_size * n) if calculate_per_token_loss else 1.0)
+                 for n in real_counts]
     if routes is not None:
         # MoE routing replay: padding rows replay experts 0 .. k-1 (valid and distinct; no loss weight)
         pad = padding_routes((padded - n_rows,) + tuple(routes.shape[1:3]), routes.shape[3], routes.device)
@@ -322,9 +338,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             for key in _TOKEN_KEYS:
                 if mb.get(key) is not None and mb[key].dim() >= 2:  # [b, S, ...] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
-        # True (on every DP rank alike) when some rank has a micro-batch without a real token: an MoE aux
-        # loss cannot take one (routing_replay.padding_kwargs refuses it)
+        # mcore.moe_padding: this micro-batch (all its CP shards) holds no real token (its MoE aux loss is
+        # left out); some DP rank has such a micro-batch / any padding token (the same on every DP rank)
+        mb["no_real_token"] = real_counts[k] == 0
+        mb["aux_scale"] = aux_scale[k]
         mb["empty_microbatches"] = bool(any_empty or -neg_min_mb < num_mb)
+        mb["any_padding"] = any_padding
         if calculate_per_token_loss:
             mb["num_tokens"] = (~mb["padding_mask"]).sum().to(torch.int32)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,

@@ -77,7 +77,7 @@ from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.corrections import correction_metrics
 from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
-from megatron_rl_agg.mcore import compat, routing_replay
+from megatron_rl_agg.mcore import compat, moe_padding, routing_replay
 from megatron_rl_agg.mcore.batch import LEGACY_MODE
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds, vocab_parallel_logprobs_and_entropy
 from megatron_rl_agg.mcore.setup_checks import check_megatron_setup
@@ -279,10 +279,11 @@ def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: Any):
     routes = micro_batch.get("routes")
     if routes is not None:       # MoE routing replay (mcore.routing_replay): this micro-batch's routes
         routing_replay.set_replay(model, routes)
-    # An MoE model gets the padding mask (routing_replay.padding_kwargs): its aux-loss statistics count
-    # real tokens only, with and without replay.
-    output = model(micro_batch["tokens"], micro_batch["position_ids"], micro_batch.get("attention_mask"),
-                   **routing_replay.padding_kwargs(model, micro_batch))
+    # An MoE model gets the padding mask (mcore.moe_padding): its aux-loss statistics count real tokens
+    # only, with and without replay.
+    with moe_padding.masked_forward(model, micro_batch) as pad_kw:
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], micro_batch.get("attention_mask"),
+                       **pad_kw)
     if routes is not None:
         output = routing_replay.mark_backward(model, output)
     return output, make_loss_func(micro_batch, model)

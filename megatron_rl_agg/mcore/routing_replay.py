@@ -26,8 +26,8 @@ its tokens. At the router, this module then
   (a batch-first flattening misaligns every row but the first: miles #3146).
 
 Tokens that have no route of their own (rows added to pad a micro-batch, the filler tokens of a packed
-sequence) replay the experts ``0 .. k-1``: valid, distinct indices; they carry no loss weight, and Megatron
-counts every routed token in the aux-loss statistics as it does without replay.
+sequence) replay the experts ``0 .. k-1``: valid, distinct indices; they carry no loss weight, and the padding mask keeps them out of Megatron's
+aux-loss statistics with and without replay (:mod:`megatron_rl_agg.mcore.moe_padding`).
 
 Backward under activation recompute: ``set_target_indices`` appends each micro-batch's routes to the
 layer's FIFO, and the output of every replayed forward carries a gradient hook that switches
@@ -48,7 +48,7 @@ from megatron_rl_agg.core.routing import REPLAY_MODES, get_replay_mode
 from megatron_rl_agg.mcore import compat
 from megatron_rl_agg.parallel import dist
 
-__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "padding_kwargs", "chunk_routers", "RouteRecorder", "recording",
+__all__ = ["REPLAY_MODES", "get_replay_mode", "moe_layer_numbers", "chunk_routers", "RouteRecorder", "recording",
            "MismatchCounter",
            "set_replay", "mark_backward", "clear", "check_routes", "padding_routes", "routes_of_map"]
 
@@ -107,42 +107,6 @@ def _sp_group(config):
 
 def _routers_by_chunk(chunks) -> dict[int, list]:
     return {id(chunk): chunk_routers(chunk) for chunk in chunks}
-
-
-def _aux_loss_on(config) -> bool:
-    coeff = getattr(config, "moe_aux_loss_coeff", 0.0) or 0.0
-    on = any(c > 0 for c in coeff) if isinstance(coeff, (list, tuple)) else coeff > 0
-    return on or bool(getattr(config, "moe_z_loss_coeff", None))
-
-
-def padding_kwargs(model, micro_batch) -> dict:
-    """The ``padding_mask`` keyword for ``model(...)``: ``{"padding_mask": [b, s] bool}`` (True = not a real
-    token: padding rows, columns past a row's end, packing filler) for an MoE model when the micro-batch
-    carries one (:func:`megatron_rl_agg.mcore.batch.prepare_microbatches`), else ``{}``.
-
-    Megatron-Core's ``GPTModel`` hands it to every router (both releases: ``TopKRouter.routing``), which then
-    leaves those tokens out of the aux / z-loss statistics: the per-expert counts ``f_i``, the mean
-    probabilities ``P_i`` and the token count ``T`` of ``E * sum_i f_i P_i`` (Switch Transformer), and under
-    ``calculate_per_token_loss`` the per-micro-batch token count. Dispatch is unchanged (a padding token
-    still goes to some expert; its output has no loss weight). A micro-batch with no real token on some
-    data-parallel rank would make ``T = 0`` (Megatron divides by it: NaN), so with an aux / z loss on it
-    is refused here, on every rank alike (``mb["empty_microbatches"]`` is the same on every DP rank).
-    """
-    mask = micro_batch.get("padding_mask")
-    if mask is None:
-        return {}
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model)
-    if not getattr(config, "num_moe_experts", None):
-        return {}
-    if micro_batch.get("empty_microbatches") and _aux_loss_on(config):
-        raise ValueError(
-            "a micro-batch of some data-parallel rank holds no real token (only padding rows, or token_mask 0 "
-            "everywhere): with an MoE aux / z loss Megatron divides its statistics by a zero real-token count "
-            "(NaN). Give every data-parallel rank the same number of micro-batches of real rows (rows per rank "
-            "within micro_batch_size of each other, no rows of padding only), or set moe_aux_loss_coeff = moe_z_loss_coeff = 0")
-    return {"padding_mask": mask}
 
 
 def padding_routes(shape: Sequence[int], topk: int, device=None) -> torch.Tensor:
@@ -314,8 +278,8 @@ class MismatchCounter:
     would route elsewhere without replay at that layer. Counted on the device by a forward hook on every
     router (forward calls only: a recomputed forward in backward is not counted twice), summed over all
     ranks by :meth:`fractions` (each token of a layer is routed on exactly one rank: SP / CP shards, DP and
-    EP rows, one pipeline stage per layer), so the value is exact over ranks. Padding rows and tokens are
-    counted like every routed token. Group-limited routing (``moe_router_num_groups``) is refused.
+    EP rows, one pipeline stage per layer), so the value is exact over ranks. Padding rows and tokens (the padding mask the router gets)
+    are not counted. Group-limited routing (``moe_router_num_groups``) is refused.
     """
 
     def __init__(self, chunks):
@@ -350,10 +314,13 @@ class MismatchCounter:
                     scores = base + module.expert_bias
                 live = torch.zeros_like(output[1]).scatter_(1, scores.topk(self.topk, dim=-1).indices, True)
                 differs = (live != output[1]).any(-1)
+                # the router's padding mask ([s, b], True = padding; mcore.moe_padding), flattened like logits
+                mask = inputs[1] if len(inputs) > 1 else None
+                real = torch.ones_like(differs) if mask is None else ~mask.reshape(-1).bool()
                 if self.counts is None:
                     self.counts = torch.zeros(self.layers, 2, dtype=torch.float64, device=logits.device)
-                self.counts[index, 0] += differs.sum()
-                self.counts[index, 1] += differs.numel()
+                self.counts[index, 0] += (differs & real).sum()
+                self.counts[index, 1] += real.sum()
         return hook
 
     def fractions(self) -> list[float]:
