@@ -674,3 +674,26 @@ def test_aux_scale_restores_the_flag_off_weight(megatron_loss):
     token_mask[3:6] = 0
     on = megatron_loss.prepare_microbatches({**batch, "token_mask": token_mask}, cfg, 3, calculate_per_token_loss=True)
     assert [mb["aux_scale"] for mb in on] == pytest.approx([24 / 54, 0.0, 24 / 18], rel=1e-12)
+
+
+def test_packing_rescales_aux_scale_to_the_packed_real_tokens(megatron_loss):
+    """Packing keeps a row up to its last loss token, so the router of a packed micro-batch counts fewer
+    real tokens n'_k than prepare_microbatches' n_k: aux_scale becomes N / (M * D * n'_k) (flag on), stays
+    1 flag off, and is 0 for a pack without a real token."""
+    from megatron_rl_agg.mcore.packing import pack_microbatches
+
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    for flag in (True, False):
+        mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=flag)
+        packed = pack_microbatches(mbs)
+        for mb, pk in zip(mbs, packed):
+            kept = int((~pk["padding_mask"][:, : pk["packed_layout"].num_real_tokens]).sum())
+            assert 0 < kept < int((~mb["padding_mask"]).sum())       # the columns after the last loss token
+            expected = float(mb["total_tokens"]) / (3 * 1 * kept) if flag else 1.0
+            assert pk["aux_scale"] == pytest.approx(expected, rel=1e-12) and not pk["no_real_token"]
+    token_mask, loss_mask = torch.ones(B, 6), batch["loss_mask"].clone()
+    token_mask[3:], loss_mask[3:] = 0, 0              # micro-batches 2 and 3: padding only
+    packed = pack_microbatches(megatron_loss.prepare_microbatches(
+        {**batch, "token_mask": token_mask, "loss_mask": loss_mask}, cfg, 3, calculate_per_token_loss=True))
+    assert [(pk["no_real_token"], pk["aux_scale"]) for pk in packed][1:] == [(True, 0.0)] * 2
