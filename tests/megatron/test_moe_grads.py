@@ -188,3 +188,18 @@ def test_a_micro_batch_of_padding_rows_only_is_left_out_of_the_aux_loss(out_dir,
     assert torch.equal(empty["counts"], ref["counts"])
     rel, key = _nonzero_rel({k: 2.0 * g for k, g in empty["grads"].items()}, ref["grads"])
     assert rel <= TOL, f"empty{flag}: 2 x {key} differs from the reference by {rel:.3e}"
+
+
+def test_moe_grad_scale_func_scales_the_aux_gradient(out_dir):
+    """megatron-core >= 0.19: ``moe_grad_scale_func`` returning 2 gives twice the aux-only gradient of the
+    reference rows; mcore.build.build_optimizer sets it to the optimizer's loss scale (1 in fp32); 0.16 has no such
+    field and no item is saved."""
+    got = load_result(out_dir, "padding")
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    if "moe_grad_scale_func" not in ModelParallelConfig.__dataclass_fields__:
+        assert "scale2" not in got and "optimizer_scale" not in got
+        return
+    assert got["optimizer_scale"] == 1.0
+    rel, key = _nonzero_rel({k: 0.5 * g for k, g in got["scale2"]["grads"].items()}, got["ref"]["grads"])
+    assert rel <= TOL, f"moe_grad_scale_func 2: half of {key} differs from the reference by {rel:.3e}"

@@ -273,6 +273,19 @@ def run_padding(out_dir: str) -> None:
             results[f"{name}{'-flag' if flag else ''}"] = {"grads": grads, "aux_loss": aux,
                                                           "counts": torch.stack(counts.counts)}
         compat.destroy_model_parallel()
+    # moe_grad_scale_func (megatron-core >= 0.19): a scale of 2 doubles the aux-only gradient; None where the
+    # release has no such field
+    chunks = build(parse_layout("dp1+m1"), "alltoall")
+    config = chunks[0].config
+    if hasattr(config, "moe_grad_scale_func"):
+        from megatron_rl_agg.mcore.build import build_optimizer
+
+        build_optimizer(chunks, 1e-3)                 # sets it to the optimizer's loss scale (1 in fp32)
+        results["optimizer_scale"] = float(config.moe_grad_scale_func())
+        config.moe_grad_scale_func = lambda: 2.0
+        grads, aux = run_config(chunks, ref, CONFIGS["aux_only"], 2)
+        results["scale2"] = {"grads": grads, "aux_loss": aux}
+    compat.destroy_model_parallel()
     save_result(out_dir, "padding", results)
 
 
