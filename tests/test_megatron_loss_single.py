@@ -472,24 +472,34 @@ def test_per_token_loss_three_tuple_gives_the_same_gradient(megatron_loss, cfg, 
 
 
 def test_per_token_loss_arithmetic_written_out(megatron_loss):
-    """b = 3 rows of S = 6 per micro-batch, M = ceil(7 / 3) = 3: each micro-batch reports the routed
-    tokens n = b * S = 18 (padding included) and N = M * b * S = 54. A token_sum policy term (w = mask)
-    returns N * sum(mask * pg); a micro-batch-mean KL returns (N / (M * D)) * sum(kl) / n_tokens with
-    D = 1, i.e. 18 * the micro-batch's KL token mean."""
+    """b = 3 rows of S = 6 per micro-batch, M = ceil(7 / 3) = 3: each micro-batch reports its REAL tokens
+    (the padding row of the last one excluded: n = 18, 18, 6) and N = 42. A token_sum policy term
+    (w = mask) returns N * sum(mask * pg); a micro-batch-mean KL returns (N / (M * D)) * sum(kl) / n_tokens
+    with D = 1, i.e. 14 * the micro-batch's KL token mean. A ``token_mask`` (columns past a row's end)
+    takes its zeros out of n and N too, and every micro-batch carries the padding mask."""
     logits, batch = make_batch()
     batch["advantages"] = torch.zeros(B)                 # no policy term: the KL alone
     cfg = config("token_sum", kl_coef=1.0, kl_estimator="k1")
     mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
     assert len(mbs) == 3
-    assert [int(mb["num_tokens"]) for mb in mbs] == [18, 18, 18]
-    assert float(mbs[0]["total_tokens"]) == 54.0
+    assert [int(mb["num_tokens"]) for mb in mbs] == [18, 18, 6]
+    assert float(mbs[0]["total_tokens"]) == 42.0
+    assert mbs[2]["padding_mask"].tolist() == [[False] * 6, [True] * 6, [True] * 6]
+    assert not any(mb["empty_microbatches"] for mb in mbs)
     mb = mbs[0]
     loss, n, _ = megatron_loss.loss_func(logits[:3].clone(), micro_batch=mb, loss_config=cfg)
     logp = logprobs_from_logits(logits[:3], batch["labels"][:3])
     kl = (logp - batch["ref_logprobs"][:3]) * batch["loss_mask"][:3]          # k1 = log p - log p_ref
-    expected = 18.0 * kl.sum() / batch["loss_mask"][:3].sum()
+    expected = 14.0 * kl.sum() / batch["loss_mask"][:3].sum()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert int(n) == 18
+    token_mask = torch.ones(B, 6)
+    token_mask[0, 4:] = 0                                 # row 0 ends after 4 tokens
+    batch["token_mask"] = token_mask
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
+    assert [int(mb["num_tokens"]) for mb in mbs] == [16, 18, 6]
+    assert float(mbs[0]["total_tokens"]) == 40.0
+    assert mbs[0]["padding_mask"][0].tolist() == [False] * 4 + [True] * 2
 
 
 def test_forward_step_runs_a_real_model(megatron_loss):
@@ -575,3 +585,115 @@ def test_average_over_minibatches():
     assert out == {"a/sum": 2.0, "b/max": 3.0, "c/min": -2.0, "d/mean": 3.0}
     with pytest.raises(ValueError, match="mini-batch 1 has metrics"):
         average_over_minibatches([{"a/sum": 1.0}, {"b/sum": 1.0}])
+
+
+def test_micro_batches_without_a_real_token_are_flagged(megatron_loss):
+    """B = 7 rows, 3 per micro-batch (M = 3): with rows 3-5 of token_mask 0 the second micro-batch holds no
+    real token, and so does none other (the third has row 6 and two padding rows). The flags an MoE
+    model's padding mask needs (mcore.moe_padding) come from the one read of prepare_microbatches."""
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    mbs = megatron_loss.prepare_microbatches(batch, cfg, 3)
+    assert [mb["no_real_token"] for mb in mbs] == [False, False, False]
+    assert [mb["any_padding"] for mb in mbs] == [True] * 3          # the two padding rows of the last
+    assert not any(mb["empty_microbatches"] for mb in mbs)
+    token_mask = torch.ones(B, 6)
+    token_mask[3:6] = 0
+    mbs = megatron_loss.prepare_microbatches({**batch, "token_mask": token_mask}, cfg, 3)
+    assert [mb["no_real_token"] for mb in mbs] == [False, True, False]
+    assert all(mb["empty_microbatches"] for mb in mbs)
+    mbs = megatron_loss.prepare_microbatches({k: v[:6] for k, v in batch.items()}, cfg, 3)
+    assert [(mb["no_real_token"], mb["any_padding"], mb["empty_microbatches"]) for mb in mbs] == [(False,) * 3] * 2
+
+
+def _moe_stub(**overrides):
+    fields = dict(num_moe_experts=4, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=None,
+                  moe_router_load_balancing_type="aux_loss", moe_router_enable_expert_bias=False,
+                  recompute_granularity=None)
+    fields.update(overrides)
+    return types.SimpleNamespace(config=types.SimpleNamespace(**fields))
+
+
+def test_masked_forward_leaves_out_an_empty_micro_batch_and_refuses_what_it_cannot(megatron_loss):
+    """moe_padding.masked_forward: the mask for an MoE model, nothing for a dense one; the aux coefficient
+    at 0 only inside the forward of a micro-batch without a real token; clear refusals for the expert
+    bias with padding, global_aux_loss and recomputation with an empty micro-batch."""
+    from megatron_rl_agg.mcore.moe_padding import masked_forward
+
+    mask = torch.tensor([[False, True]])
+    mb = {"padding_mask": mask, "no_real_token": False, "empty_microbatches": True, "any_padding": True}
+    dense = types.SimpleNamespace(config=types.SimpleNamespace(num_moe_experts=None))
+    with masked_forward(dense, mb) as kw:
+        assert kw == {}
+    model = _moe_stub()
+    with masked_forward(model, mb) as kw:
+        assert kw["padding_mask"] is mask and model.config.moe_aux_loss_coeff == 0.1
+    for coeff, off in ((0.1, 0.0), ([0.1, 0.2], [0.0, 0.0])):
+        model = _moe_stub(moe_aux_loss_coeff=coeff)
+        with masked_forward(model, {**mb, "no_real_token": True}) as kw:
+            assert kw["padding_mask"] is mask and model.config.moe_aux_loss_coeff == off
+        assert model.config.moe_aux_loss_coeff == coeff
+    with pytest.raises(ValueError, match="moe_router_enable_expert_bias=True with padding tokens"):
+        with masked_forward(_moe_stub(moe_router_enable_expert_bias=True), mb):
+            pass
+    with masked_forward(_moe_stub(moe_router_enable_expert_bias=True), {**mb, "any_padding": False,
+                                                                         "empty_microbatches": False}) as kw:
+        assert kw["padding_mask"] is mask
+    with pytest.raises(ValueError, match="'global_aux_loss' with a micro-batch that holds no real token"):
+        with masked_forward(_moe_stub(moe_router_load_balancing_type=["aux_loss", "global_aux_loss"],
+                                      moe_aux_loss_coeff=[0.1, 0.1]), mb):
+            pass
+    with pytest.raises(ValueError, match="recompute_granularity='full' with an MoE aux loss"):
+        with masked_forward(_moe_stub(recompute_granularity="full"), mb):
+            pass
+    with masked_forward(_moe_stub(recompute_granularity="full", moe_aux_loss_coeff=0.0), mb) as kw:
+        assert kw["padding_mask"] is mask                       # no aux / z loss: nothing to leave out
+    # calculate_per_token_loss: the coefficients times aux_scale = N / (M * D * n_k) during the forward
+    model = _moe_stub(calculate_per_token_loss=True, moe_z_loss_coeff=0.01)
+    with masked_forward(model, {**mb, "empty_microbatches": False, "aux_scale": 0.5}):
+        assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.05, 0.005)
+    assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.1, 0.01)
+    with masked_forward(model, {**mb, "no_real_token": True, "aux_scale": 0.0}):
+        assert (model.config.moe_aux_loss_coeff, model.config.moe_z_loss_coeff) == (0.0, None)
+    with pytest.raises(ValueError, match="padding tokens and TP x CP = 2 > 1"):
+        with masked_forward(_moe_stub(calculate_per_token_loss=True, tensor_model_parallel_size=2), mb):
+            pass
+
+
+def test_aux_scale_restores_the_flag_off_weight(megatron_loss):
+    """Under the flag, micro-batch k's aux_scale is N / (M * D * n_k): rows of 6, 6, 6 | 6, 6, 6 | 6 real
+    tokens (the last micro-batch with two padding rows): N = 42, M = 3, D = 1 -> 42 / (3 * 18) and
+    42 / (3 * 6); flag off 1.0; a micro-batch without a real token 0 either way."""
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    on = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=True)
+    assert [mb["aux_scale"] for mb in on] == pytest.approx([42 / 54, 42 / 54, 42 / 18], rel=1e-12)
+    off = megatron_loss.prepare_microbatches(batch, cfg, 3)
+    assert [mb["aux_scale"] for mb in off] == [1.0, 1.0, 1.0]
+    token_mask = torch.ones(B, 6)
+    token_mask[3:6] = 0
+    on = megatron_loss.prepare_microbatches({**batch, "token_mask": token_mask}, cfg, 3, calculate_per_token_loss=True)
+    assert [mb["aux_scale"] for mb in on] == pytest.approx([24 / 54, 0.0, 24 / 18], rel=1e-12)
+
+
+def test_packing_rescales_aux_scale_to_the_packed_real_tokens(megatron_loss):
+    """Packing keeps a row up to its last loss token, so the router of a packed micro-batch counts fewer
+    real tokens n'_k than prepare_microbatches' n_k: aux_scale becomes N / (M * D * n'_k) (flag on), stays
+    1 flag off, and is 0 for a pack without a real token."""
+    from megatron_rl_agg.mcore.packing import pack_microbatches
+
+    _, batch = make_batch()
+    cfg = config("token_sum")
+    for flag in (True, False):
+        mbs = megatron_loss.prepare_microbatches(batch, cfg, 3, calculate_per_token_loss=flag)
+        packed = pack_microbatches(mbs)
+        for mb, pk in zip(mbs, packed):
+            kept = int((~pk["padding_mask"][:, : pk["packed_layout"].num_real_tokens]).sum())
+            assert 0 < kept < int((~mb["padding_mask"]).sum())       # the columns after the last loss token
+            expected = float(mb["total_tokens"]) / (3 * 1 * kept) if flag else 1.0
+            assert pk["aux_scale"] == pytest.approx(expected, rel=1e-12) and not pk["no_real_token"]
+    token_mask, loss_mask = torch.ones(B, 6), batch["loss_mask"].clone()
+    token_mask[3:], loss_mask[3:] = 0, 0              # micro-batches 2 and 3: padding only
+    packed = pack_microbatches(megatron_loss.prepare_microbatches(
+        {**batch, "token_mask": token_mask, "loss_mask": loss_mask}, cfg, 3, calculate_per_token_loss=True))
+    assert [(pk["no_real_token"], pk["aux_scale"]) for pk in packed][1:] == [(True, 0.0)] * 2

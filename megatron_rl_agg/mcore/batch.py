@@ -38,7 +38,7 @@ _ROW_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old
 _IS_KEYS = ("is_weights", "is_log_ratio", "is_flags")
 # Per-token ([b, S]) tensors of a micro-batch that context parallelism splits along the sequence.
 _TOKEN_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "advantages", "old_logprobs",
-               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights", "routes") + _IS_KEYS
+               "ref_logprobs", "pg_weights", "kl_weights", "entropy_weights", "routes", "padding_mask") + _IS_KEYS
 
 
 def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossConfig) -> tuple[int, int]:
@@ -46,7 +46,8 @@ def _check_batch(batch: Mapping[str, Optional[torch.Tensor]], loss_config: LossC
         if batch.get(key) is None:
             raise ValueError(f"batch is missing {key!r}; required: tokens, labels, loss_mask, advantages")
     n_rows, seq = batch["tokens"].shape
-    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs", "behaviour_logprobs"):
+    for key in ("position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs", "behaviour_logprobs",
+                "token_mask"):
         t = batch.get(key)
         if t is not None and tuple(t.shape) != (n_rows, seq):
             raise ValueError(f"batch[{key!r}] must be [B, S] = [{n_rows}, {seq}], got {tuple(t.shape)}")
@@ -127,7 +128,7 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
 
     Call once per optimizer step, on every DP rank (it issues collectives over ``dp_group``: one
     all-reduce(max) of the micro-batch count (with the flags of the mask and log-prob checks) plus the ``token_weights`` counts of each distinct mode in
-    use, plus one all-reduce(sum) of the routed-token total under ``calculate_per_token_loss``; none per
+    use, plus one all-reduce(sum) of the real-token total under ``calculate_per_token_loss``; none per
     micro-batch and none over the CP group).
 
     Context parallelism: every CP rank of a DP rank passes the SAME full rows. All weights are computed
@@ -155,7 +156,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             model; sliced by rows when its first dim is ``B``, padding rows copying the last row's mask);
             ``routes [B, S, L, k]`` int64 MoE expert indices to replay (optional,
             :mod:`megatron_rl_agg.mcore.routing_replay`): sliced and CP-split like every per-token tensor,
-            padding rows get ``padding_routes``.
+            padding rows get ``padding_routes``;
+            ``token_mask [B, S]`` (optional) 1 where column ``s`` is a real model input of the row (prompt
+            and response tokens), 0 past the row's last token (default: every column of a real row is
+            real). With the padding rows it becomes each micro-batch's ``padding_mask`` (True = not a real
+            token), which ``forward_step`` hands to an MoE model so that Megatron's aux-loss statistics
+            count real tokens only.
         loss_config: the loss settings.
         micro_batch_size: rows per micro-batch.
         dp_group: the data-parallel group WITHOUT context parallelism
@@ -178,8 +184,12 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         padded with fully masked rows, which change nothing). Each holds the sliced row tensors (``[b, S / C]``
         per-token tensors under CP) plus ``pg_weights``, ``kl_weights``, ``entropy_weights`` (float64),
         with ``behaviour_logprobs`` also ``is_weights`` (float64), ``is_log_ratio`` (float64) and ``is_flags``
-        (int8), ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, under the flag
-        ``num_tokens`` (int32, ``b * S / C``) and ``total_tokens`` (``N``, float64, the sum of
+        (int8), ``num_microbatches`` (``M``), ``dp_size``, ``cp_size``, ``calculate_per_token_loss``, ``padding_mask`` (bool ``[b, S / C]``, True on
+        padding rows and on ``token_mask == 0``), ``no_real_token`` (bool: the whole micro-batch, every CP
+        shard, has no real token), ``aux_scale`` (float: the MoE aux / z-loss coefficient factor, 0 without a
+        real token, ``N / (M * D * n_k)`` under the flag, else 1), ``empty_microbatches`` / ``any_padding`` (bool, the same on every DP rank:
+        some rank has such a micro-batch / any padding token; see :mod:`megatron_rl_agg.mcore.moe_padding`), under the flag
+        ``num_tokens`` (int32, the shard's real tokens ``sum(~padding_mask)``) and ``total_tokens`` (``N``, float64, the sum of
         ``num_tokens`` over every micro-batch and dp x cp rank), ``loss_config``, ``vocab_size`` (None when
         not given) and ``label_range`` (``(min, max)`` label id of the mini-batch over the DP group, ints).
         Pass
@@ -209,12 +219,25 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     no_labels = labels.numel() == 0          # a rank with no rows: 0 stands in, in range of any vocabulary
     label_max = labels.new_zeros(()) if no_labels else labels.max()
     neg_label_min = labels.new_zeros(()) if no_labels else -labels.min()
-    n_local = torch.cat([torch.stack([torch.tensor(math.ceil(n_rows / micro_batch_size), device=device),
+    own_mb = math.ceil(n_rows / micro_batch_size)
+    # Real tokens (token_mask != 0; every column of a real row without token_mask). The flags an MoE
+    # model's padding mask needs on every rank alike (mcore.moe_padding) ride on the same all-reduce: a
+    # micro-batch of this rank without a real token, a padding column, the fewest micro-batches / rows.
+    real = (batch["token_mask"] != 0 if batch.get("token_mask") is not None
+            else torch.ones(n_rows, seq, dtype=torch.bool, device=device))
+    own_real = pad_rows_to(real.sum(1), own_mb * micro_batch_size, fill=0).view(own_mb, micro_batch_size).sum(1)
+    empty_local = own_real.eq(0).any().to(torch.int64)
+    n_local = torch.cat([torch.stack([torch.tensor(own_mb, device=device), torch.tensor(-own_mb, device=device),
+                                      torch.tensor(-n_rows, device=device), empty_local.to(device),
+                                      (~real).any().to(torch.int64).to(device),
                                       torch.tensor(int(problem is not None), device=device),
                                       label_max.to(device), neg_label_min.to(device)]),
                          _logprob_flags(batch, loss_config, device)])
-    reduced = dist.all_reduce_max(n_local, dp_group).tolist()
-    num_mb, any_bad, label_max, neg_label_min, *bad_logprobs = reduced
+    # this rank's real tokens per own micro-batch come back with the same (single) read of the device
+    reduced = torch.cat([dist.all_reduce_max(n_local, dp_group), own_real.to(n_local.dtype).to(device)]).tolist()
+    reduced, own_real = reduced[:n_local.numel()], reduced[n_local.numel():]
+    (num_mb, neg_min_mb, neg_min_rows, any_empty, any_pad_col, any_bad, label_max, neg_label_min,
+     *bad_logprobs) = reduced
     if any_bad:
         raise ValueError(problem or "loss_mask of another data-parallel rank holds values other than 0 and 1 "
                                     "(that rank's error names them)")
@@ -262,6 +285,27 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
     attn = rows.pop("attention_mask")
     routes = batch.get("routes")
     rows = {k: pad_rows_to(v, padded) for k, v in rows.items()}
+    # Not a real token: padding rows and the columns past a row's last token (token_mask == 0). An MoE
+    # model leaves them out of its aux-loss statistics (forward_step passes Megatron's padding_mask;
+    # mcore.moe_padding).
+    rows["padding_mask"] = pad_rows_to(~real, padded, fill=True)
+    real_counts = [int(own_real[k]) if k < own_mb else 0 for k in range(num_mb)]   # past own_mb: padding rows
+    any_padding = bool(any_pad_col or -neg_min_rows < padded)
+    extra: dict[str, Any] = {}
+    if calculate_per_token_loss:
+        # Megatron sums the returned num_tokens over micro-batches and dp x cp ranks (finalize_model_grads)
+        # and divides the gradient by that total N. num_tokens is the shard's REAL token count (padding
+        # rows and columns excluded: the count an MoE router scales its aux loss by under the flag when
+        # it gets the padding mask). The C CP ranks of a DP rank hold the shards of the same rows, so
+        # N = sum over DP ranks of this rank's real tokens: one all-reduce over the DP group.
+        local_real = real.sum().to(torch.float64).reshape(1)
+        extra = {"total_tokens": dist.all_reduce_sum(local_real, dp_group)[0]}
+    # The MoE aux / z-loss scale of each micro-batch (mcore.moe_padding): 0 without a real token (left out);
+    # under the flag Megatron multiplies micro-batch k's aux loss by its real tokens n_k and divides by N,
+    # so N / (M * D * n_k) restores the 1 / (M * D) of the flag-off schedule (one more read, per call).
+    n_total = float(extra["total_tokens"]) if calculate_per_token_loss else 0.0
+    aux_scale = [0.0 if n == 0 else (n_total / (num_mb * dp_size * n) if calculate_per_token_loss else 1.0)
+                 for n in real_counts]
     if routes is not None:
         # MoE routing replay: padding rows replay experts 0 .. k-1 (valid and distinct; no loss weight)
         pad = padding_routes((padded - n_rows,) + tuple(routes.shape[1:3]), routes.shape[3], routes.device)
@@ -273,18 +317,6 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
         # Padding rows copy a real row's mask: an all-masked attention row would give NaN logits there,
         # and NaN times a zero weight is still NaN in the backward pass.
         attn = torch.cat([attn, attn[-1:].expand((padded - n_rows,) + tuple(attn.shape[1:]))], dim=0)
-
-    extra: dict[str, Any] = {}
-    if calculate_per_token_loss:
-        # Megatron sums the returned num_tokens over micro-batches and dp x cp ranks (finalize_model_grads)
-        # and divides the gradient by that total N. num_tokens is the shard's ROUTED token count b * S / C
-        # (padding included: the scale an MoE aux loss is built for). The C CP ranks of a DP rank hold
-        # equal shards, so N = sum over DP ranks of M * b * S: one all-reduce over the DP group.
-        local_routed = torch.tensor([float(num_mb * micro_batch_size * seq)], dtype=torch.float64,
-                                    device=device)
-        extra = {"num_tokens": torch.tensor(micro_batch_size * (seq // cp_size), dtype=torch.int32,
-                                            device=device),
-                 "total_tokens": dist.all_reduce_sum(local_routed, dp_group)[0]}
 
     sequence_level = get_policy_loss(loss_config.policy_loss).level == SEQUENCE
     micro_batches = []
@@ -306,6 +338,14 @@ def prepare_microbatches(batch: Mapping[str, Optional[torch.Tensor]], loss_confi
             for key in _TOKEN_KEYS:
                 if mb.get(key) is not None and mb[key].dim() >= 2:  # [b, S, ...] (advantages may be [b])
                     mb[key] = split_for_cp_rank(mb[key], cp_size, cp_rank, dim=1)
+        # mcore.moe_padding: this micro-batch (all its CP shards) holds no real token (its MoE aux loss is
+        # left out); some DP rank has such a micro-batch / any padding token (the same on every DP rank)
+        mb["no_real_token"] = real_counts[k] == 0
+        mb["aux_scale"] = aux_scale[k]
+        mb["empty_microbatches"] = bool(any_empty or -neg_min_mb < num_mb)
+        mb["any_padding"] = any_padding
+        if calculate_per_token_loss:
+            mb["num_tokens"] = (~mb["padding_mask"]).sum().to(torch.int32)
         mb.update(num_microbatches=num_mb, dp_size=dp_size, cp_size=cp_size,
                   calculate_per_token_loss=bool(calculate_per_token_loss), loss_config=loss_config,
                   vocab_size=vocab_size, label_range=label_range, **extra)

@@ -151,7 +151,8 @@ def build_optimizer(chunks: list, lr: float, *, weight_decay: float = 0.0, clip_
 
     Gradient clipping by global norm ``clip_grad`` (0 disables). bf16 models get fp32 main weights.
     Sets ``config.grad_scale_func = optimizer.scale_loss`` as Megatron-LM does (the scale is 1
-    without fp16 loss scaling). ``use_distributed_optimizer`` must match the DDP config.
+    without fp16 loss scaling) and, where the release has it (0.19), ``config.moe_grad_scale_func =
+    optimizer.get_loss_scale``. ``use_distributed_optimizer`` must match the DDP config.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -171,4 +172,10 @@ def build_optimizer(chunks: list, lr: float, *, weight_decay: float = 0.0, clip_
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
     model_config.grad_scale_func = optimizer.scale_loss
+    if hasattr(model_config, "moe_grad_scale_func"):
+        # megatron-core >= 0.19 scales the MoE aux-loss gradient by moe_grad_scale_func() apart from the main
+        # loss: the optimizer's loss scale, the same under every aggregation mode, flag and layout (the
+        # plugin's loss carries its own factors; Megatron divides the aux scale by M itself). 0.16 has no
+        # such field and scales the aux loss by grad_scale_func(1), the same value.
+        model_config.moe_grad_scale_func = optimizer.get_loss_scale
     return optimizer

@@ -40,8 +40,8 @@ gradients flow back to them).
 
 3-tuple ``(loss, n, report)`` (``calculate_per_token_loss=True``). The schedule leaves ``loss`` unscaled,
 DDP sums the gradients over dp x cp with no pre-scale, and ``finalize_model_grads`` divides them by
-``N``, the sum of the returned ``n`` over micro-batches and dp x cp ranks. With ``n = b * S / C`` (the
-shard's routed tokens) ``N`` is known while preparing (one all-reduce), and ``loss_{r,k} = N * sum_t w_t
+``N``, the sum of the returned ``n`` over micro-batches and dp x cp ranks. With ``n`` the shard's real tokens
+(padding excluded, as the masked MoE router counts them) ``N`` is known while preparing (one all-reduce), and ``loss_{r,k} = N * sum_t w_t
 * pg_t`` gives ``g = (1 / N) * sum_{r,k} N * grad(...) = grad J``                        (3)
 
 KL and entropy terms. By default (``kl_aggregation = entropy_aggregation = "microbatch_mean"``) each is
@@ -77,7 +77,7 @@ from megatron_rl_agg.core.config import MICROBATCH_MEAN, LossConfig
 from megatron_rl_agg.core.corrections import correction_metrics
 from megatron_rl_agg.core.kl import kl_estimate
 from megatron_rl_agg.core.policy_losses import SEQUENCE, get_policy_loss
-from megatron_rl_agg.mcore import compat, routing_replay
+from megatron_rl_agg.mcore import compat, moe_padding, routing_replay
 from megatron_rl_agg.mcore.batch import LEGACY_MODE
 from megatron_rl_agg.mcore.logprobs import _check_label_bounds, vocab_parallel_logprobs_and_entropy
 from megatron_rl_agg.mcore.setup_checks import check_megatron_setup
@@ -133,8 +133,8 @@ def loss_func(output_tensor: torch.Tensor, *, micro_batch: Mapping[str, Any], lo
         ``M * D * (sum w_pg * pg + kl_coef * sum w_kl * kl - entropy_coef * sum w_H * H)`` for the
         globally weighted terms, plus the unscaled shard sums ``sum_shard x / n_full`` of
         ``microbatch_mean`` terms (``n_full`` the whole micro-batch's tokens, all CP shards).
-        3-tuple (flag on): the same sums with the factor ``N`` (total routed tokens) in place of ``M * D``
-        and ``N / (M * D)`` in place of 1, then ``num_tokens = b * s`` (int32), then the report.
+        3-tuple (flag on): the same sums with the factor ``N`` (total real tokens) in place of ``M * D``
+        and ``N / (M * D)`` in place of 1, then ``num_tokens`` (int32, the shard's real tokens), then the report.
         ``report`` holds unscaled, exactly reducible metrics (see :mod:`megatron_rl_agg.core.metrics`;
         reduce them over the dp x cp group under CP, each shard holding part of every row):
         ``policy_loss/sum``, ``kl_loss/sum``, ``entropy_loss/sum`` and ``loss/sum`` (each micro-batch's
@@ -269,7 +269,7 @@ def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: Any):
     """``forward_step_func`` for ``get_forward_backward_func()``: one micro-batch through a GPT model.
 
     Reads the next micro-batch of :func:`prepare_microbatches` and runs
-    ``model(tokens, position_ids, attention_mask)`` (vocab-parallel logits on the last stage, hidden
+    ``model(tokens, position_ids, attention_mask)`` (plus ``padding_mask`` for an MoE model; vocab-parallel logits on the last stage, hidden
     states elsewhere; Megatron calls the loss function only on the last stage).
 
     Returns:
@@ -279,7 +279,11 @@ def forward_step(data_iterator: Iterator[Mapping[str, Any]], model: Any):
     routes = micro_batch.get("routes")
     if routes is not None:       # MoE routing replay (mcore.routing_replay): this micro-batch's routes
         routing_replay.set_replay(model, routes)
-    output = model(micro_batch["tokens"], micro_batch["position_ids"], micro_batch.get("attention_mask"))
+    # An MoE model gets the padding mask (mcore.moe_padding): its aux-loss statistics count real tokens
+    # only, with and without replay.
+    with moe_padding.masked_forward(model, micro_batch) as pad_kw:
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], micro_batch.get("attention_mask"),
+                       **pad_kw)
     if routes is not None:
         output = routing_replay.mark_backward(model, output)
     return output, make_loss_func(micro_batch, model)

@@ -47,7 +47,7 @@ from torch import Tensor
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_model_config
 
-from megatron_rl_agg.mcore import routing_replay
+from megatron_rl_agg.mcore import moe_padding, routing_replay
 from megatron_rl_agg.mcore.loss import make_loss_func
 from megatron_rl_agg.core.validate import positive_int
 
@@ -287,6 +287,16 @@ def pack_micro_batch(
     packed["attention_mask"] = None
     packed["packed_seq_params"] = packed_seq_params(layout)
     packed["packed_layout"] = layout
+    if isinstance(batch.get("padding_mask"), Tensor):
+        # packing keeps a row up to its last loss token: a micro-batch may be left without a real token
+        # (mcore.moe_padding leaves out its MoE aux loss); one host read per pack, as the checks above
+        # and the router then counts the packed real tokens: the MoE aux scale follows (mcore.batch)
+        real = int((~packed["padding_mask"][:, : layout.num_real_tokens]).sum())
+        packed["no_real_token"] = real == 0
+        scale = float(batch.get("aux_scale", 1.0))
+        if batch.get("calculate_per_token_loss") and real:
+            scale *= int(batch["num_tokens"]) / real
+        packed["aux_scale"] = 0.0 if real == 0 else scale
     packed["packed_fixed_length"] = total_length
     return packed, layout
 
@@ -354,7 +364,13 @@ def packed_forward_step(data_iterator, model):
     routes = micro_batch.get("routes")
     if routes is not None:       # MoE routing replay: packed [1, T, L, k], filler after the real tokens
         routing_replay.set_replay(model, routes, num_real_tokens=micro_batch["packed_layout"].num_real_tokens)
-    output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params)
+    mask = micro_batch.get("padding_mask")
+    if mask is not None:         # the filler segment after the real tokens is not a real token either
+        real = torch.arange(mask.shape[1], device=mask.device)
+        mask = mask | (real >= micro_batch["packed_layout"].num_real_tokens)
+    with moe_padding.masked_forward(model, micro_batch, padding_mask=mask) as pad_kw:
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], None, packed_seq_params=params,
+                       **pad_kw)
     if routes is not None:
         output = routing_replay.mark_backward(model, output)
     return output, make_loss_func(micro_batch, model)

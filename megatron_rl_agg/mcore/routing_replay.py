@@ -26,8 +26,8 @@ its tokens. At the router, this module then
   (a batch-first flattening misaligns every row but the first: miles #3146).
 
 Tokens that have no route of their own (rows added to pad a micro-batch, the filler tokens of a packed
-sequence) replay the experts ``0 .. k-1``: valid, distinct indices; they carry no loss weight, and Megatron
-counts every routed token in the aux-loss statistics as it does without replay.
+sequence) replay the experts ``0 .. k-1``: valid, distinct indices; they carry no loss weight, and the padding mask keeps them out of Megatron's
+aux-loss statistics with and without replay (:mod:`megatron_rl_agg.mcore.moe_padding`).
 
 Backward under activation recompute: ``set_target_indices`` appends each micro-batch's routes to the
 layer's FIFO, and the output of every replayed forward carries a gradient hook that switches
@@ -278,8 +278,8 @@ class MismatchCounter:
     would route elsewhere without replay at that layer. Counted on the device by a forward hook on every
     router (forward calls only: a recomputed forward in backward is not counted twice), summed over all
     ranks by :meth:`fractions` (each token of a layer is routed on exactly one rank: SP / CP shards, DP and
-    EP rows, one pipeline stage per layer), so the value is exact over ranks. Padding rows and tokens are
-    counted like every routed token. Group-limited routing (``moe_router_num_groups``) is refused.
+    EP rows, one pipeline stage per layer), so the value is exact over ranks. Padding rows and tokens (the padding mask the router gets)
+    are not counted. Group-limited routing (``moe_router_num_groups``) is refused.
     """
 
     def __init__(self, chunks):
@@ -314,10 +314,13 @@ class MismatchCounter:
                     scores = base + module.expert_bias
                 live = torch.zeros_like(output[1]).scatter_(1, scores.topk(self.topk, dim=-1).indices, True)
                 differs = (live != output[1]).any(-1)
+                # the router's padding mask ([s, b], True = padding; mcore.moe_padding), flattened like logits
+                mask = inputs[1] if len(inputs) > 1 else None
+                real = torch.ones_like(differs) if mask is None else ~mask.reshape(-1).bool()
                 if self.counts is None:
                     self.counts = torch.zeros(self.layers, 2, dtype=torch.float64, device=logits.device)
-                self.counts[index, 0] += differs.sum()
-                self.counts[index, 1] += differs.numel()
+                self.counts[index, 0] += (differs & real).sum()
+                self.counts[index, 1] += real.sum()
         return hook
 
     def fractions(self) -> list[float]:

@@ -38,12 +38,12 @@ REF = "dp1+m4:alltoall"
 FLAG_TP1 = ["dp1+m4:alltoall:flag", "ep2+m2:allgather:flag", "dp2+ep2:alltoall:flag"]
 FLAG_TP2 = [f"tp2+ep2+m2:{d}:flagraw" for d in DISPATCHERS]
 LAUNCHES = {
-    1: [REF, "dp1+m4:allgather", "aux-parts", FLAG_TP1[0]],
+    1: [REF, "dp1+m4:allgather", "aux-parts", FLAG_TP1[0], "padding"],
     2: [f"ep2+m2:{d}" for d in DISPATCHERS] + [FLAG_TP1[1]],
     4: [f"{layout}:{d}" for layout in ("dp2+ep2", "tp2+ep2+m2") for d in DISPATCHERS] + [FLAG_TP1[2]] + FLAG_TP2,
 }
 LAYOUT_ITEMS = [item for nproc in (1, 2, 4) for item in LAUNCHES[nproc]
-                if item not in (REF, "aux-parts") and not item.endswith(("flag", "flagraw"))]
+                if item not in (REF, "aux-parts", "padding") and not item.endswith(("flag", "flagraw"))]
 MICROBATCHES = {"dp1+m4": 4, "ep2+m2": 2, "dp2+ep2": 1, "tp2+ep2+m2": 2}
 
 
@@ -64,7 +64,7 @@ def result(out_dir, item, config):
 @pytest.mark.parametrize("mode", MODES)
 def test_moe_gradient_with_calculate_per_token_loss(out_dir, mode):
     """The plugin's 3-tuple under the flag (DP1 x M4, EP2 allgather, DP2 x EP2): the same gradient as the
-    flag-off reference, aux loss included (the routed-token count keeps its scale)."""
+    flag-off reference, aux loss included (num_tokens is the real-token count the masked router scales by)."""
     ref = result(out_dir, REF, mode)["grads"]
     for item in FLAG_TP1:
         rel, key = max_rel_diff(result(out_dir, item, mode)["grads"], ref)
@@ -152,3 +152,54 @@ def test_aux_loss_metric_is_layout_independent(out_dir):
         for config in MODES + ["aux_only"]:
             value = result(out_dir, item, config)["aux_loss"] / MICROBATCHES[layout]
             assert value == pytest.approx(ref, rel=1e-5), (item, config)
+
+
+def _nonzero_rel(got, ref):
+    nonzero, _ = _split_zero(ref)
+    return max_rel_diff({k: got[k] for k in nonzero}, {k: ref[k] for k in nonzero})
+
+
+@pytest.mark.parametrize("flag", ["", "-flag"])
+def test_padding_rows_and_columns_leave_the_aux_loss(out_dir, flag):
+    """Two rows of 7 real tokens (``ref``, no padding) against the same rows padded to 12 columns plus a
+    padding row (``padded``, ``token_mask`` 0 there): the router's per-expert counts (the aux loss's
+    ``f_i``), the tracked aux loss and the aux-only gradient are the same, with and without
+    calculate_per_token_loss. Without the padding mask the counts would hold 36 tokens, not 14."""
+    got = load_result(out_dir, "padding")
+    ref, padded = got[f"ref{flag}"], got[f"padded{flag}"]
+    assert ref["counts"].shape == (2, 4)                              # 2 MoE layers x 4 experts
+    assert ref["counts"].sum(1).tolist() == [2 * 7 * 2] * 2            # 14 real tokens x top-2
+    assert torch.equal(padded["counts"], ref["counts"])
+    assert padded["aux_loss"] == pytest.approx(ref["aux_loss"], rel=1e-6)
+    rel, key = _nonzero_rel(padded["grads"], ref["grads"])
+    assert rel <= TOL, f"padded{flag}: {key} differs from the unpadded rows by {rel:.3e}"
+
+
+@pytest.mark.parametrize("flag", ["", "-flag"])
+def test_a_micro_batch_of_padding_rows_only_is_left_out_of_the_aux_loss(out_dir, flag):
+    """``empty``: the padded rows, then a second micro-batch of padding rows only (what a data-parallel
+    rank padded with whole micro-batches runs). It runs (no NaN: Megatron's aux loss would divide by a
+    zero real-token count) and its aux loss is left out: only the first micro-batch's counts are
+    recorded; the gradient is 1/2 of the reference (Megatron averages the aux loss over M = 2
+    micro-batches), with the flag too (aux_scale N / (M * D * n_k) = 1/2 restores the flag-off weight)."""
+    got = load_result(out_dir, "padding")
+    ref, empty = got[f"ref{flag}"], got[f"empty{flag}"]
+    assert all(torch.isfinite(g).all() for g in empty["grads"].values())
+    assert torch.equal(empty["counts"], ref["counts"])
+    rel, key = _nonzero_rel({k: 2.0 * g for k, g in empty["grads"].items()}, ref["grads"])
+    assert rel <= TOL, f"empty{flag}: 2 x {key} differs from the reference by {rel:.3e}"
+
+
+def test_moe_grad_scale_func_scales_the_aux_gradient(out_dir):
+    """megatron-core >= 0.19: ``moe_grad_scale_func`` returning 2 gives twice the aux-only gradient of the
+    reference rows; mcore.build.build_optimizer sets it to the optimizer's loss scale (1 in fp32); 0.16 has no such
+    field and no item is saved."""
+    got = load_result(out_dir, "padding")
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    if "moe_grad_scale_func" not in ModelParallelConfig.__dataclass_fields__:
+        assert "scale2" not in got and "optimizer_scale" not in got
+        return
+    assert got["optimizer_scale"] == 1.0
+    rel, key = _nonzero_rel({k: 0.5 * g for k, g in got["scale2"]["grads"].items()}, got["ref"]["grads"])
+    assert rel <= TOL, f"moe_grad_scale_func 2: half of {key} differs from the reference by {rel:.3e}"

@@ -24,13 +24,13 @@ WORKER = pathlib.Path(__file__).with_name("worker_routing_replay.py")
 TOL = 1e-5
 REF = "dp1+m4"
 LAUNCHES = {
-    1: [REF, "dp1+m4:recompute", "dp1+m4:pack", "dp1+m4:r3"],
+    1: [REF, "dp1+m4:recompute", "dp1+m4:pack", "dp1+m4:r3", "dp1+m4:mask"],
     2: ["dp2+m2", "ep2+m2", "cp2+m4", "pp2+m4", "pp2vpp2+m4", "pp2+m4:recompute"],
     4: ["tp2+ep2+m2"],
 }
 ITEMS = [item for items in LAUNCHES.values() for item in items]
 COMPARED = [item for item in ITEMS if not item.endswith(":recompute")]
-SAME_GRADS = [item for item in ITEMS if item not in (REF, "dp1+m4:pack", "dp1+m4:r3")]
+SAME_GRADS = [item for item in ITEMS if item not in (REF, "dp1+m4:pack", "dp1+m4:r3", "dp1+m4:mask")]
 R2_ITEMS = [item for item in ITEMS if item != "dp1+m4:r3"]
 
 
@@ -90,7 +90,19 @@ def test_routing_mismatch_metric_exact_over_ranks(shared_jobs, item):
     got = load_result(shared_jobs, item)
     ref = load_result(shared_jobs, REF)
     assert len(got["metric"]) == 4 and all(0 < m <= 1 for m in got["metric"])
-    if item == "dp1+m4:pack":          # packing drops padding tokens and adds filler: other counts
+    if item in ("dp1+m4:pack", "dp1+m4:mask"):   # padding left out: other counts
         return
     assert got["metric"][0] == pytest.approx(ref["mismatch_free"][0], abs=1e-12)
     assert got["metric"] == pytest.approx(ref["metric"], abs=1e-12), item
+
+
+def test_routing_mismatch_metric_leaves_out_padding(shared_jobs):
+    """``dp1+m4:mask``: the batch's right-padding columns get ``token_mask`` 0, so the router gets the padding
+    mask; the metric then counts real tokens only: at the first MoE layer it equals the fraction of REAL
+    tokens routed elsewhere without replay (compared in the worker on real tokens only), which differs
+    from the all-token fraction of the reference."""
+    got = load_result(shared_jobs, "dp1+m4:mask")
+    ref = load_result(shared_jobs, REF)
+    assert got["compared"][0] < ref["compared"][0]
+    assert got["metric"][0] == pytest.approx(got["mismatch_free"][0], abs=1e-12)
+    assert got["metric"][0] != pytest.approx(ref["metric"][0], abs=1e-6)

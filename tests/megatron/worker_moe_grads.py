@@ -207,12 +207,99 @@ def run_aux_parts(out_dir: str) -> None:
     compat.destroy_model_parallel()
 
 
+PAD_SEQ = 7          # real columns of the padding item's rows (SEQ - PAD_SEQ padding columns appended)
+
+
+def padding_batches():
+    """The padding item's batches: ``ref`` = rows 0-1 of the aux-only batch cut to ``PAD_SEQ`` columns, every
+    token real; ``padded`` = the same rows with ``SEQ - PAD_SEQ`` padding columns (token 0, ``token_mask``
+    0) and one padding row (token_mask all 0); ``empty`` = ``padded`` plus two more padding rows, so that
+    with two rows per micro-batch the second micro-batch holds no real token."""
+    full = batch_for("aux_only")
+    ref = {k: (v[:2, :PAD_SEQ] if v.dim() == 2 else v[:2]).clone() for k, v in full.items() if k != "position_ids"}
+    ref["token_mask"] = torch.ones(2, PAD_SEQ)
+
+    def padded_rows(n):
+        out = {}
+        for k, v in ref.items():
+            shape = (n,) + ((base.SEQ,) if v.dim() == 2 else ())
+            z = torch.zeros(shape, dtype=v.dtype)
+            if v.dim() == 2:
+                z[:2, :PAD_SEQ] = v
+            else:
+                z[:2] = v
+            out[k] = z
+        return out
+
+    return ref, padded_rows(3), padded_rows(4)
+
+
+class ExpertCounts:
+    """Records the router's real-token counts per expert (``global_tokens_per_expert`` of Megatron's
+    ``get_tokens_per_expert_and_token_count``, the ``f_i`` numerator of the aux loss) while active."""
+
+    def __enter__(self):
+        from megatron.core.transformer.moe import router
+
+        self.module, self.original, self.counts = router, router.get_tokens_per_expert_and_token_count, []
+
+        def recorded(*args, **kwargs):
+            out = self.original(*args, **kwargs)
+            self.counts.append(out[0].detach().clone())
+            return out
+
+        router.get_tokens_per_expert_and_token_count = recorded
+        return self
+
+    def __exit__(self, *exc):
+        self.module.get_tokens_per_expert_and_token_count = self.original
+
+
+def run_padding(out_dir: str) -> None:
+    """Padding rows / columns leave the aux loss: the aux-only gradient, per-expert real-token counts and
+    tracked aux loss of ``padded`` (3 rows of SEQ in one micro-batch) equal those of ``ref`` (2 rows of
+    PAD_SEQ, no padding), with and without ``calculate_per_token_loss``; ``empty`` (a second micro-batch
+    of padding rows only) runs without NaN and gives 1/2 of the reference gradient flag off (its aux loss
+    is left out, Megatron averages over M = 2), the reference gradient itself flag on (num_tokens 0)."""
+    if torch_dist.get_world_size() != 1:
+        raise ValueError("padding runs in one process")
+    ref, padded, empty = padding_batches()
+    results = {}
+    for flag in (False, True):
+        chunks = build(parse_layout("dp1+m1"), "alltoall", calculate_per_token_loss=flag)
+        for name, batch, mbs in (("ref", ref, 2), ("padded", padded, 3), ("empty", empty, 2)):
+            with ExpertCounts() as counts:
+                grads, aux = run_config(chunks, batch, CONFIGS["aux_only"], mbs, flag=flag)
+            results[f"{name}{'-flag' if flag else ''}"] = {"grads": grads, "aux_loss": aux,
+                                                          "counts": torch.stack(counts.counts)}
+        compat.destroy_model_parallel()
+    # moe_grad_scale_func (megatron-core >= 0.19): a scale of 2 doubles the aux-only gradient; None where the
+    # release has no such field
+    chunks = build(parse_layout("dp1+m1"), "alltoall")
+    config = chunks[0].config
+    if hasattr(config, "moe_grad_scale_func"):
+        from megatron_rl_agg.mcore.build import build_optimizer
+
+        build_optimizer(chunks, 1e-3)                 # sets it to the optimizer's loss scale (1 in fp32)
+        results["optimizer_scale"] = float(config.moe_grad_scale_func())
+        config.moe_grad_scale_func = lambda: 2.0
+        grads, aux = run_config(chunks, ref, CONFIGS["aux_only"], 2)
+        results["scale2"] = {"grads": grads, "aux_loss": aux}
+    compat.destroy_model_parallel()
+    save_result(out_dir, "padding", results)
+
+
 def run(argv):
     """``argv = [out_dir, *items]`` in a process group that is up (``tests/worker_jobs.py``)."""
     out_dir, items = argv[0], argv[1:]
     for item in items:
         start = time.perf_counter()
-        run_aux_parts(out_dir) if item == "aux-parts" else run_item(out_dir, item)
+        if item == "aux-parts":
+            run_aux_parts(out_dir)
+        elif item == "padding":
+            run_padding(out_dir)
+        else:
+            run_item(out_dir, item)
         if torch_dist.get_rank() == 0:
             print(f"{item}: {time.perf_counter() - start:.2f} s", flush=True)
 

@@ -99,8 +99,9 @@ def near_tie(chunks, sign):
             module.weight[3] = module.weight[2] + sign * EPS * d
 
 
-def mismatch(recorded, live, layers, packed_index=None):
-    """``[L, 2]`` float64: per layer, tokens whose expert set differs, and tokens compared (this rank)."""
+def mismatch(recorded, live, layers, packed_index=None, real=None):
+    """``[L, 2]`` float64: per layer, tokens whose expert set differs, and tokens compared (this rank; only
+    where ``real [rows, SEQ]`` is True when given)."""
     out = torch.zeros(layers, 2, dtype=torch.float64)
     for index, rec_maps in recorded.items():
         live_maps = live[index]
@@ -112,8 +113,11 @@ def mismatch(recorded, live, layers, packed_index=None):
                 rec = rec.view(-1, b, rec.shape[-1]).transpose(0, 1).reshape(-1, rec.shape[-1])
                 rec = rec[packed_index[k]]
                 got = got[:rec.shape[0]]
-            out[index, 0] += (rec != got).any(-1).sum()
-            out[index, 1] += rec.shape[0]
+            keep = torch.ones(rec.shape[0], dtype=torch.bool)
+            if real is not None:            # sequence-first [S * b], as the router flattens
+                keep = real[k * MBS:(k + 1) * MBS].transpose(0, 1).reshape(-1)
+            out[index, 0] += ((rec != got).any(-1) & keep).sum()
+            out[index, 1] += keep.sum()
     return out
 
 
@@ -206,8 +210,8 @@ def run_item(out_dir, item):
     from megatron_rl_agg.mcore.weights import init_weights
 
     layout_text, _, variant = item.partition(":")
-    if variant not in ("", "pack", "recompute", "r3"):
-        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'pack', 'recompute', 'r3'")
+    if variant not in ("", "pack", "recompute", "r3", "mask"):
+        raise ValueError(f"unknown variant {variant!r} in {item!r}; valid: '', 'pack', 'recompute', 'r3', 'mask'")
     layout = parse_layout(layout_text)
     if layout.num_microbatches * layout.data_parallel_size != 4:
         raise ValueError(f"{item}: M * D must be 4 (the same four micro-batches)")
@@ -238,6 +242,10 @@ def run_item(out_dir, item):
         recorded = expected_maps(expected)
     share = dict(share, old_logprobs=old)
     share.pop("behaviour_logprobs")
+    real = None
+    if variant == "mask":            # the right-padding columns (token 0) are not real tokens
+        real = share["tokens"] != 0
+        share["token_mask"] = real.float()
     near_tie(chunks, -1.0)
     layers = routes.shape[2]
     result = {"routes_shape": list(routes.shape)}
@@ -247,7 +255,7 @@ def run_item(out_dir, item):
             result["metric"] = metric
         counts = torch.zeros(layers, 2, dtype=torch.float64)
         if variant != "recompute":
-            counts = mismatch(recorded, live, layers, index)
+            counts = mismatch(recorded, live, layers, index, real)
         torch_dist.all_reduce(counts)
         result.update({f"grads{tag}": grads, f"ppo_kl{tag}": metrics["ppo_kl/mean"],
                        f"mismatch{tag}": (counts[:, 0] / counts[:, 1].clamp(min=1)).tolist(),

@@ -85,6 +85,7 @@ def _local_batch(tr: Trainer, step: int, index: int) -> tuple[dict, dict]:
     rows, adv = batching.pad_rows(rows, adv, _padded_rows(tr, rows.num_rows), dp_rank)
     batch = {"tokens": rows.tokens, "labels": rows.labels, "loss_mask": rows.loss_mask, "advantages": adv,
              "old_logprobs": rows.old_logprobs, "group_ids": rows.group_ids, "ref_logprobs": None,
+             "token_mask": rows.token_mask,      # padding never counts in an MoE aux loss
              # routing replay R3: the rollout file's routes (checked against the model before step 1)
              "routes": rows.routes if getattr(tr.args, "moe_routing_replay", "off") == "r3" else None}
     if tr.ref_chunks is not None:

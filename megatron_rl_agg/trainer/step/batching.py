@@ -53,6 +53,9 @@ class RowBatch:
     routes: Optional[torch.Tensor] = None
     """``[R, S, L, k]`` int64 MoE routes of the model inputs (``Sample.routes`` without the last token;
     positions past the row and padding rows: ``padding_routes``), or None."""
+    token_mask: Optional[torch.Tensor] = None
+    """``[R, S]`` float32: 1 on the model inputs of a row (prompt and response tokens but the last), 0 past
+    the row and on padding rows; an MoE model leaves the zeros out of its aux-loss statistics."""
 
     @property
     def num_rows(self) -> int:
@@ -94,6 +97,7 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
     tokens = torch.zeros(num, seq_length, dtype=torch.int64)
     labels = torch.zeros(num, seq_length, dtype=torch.int64)
     mask = torch.zeros(num, seq_length, dtype=torch.float32)
+    token_mask = torch.zeros(num, seq_length, dtype=torch.float32)
     old_lp = torch.zeros(num, seq_length, dtype=torch.float32) if all(with_lp) and num else None
     with_versions = [s.versions is not None for s in samples]
     if any(with_versions) and not all(with_versions):
@@ -112,6 +116,7 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
                              f"--seq-length {seq_length} + 1; raise --seq-length")
         tokens[i, : len(full) - 1] = torch.tensor(full[:-1], dtype=torch.int64)
         labels[i, : len(full) - 1] = torch.tensor(full[1:], dtype=torch.int64)
+        token_mask[i, : len(full) - 1] = 1.0
         lo, hi = len(s.prompt) - 1, len(full) - 1
         mask[i, lo:hi] = 1.0
         if old_lp is not None:
@@ -125,7 +130,7 @@ def build_rows(samples: Sequence[Sample], seq_length: int, group_ids: Sequence[i
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(num),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float64).reshape(num),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool).reshape(num),
-        old_logprobs=old_lp, versions=versions, routes=routes,
+        old_logprobs=old_lp, versions=versions, routes=routes, token_mask=token_mask,
         valid=torch.tensor([s.reward_error is None for s in samples], dtype=torch.bool).reshape(num))
 
 
@@ -151,6 +156,7 @@ def pad_rows(batch: RowBatch, advantages: torch.Tensor, total: int, dp_rank: int
         rewards=pad_rows_to(batch.rewards, total, 0.0), truncated=pad_rows_to(batch.truncated, total, False),
         old_logprobs=pad_rows_to(batch.old_logprobs, total, 0.0),
         valid=pad_rows_to(batch.valid, total, False), versions=pad_rows_to(batch.versions, total, 0),
+        token_mask=pad_rows_to(batch.token_mask, total, 0.0),
         routes=None if batch.routes is None else torch.cat(
             [batch.routes, padding_routes((total - batch.num_rows,) + tuple(batch.routes.shape[1:3]),
                                           batch.routes.shape[3])]))
