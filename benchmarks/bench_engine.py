@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -47,7 +46,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests", "engine"))
 
 from megatron_rl_agg.engine.client import EngineClient  # noqa: E402
-from megatron_rl_agg.engine.server import VLLMServer, free_port  # noqa: E402
+from megatron_rl_agg.engine.server import VLLMServer, free_port, running_servers  # noqa: E402
 from megatron_rl_agg.engine.sync import DirectorySync  # noqa: E402
 
 SIZES = {"S": dict(hidden=128, layers=2, ffn=192), "M": dict(hidden=256, layers=4, ffn=768),
@@ -63,32 +62,12 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(runs), out
 
 
-def _start_servers(models: dict, root: str, max_len: int, done: threading.Event) -> dict:
-    """One server per model, started at once, each from a thread that then waits for ``done``: a launched
-    server dies with the THREAD that started it (``PR_SET_PDEATHSIG``), so the threads outlive the use."""
-    servers = {name: VLLMServer(os.path.join(REPO, ".venv-vllm", "bin", "python"), path,
-                                os.path.join(root, f"vllm_{name}.log"), max_model_len=max_len, seed=0,
-                                extra_args=["--max-num-seqs", "32"], timeout=900)
-               for name, path in models.items()}
-    errors, ready = [], threading.Semaphore(0)
-
-    def start(server):
-        try:
-            server.start()
-        except Exception as err:                    # noqa: BLE001 - reported below
-            errors.append(err)
-        ready.release()
-        done.wait()
-
-    for s in servers.values():
-        threading.Thread(target=start, args=(s,), daemon=True).start()
-    for _ in servers:
-        ready.acquire()
-    if errors:
-        for s in servers.values():
-            s.stop()
-        raise errors[0]
-    return servers
+def _servers(models: dict, root: str, max_len: int) -> dict:
+    """One server per model (started together by ``running_servers``)."""
+    return {name: VLLMServer(os.path.join(REPO, ".venv-vllm", "bin", "python"), path,
+                             os.path.join(root, f"vllm_{name}.log"), max_model_len=max_len, seed=0,
+                             extra_args=["--max-num-seqs", "32"], timeout=900)
+            for name, path in models.items()}
 
 
 def _megatron_model(path: str, seq: int):
@@ -218,26 +197,23 @@ def main():
     shm = tempfile.mkdtemp(prefix="bench_engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     models = {name: save_engine_model(os.path.join(root, name), "qwen2", seed=1, **size)
               for name, size in SIZES.items()}
-    start, done = time.perf_counter(), threading.Event()
-    servers = _start_servers(models, root, max_len=129, done=done)
-    print(f"3 vLLM servers healthy after {time.perf_counter() - start:.0f} s", flush=True)
-    clients = {name: EngineClient([s.url], timeout=300) for name, s in servers.items()}
+    start, servers = time.perf_counter(), _servers(models, root, max_len=129)
     report = {"rollouts": [], "sync": []}
     try:
-        compat.initialize_distributed()
-        compat.initialize_model_parallel(tp=1, pp=1)
-        for name in ("S", "L"):
-            report["rollouts"].append(rollouts(name, models[name], clients[name], args))
-        for name in SIZES:
-            report["sync"].append(weight_sync(name, models[name], clients[name], args, shm))
-        clients["S"].reload_weights(models["S"])           # the step-time runs start from the checkpoint
-        servers["M"].stop()
-        servers["L"].stop()
-        report["steps"] = step_times(models["S"], servers["S"].url, root)
+        with running_servers(list(servers.values())):
+            print(f"3 vLLM servers healthy after {time.perf_counter() - start:.0f} s", flush=True)
+            clients = {name: EngineClient([s.url], timeout=300) for name, s in servers.items()}
+            compat.initialize_distributed()
+            compat.initialize_model_parallel(tp=1, pp=1)
+            for name in ("S", "L"):
+                report["rollouts"].append(rollouts(name, models[name], clients[name], args))
+            for name in SIZES:
+                report["sync"].append(weight_sync(name, models[name], clients[name], args, shm))
+            clients["S"].reload_weights(models["S"])           # the step-time runs start from the checkpoint
+            servers["M"].stop()
+            servers["L"].stop()
+            report["steps"] = step_times(models["S"], servers["S"].url, root)
     finally:
-        for s in servers.values():
-            s.stop()
-        done.set()
         compat.destroy_model_parallel()
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)

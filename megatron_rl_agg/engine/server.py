@@ -24,18 +24,20 @@ a rank killed with SIGKILL leaves no orphan server).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from megatron_rl_agg.engine.client import EngineClient, EngineError
 
-__all__ = ["VLLMServer", "free_port", "server_command"]
+__all__ = ["VLLMServer", "free_port", "running_servers", "server_command"]
 
 SERVED_NAME = "policy"
 
@@ -147,3 +149,33 @@ class VLLMServer:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+@contextlib.contextmanager
+def running_servers(servers: Sequence[VLLMServer]) -> Iterator[None]:
+    """Start ``servers`` at once (start-up is mostly waiting: 1-3 minutes each on a small CPU machine) and
+    stop every one of them when the block exits, normally or not; the first start error is raised after
+    all are stopped. Each server starts from its own thread, which lives until the block exits: a launched
+    server dies with the THREAD that started it (``PR_SET_PDEATHSIG`` is per thread)."""
+    done, errors, ready = threading.Event(), [], threading.Semaphore(0)
+
+    def start(server: VLLMServer) -> None:
+        try:
+            server.start()
+        except Exception as err:                # noqa: BLE001 - raised in the caller's thread below
+            errors.append(err)
+        ready.release()
+        done.wait()
+
+    for server in servers:
+        threading.Thread(target=start, args=(server,), daemon=True).start()
+    try:
+        for _ in servers:
+            ready.acquire()
+        if errors:
+            raise errors[0]
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+        done.set()

@@ -18,7 +18,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from megatron_rl_agg.engine.client import EngineClient, EngineError, parse_urls  # noqa: E402
-from megatron_rl_agg.engine.server import VLLMServer, free_port, server_command  # noqa: E402
+from megatron_rl_agg.engine.server import VLLMServer, free_port, running_servers, server_command  # noqa: E402
 from megatron_rl_agg.engine.sync import SYNC_STRATEGIES, WeightSync, get_sync_strategy, rank0_call  # noqa: E402
 from megatron_rl_agg.trainer.cli.arguments import parse_args  # noqa: E402
 from megatron_rl_agg.trainer.cli.validation import TrainerArgsError  # noqa: E402
@@ -126,6 +126,23 @@ def test_server_refuses_a_missing_python(tmp_path):
     assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"] and cmd[-2:] == ["--x", "1"]
     assert cmd[cmd.index("--max-model-len") + 1] == "97" and cmd[cmd.index("--seed") + 1] == "3"
     assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"     # log-probs at the temperature
+
+
+def test_running_servers_stops_every_server_and_raises_the_first_start_error(tmp_path):
+    """Two "servers" that never become healthy (one exits with status 3 at once, one hangs past its 2 s
+    health timeout): the block is never entered, the start error is raised and no process is left."""
+    exits, hangs = tmp_path / "exits.sh", tmp_path / "hangs.sh"
+    exits.write_text("#!/bin/sh\nexit 3\n")
+    hangs.write_text("#!/bin/sh\nsleep 60\n")
+    for script in (exits, hangs):
+        script.chmod(0o755)
+    servers = [VLLMServer(str(exits), str(tmp_path), str(tmp_path / "a.log"), timeout=2.0),
+               VLLMServer(str(hangs), str(tmp_path), str(tmp_path / "b.log"), timeout=2.0)]
+    entered = False
+    with pytest.raises(EngineError, match="exited with status 3|not healthy within"):
+        with running_servers(servers):
+            entered = True
+    assert not entered and not any(s.alive() for s in servers)
 
 
 # ------------------------------------------------------------------------------------------------------

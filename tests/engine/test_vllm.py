@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 from engine_models import save_engine_model  # noqa: E402
 
 from megatron_rl_agg.engine.client import EngineClient, EngineError  # noqa: E402
-from megatron_rl_agg.engine.server import VLLMServer, free_port  # noqa: E402
+from megatron_rl_agg.engine.server import VLLMServer, free_port, running_servers  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -127,8 +127,6 @@ def test_megatron_logprobs_equal_the_engine_llama_qwen2_qwen3_tp1_tp2(engine, tm
     a Llama-, a Qwen2- (the module's server) and a Qwen3-style model, Megatron at TP1 and at TP2. One
     torchrun of 2 processes computes Megatron's twelve sets (tests/engine/megatron_logprobs.py) while
     the Llama and Qwen3 servers start, both at once."""
-    import threading
-
     models = {"qwen2": engine["model"],
               "llama": save_engine_model(str(tmp_path / "llama"), "llama", seed=5),
               "qwen3": save_engine_model(str(tmp_path / "qwen3"), "qwen3", seed=6)}
@@ -140,30 +138,13 @@ def test_megatron_logprobs_equal_the_engine_llama_qwen2_qwen3_tp1_tp2(engine, tm
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     servers = {name: VLLMServer(str(VLLM_PYTHON), models[name], str(tmp_path / f"{name}.log"), max_model_len=64,
                                 seed=0, timeout=400) for name in ("llama", "qwen3")}
-    done, errors, ready = threading.Event(), [], threading.Semaphore(0)
-
-    def start(server):              # the thread lives on: a launched server dies with its thread (pdeathsig)
-        try:
-            server.start()
-        except Exception as err:   # noqa: BLE001 - raised below
-            errors.append(err)
-        ready.release()
-        done.wait()
-
-    for server in servers.values():
-        threading.Thread(target=start, args=(server,), daemon=True).start()
     try:
-        for _ in servers:
-            ready.acquire()
-        assert not errors, errors
-        engine_lp = {"qwen2": engine["client"].score(SEQS)}
-        for name, server in servers.items():
-            engine_lp[name] = EngineClient([server.url], timeout=120).score(SEQS)
-        log, _ = megatron.communicate(timeout=400)
+        with running_servers(list(servers.values())):      # both at once, stopped on every exit path
+            engine_lp = {"qwen2": engine["client"].score(SEQS)}
+            for name, server in servers.items():
+                engine_lp[name] = EngineClient([server.url], timeout=120).score(SEQS)
+            log, _ = megatron.communicate(timeout=400)
     finally:
-        for server in servers.values():
-            server.stop()
-        done.set()
         if megatron.poll() is None:
             megatron.kill()
     assert megatron.returncode == 0, log[-4000:]
