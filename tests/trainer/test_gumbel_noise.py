@@ -107,8 +107,10 @@ print(json.dumps(status_mib("VmHWM") - before))
 
 
 def _peak_mib(rows: int, route: str) -> float:
+    # The caller's PYTHONPATH stays behind the repository: the compatibility run keeps its release there.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", _PEAK, str(rows), route], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), cwd=ROOT)
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
